@@ -1,0 +1,319 @@
+"""
+Sampling from the unified GPT: the model reads a prompt, writes its reasoning plan, emits <boi> by
+itself, and draws exactly one image of N codes, which the VQ decoder turns into pixels.
+
+Two samplers that must agree token for token at temperature 0 (tests/test_generate.py checks it):
+- `generate_reference`: one prompt at a time, the whole sequence re-run every step, no cache.
+  Slow and obviously correct.
+- `generate`: a batch of prompts at once, left-padded, a static KV cache, and classifier-free guidance
+  as ONE forward over [cond; null] rows that are fed the same sampled image token.
+
+Grammar: outside an image only text tokens (and <boi>, <eos>); inside, only codes, exactly N of them,
+then <eoi>. Nothing ever inserts <boi>: if the model never emits it, the sample has no image.
+
+Usage (after `python train.py tiny_configs/shapes_cpu.toml`):
+    python generate.py out/shapes_cpu "a red circle" "three blue squares" "a square the colour of grass"
+    python generate.py out/shapes_cpu "two triangles" --n 8 --seed 1 --cfg_scale 1 --out out/two.png
+"""
+
+import argparse
+import json
+import os
+import textwrap
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+from data import BOI, BOS, EOI, EOS, NULL, PAD, THINK, Vocab, decode_text, encode_text, grid_positions, load_tokenizer
+from model import GPT, VQ, GPTConfig, KVCache, VQConfig
+
+
+@dataclass
+class SampleConfig:
+    temperature: float = 0.7  # image tokens; 0 = greedy
+    text_temperature: float = 0.5  # plan tokens: lower, since a wrong word in the plan dooms the image
+    top_k: int = 20  # keep the k most likely tokens (0 = all), applied after guidance
+    top_p: float = 1.0  # nucleus sampling on what top_k kept (1.0 = off)
+    cfg_scale: float = 1.5  # classifier-free guidance on image tokens; 1.0 = off and no doubled batch
+    think: bool = True  # append <think> to the prompt so the model writes a plan before drawing
+    max_plan_tokens: int = 48  # a plan longer than this without <boi> ends the sample without an image
+
+
+# -----------------------------------------------------------------------------
+# pieces shared by both samplers
+
+
+def allowed_tokens(vocab, phase, n_codes, n_image_tokens, device):
+    """Grammar mask (B, V): phase 0 = text (plan), 1 = inside an image. n_codes = codes written so far."""
+    V = vocab.size
+    ids = torch.arange(V, device=device)
+    text_ok = (ids > NULL) & (ids < vocab.image_offset)  # ordinary words
+    text_ok = text_ok | (ids == THINK) | (ids == BOI) | (ids == EOS)
+    code_ok = ids >= vocab.image_offset
+    eoi_ok = ids == EOI
+    in_image = (phase == 1).unsqueeze(1)
+    full = (n_codes >= n_image_tokens).unsqueeze(1)
+    return torch.where(in_image, torch.where(full, eoi_ok, code_ok), text_ok)  # (B, V)
+
+
+def sample_next(logits, allowed, temperature, top_k, top_p, generator):
+    """logits (B, V); allowed (B, V) bool; temperature (B,) per row. Returns (B,) token ids."""
+    logits = logits.float().masked_fill(~allowed, float("-inf"))
+    greedy = logits.argmax(dim=-1)
+    t = temperature.clamp(min=1e-6).unsqueeze(1)
+    logits = logits / t
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # drop a token once the ones before it reach p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    drawn = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    return torch.where(temperature > 0, drawn, greedy)
+
+
+def guide(cond, uncond, scale):
+    """Classifier-free guidance: push the conditional logits away from the unconditional ones."""
+    return uncond + scale * (cond - uncond)
+
+
+def encode_prompts(tokenizer, prompts):
+    """Prompt strings -> token id lists, with a clear error for empty prompts or unknown words."""
+    return [encode_text(tokenizer, p) for p in prompts]
+
+
+def split_sample(tokens, vocab):
+    """Generated ids (after the prompt) -> dict(plan ids, codes or None, emitted_boi)."""
+    plan, codes, boi = [], None, False
+    for t in tokens:
+        if t == BOI:
+            boi, codes = True, []
+        elif boi:
+            if t == EOI:
+                break
+            codes.append(t - vocab.image_offset)
+        elif t not in (THINK, EOS, PAD):
+            plan.append(t)
+    if codes is not None and len(codes) == 0:
+        codes = None
+    return {"plan": plan, "codes": codes, "emitted_boi": boi, "tokens": tokens}
+
+
+# -----------------------------------------------------------------------------
+# the slow reference sampler
+
+
+@torch.no_grad()
+def generate_reference(model, vocab, prompt_ids, cfg: SampleConfig, seed=0):
+    """One prompt, no cache, no batching, no padding: every step re-runs the whole sequence."""
+    dev = next(model.parameters()).device
+    n_img = model.cfg.n_image_tokens
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    seq = [BOS] + list(prompt_ids) + ([THINK] if cfg.think else [])
+    null_seq = [BOS] + [NULL] * (len(seq) - 1)
+    phase, n_codes, n_text, out = 0, 0, 0, []
+
+    def last_logits(s):
+        idx = torch.tensor([s], device=dev)
+        grid = torch.tensor([grid_positions(s, vocab)], device=dev)
+        return model(idx, grid=grid)[:, -1]  # (1, V)
+
+    while True:
+        logits = last_logits(seq)
+        if phase == 1:  # no shortcut at scale 1 here: the fast sampler's shortcut is tested against this
+            logits = guide(logits, last_logits(null_seq), cfg.cfg_scale)
+        allowed = allowed_tokens(vocab, torch.tensor([phase], device=dev), torch.tensor([n_codes], device=dev), n_img, dev)
+        temp = torch.tensor([cfg.temperature if phase == 1 else cfg.text_temperature], device=dev)
+        tok = sample_next(logits, allowed, temp, cfg.top_k, cfg.top_p, gen).item()
+        out.append(tok)
+        seq.append(tok)
+        null_seq.append(tok if (phase == 1 or tok == BOI) else NULL)
+        if phase == 0:
+            n_text += 1
+            if tok == BOI:
+                phase = 1
+            elif tok == EOS or n_text >= cfg.max_plan_tokens:
+                break
+        else:
+            if tok == EOI:
+                break
+            n_codes += 1
+    return split_sample(out, vocab)
+
+
+# -----------------------------------------------------------------------------
+# the fast sampler
+
+
+@torch.no_grad()
+def generate(model, vocab, prompts_ids, cfg: SampleConfig, seed=0):
+    """A batch of prompts (lists of ids, any lengths) -> one sample dict per prompt (see split_sample)."""
+    dev = next(model.parameters()).device
+    B, n_img = len(prompts_ids), model.cfg.n_image_tokens
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    guided = cfg.cfg_scale != 1.0
+    conds = [[BOS] + list(p) + ([THINK] if cfg.think else []) for p in prompts_ids]
+    lens = torch.tensor([len(c) for c in conds], device=dev)
+    P = int(lens.max())
+    max_new = cfg.max_plan_tokens + n_img + 1  # plan (incl. <boi>) + codes + <eoi>
+    L = P + max_new
+    if L > model.cfg.block_size:
+        raise ValueError(f"a prompt of {P - 1} tokens leaves no room for a plan and an image within block_size "
+                         f"{model.cfg.block_size}; shorten the prompt or lower sample.max_plan_tokens")
+    rows = conds + ([[BOS] + [NULL] * (len(c) - 1) for c in conds] if guided else [])
+    R = len(rows)
+    idx = torch.full((R, P), PAD, dtype=torch.long, device=dev)
+    valid = torch.ones(R, L, dtype=torch.bool, device=dev)
+    for r, s in enumerate(rows):  # left padding keeps the last prompt token of every row at column P-1
+        idx[r, P - len(s):] = torch.tensor(s, device=dev)
+        valid[r, :P - len(s)] = False
+    pos = (valid[:, :P].long().cumsum(1) - 1).clamp(min=0)  # RoPE positions start at each row's <bos>
+    cache = KVCache(model.cfg, R, L, dev, next(model.parameters()).dtype)
+    logits = model(idx, grid=torch.full_like(idx, -1), pos=pos, key_valid=valid[:, :P], cache=cache)[:, -1]
+    next_pos = lens.repeat(2) if guided else lens  # (R,)
+
+    phase = torch.zeros(B, dtype=torch.long, device=dev)
+    n_codes = torch.zeros(B, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    out = []
+    for step in range(max_new):
+        mixed = logits[:B]
+        if guided:  # guidance only inside images; the plan is written from the conditional logits
+            mixed = torch.where((phase == 1).unsqueeze(1), guide(logits[:B], logits[B:], cfg.cfg_scale), mixed)
+        allowed = allowed_tokens(vocab, phase, n_codes, n_img, dev)
+        temp = torch.where(phase == 1, cfg.temperature, cfg.text_temperature).float()
+        tok = sample_next(mixed, allowed, temp, cfg.top_k, cfg.top_p, gen)
+        tok = torch.where(done, PAD, tok)
+        out.append(tok)
+        is_code = (phase == 1) & (tok >= vocab.image_offset)
+        grid = torch.where(is_code, n_codes, -1)
+        done = done | (tok == EOS) | (tok == EOI) | ((phase == 0) & (tok != BOI) & (step + 1 >= cfg.max_plan_tokens))
+        n_codes = n_codes + is_code.long()
+        phase = torch.where(tok == BOI, 1, phase)
+        if bool(done.all()):
+            break
+        feed = tok
+        if guided:  # the null rows copy <boi>, codes and <eoi>; plan words stay hidden from them
+            feed = torch.cat([tok, torch.where(phase == 1, tok, NULL)])
+            grid = grid.repeat(2)
+        logits = model(feed.unsqueeze(1), grid=grid.unsqueeze(1), pos=next_pos.unsqueeze(1),
+                       key_valid=valid[:, :cache.length + 1], cache=cache)[:, -1]
+        next_pos = next_pos + 1
+    tokens = torch.stack(out, 1).tolist() if out else [[] for _ in range(B)]
+    return [split_sample(t, vocab) for t in tokens]
+
+
+# -----------------------------------------------------------------------------
+# runs on disk, images out
+
+
+class RunError(Exception):
+    """A run directory that is missing, half-written, or from another config."""
+
+
+def load_weights(module, path):
+    """Load a safetensors file into a module, with a message instead of a deep torch traceback."""
+    if not os.path.exists(path):
+        raise RunError(f"missing {path}: run `python train.py` for this run first (or check the path)")
+    try:
+        module.load_state_dict(load_file(path, device=str(next(module.parameters()).device)))
+    except RuntimeError as e:
+        first = str(e).splitlines()[1:3]
+        raise RunError(f"{path} does not fit this model's config (was it trained with another config?): "
+                       + " ".join(s.strip() for s in first)) from None
+    return module
+
+
+def load_run(run_dir, device="cpu"):
+    """A trained run -> (config dict, tokenizer, vocab, vq, gpt), all in eval mode."""
+    cfg_path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(cfg_path):
+        raise RunError(f"{run_dir} is not a run directory (no config.json): train one with "
+                       f"`python train.py tiny_configs/shapes_cpu.toml`")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer.json"))
+    vq = load_weights(VQ(VQConfig(**cfg["vq"])).to(device), os.path.join(run_dir, "vq.safetensors")).eval()
+    gpt_cfg = GPTConfig(**cfg["gpt"])
+    vocab = Vocab(gpt_cfg.image_offset, vq.cfg.codebook_size)
+    gpt = load_weights(GPT(gpt_cfg).to(device), os.path.join(run_dir, "gpt.safetensors")).eval()
+    return cfg, tokenizer, vocab, vq, gpt
+
+
+@torch.no_grad()
+def decode_images(vq, samples, vocab):
+    """Samples -> uint8 images (H, W, 3) as numpy; a sample without an image becomes a grey square."""
+    S = vq.cfg.image_size
+    out = [np.full((S, S, 3), 128, np.uint8) for _ in samples]
+    have = [i for i, s in enumerate(samples) if s["codes"] is not None and len(s["codes"]) == vq.cfg.n_codes]
+    if have:
+        dev = vq.codebook.weight.device
+        codes = torch.tensor([samples[i]["codes"] for i in have], device=dev)
+        imgs = (vq.decode(codes).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        for j, i in enumerate(have):
+            out[i] = imgs[j]
+    return out
+
+
+def save_grid(images, captions, path, cols=8, scale=4, marks=None):
+    """A PNG grid: each image enlarged `scale` times with its caption wrapped beneath it; marks (optional,
+    True/False per image) draw a green or red frame for pass/fail."""
+    S = images[0].shape[0] * scale
+    lines = [textwrap.wrap(c, width=max(8, S // 6))[:6] for c in captions]
+    text_h = 11 * max(1, max(len(x) for x in lines)) + 4
+    rows = (len(images) + cols - 1) // cols
+    cols = min(cols, len(images))
+    sheet = Image.new("RGB", (cols * (S + 8), rows * (S + 8 + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (img, ls) in enumerate(zip(images, lines)):
+        x, y = (i % cols) * (S + 8) + 4, (i // cols) * (S + 8 + text_h) + 4
+        sheet.paste(Image.fromarray(img).resize((S, S), Image.NEAREST), (x, y))
+        if marks is not None:
+            draw.rectangle([x - 3, y - 3, x + S + 2, y + S + 2], outline=(0, 170, 0) if marks[i] else (220, 0, 0), width=2)
+        for j, line in enumerate(ls):
+            draw.text((x, y + S + 2 + 11 * j), line, fill="black")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sheet.save(path)
+
+
+def main():
+    p = argparse.ArgumentParser(description="Prompts in, a PNG grid out (plans printed beside each image).")
+    p.add_argument("run_dir")
+    p.add_argument("prompts", nargs="+")
+    p.add_argument("--n", type=int, default=4, help="samples per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/generate.png)")
+    for f in fields(SampleConfig):  # every sampling setting can be overridden; defaults come from the run
+        p.add_argument(f"--{f.name}", type=(lambda s: s.lower() in ("1", "true", "yes")) if f.type is bool else type(f.default), default=None)
+    args = p.parse_args()
+    try:
+        cfg, tokenizer, vocab, vq, gpt = load_run(args.run_dir)
+        sample_cfg = SampleConfig(**cfg.get("sample", {}))
+        for f in fields(SampleConfig):
+            if getattr(args, f.name) is not None:
+                setattr(sample_cfg, f.name, getattr(args, f.name))
+        prompt_ids = encode_prompts(tokenizer, args.prompts)
+    except (RunError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    batch = [ids for ids in prompt_ids for _ in range(args.n)]
+    samples = generate(gpt, vocab, batch, sample_cfg, seed=args.seed)
+    images = decode_images(vq, samples, vocab)
+    captions = []
+    for i, s in enumerate(samples):
+        plan = decode_text(tokenizer, s["plan"])
+        prompt = args.prompts[i // args.n]
+        status = "" if s["emitted_boi"] else "  [no <boi>: no image]"
+        print(f"[{prompt}] plan: {plan}{status}")
+        captions.append(f"{prompt} | {plan}")
+    out = args.out or os.path.join(args.run_dir, "generate.png")
+    save_grid(images, captions, out, cols=args.n)
+    print(f"wrote {out}  (sampling: {asdict(sample_cfg)})")
+
+
+if __name__ == "__main__":
+    main()

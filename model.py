@@ -1,0 +1,313 @@
+"""
+The networks of nanoloom, in one file: the VQ image tokenizer and the unified GPT.
+
+- VQ: a small conv autoencoder whose bottleneck is a codebook. An image (3, H, W) becomes
+  (H/p) * (W/p) integer codes, one per p x p patch; the decoder turns codes back into pixels.
+- GPT: a Llama-style decoder-only transformer (RMSNorm, RoPE, SwiGLU, no biases, SDPA attention)
+  over ONE vocabulary: text tokens first, then the image codebook at `image_offset`. A static KV
+  cache (one tensor per layer, written by index) makes sampling cheap.
+
+This file knows tensors, not the shapes world: it imports nothing of the project.
+Quick check that it builds:  python model.py
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# VQ image tokenizer
+
+
+@dataclass
+class VQConfig:
+    image_size: int = 32  # square RGB images, side in pixels
+    patch: int = 4  # each code covers a patch x patch pixel block (down-sampling factor)
+    codebook_size: int = 256  # number of codes K; the GPT vocabulary grows by this much
+    code_dim: int = 16  # codebook vectors are l2-normalised in this many dimensions (LlamaGen uses 8)
+    hidden: int = 96  # channels of the encoder/decoder convolutions
+    beta: float = 0.25  # weight of the commitment term, which pulls the ENCODER towards its code
+
+    @property
+    def grid(self) -> int:  # codes per side
+        return self.image_size // self.patch
+
+    @property
+    def n_codes(self) -> int:  # codes per image
+        return self.grid**2
+
+
+class VQ(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        assert cfg.image_size % cfg.patch == 0, "image_size must be a multiple of patch"
+        self.cfg = cfg
+        h, p = cfg.hidden, cfg.patch
+        # encoder: patchify (one vector per p x p patch), then a 3x3 conv so a code sees its neighbours
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, h, p, stride=p), nn.GELU(),
+            nn.Conv2d(h, h, 3, padding=1), nn.GELU(),
+            nn.Conv2d(h, cfg.code_dim, 1),
+        )
+        self.codebook = nn.Embedding(cfg.codebook_size, cfg.code_dim)
+        # decoder: each code (plus a 3x3 neighbourhood) predicts its own p x p patch directly through a
+        # pixel shuffle; a prototype found this sharper than a stack of up-sampling convolutions
+        self.decoder = nn.Sequential(
+            nn.Conv2d(cfg.code_dim, h, 1), nn.GELU(),
+            nn.Conv2d(h, h, 3, padding=1), nn.GELU(),
+            nn.Conv2d(h, 3 * p * p, 1),
+            nn.PixelShuffle(p),
+        )
+        # how often each code was picked since the last dead-code restart (training bookkeeping only)
+        self.register_buffer("usage", torch.zeros(cfg.codebook_size), persistent=False)
+
+    def _codebook(self):
+        return F.normalize(self.codebook.weight, dim=-1)  # (K, D)
+
+    def quantize(self, z):
+        """z (B, D, h, w) encoder output -> (z_q straight-through, codes (B, h*w), losses)."""
+        B, D, h, w = z.shape
+        z = F.normalize(z, dim=1)
+        flat = z.permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
+        book = self._codebook()
+        # both sides are unit vectors, so the nearest code by distance is the one of largest dot product
+        codes = (flat @ book.t()).argmax(dim=1)  # (B*h*w,)
+        zq = book[codes]  # (B*h*w, D)
+        if self.training:
+            self.usage += torch.bincount(codes, minlength=self.cfg.codebook_size).float()
+        losses = {
+            "commit": self.cfg.beta * F.mse_loss(flat, zq.detach()),  # moves the encoder
+            "codebook": F.mse_loss(zq, flat.detach()),  # moves the codebook
+        }
+        zq = flat + (zq - flat).detach()  # straight-through: forward uses zq, backward copies grads to z
+        zq = zq.view(B, h, w, D).permute(0, 3, 1, 2)  # (B, D, h, w)
+        return zq, codes.view(B, h * w), losses
+
+    def forward(self, images):
+        """images (B, 3, H, W) in [0, 1] -> (reconstruction, losses, codes)."""
+        zq, codes, losses = self.quantize(self.encoder(images * 2 - 1))
+        recon = self.decode_latents(zq)
+        losses["recon"] = F.l1_loss(recon, images)  # L1 keeps colour edges sharper than MSE
+        return recon, losses, codes
+
+    def decode_latents(self, zq):
+        return torch.sigmoid(self.decoder(zq))  # (B, 3, H, W) in [0, 1]
+
+    @torch.no_grad()
+    def encode(self, images):
+        """images (B, 3, H, W) in [0, 1] -> codes (B, h*w) in [0, K)."""
+        return self.quantize(self.encoder(images * 2 - 1))[1]
+
+    def decode(self, codes):
+        """codes (B, h*w) -> images (B, 3, H, W) in [0, 1]."""
+        return self.decode_soft(F.one_hot(codes, self.cfg.codebook_size).float())
+
+    def decode_soft(self, probs):
+        """probs (B, h*w, K), rows summing to 1 -> images. Differentiable in probs: a soft codebook
+        lookup, so gradients can flow from pixels back to a distribution over codes."""
+        B, N, K = probs.shape
+        g = self.cfg.grid
+        zq = (probs @ self._codebook()).view(B, g, g, -1).permute(0, 3, 1, 2)  # (B, D, g, g)
+        return self.decode_latents(zq)
+
+    @torch.no_grad()
+    def restart_dead_codes(self, z_sample):
+        """Codes never picked since the last call jump onto random recent encoder outputs, so the whole
+        codebook stays in use (a dead code gets no gradient and never recovers on its own).
+        z_sample: (M, D) encoder outputs. Returns the number of codes restarted."""
+        dead = (self.usage == 0).nonzero().squeeze(1)
+        if len(dead) > 0:
+            pick = torch.randint(0, len(z_sample), (len(dead),), device=z_sample.device)
+            self.codebook.weight[dead] = F.normalize(z_sample[pick], dim=-1)
+        self.usage.zero_()
+        return len(dead)
+
+
+# -----------------------------------------------------------------------------
+# Unified GPT
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 512  # text tokens + codebook; set by the caller from the tokenizer and the VQ
+    image_offset: int = 256  # id of code 0: ids >= image_offset are image codes
+    n_image_tokens: int = 64  # codes per image; the size of the grid-position table
+    block_size: int = 192  # longest sequence (prompt + plan + image); sizes RoPE tables and the KV cache
+    n_layer: int = 4
+    n_head: int = 4  # query heads
+    n_kv_head: int = 4  # key/value heads (< n_head gives grouped-query attention)
+    n_embd: int = 128
+    mlp_hidden: int = 352  # SwiGLU width: about 8/3 * n_embd, rounded to a multiple of 32
+    rope_theta: float = 10000.0
+    grid_pos_emb: bool = True  # add a learned embedding of each image token's (row, col) cell
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(head_dim, length, theta):
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))  # (hd/2,)
+    angles = torch.outer(torch.arange(length).float(), inv_freq)  # (L, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x (B, nh, T, hd); cos/sin (B, 1, T, hd/2). Rotates pairs (first half, second half)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class KVCache:
+    """Static cache: one (B, n_kv_head, max_len, head_dim) tensor per layer for keys and one for values,
+    written in place at [length, length + T). All rows advance together (prompts are left-padded),
+    so one integer position serves the whole batch and nothing is ever copied or concatenated."""
+
+    def __init__(self, cfg: GPTConfig, batch, max_len, device, dtype):
+        hd = cfg.n_embd // cfg.n_head
+        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, hd)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions written so far
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0 and cfg.n_head % cfg.n_kv_head == 0
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
+        self.hd = cfg.n_embd // cfg.n_head
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * self.hd, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.hd, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.hd, bias=False)
+        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            start = cache.length
+            cache.k[self.layer_idx, :, :, start:start + T] = k
+            cache.v[self.layer_idx, :, :, start:start + T] = v
+            k = cache.k[self.layer_idx, :, :, :start + T]  # (B, nkv, L, hd)
+            v = cache.v[self.layer_idx, :, :, :start + T]
+        gqa = self.n_kv_head != self.n_head
+        if mask is None:  # plain causal attention over the whole sequence: the fused fast path
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GPT(nn.Module):
+    """Module names follow Hugging Face's Llama so weights can be compared with a reference."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        # one learned vector per cell of the image grid: RoPE alone only knows the flattened order,
+        # this tells an image token which row and column it draws
+        self.grid_embed = nn.Embedding(cfg.n_image_tokens, cfg.n_embd) if cfg.grid_pos_emb else None
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # residual projections scaled down with depth (GPT-2)
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, grid=None, pos=None, key_valid=None, cache=None):
+        """
+        idx:       (B, T) token ids.
+        grid:      (B, T) cell index of each image token in its image (0 .. n_image_tokens-1), -1 elsewhere.
+        pos:       (B, T) RoPE positions; default 0..T-1 after what the cache holds.
+        key_valid: (B, L) False for left-padding keys, L = cache length after this call (or T without cache).
+        cache:     a KVCache to read and extend, or None.
+        Returns logits (B, T, vocab_size).
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        assert start + T <= self.cfg.block_size, f"sequence of {start + T} > block_size {self.cfg.block_size}"
+        x = self.embed_tokens(idx)  # (B, T, C)
+        if self.grid_embed is not None and grid is not None:
+            is_img = (grid >= 0).unsqueeze(-1)
+            x = x + self.grid_embed(grid.clamp(min=0)) * is_img
+        if pos is None:
+            pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (B, 1, T, hd/2)
+        mask = None
+        if cache is not None or key_valid is not None:
+            # explicit mask: key j is visible to query i (absolute index start+i) if j <= start+i and j is valid
+            L = start + T
+            q_abs = torch.arange(start, L, device=idx.device).unsqueeze(1)  # (T, 1)
+            mask = torch.arange(L, device=idx.device).unsqueeze(0) <= q_abs  # (T, L)
+            mask = mask.unsqueeze(0).unsqueeze(0)  # (1, 1, T, L)
+            if key_valid is not None:
+                # a padding query still sees itself, so its softmax has a finite entry and no NaN leaks
+                # into the values that later (valid) queries mask out anyway
+                own = torch.arange(L, device=idx.device).unsqueeze(0) == q_abs  # (T, L)
+                mask = (mask & key_valid[:, None, None, :L]) | own  # (B, 1, T, L)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.lm_head(self.norm(x))  # (B, T, vocab)
+
+
+if __name__ == "__main__":
+    vq = VQ(VQConfig())
+    x = torch.rand(2, 3, 32, 32)
+    recon, losses, codes = vq(x)
+    print("VQ", tuple(recon.shape), tuple(codes.shape), {k: round(v.item(), 4) for k, v in losses.items()})
+    gpt = GPT(GPTConfig())
+    print(f"GPT {gpt.num_params() / 1e6:.2f}M parameters, logits", tuple(gpt(torch.zeros(2, 10, dtype=torch.long)).shape))

@@ -1,0 +1,92 @@
+"""The fast sampler against the slow reference, guidance, grammar."""
+import pytest
+import torch
+
+from data import BOI, EOI, EOS, NULL, THINK, Vocab
+from generate import SampleConfig, allowed_tokens, generate, generate_reference, sample_next
+from model import GPT, GPTConfig
+
+VOCAB = Vocab(text_size=30, codebook_size=16)
+N_IMG = 9
+
+
+def random_model(seed=0):
+    """A random tiny GPT nudged towards <boi> so that samples reach the image phase after plans of
+    varying length. float64 so that padding and batching cannot flip an argmax by rounding."""
+    torch.manual_seed(seed)
+    cfg = GPTConfig(vocab_size=VOCAB.size, image_offset=VOCAB.image_offset, n_image_tokens=N_IMG, block_size=64,
+                    n_layer=2, n_head=4, n_kv_head=2, n_embd=32, mlp_hidden=64)
+    model = GPT(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)  # sharper random distributions: plans of different lengths
+        model.lm_head.weight[BOI] = model.lm_head.weight[10:20].mean(0) * 3
+    return model.double().eval()
+
+
+PROMPTS = [[9, 10, 11], [12], [13, 14, 15, 16, 17], [18, 19]]
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+def test_fast_equals_reference_greedy(cfg_scale):
+    model = random_model()
+    cfg = SampleConfig(temperature=0.0, text_temperature=0.0, cfg_scale=cfg_scale, max_plan_tokens=8)
+    fast = generate(model, VOCAB, PROMPTS, cfg)
+    ref = [generate_reference(model, VOCAB, p, cfg) for p in PROMPTS]
+    assert [f["tokens"][:len(r["tokens"])] for f, r in zip(fast, ref)] == [r["tokens"] for r in ref]
+    assert any(r["codes"] is not None for r in ref), "the test must exercise the image phase"
+    assert len({len(r["plan"]) for r in ref}) > 1, "plans of different lengths exercise the padding"
+
+
+def test_guidance_changes_images_and_scale_one_equals_unguided():
+    model = random_model()
+    base = dict(temperature=0.9, text_temperature=0.9, max_plan_tokens=8)
+    for p in PROMPTS:  # one prompt: same random stream, so even sampled tokens must agree
+        # fast path at scale 1 skips the null rows; the reference always mixes them in with guide()
+        fast = generate(model, VOCAB, [p], SampleConfig(cfg_scale=1.0, **base), seed=3)[0]
+        ref = generate_reference(model, VOCAB, p, SampleConfig(cfg_scale=1.0, **base), seed=3)
+        assert fast["tokens"][:len(ref["tokens"])] == ref["tokens"]
+    greedy = dict(temperature=0.0, text_temperature=0.0, max_plan_tokens=8)
+    plain = generate(model, VOCAB, PROMPTS, SampleConfig(cfg_scale=1.0, **greedy))
+    guided = generate(model, VOCAB, PROMPTS, SampleConfig(cfg_scale=4.0, **greedy))
+    assert [s["plan"] for s in plain] == [s["plan"] for s in guided], "guidance must not touch the plan"
+    assert [s["codes"] for s in plain] != [s["codes"] for s in guided]
+
+
+def test_grammar_exact_image_length_and_no_codes_outside():
+    model = random_model(1)
+    cfg = SampleConfig(temperature=1.0, text_temperature=1.0, max_plan_tokens=6, top_k=0)
+    for s in generate(model, VOCAB, PROMPTS * 4, cfg, seed=1):
+        toks = s["tokens"]
+        if s["emitted_boi"]:
+            b = toks.index(BOI)
+            assert all(t < VOCAB.image_offset for t in toks[:b])
+            assert all(t >= VOCAB.image_offset for t in toks[b + 1:b + 1 + N_IMG])
+            assert toks[b + 1 + N_IMG] == EOI and len(s["codes"]) == N_IMG
+        else:
+            assert s["codes"] is None and all(t < VOCAB.image_offset for t in toks)
+
+
+def test_allowed_tokens_masks():
+    phase = torch.tensor([0, 1, 1])
+    n_codes = torch.tensor([0, 3, N_IMG])
+    m = allowed_tokens(VOCAB, phase, n_codes, N_IMG, "cpu")
+    assert m[0, BOI] and m[0, EOS] and m[0, THINK] and not m[0, NULL] and not m[0, VOCAB.image_offset:].any()
+    assert m[1, VOCAB.image_offset:].all() and m[1, :VOCAB.image_offset].sum() == 0
+    assert m[2].sum() == 1 and m[2, EOI]
+
+
+def test_top_k_and_top_p_restrict_support():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(500, 1)
+    ok = torch.ones_like(logits, dtype=torch.bool)
+    t = torch.ones(500)
+    assert set(sample_next(logits, ok, t, 2, 1.0, g).tolist()) == {0, 1}
+    # softmax: 0.636, 0.234, ...: top_p 0.7 keeps the first two tokens only
+    assert set(sample_next(logits, ok, t, 0, 0.7, g).tolist()) == {0, 1}
+    assert set(sample_next(logits, ok, torch.zeros(500), 0, 1.0, g).tolist()) == {0}
+
+
+def test_prompt_too_long_is_a_clear_error():
+    model = random_model()
+    with pytest.raises(ValueError, match="block_size"):
+        generate(model, VOCAB, [[9] * 60], SampleConfig())

@@ -1,0 +1,93 @@
+"""The networks: VQ shapes and gradients, GPT cache and padding equivalences."""
+import torch
+
+from model import GPT, VQ, GPTConfig, KVCache, VQConfig
+
+
+def tiny_gpt(**kw):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=60, image_offset=40, n_image_tokens=4, block_size=32, n_layer=2, n_head=4,
+                    n_kv_head=2, n_embd=32, mlp_hidden=64, **kw)
+    return GPT(cfg).double().eval()
+
+
+def test_vq_shapes_and_range():
+    vq = VQ(VQConfig(codebook_size=32, hidden=16))
+    x = torch.rand(3, 3, 32, 32)
+    recon, losses, codes = vq(x)
+    assert recon.shape == x.shape and codes.shape == (3, 64)
+    assert 0 <= codes.min() and codes.max() < 32
+    assert recon.min() >= 0 and recon.max() <= 1
+    assert set(losses) == {"recon", "commit", "codebook"}
+    assert torch.equal(vq.encode(x), codes)
+    assert torch.allclose(vq.decode(codes), recon, atol=1e-6)
+
+
+def test_vq_straight_through_gradient_reaches_encoder_and_codebook():
+    vq = VQ(VQConfig(codebook_size=32, hidden=16))
+    recon, losses, _ = vq(torch.rand(2, 3, 32, 32))
+    losses["recon"].backward(retain_graph=True)
+    # the reconstruction loss reaches the encoder only through the straight-through copy
+    assert vq.encoder[0].weight.grad.abs().sum() > 0
+    vq.zero_grad()
+    losses["codebook"].backward(retain_graph=True)
+    assert vq.codebook.weight.grad.abs().sum() > 0 and vq.encoder[0].weight.grad is None
+    vq.zero_grad()
+    losses["commit"].backward()  # the commitment term moves the encoder, never the codebook
+    assert vq.encoder[0].weight.grad.abs().sum() > 0 and vq.codebook.weight.grad is None
+
+
+def test_vq_soft_decode_matches_hard_and_is_differentiable():
+    vq = VQ(VQConfig(codebook_size=32, hidden=16))
+    codes = torch.randint(0, 32, (2, 64))
+    probs = torch.nn.functional.one_hot(codes, 32).float().requires_grad_()
+    img = vq.decode_soft(probs)
+    assert torch.allclose(img, vq.decode(codes))
+    img.sum().backward()
+    assert probs.grad.abs().sum() > 0
+
+
+def test_dead_codes_restart_onto_encoder_outputs():
+    vq = VQ(VQConfig(codebook_size=32, hidden=16)).train()
+    vq(torch.rand(1, 3, 32, 32))  # 64 picks: some codes stay unused
+    dead = (vq.usage == 0).nonzero().squeeze(1)
+    alive = (vq.usage > 0).nonzero().squeeze(1)
+    before = vq.codebook.weight.detach().clone()
+    z = torch.nn.functional.normalize(torch.randn(100, 16), dim=-1)
+    assert vq.restart_dead_codes(z) == len(dead) > 0
+    after = vq.codebook.weight.detach()
+    assert torch.equal(after[alive], before[alive]) and not torch.equal(after[dead], before[dead])
+    assert (vq.usage == 0).all()  # counting starts again
+
+
+def test_kv_cache_equals_full_forward():
+    model = tiny_gpt()
+    idx = torch.randint(0, 60, (2, 12))
+    grid = torch.where(idx >= 40, torch.arange(12) % 4, -1)
+    full = model(idx, grid=grid)
+    cache = KVCache(model.cfg, 2, 12, "cpu", torch.float64)
+    parts = [model(idx[:, :5], grid=grid[:, :5], cache=cache)]
+    for t in range(5, 12):  # then one token at a time
+        parts.append(model(idx[:, t:t + 1], grid=grid[:, t:t + 1], cache=cache))
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-10)
+    assert cache.length == 12
+
+
+def test_left_padding_with_mask_equals_unpadded():
+    model = tiny_gpt()
+    seq = torch.randint(8, 40, (1, 7))
+    want = model(seq)[:, -1]
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), seq], 1)
+    valid = torch.tensor([[False] * 3 + [True] * 7])
+    pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+    got = model(padded, pos=pos, key_valid=valid)[:, -1]
+    assert torch.allclose(got, want, atol=1e-10)
+    assert not torch.isnan(model(padded, pos=pos, key_valid=valid)).any()
+
+
+def test_grid_embedding_changes_only_image_positions():
+    model = tiny_gpt()
+    idx = torch.randint(0, 60, (1, 6))
+    a = model(idx, grid=torch.full((1, 6), -1))
+    b = model(idx, grid=torch.tensor([[-1, -1, -1, -1, 0, 1]]))
+    assert torch.allclose(a[:, :4], b[:, :4]) and not torch.allclose(a[:, 4:], b[:, 4:])

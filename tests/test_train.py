@@ -1,0 +1,86 @@
+"""Config checking, the schedule, and a micro end-to-end run of every stage."""
+import json
+import os
+
+import pytest
+
+import train
+from train import ConfigError, load_config
+
+MICRO = os.path.join(os.path.dirname(__file__), "..", "tiny_configs", "micro.toml")
+
+
+def test_shipped_configs_load():
+    for name in os.listdir(os.path.join(os.path.dirname(MICRO))):
+        load_config(os.path.join(os.path.dirname(MICRO), name))
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nlm_stesp = 3\n")
+    with pytest.raises(ConfigError, match=r"train\.lm_stesp.*did you mean train\.lm_steps"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match=r"unknown config section \[trian\]"):
+        load_config(None, ["--trian.lm_steps=3"])
+
+
+def test_wrong_types_are_refused():
+    bad_values = ["--train.lm_steps=3.5", "--train.lm_lr=fast", "--train.compile=maybe", "--gpt.n_layer=two"]
+    for item in bad_values:
+        with pytest.raises(ConfigError, match=item.split("=")[0].lstrip("-")):
+            load_config(MICRO, [item])
+
+
+def test_file_types_checked(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[gpt]\nn_layer = "4"\n')
+    with pytest.raises(ConfigError, match=r"gpt\.n_layer = '4' is a str, expected a int"):
+        load_config(str(bad))
+    bad.write_text("[train]\nlm_lr = 1\ncompile = true\n")  # an int is a fine float
+    assert load_config(str(bad))["train"].lm_lr == 1.0
+
+
+def test_overrides_and_derived_keys():
+    cfgs = load_config(MICRO, ["--train.lm_steps=7", "--sample.think=false", "--train.lm_lr=1e-3"])
+    assert cfgs["train"].lm_steps == 7 and cfgs["sample"].think is False and cfgs["train"].lm_lr == 1e-3
+    with pytest.raises(ConfigError, match="derived"):
+        load_config(MICRO, ["--gpt.vocab_size=10"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(MICRO, ["--lm_steps=3"])
+
+
+def test_cosine_schedule():
+    tc = train.TrainConfig(lm_lr=1.0, lm_min_lr=0.1, lm_warmup=10, lm_steps=110)
+    assert train.cosine_lr(0, tc) == pytest.approx(0.1)
+    assert train.cosine_lr(9, tc) == pytest.approx(1.0)
+    assert train.cosine_lr(60, tc) == pytest.approx(0.55)
+    assert train.cosine_lr(110, tc) == pytest.approx(0.1)
+
+
+def test_micro_run_end_to_end(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train.main([MICRO, f"--train.out_dir={out}"])
+    for f in ["config.json", "tokenizer.json", "vq.safetensors", "gpt.safetensors", "metrics.jsonl",
+              "report.json", "report.md", "samples_geneval.png", "vq_recon.png"]:
+        assert os.path.exists(os.path.join(out, f)), f
+    report = json.load(open(os.path.join(out, "report.json")))
+    g = report["benchmarks"]["geneval"]
+    assert 0.0 <= g["overall"] <= 1.0 and len(g["tasks"]) == 6
+    assert 0.0 <= report["stages"]["vq"]["parser_agreement"] <= 1.0
+    assert set(report["stages"]) == {"tokenizer", "vq", "lm", "eval"}
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["gpt"]["vocab_size"] == cfg["gpt"]["image_offset"] + cfg["vq"]["codebook_size"]
+    # a second run reuses every finished stage instead of redoing it
+    mtime = os.path.getmtime(os.path.join(out, "gpt.safetensors"))
+    train.main([MICRO, f"--train.out_dir={out}", "--stages=tokenizer,vq,lm"])
+    assert "reusing" in capsys.readouterr().out
+    assert os.path.getmtime(os.path.join(out, "gpt.safetensors")) == mtime
+    # the same directory with another config is refused, naming the difference, and nothing is touched
+    with pytest.raises(SystemExit, match="gpt.n_embd"):
+        train.main([MICRO, f"--train.out_dir={out}", "--gpt.n_embd=64"])
+    assert os.path.getmtime(os.path.join(out, "gpt.safetensors")) == mtime
+
+
+def test_stage_order_is_enforced(tmp_path):
+    with pytest.raises(SystemExit, match="needs the tokenizer stage first"):
+        train.main([MICRO, f"--train.out_dir={tmp_path / 'r'}", "--stages=lm"])

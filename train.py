@@ -1,0 +1,501 @@
+"""
+Every training stage of nanoloom behind one command. Stages, in order:
+    tokenizer  word-level text tokenizer trained on the shapes world's text  -> tokenizer.json
+    vq         VQ image tokenizer trained on rendered scenes                  -> vq.safetensors
+    lm         the unified GPT pretrained on the token-sequence mix           -> gpt.safetensors
+    eval       benchmarks on held-out prompts, sample grid, report            -> report.json, report.md
+A finished stage is reused (its file exists), so any stage can be re-run alone by deleting its file or
+by naming it with --stages after the earlier ones are done.
+
+    python train.py tiny_configs/shapes_cpu.toml                     # the CPU demo, ~8 minutes
+    python train.py tiny_configs/micro.toml --train.out_dir=out/micro  # seconds; what the tests use
+    python train.py tiny_configs/shapes_cpu.toml --stages=eval          # re-score a finished run
+    python train.py tiny_configs/shapes_cpu.toml --lm.steps=300 --train.out_dir=out/short
+
+Overrides are `--section.key=value` for any key of the config file's sections ([train], [vq], [gpt],
+[sample]); an unknown key or a value of the wrong type stops with a message naming it.
+"""
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import os
+import sys
+import time
+import tomllib
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import data
+import evaluate
+from data import FORMATS, Vocab, build_sequence, grid_positions
+from generate import RunError, SampleConfig, load_weights, save_grid
+from model import GPT, VQ, GPTConfig, VQConfig
+
+STAGES = ("tokenizer", "vq", "lm", "eval")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out/shapes_cpu"  # everything the run makes goes here
+    seed: int = 0  # seeds data generation, initialisation and sampling
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "float32"  # float32 | bfloat16 (autocast, where the device supports it)
+    compile: bool = False  # torch.compile the GPT for training (opt-in: slow to start, helps on GPU)
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    tokenizer_corpus: int = 20000  # world texts the tokenizer is trained on
+    # VQ stage
+    vq_images: int = 20000  # rendered training scenes
+    vq_steps: int = 1500
+    vq_batch: int = 64
+    vq_lr: float = 2e-3
+    vq_restart_every: int = 100  # steps between dead-code restarts (0 = never)
+    vq_eval_scenes: int = 500  # held-out scenes for the parser round-trip figure
+    # LM stage
+    lm_examples: int = 30000  # pretraining examples (prompt, plan, caption, image codes)
+    lm_steps: int = 1500
+    lm_batch: int = 32
+    lm_lr: float = 3e-3
+    lm_min_lr: float = 3e-4  # cosine schedule ends here
+    lm_warmup: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    p_plan: float = 0.5  # format mix: text->image with a plan ...
+    p_direct: float = 0.2  # ... text->image without a plan; the rest is image->text captions
+    null_prob: float = 0.1  # text->image sequences whose condition becomes <null> (for guidance)
+    eval_every: int = 250  # steps between held-out loss measurements
+    eval_examples: int = 256  # held-out (dev split) examples for that loss
+    # eval stage
+    bench_prompts: int = 50  # prompts per benchmark task
+    bench_samples: int = 4  # samples per prompt
+    eval_batch: int = 128  # prompts sampled together
+
+
+SECTIONS = {"train": TrainConfig, "vq": VQConfig, "gpt": GPTConfig, "sample": SampleConfig}
+DERIVED = {("gpt", "vocab_size"), ("gpt", "image_offset"), ("gpt", "n_image_tokens")}  # set from tokenizer + VQ
+
+
+# -----------------------------------------------------------------------------
+# configuration: plain TOML files, command-line overrides, strict checking
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(section, key, value, typ, from_cli):
+    """Check (file) or parse (command line) a value against the dataclass field's type."""
+    where = f"{section}.{key}"
+    if from_cli:
+        try:
+            if typ is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "1")
+            return typ(value)
+        except ValueError:
+            raise ConfigError(f"{where}={value!r}: expected a {typ.__name__}") from None
+    ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True  # 1 is a fine float
+    if not ok:
+        raise ConfigError(f"{where} = {value!r} is a {type(value).__name__}, expected a {typ.__name__}")
+    return value
+
+
+def _set(cfgs, section, key, value, from_cli):
+    if section not in SECTIONS:
+        hint = difflib.get_close_matches(section, SECTIONS, n=1)
+        raise ConfigError(f"unknown config section [{section}]" + (f"; did you mean [{hint[0]}]?" if hint else f"; sections: {', '.join(SECTIONS)}"))
+    types = {f.name: f.type for f in dataclasses.fields(SECTIONS[section])}
+    if key not in types:
+        hint = difflib.get_close_matches(key, types, n=1)
+        raise ConfigError(f"unknown config key {section}.{key}" + (f"; did you mean {section}.{hint[0]}?" if hint else ""))
+    if (section, key) in DERIVED:
+        raise ConfigError(f"{section}.{key} is derived from the tokenizer and the VQ; it cannot be set")
+    setattr(cfgs[section], key, _coerce(section, key, value, types[key], from_cli))
+
+
+def load_config(path, overrides=()):
+    """A TOML file plus `section.key=value` overrides -> {section: dataclass}."""
+    cfgs = {name: cls() for name, cls in SECTIONS.items()}
+    if path is not None:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file {path} not found (the shipped ones are in tiny_configs/)")
+        with open(path, "rb") as f:
+            try:
+                raw = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        for section, table in raw.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
+            for key, value in table.items():
+                _set(cfgs, section, key, value, from_cli=False)
+    for item in overrides:
+        name, eq, value = item.lstrip("-").partition("=")
+        section, dot, key = name.partition(".")
+        if not eq or not dot:
+            raise ConfigError(f"override {item!r} must look like --section.key=value (e.g. --lm.steps=300 is --train.lm_steps=300)")
+        _set(cfgs, section, key, value, from_cli=True)
+    return cfgs
+
+
+# -----------------------------------------------------------------------------
+# small utilities
+
+
+def pick_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return name
+
+
+def autocast(cfg, device):
+    """bf16 autocast only where the hardware has it; float32 otherwise."""
+    if cfg.dtype == "bfloat16" and (device == "cuda" and torch.cuda.is_bf16_supported() or device == "cpu"):
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"train.dtype={cfg.dtype!r}: expected float32 or bfloat16")
+    return torch.autocast(device_type=device, enabled=False)
+
+
+def save_atomic(tensors, path):
+    """safetensors write via a temporary file and a rename: a kill mid-write never leaves a corrupt file."""
+    tmp = path + ".tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def cosine_lr(step, cfg):
+    """Linear warm-up, then cosine decay from lm_lr to lm_min_lr."""
+    if step < cfg.lm_warmup:
+        return cfg.lm_lr * (step + 1) / cfg.lm_warmup
+    t = min(1.0, (step - cfg.lm_warmup) / max(1, cfg.lm_steps - cfg.lm_warmup))
+    return cfg.lm_min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lm_lr - cfg.lm_min_lr)
+
+
+class Metrics:
+    """JSON lines in RUN_DIR/metrics.jsonl: one object per measurement."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def log(self, **kv):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(kv) + "\n")
+
+
+def to_tensor_images(images):
+    """uint8 numpy (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 255.0
+
+
+# -----------------------------------------------------------------------------
+# stage: tokenizer
+
+
+def stage_tokenizer(cfgs, run_dir):
+    tok = data.train_tokenizer(os.path.join(run_dir, "tokenizer.json"), n=cfgs["train"].tokenizer_corpus, seed=cfgs["train"].seed)
+    return {"vocab_size": tok.get_vocab_size()}
+
+
+# -----------------------------------------------------------------------------
+# stage: vq
+
+
+def scene_images(n, seed, image_size, split):
+    rng = np.random.default_rng(seed)
+    return np.stack([data.render(data.sample_example(rng, split=split).scene, image_size) for _ in range(n)])
+
+
+def parser_agreement(vq, images, device):
+    """Fraction of scenes whose reconstruction parses to the same objects (shape, colour; so also how
+    many) as the original: what the benchmarks need the VQ to keep."""
+    recon = []
+    with torch.no_grad():
+        for i in range(0, len(images), 256):
+            x = to_tensor_images(images[i:i + 256]).to(device)
+            recon.append((vq(x)[0].clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    recon = np.concatenate(recon)
+    same = [sorted((o.shape, o.colour) for o in data.parse(a).objects) == sorted((o.shape, o.colour) for o in data.parse(b).objects)
+            for a, b in zip(images, recon)]
+    return float(np.mean(same)), recon
+
+
+def stage_vq(cfgs, run_dir, device, metrics):
+    tc, vc = cfgs["train"], cfgs["vq"]
+    torch.manual_seed(tc.seed)
+    train_imgs = to_tensor_images(scene_images(tc.vq_images, tc.seed, vc.image_size, "train"))
+    held_out = scene_images(tc.vq_eval_scenes, tc.seed + 1, vc.image_size, "dev")
+    vq = VQ(vc).to(device)
+    opt = torch.optim.Adam(vq.parameters(), lr=tc.vq_lr)
+    g = torch.Generator().manual_seed(tc.seed)
+    vq.train()
+    for step in (bar := tqdm(range(tc.vq_steps), desc="vq", mininterval=2)):
+        x = train_imgs[torch.randint(0, len(train_imgs), (tc.vq_batch,), generator=g)].to(device)
+        lr = tc.vq_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / tc.vq_steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        recon, losses, _ = vq(x)
+        loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if tc.vq_restart_every and (step + 1) % tc.vq_restart_every == 0 and step + 1 < tc.vq_steps * 0.8:
+            with torch.no_grad():
+                z = F.normalize(vq.encoder(x * 2 - 1), dim=1).permute(0, 2, 3, 1).reshape(-1, vc.code_dim)
+            restarted = vq.restart_dead_codes(z)
+            metrics.log(stage="vq", step=step + 1, restarted_codes=restarted)
+        if step % 50 == 0 or step == tc.vq_steps - 1:
+            bar.set_postfix(recon=f"{losses['recon'].item():.4f}")
+            metrics.log(stage="vq", step=step, lr=lr, **{k: round(v.item(), 5) for k, v in losses.items()})
+    vq.eval()
+    agreement, recon = parser_agreement(vq, held_out, device)
+    with torch.no_grad():
+        codes = torch.cat([vq.encode(to_tensor_images(held_out[i:i + 256]).to(device)) for i in range(0, len(held_out), 256)])
+    counts = torch.bincount(codes.flatten(), minlength=vc.codebook_size).float()
+    p = counts / counts.sum()
+    usage = {"codes_used": float((counts > 0).float().mean()), "perplexity": float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))}
+    save_atomic(vq.state_dict(), os.path.join(run_dir, "vq.safetensors"))
+    n = 16
+    save_grid(list(held_out[:n]) + list(recon[:n]), ["original"] * n + ["reconstruction"] * n, os.path.join(run_dir, "vq_recon.png"))
+    recon_l1 = float(np.abs(held_out.astype(np.float32) - recon.astype(np.float32)).mean() / 255)
+    return {"parser_agreement": agreement, "held_out_scenes": len(held_out), "recon_l1": recon_l1, **usage}
+
+
+# -----------------------------------------------------------------------------
+# stage: lm
+
+
+class LMData:
+    """Pretraining examples held as token ids: prompt, plan, caption, image codes."""
+
+    def __init__(self, n, seed, split, tokenizer, vq, device):
+        rng = np.random.default_rng(seed)
+        examples = [data.sample_example(rng, split=split) for _ in tqdm(range(n), desc=f"{split} examples", mininterval=2)]
+        enc = lambda s: data.encode_text(tokenizer, s)
+        self.prompt = [enc(e.prompt) for e in examples]
+        self.plan = [enc(data.plan_text(e.scene)) for e in examples]
+        self.caption = [enc(data.caption_text(e.scene, rng)) for e in examples]
+        codes = []
+        with torch.no_grad():
+            for i in range(0, n, 512):
+                imgs = np.stack([data.render(e.scene, vq.cfg.image_size) for e in examples[i:i + 512]])
+                codes.append(vq.encode(to_tensor_images(imgs).to(device)).cpu())
+        self.codes = torch.cat(codes).tolist()
+
+    def __len__(self):
+        return len(self.codes)
+
+
+def make_batch(ds, indices, rng, tc, vocab, device):
+    """Sequences of the pretraining mix, right-padded. Returns x, y, loss weight, grid, modality (B, T)."""
+    p_caption = 1.0 - tc.p_plan - tc.p_direct
+    seqs = []
+    for i in indices:
+        fmt = rng.choice(FORMATS, p=[tc.p_plan, tc.p_direct, p_caption])
+        null = fmt != "caption" and rng.random() < tc.null_prob
+        seqs.append(build_sequence(fmt, vocab, ds.prompt[i], ds.plan[i], ds.codes[i], ds.caption[i], null=null))
+    T = max(len(s[0]) for s in seqs)
+    ids = torch.full((len(seqs), T), data.PAD, dtype=torch.long)
+    tgt = torch.zeros(len(seqs), T)
+    grid = torch.full((len(seqs), T), -1, dtype=torch.long)
+    mod = torch.zeros(len(seqs), T, dtype=torch.long)
+    for r, (s, m, t) in enumerate(seqs):
+        ids[r, :len(s)], mod[r, :len(s)], tgt[r, :len(s)] = torch.tensor(s), torch.tensor(m), torch.tensor(t, dtype=torch.float)
+        grid[r, :len(s)] = torch.tensor(grid_positions(s, vocab))
+    out = ids[:, :-1], ids[:, 1:], tgt[:, 1:], grid[:, :-1], mod[:, 1:]
+    return [t.to(device) for t in out]
+
+
+def lm_loss(model, batch):
+    """Mean cross-entropy over target tokens; also the text and image parts separately (for the log)."""
+    x, y, w, grid, mod = batch
+    logits = model(x, grid=grid)
+    ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(w)  # (B, T)
+    loss = (ce * w).sum() / w.sum()
+    with torch.no_grad():
+        parts = {name: ((ce * w * (mod == m)).sum() / (w * (mod == m)).sum().clamp(min=1)).item()
+                 for name, m in (("text", data.TEXT), ("image", data.IMAGE))}
+    return loss, parts
+
+
+def stage_lm(cfgs, run_dir, device, metrics):
+    tc, gc = cfgs["train"], cfgs["gpt"]
+    tokenizer = data.load_tokenizer(os.path.join(run_dir, "tokenizer.json"))
+    vq = load_weights(VQ(cfgs["vq"]).to(device), os.path.join(run_dir, "vq.safetensors")).eval()
+    vocab = Vocab(tokenizer.get_vocab_size(), cfgs["vq"].codebook_size)
+    torch.manual_seed(tc.seed)
+    model = GPT(gc).to(device)
+    print(f"GPT: {model.num_params() / 1e6:.2f}M parameters, vocabulary {vocab.size} ({vocab.text_size} text + {vocab.codebook_size} codes)")
+    train_ds = LMData(tc.lm_examples, tc.seed, "train", tokenizer, vq, device)
+    val_ds = LMData(tc.eval_examples, tc.seed + 1, "dev", tokenizer, vq, device)
+    val_rng = np.random.default_rng(tc.seed + 2)
+    val_batches = [make_batch(val_ds, range(i, min(i + tc.lm_batch, len(val_ds))), val_rng, tc, vocab, device)
+                   for i in range(0, len(val_ds), tc.lm_batch)]
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=tc.lm_lr, betas=(0.9, 0.95), fused=device == "cuda")
+    step_fn = torch.compile(model) if tc.compile else model
+    rng = np.random.default_rng(tc.seed)
+    order, cursor, tokens, t0 = rng.permutation(len(train_ds)), 0, 0, time.time()
+
+    def evaluate_loss():
+        model.eval()
+        with torch.no_grad(), autocast(tc, device):
+            res = [lm_loss(model, b) for b in val_batches]
+        model.train()
+        return {"val_loss": float(np.mean([r[0].item() for r in res])),
+                "val_text": float(np.mean([r[1]["text"] for r in res])), "val_image": float(np.mean([r[1]["image"] for r in res]))}
+
+    model.train()
+    for step in (bar := tqdm(range(tc.lm_steps), desc="lm", mininterval=2)):
+        if cursor + tc.lm_batch > len(order):  # a new epoch: a new shuffle
+            order, cursor = rng.permutation(len(train_ds)), 0
+        batch = make_batch(train_ds, order[cursor:cursor + tc.lm_batch], rng, tc, vocab, device)
+        cursor += tc.lm_batch
+        lr = cosine_lr(step, tc)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast(tc, device):
+            loss, parts = lm_loss(step_fn, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        tokens += int(batch[2].numel())
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            metrics.log(stage="lm", step=step, lr=lr, loss=loss.item(), **parts)
+        if (step + 1) % tc.eval_every == 0 or step == tc.lm_steps - 1:
+            ev = evaluate_loss()
+            metrics.log(stage="lm", step=step + 1, **ev)
+            tqdm.write(f"step {step + 1}: train {loss.item():.3f}  held-out {ev['val_loss']:.3f} (text {ev['val_text']:.3f}, image {ev['val_image']:.3f})")
+    seconds = time.time() - t0
+    save_atomic(model.state_dict(), os.path.join(run_dir, "gpt.safetensors"))
+    return {"params": model.num_params(), "train_loss": loss.item(), **ev, "tokens_per_s": tokens / seconds, "steps": tc.lm_steps}
+
+
+# -----------------------------------------------------------------------------
+# stage: eval
+
+
+def stage_eval(cfgs, run_dir, device):
+    from generate import load_run
+    tc = cfgs["train"]
+    _, tokenizer, vocab, vq, gpt = load_run(run_dir, device)
+    return evaluate.run_all(gpt, vq, vocab, tokenizer, cfgs["sample"], run_dir, n_prompts=tc.bench_prompts,
+                            n_samples=tc.bench_samples, batch=tc.eval_batch, seed=tc.seed)
+
+
+# -----------------------------------------------------------------------------
+# driver
+
+
+def resolved_config(cfgs):
+    return {name: asdict(c) for name, c in cfgs.items()}
+
+
+def derive_sizes(cfgs, run_dir):
+    """The GPT's vocabulary is the tokenizer's plus the codebook; its image length is the VQ grid."""
+    path = os.path.join(run_dir, "tokenizer.json")
+    if os.path.exists(path):
+        cfgs["gpt"].image_offset = data.load_tokenizer(path).get_vocab_size()
+    cfgs["gpt"].vocab_size = cfgs["gpt"].image_offset + cfgs["vq"].codebook_size
+    cfgs["gpt"].n_image_tokens = cfgs["vq"].n_codes
+
+
+def check_run_dir(run_dir, cfg_json):
+    """Refuse to mix a run directory's finished stages with another config."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    keep = ("bench_prompts", "bench_samples", "eval_batch", "threads", "device", "eval_every")  # free to change
+    diff = [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {v!r}" for s in ("train", "vq", "gpt") for k, v in cfg_json[s].items()
+            if (s, k) not in DERIVED and k not in keep and old.get(s, {}).get(k) != v]
+    if diff:
+        raise ConfigError(f"{run_dir} holds a run made with another config ({'; '.join(diff[:5])}). "
+                          f"Use another --train.out_dir, or delete {run_dir} to start again.")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="a TOML file from tiny_configs/")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    args, overrides = p.parse_known_args(argv)
+    try:
+        cfgs = load_config(args.config, overrides)
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+        bad = [s for s in stages if s not in STAGES]
+        if bad:
+            raise ConfigError(f"unknown stage(s) {bad}; stages are {', '.join(STAGES)}")
+        tc = cfgs["train"]
+        device = pick_device(tc.device)
+        autocast(tc, device)  # validates dtype before any work
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        run_dir = tc.out_dir
+        cfg_json = resolved_config(cfgs)
+        check_run_dir(run_dir, cfg_json)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}")
+    os.makedirs(run_dir, exist_ok=True)
+    metrics = Metrics(os.path.join(run_dir, "metrics.jsonl"))
+    report_path = os.path.join(run_dir, "report.json")
+    report = json.load(open(report_path)) if os.path.exists(report_path) else {"benchmarks": {}, "stages": {}}
+    outputs = {"tokenizer": "tokenizer.json", "vq": "vq.safetensors", "lm": "gpt.safetensors"}
+    t_all = time.time()
+    print(f"run {run_dir} on {device}; stages {', '.join(stages)}")
+    for stage in stages:
+        out = outputs.get(stage)
+        if out and os.path.exists(os.path.join(run_dir, out)):
+            print(f"[{stage}] reusing {os.path.join(run_dir, out)}")
+            continue
+        missing = [s for s in STAGES[:STAGES.index(stage)] if s in outputs and not os.path.exists(os.path.join(run_dir, outputs[s]))]
+        if missing:
+            raise SystemExit(f"stage {stage} needs the {missing[0]} stage first: run with --stages={','.join(missing + [stage])}")
+        derive_sizes(cfgs, run_dir)
+        t0 = time.time()
+        print(f"[{stage}] start")
+        try:
+            if stage == "tokenizer":
+                figures = stage_tokenizer(cfgs, run_dir)
+            elif stage == "vq":
+                figures = stage_vq(cfgs, run_dir, device, metrics)
+            elif stage == "lm":
+                figures = stage_lm(cfgs, run_dir, device, metrics)
+            else:
+                figures = stage_eval(cfgs, run_dir, device)
+                report["benchmarks"] = figures.pop("benchmarks")
+        except RunError as e:
+            raise SystemExit(f"error: {e}")
+        derive_sizes(cfgs, run_dir)
+        write_json(resolved_config(cfgs), os.path.join(run_dir, "config.json"))
+        figures["seconds"] = round(time.time() - t0, 1)
+        report["stages"][stage] = figures
+        write_json(report, report_path)
+        print(f"[{stage}] done in {figures['seconds']:.0f}s: " + json.dumps({k: v for k, v in figures.items() if not isinstance(v, dict)}))
+    evaluate.write_report_md(report, os.path.join(run_dir, "report.md"))
+    print(f"total {time.time() - t_all:.0f}s; report in {report_path} and {os.path.join(run_dir, 'report.md')}")
+
+
+if __name__ == "__main__":
+    main()
