@@ -86,15 +86,22 @@ class VQ(nn.Module):
         zq = zq.view(B, h, w, D).permute(0, 3, 1, 2)  # (B, D, h, w)
         return zq, codes.view(B, h * w), losses
 
-    def forward(self, images):
-        """images (B, 3, H, W) in [0, 1] -> (reconstruction, losses, codes)."""
+    def forward(self, images, quantize=True):
+        """images (B, 3, H, W) in [0, 1] -> (reconstruction, losses, codes). quantize=False skips the
+        codebook (a plain autoencoder on the unit sphere): used to warm up before the codebook exists."""
+        if not quantize:
+            z = F.normalize(self.encoder(images * 2 - 1), dim=1)
+            recon = self.decode_latents(z)
+            return recon, {"recon": F.mse_loss(recon, images)}, None
         zq, codes, losses = self.quantize(self.encoder(images * 2 - 1))
         recon = self.decode_latents(zq)
-        losses["recon"] = F.l1_loss(recon, images)  # L1 keeps colour edges sharper than MSE
+        losses["recon"] = F.mse_loss(recon, images)
         return recon, losses, codes
 
     def decode_latents(self, zq):
-        return torch.sigmoid(self.decoder(zq))  # (B, 3, H, W) in [0, 1]
+        # linear output, clamped to [0, 1] only when images are read: a sigmoid saturates on the white
+        # background (most pixels) and its vanishing gradient stalls training at an all-white image
+        return self.decoder(zq)  # (B, 3, H, W)
 
     @torch.no_grad()
     def encode(self, images):
@@ -111,17 +118,33 @@ class VQ(nn.Module):
         B, N, K = probs.shape
         g = self.cfg.grid
         zq = (probs @ self._codebook()).view(B, g, g, -1).permute(0, 3, 1, 2)  # (B, D, g, g)
-        return self.decode_latents(zq)
+        return self.decode_latents(zq).clamp(0, 1)
+
+    @torch.no_grad()
+    def init_codebook(self, z_sample):
+        """Farthest-point initialisation from l2-normalised encoder outputs z_sample (M, D), M >= K: each
+        new code is the output worst fitted by the codes chosen so far, so rare patches (object edges)
+        get codes as surely as the plain background does."""
+        chosen = [0]
+        fit = z_sample @ z_sample[0]  # (M,) cosine to the nearest chosen code
+        for _ in range(self.cfg.codebook_size - 1):
+            i = int(fit.argmin())
+            chosen.append(i)
+            fit = torch.maximum(fit, z_sample @ z_sample[i])
+        self.codebook.weight.copy_(z_sample[chosen])
 
     @torch.no_grad()
     def restart_dead_codes(self, z_sample):
-        """Codes never picked since the last call jump onto random recent encoder outputs, so the whole
-        codebook stays in use (a dead code gets no gradient and never recovers on its own).
-        z_sample: (M, D) encoder outputs. Returns the number of codes restarted."""
+        """Codes never picked since the last call jump onto the recent encoder outputs that the codebook
+        fits worst, so the whole codebook stays in use and goes where it is needed (a dead code gets no
+        gradient and never recovers on its own; restarting onto random outputs would mostly pick the
+        plain background, which already has its code). z_sample: (M, D) l2-normalised encoder outputs.
+        Returns the number of codes restarted."""
         dead = (self.usage == 0).nonzero().squeeze(1)
         if len(dead) > 0:
-            pick = torch.randint(0, len(z_sample), (len(dead),), device=z_sample.device)
-            self.codebook.weight[dead] = F.normalize(z_sample[pick], dim=-1)
+            fit = (z_sample @ self._codebook().t()).max(dim=1).values  # (M,) cosine to the nearest code
+            worst = fit.argsort()[:len(dead)]
+            self.codebook.weight[dead[:len(worst)]] = z_sample[worst]
         self.usage.zero_()
         return len(dead)
 

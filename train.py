@@ -55,8 +55,9 @@ class TrainConfig:
     vq_images: int = 20000  # rendered training scenes
     vq_steps: int = 1500
     vq_batch: int = 64
-    vq_lr: float = 2e-3
-    vq_restart_every: int = 100  # steps between dead-code restarts (0 = never)
+    vq_lr: float = 3e-3
+    vq_warmup: int = 200  # steps as a plain autoencoder; then the codebook starts from its encodings
+    vq_restart_every: int = 25  # steps between dead-code restarts (0 = never)
     vq_eval_scenes: int = 500  # held-out scenes for the parser round-trip figure
     # LM stage
     lm_examples: int = 30000  # pretraining examples (prompt, plan, caption, image codes)
@@ -224,17 +225,19 @@ def scene_images(n, seed, image_size, split):
 
 
 def parser_agreement(vq, images, device):
-    """Fraction of scenes whose reconstruction parses to the same objects (shape, colour; so also how
-    many) as the original: what the benchmarks need the VQ to keep."""
+    """The VQ round trip (encode to codes, decode) judged by the parser: the fraction of scenes whose
+    reconstruction parses to the same objects (shape and colour of each, so also how many) as the
+    original, which is what the benchmarks need the VQ to keep; and the fraction that parses to exactly
+    the same scene (sizes and cells too)."""
     recon = []
     with torch.no_grad():
         for i in range(0, len(images), 256):
             x = to_tensor_images(images[i:i + 256]).to(device)
-            recon.append((vq(x)[0].clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+            recon.append((vq.decode(vq.encode(x)) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
     recon = np.concatenate(recon)
-    same = [sorted((o.shape, o.colour) for o in data.parse(a).objects) == sorted((o.shape, o.colour) for o in data.parse(b).objects)
-            for a, b in zip(images, recon)]
-    return float(np.mean(same)), recon
+    objects = lambda scene: sorted((o.shape, o.colour) for o in scene.objects)
+    pairs = list(zip(data.parse_batch(images), data.parse_batch(recon)))
+    return float(np.mean([objects(a) == objects(b) for a, b in pairs])), float(np.mean([a == b for a, b in pairs])), recon
 
 
 def stage_vq(cfgs, run_dir, device, metrics):
@@ -245,27 +248,34 @@ def stage_vq(cfgs, run_dir, device, metrics):
     vq = VQ(vc).to(device)
     opt = torch.optim.Adam(vq.parameters(), lr=tc.vq_lr)
     g = torch.Generator().manual_seed(tc.seed)
+    encodings = lambda x: F.normalize(vq.encoder(x * 2 - 1), dim=1).permute(0, 2, 3, 1).reshape(-1, vc.code_dim)
     vq.train()
     for step in (bar := tqdm(range(tc.vq_steps), desc="vq", mininterval=2)):
         x = train_imgs[torch.randint(0, len(train_imgs), (tc.vq_batch,), generator=g)].to(device)
+        if step == tc.vq_warmup:
+            # a codebook drawn at random, before the encoder means anything, collapses onto the white
+            # background; one spread over a warmed-up encoder's outputs does not
+            with torch.no_grad():
+                sample = train_imgs[torch.randint(0, len(train_imgs), (512,), generator=g)].to(device)
+                vq.init_codebook(encodings(sample))
+            vq.usage.zero_()
         lr = tc.vq_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / tc.vq_steps)))
         for group in opt.param_groups:
             group["lr"] = lr
-        recon, losses, _ = vq(x)
+        recon, losses, _ = vq(x, quantize=step >= tc.vq_warmup)
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if tc.vq_restart_every and (step + 1) % tc.vq_restart_every == 0 and step + 1 < tc.vq_steps * 0.8:
+        if step > tc.vq_warmup and tc.vq_restart_every and (step + 1) % tc.vq_restart_every == 0 and step + 1 < tc.vq_steps * 0.8:
             with torch.no_grad():
-                z = F.normalize(vq.encoder(x * 2 - 1), dim=1).permute(0, 2, 3, 1).reshape(-1, vc.code_dim)
-            restarted = vq.restart_dead_codes(z)
+                restarted = vq.restart_dead_codes(encodings(x))
             metrics.log(stage="vq", step=step + 1, restarted_codes=restarted)
         if step % 50 == 0 or step == tc.vq_steps - 1:
             bar.set_postfix(recon=f"{losses['recon'].item():.4f}")
             metrics.log(stage="vq", step=step, lr=lr, **{k: round(v.item(), 5) for k, v in losses.items()})
     vq.eval()
-    agreement, recon = parser_agreement(vq, held_out, device)
+    agreement, exact, recon = parser_agreement(vq, held_out, device)
     with torch.no_grad():
         codes = torch.cat([vq.encode(to_tensor_images(held_out[i:i + 256]).to(device)) for i in range(0, len(held_out), 256)])
     counts = torch.bincount(codes.flatten(), minlength=vc.codebook_size).float()
@@ -275,7 +285,7 @@ def stage_vq(cfgs, run_dir, device, metrics):
     n = 16
     save_grid(list(held_out[:n]) + list(recon[:n]), ["original"] * n + ["reconstruction"] * n, os.path.join(run_dir, "vq_recon.png"))
     recon_l1 = float(np.abs(held_out.astype(np.float32) - recon.astype(np.float32)).mean() / 255)
-    return {"parser_agreement": agreement, "held_out_scenes": len(held_out), "recon_l1": recon_l1, **usage}
+    return {"parser_agreement": agreement, "parser_exact_scene": exact, "held_out_scenes": len(held_out), "recon_l1": recon_l1, **usage}
 
 
 # -----------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The fast sampler against the slow reference, guidance, grammar."""
+import functools
+
 import pytest
 import torch
 
-from data import BOI, EOI, EOS, NULL, THINK, Vocab
+from data import BOI, EOI, EOS, NULL, THINK, Vocab, build_sequence, grid_positions
 from generate import SampleConfig, allowed_tokens, generate, generate_reference, sample_next
 from model import GPT, GPTConfig
 
@@ -10,16 +12,30 @@ VOCAB = Vocab(text_size=30, codebook_size=16)
 N_IMG = 9
 
 
-def random_model(seed=0):
-    """A random tiny GPT nudged towards <boi> so that samples reach the image phase after plans of
-    varying length. float64 so that padding and batching cannot flip an argmax by rounding."""
+@functools.lru_cache(maxsize=None)
+def grammar_model(seed=0, steps=150):
+    """A tiny GPT trained for a moment on sequences of the real grammar (plan = the prompt reversed,
+    so plans differ in length, then an image of random codes), so that greedy samples reach the image
+    phase after plans of several lengths. float64, so that padding and batching cannot flip an argmax."""
     torch.manual_seed(seed)
     cfg = GPTConfig(vocab_size=VOCAB.size, image_offset=VOCAB.image_offset, n_image_tokens=N_IMG, block_size=64,
                     n_layer=2, n_head=4, n_kv_head=2, n_embd=32, mlp_hidden=64)
     model = GPT(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10)  # sharper random distributions: plans of different lengths
-        model.lm_head.weight[BOI] = model.lm_head.weight[10:20].mean(0) * 3
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        seqs = []
+        for _ in range(16):
+            prompt = torch.randint(9, 30, (int(torch.randint(1, 6, ())),)).tolist()
+            codes = torch.randint(0, VOCAB.codebook_size, (N_IMG,)).tolist()
+            seqs.append(build_sequence("plan", VOCAB, prompt, prompt[::-1], codes)[0])
+        T = max(map(len, seqs))
+        x = torch.tensor([s + [0] * (T - len(s)) for s in seqs])
+        grid = torch.tensor([grid_positions(s, VOCAB) + [-1] * (T - len(s)) for s in seqs])
+        logits = model(x[:, :-1], grid=grid[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), ignore_index=0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     return model.double().eval()
 
 
@@ -28,7 +44,7 @@ PROMPTS = [[9, 10, 11], [12], [13, 14, 15, 16, 17], [18, 19]]
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
 def test_fast_equals_reference_greedy(cfg_scale):
-    model = random_model()
+    model = grammar_model()
     cfg = SampleConfig(temperature=0.0, text_temperature=0.0, cfg_scale=cfg_scale, max_plan_tokens=8)
     fast = generate(model, VOCAB, PROMPTS, cfg)
     ref = [generate_reference(model, VOCAB, p, cfg) for p in PROMPTS]
@@ -38,7 +54,7 @@ def test_fast_equals_reference_greedy(cfg_scale):
 
 
 def test_guidance_changes_images_and_scale_one_equals_unguided():
-    model = random_model()
+    model = grammar_model()
     base = dict(temperature=0.9, text_temperature=0.9, max_plan_tokens=8)
     for p in PROMPTS:  # one prompt: same random stream, so even sampled tokens must agree
         # fast path at scale 1 skips the null rows; the reference always mixes them in with guide()
@@ -53,7 +69,7 @@ def test_guidance_changes_images_and_scale_one_equals_unguided():
 
 
 def test_grammar_exact_image_length_and_no_codes_outside():
-    model = random_model(1)
+    model = grammar_model(1)
     cfg = SampleConfig(temperature=1.0, text_temperature=1.0, max_plan_tokens=6, top_k=0)
     for s in generate(model, VOCAB, PROMPTS * 4, cfg, seed=1):
         toks = s["tokens"]
@@ -87,6 +103,6 @@ def test_top_k_and_top_p_restrict_support():
 
 
 def test_prompt_too_long_is_a_clear_error():
-    model = random_model()
+    model = grammar_model()
     with pytest.raises(ValueError, match="block_size"):
         generate(model, VOCAB, [[9] * 60], SampleConfig())
