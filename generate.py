@@ -237,7 +237,10 @@ def load_run(run_dir, device="cpu"):
                        f"`python train.py tiny_configs/shapes_cpu.toml`")
     with open(cfg_path) as f:
         cfg = json.load(f)
-    tokenizer = load_tokenizer(os.path.join(run_dir, "tokenizer.json"))
+    tok_path = os.path.join(run_dir, "tokenizer.json")
+    if not os.path.exists(tok_path):
+        raise RunError(f"missing {tok_path}: run `python train.py` for this run first (or check the path)")
+    tokenizer = load_tokenizer(tok_path)
     vq = load_weights(VQ(VQConfig(**cfg["vq"])).to(device), os.path.join(run_dir, "vq.safetensors")).eval()
     gpt_cfg = GPTConfig(**cfg["gpt"])
     vocab = Vocab(gpt_cfg.image_offset, vq.cfg.codebook_size)
@@ -281,7 +284,7 @@ def save_grid(images, captions, path, cols=8, scale=4, marks=None):
     sheet.save(path)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description="Prompts in, a PNG grid out (plans printed beside each image).")
     p.add_argument("run_dir")
     p.add_argument("prompts", nargs="+")
@@ -290,7 +293,7 @@ def main():
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/generate.png)")
     for f in fields(SampleConfig):  # every sampling setting can be overridden; defaults come from the run
         p.add_argument(f"--{f.name}", type=(lambda s: s.lower() in ("1", "true", "yes")) if f.type is bool else type(f.default), default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     try:
         cfg, tokenizer, vocab, vq, gpt = load_run(args.run_dir)
         sample_cfg = SampleConfig(**cfg.get("sample", {}))
@@ -298,10 +301,10 @@ def main():
             if getattr(args, f.name) is not None:
                 setattr(sample_cfg, f.name, getattr(args, f.name))
         prompt_ids = encode_prompts(tokenizer, args.prompts)
+        batch = [ids for ids in prompt_ids for _ in range(args.n)]
+        samples = generate(gpt, vocab, batch, sample_cfg, seed=args.seed)
     except (RunError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    batch = [ids for ids in prompt_ids for _ in range(args.n)]
-    samples = generate(gpt, vocab, batch, sample_cfg, seed=args.seed)
     images = decode_images(vq, samples, vocab)
     captions = []
     for i, s in enumerate(samples):

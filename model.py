@@ -53,7 +53,7 @@ class VQ(nn.Module):
             nn.Conv2d(h, cfg.code_dim, 1),
         )
         self.codebook = nn.Embedding(cfg.codebook_size, cfg.code_dim)
-        # decoder: each code (plus a 3x3 neighbourhood) predicts its own p x p patch directly through a
+        # decoder: each code (and its 3x3 neighbourhood) predicts its own p x p patch directly through a
         # pixel shuffle; a prototype found this sharper than a stack of up-sampling convolutions
         self.decoder = nn.Sequential(
             nn.Conv2d(cfg.code_dim, h, 1), nn.GELU(),

@@ -50,7 +50,7 @@ class TrainConfig:
     dtype: str = "float32"  # float32 | bfloat16 (autocast, where the device supports it)
     compile: bool = False  # torch.compile the GPT for training (opt-in: slow to start, helps on GPU)
     threads: int = 0  # torch CPU threads (0 = torch's default)
-    tokenizer_corpus: int = 20000  # world texts the tokenizer is trained on
+    tokenizer_corpus: int = 1000  # examples per category in the tokenizer's corpus (every word list is in it too)
     # VQ stage
     vq_images: int = 20000  # rendered training scenes
     vq_steps: int = 1500
@@ -68,7 +68,7 @@ class TrainConfig:
     lm_warmup: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    p_plan: float = 0.5  # format mix: text->image with a plan ...
+    p_plan: float = 0.6  # format mix: text->image with a plan ...
     p_direct: float = 0.2  # ... text->image without a plan; the rest is image->text captions
     null_prob: float = 0.1  # text->image sequences whose condition becomes <null> (for guidance)
     eval_every: int = 250  # steps between held-out loss measurements
@@ -246,7 +246,11 @@ def stage_vq(cfgs, run_dir, device, metrics):
     train_imgs = to_tensor_images(scene_images(tc.vq_images, tc.seed, vc.image_size, "train"))
     held_out = scene_images(tc.vq_eval_scenes, tc.seed + 1, vc.image_size, "dev")
     vq = VQ(vc).to(device)
-    opt = torch.optim.Adam(vq.parameters(), lr=tc.vq_lr)
+    # the codebook learns 10x slower than the networks: Adam moves every parameter at about the learning
+    # rate whatever its gradient, and codes that drift that fast keep swapping their patches
+    book = [vq.codebook.weight]
+    nets = [p for n, p in vq.named_parameters() if n != "codebook.weight"]
+    opt = torch.optim.Adam([{"params": nets, "lr_scale": 1.0}, {"params": book, "lr_scale": 0.1}], lr=tc.vq_lr)
     g = torch.Generator().manual_seed(tc.seed)
     encodings = lambda x: F.normalize(vq.encoder(x * 2 - 1), dim=1).permute(0, 2, 3, 1).reshape(-1, vc.code_dim)
     vq.train()
@@ -259,9 +263,9 @@ def stage_vq(cfgs, run_dir, device, metrics):
                 sample = train_imgs[torch.randint(0, len(train_imgs), (512,), generator=g)].to(device)
                 vq.init_codebook(encodings(sample))
             vq.usage.zero_()
-        lr = tc.vq_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / tc.vq_steps)))
+        lr = tc.vq_lr
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         recon, losses, _ = vq(x, quantize=step >= tc.vq_warmup)
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
@@ -300,7 +304,7 @@ class LMData:
         examples = [data.sample_example(rng, split=split) for _ in tqdm(range(n), desc=f"{split} examples", mininterval=2)]
         enc = lambda s: data.encode_text(tokenizer, s)
         self.prompt = [enc(e.prompt) for e in examples]
-        self.plan = [enc(data.plan_text(e.scene)) for e in examples]
+        self.plan = [enc(data.plan_text(e.scene, e.spec)) for e in examples]
         self.caption = [enc(data.caption_text(e.scene, rng)) for e in examples]
         codes = []
         with torch.no_grad():

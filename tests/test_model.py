@@ -17,10 +17,23 @@ def test_vq_shapes_and_range():
     recon, losses, codes = vq(x)
     assert recon.shape == x.shape and codes.shape == (3, 64)
     assert 0 <= codes.min() and codes.max() < 32
-    assert recon.min() >= 0 and recon.max() <= 1
     assert set(losses) == {"recon", "commit", "codebook"}
     assert torch.equal(vq.encode(x), codes)
-    assert torch.allclose(vq.decode(codes), recon, atol=1e-6)
+    img = vq.decode(codes)  # images as read: clamped to [0, 1]; the training output is not
+    assert img.min() >= 0 and img.max() <= 1
+    assert torch.allclose(img, recon.clamp(0, 1), atol=1e-6)
+
+
+def test_vq_autoencoder_warmup_and_codebook_init():
+    vq = VQ(VQConfig(codebook_size=32, hidden=16))
+    recon, losses, codes = vq(torch.rand(2, 3, 32, 32), quantize=False)
+    assert codes is None and set(losses) == {"recon"} and recon.shape == (2, 3, 32, 32)
+    z = torch.nn.functional.normalize(torch.randn(200, 16), dim=-1)
+    z[100:] = z[0]  # half the outputs identical (the background): the init must not spend codes on them
+    vq.init_codebook(z)
+    book = vq.codebook.weight
+    assert torch.allclose(book.norm(dim=-1), torch.ones(32))
+    assert len({tuple(r) for r in book.tolist()}) == 32, "farthest-point picks distinct outputs"
 
 
 def test_vq_straight_through_gradient_reaches_encoder_and_codebook():

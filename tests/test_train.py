@@ -57,9 +57,8 @@ def test_cosine_schedule():
     assert train.cosine_lr(110, tc) == pytest.approx(0.1)
 
 
-def test_micro_run_end_to_end(tmp_path, capsys):
-    out = str(tmp_path / "run")
-    train.main([MICRO, f"--train.out_dir={out}"])
+def test_micro_run_end_to_end(micro_run, capsys):
+    out = micro_run
     for f in ["config.json", "tokenizer.json", "vq.safetensors", "gpt.safetensors", "metrics.jsonl",
               "report.json", "report.md", "samples_geneval.png", "vq_recon.png"]:
         assert os.path.exists(os.path.join(out, f)), f

@@ -1,0 +1,56 @@
+"""Bad input at the command line: a clear message, never a deep traceback, nothing overwritten."""
+import os
+
+import pytest
+
+import evaluate
+import generate
+
+
+def test_generate_cli_writes_a_grid(micro_run, capsys):
+    out = os.path.join(micro_run, "cli.png")
+    generate.main([micro_run, "a red circle", "three squares", "--n", "2", "--out", out])
+    assert os.path.exists(out)
+    assert capsys.readouterr().out.count("plan:") == 4
+
+
+@pytest.mark.parametrize("prompt, message", [("a zebra circle", "not in the vocabulary: 'zebra'"),
+                                             ("   ", "empty"),
+                                             (" ".join(["a red circle"] * 60), "block_size")])
+def test_generate_cli_bad_prompts(micro_run, prompt, message):
+    with pytest.raises(SystemExit, match=message):
+        generate.main([micro_run, prompt])
+
+
+def test_missing_or_half_written_run(tmp_path, micro_run):
+    with pytest.raises(SystemExit, match="not a run directory"):
+        generate.main([str(tmp_path), "a red circle"])
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "config.json").write_text(open(os.path.join(micro_run, "config.json")).read())
+    with pytest.raises(SystemExit, match="missing .*tokenizer.json"):
+        generate.main([str(half), "a red circle"])
+    (half / "tokenizer.json").write_text(open(os.path.join(micro_run, "tokenizer.json")).read())
+    with pytest.raises(SystemExit, match="missing .*vq.safetensors"):
+        generate.main([str(half), "a red circle"])
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path, micro_run):
+    import json
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(micro_run, other)
+    cfg = json.load(open(other / "config.json"))
+    cfg["gpt"]["n_embd"] = 64
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(generate.RunError, match="does not fit this model's config"):
+        generate.load_run(str(other))
+
+
+def test_evaluate_json_shape(micro_run, capsys, monkeypatch):
+    import json
+    monkeypatch.setattr("sys.argv", ["evaluate.py", micro_run, "--json", "--prompts", "2", "--samples", "1"])
+    evaluate.main()
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["geneval"]["tasks"]) == set(evaluate.GENEVAL_TASKS)
+    assert 0 <= out["geneval"]["overall"] <= 1 and 0 <= out["wise"]["plan_accuracy"] <= 1

@@ -1,0 +1,154 @@
+"""The shapes world: renderer <-> parser, the checker's clauses, plans, splits, tokenizer, sequences."""
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+import data
+from data import Obj, Req, Scene, Spec
+
+
+def scenes(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [data.random_scene(rng) for _ in range(n)]
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_render_parse_round_trip_is_exact(size):
+    batch = scenes(400)
+    assert data.parse_batch(np.stack([data.render(s, size) for s in batch])) == batch
+    # every shape, colour, size and cell at least once
+    every = [Scene((Obj(sh, c, z, r, k),)) for sh in data.SHAPES for c in data.COLOURS for z in data.SIZES
+             for r in range(3) for k in range(3)]
+    assert [data.parse(data.render(s, size)) for s in every] == every
+
+
+def test_parse_survives_blur_noise_and_colour_speckle():
+    rng = np.random.default_rng(1)
+    batch, ok = scenes(300, seed=2), 0
+    for s in batch:
+        img = Image.fromarray(data.render(s, 32)).filter(ImageFilter.GaussianBlur(0.6))
+        x = np.asarray(img).astype(float) + rng.normal(0, 8, (32, 32, 3))
+        ok += data.parse(np.clip(x, 0, 255).astype(np.uint8)) == s
+    assert ok / len(batch) >= 0.95, f"blurred round trip {ok / len(batch):.3f} < 0.95"
+    # a yellow circle speckled with orange pixels stays one yellow circle
+    s = Scene((Obj("circle", "yellow", "large", 1, 1),))
+    img = data.render(s, 32).copy()
+    img[15, 14] = data.COLOURS["orange"]
+    assert data.parse(img) == s
+
+
+def test_parse_ignores_specks_and_accepts_floats():
+    img = data.render(Scene(()), 32).copy()
+    img[3, 3] = data.COLOURS["red"]
+    assert data.parse(img) == Scene(())
+    s = scenes(1)[0]
+    assert data.parse(data.render(s, 32) / 255.0) == s
+    with pytest.raises(ValueError, match="square images"):
+        data.parse_batch(np.zeros((2, 32, 16, 3)))
+
+
+def test_checker_fails_exactly_the_wrong_clause():
+    a, b = Obj("circle", "red", "large", 0, 0), Obj("square", "blue", "small", 2, 2)
+    spec = Spec((Req("circle", "red"), Req("square", "blue")), ((0, "left of", 1),), total=2)
+    assert all(data.check(Scene((a, b)), spec).values())
+    failed = lambda scene: sorted(k for k, v in data.check(scene, spec).items() if not v)
+    wrong_colour = Scene((Obj("circle", "green", "large", 0, 0), b))
+    assert failed(wrong_colour) == ["count:red circle", "relation:0 left of 1"]
+    wrong_place = Scene((Obj("circle", "red", "large", 0, 2), Obj("square", "blue", "small", 2, 0)))
+    assert failed(wrong_place) == ["relation:0 left of 1"]
+    extra = Scene((a, b, Obj("triangle", "red", "small", 1, 1)))
+    assert failed(extra) == ["total"]
+
+
+def test_counting_is_exact():
+    spec = Spec((Req("circle", count=3),), total=3)
+    three = Scene(tuple(Obj("circle", "red", "small", 0, c) for c in range(3)))
+    four = Scene(three.objects + (Obj("circle", "red", "small", 1, 0),))
+    assert data.passes(three, spec) and not data.passes(four, spec)
+    assert data.check(four, spec) == {"count:circle": False, "total": False}
+
+
+def test_relations_judged_on_cells():
+    a, b = Obj("circle", "red", "large", 0, 1), Obj("square", "blue", "large", 1, 1)  # same column
+    spec = Spec((Req("circle", "red"), Req("square", "blue")), ((0, "above", 1),), total=2)
+    assert data.passes(Scene((a, b)), spec)
+    assert not data.passes(Scene((a, b)), Spec(spec.reqs, ((0, "left of", 1),), 2))
+
+
+def test_every_generator_scene_satisfies_its_spec_and_plan():
+    rng = np.random.default_rng(0)
+    for cat in data.CATEGORIES:
+        for _ in range(100):
+            ex = data.sample_example(rng, cat)
+            assert data.passes(ex.scene, ex.spec), (cat, ex.prompt)
+            plan = data.plan_text(ex.scene, ex.spec)
+            assert data.parse_plan(plan) == ex.scene
+            # the renders of the example's scene pass too: the benchmark is exact on ground truth
+            assert data.passes(data.parse(data.render(ex.scene)), ex.spec)
+
+
+def test_plan_follows_the_prompt_order_and_rejects_garbage():
+    a, b = Obj("square", "blue", "small", 0, 0), Obj("circle", "red", "large", 2, 2)
+    spec = Spec((Req("circle", "red"), Req("square", "blue")), total=2)
+    assert data.plan_text(Scene((a, b)), spec) == "red circle large bottom right ; blue square small top left"
+    assert data.plan_text(Scene((a, b))) == "blue square small top left ; red circle large bottom right"
+    for bad in ["red circle large", "red circle huge top left", "red circle large top left ; blue square small top left"]:
+        assert data.parse_plan(bad) is None
+
+
+def test_knowledge_prompts_resolve():
+    rng = np.random.default_rng(3)
+    kinds = set()
+    for _ in range(200):
+        ex = data.sample_example(rng, "knowledge")
+        kinds.add(ex.kind)
+        if "colour of grass" in ex.prompt:
+            assert ex.spec.reqs[0].colour == "green"
+        if "as many" in ex.prompt and "triangle has corners" in ex.prompt:
+            assert ex.spec.reqs[0].count == 3
+    assert kinds == {"colour", "number", "shape", "comparative"}
+
+
+def test_splits_are_stable_and_training_never_sees_bench_or_dev():
+    assert data.prompt_split("a red circle") == data.prompt_split("a red circle")
+    rng = np.random.default_rng(0)
+    prompts = [data.sample_example(rng).prompt for _ in range(2000)]
+    assert all(data.prompt_split(p) == "train" for p in prompts)
+    shares = np.mean([data.prompt_split(f"prompt {i}") == "bench" for i in range(5000)])
+    assert 0.12 < shares < 0.18, f"bench share {shares}"
+
+
+def test_tokenizer_covers_every_generator_and_refuses_unknown_words(tmp_path):
+    tok = data.train_tokenizer(str(tmp_path / "tok.json"), n=20)
+    tok = data.load_tokenizer(str(tmp_path / "tok.json"))
+    assert [tok.token_to_id(t) for t in data.SPECIAL_TOKENS] == list(range(8))
+    rng = np.random.default_rng(5)
+    for _ in range(300):  # a tokenizer trained on 20 examples per category still knows every word
+        ex = data.sample_example(rng, split=["train", "dev", "bench"][int(rng.integers(3))])
+        for text in (ex.prompt, data.plan_text(ex.scene, ex.spec), data.caption_text(ex.scene, rng)):
+            ids = data.encode_text(tok, text)
+            assert data.UNK not in ids
+            assert data.decode_text(tok, ids) == text.lower()
+    with pytest.raises(ValueError, match="'zebra'"):
+        data.encode_text(tok, "a zebra circle")
+    with pytest.raises(ValueError, match="empty"):
+        data.encode_text(tok, "  ")
+    with pytest.raises(FileNotFoundError, match="no text tokenizer"):
+        data.load_tokenizer(str(tmp_path / "missing.json"))
+
+
+def test_sequence_formats_modality_and_targets():
+    v = data.Vocab(text_size=20, codebook_size=10)
+    ids, mod, tgt = data.build_sequence("plan", v, prompt=[9, 10], plan=[11, 12, 13], codes=[0, 5, 9])
+    assert ids == [data.BOS, 9, 10, data.THINK, 11, 12, 13, data.BOI, 20, 25, 29, data.EOI, data.EOS]
+    assert mod == [0] * 8 + [1, 1, 1] + [0, 0]
+    assert tgt == [0, 0, 0] + [1] * 10  # the prompt is given; <think>, plan, <boi>, image and ends are learned
+    ids, mod, tgt = data.build_sequence("direct", v, prompt=[9], codes=[1, 2, 3])
+    assert ids[:3] == [data.BOS, 9, data.BOI] and tgt[:3] == [0, 0, 1]
+    ids, mod, tgt = data.build_sequence("caption", v, codes=[1, 2, 3], caption=[14, 15])
+    assert ids == [data.BOS, data.BOI, 21, 22, 23, data.EOI, 14, 15, data.EOS]
+    assert tgt == [0] * 6 + [1, 1, 1]
+    ids, mod, tgt = data.build_sequence("plan", v, prompt=[9, 10], plan=[11], codes=[1, 2, 3], null=True)
+    assert ids[:6] == [data.BOS, data.NULL, data.NULL, data.NULL, data.NULL, data.BOI]
+    assert tgt == [0] * 6 + [1] * 5  # only the image (after <boi>) is learned unconditionally
+    assert data.grid_positions(ids, v) == [-1] * 6 + [0, 1, 2] + [-1, -1]
