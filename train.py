@@ -68,8 +68,8 @@ class TrainConfig:
     lm_warmup: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    p_plan: float = 0.6  # format mix: text->image with a plan ...
-    p_direct: float = 0.2  # ... text->image without a plan; the rest is image->text captions
+    p_plan: float = 0.8  # format mix: text->image with a plan ...
+    p_direct: float = 0.1  # ... text->image without a plan; the rest is image->text captions
     null_prob: float = 0.1  # text->image sequences whose condition becomes <null> (for guidance)
     eval_every: int = 250  # steps between held-out loss measurements
     eval_examples: int = 256  # held-out (dev split) examples for that loss
@@ -317,14 +317,26 @@ class LMData:
         return len(self.codes)
 
 
-def make_batch(ds, indices, rng, tc, vocab, device):
-    """Sequences of the pretraining mix, right-padded. Returns x, y, loss weight, grid, modality (B, T)."""
+def epoch_batches(ds, rng, tc):
+    """One epoch as batches of (example, format, null) items. Each example draws its format from the
+    mix; batches are made of examples of similar length (sorted within windows of 16 batches, then
+    shuffled), so little compute goes to padding."""
     p_caption = 1.0 - tc.p_plan - tc.p_direct
-    seqs = []
-    for i in indices:
-        fmt = rng.choice(FORMATS, p=[tc.p_plan, tc.p_direct, p_caption])
-        null = fmt != "caption" and rng.random() < tc.null_prob
-        seqs.append(build_sequence(fmt, vocab, ds.prompt[i], ds.plan[i], ds.codes[i], ds.caption[i], null=null))
+    fmts = rng.choice(len(FORMATS), size=len(ds), p=[tc.p_plan, tc.p_direct, p_caption])
+    nulls = rng.random(len(ds)) < tc.null_prob
+    items = [(int(i), FORMATS[fmts[i]], bool(nulls[i]) and FORMATS[fmts[i]] != "caption") for i in rng.permutation(len(ds))]
+    length = lambda it: len(ds.prompt[it[0]]) + len(ds.plan[it[0]]) * (it[1] == "plan") + len(ds.caption[it[0]]) * (it[1] == "caption")
+    window = 16 * tc.lm_batch
+    batches = []
+    for w in range(0, len(items) - tc.lm_batch + 1, window):
+        chunk = sorted(items[w:w + window], key=length)
+        batches += [chunk[b:b + tc.lm_batch] for b in range(0, len(chunk) - tc.lm_batch + 1, tc.lm_batch)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def make_batch(ds, items, vocab, device):
+    """(example, format, null) items -> right-padded tensors x, y, loss weight, grid, modality (B, T)."""
+    seqs = [build_sequence(fmt, vocab, ds.prompt[i], ds.plan[i], ds.codes[i], ds.caption[i], null=null) for i, fmt, null in items]
     T = max(len(s[0]) for s in seqs)
     ids = torch.full((len(seqs), T), data.PAD, dtype=torch.long)
     tgt = torch.zeros(len(seqs), T)
@@ -359,16 +371,14 @@ def stage_lm(cfgs, run_dir, device, metrics):
     print(f"GPT: {model.num_params() / 1e6:.2f}M parameters, vocabulary {vocab.size} ({vocab.text_size} text + {vocab.codebook_size} codes)")
     train_ds = LMData(tc.lm_examples, tc.seed, "train", tokenizer, vq, device)
     val_ds = LMData(tc.eval_examples, tc.seed + 1, "dev", tokenizer, vq, device)
-    val_rng = np.random.default_rng(tc.seed + 2)
-    val_batches = [make_batch(val_ds, range(i, min(i + tc.lm_batch, len(val_ds))), val_rng, tc, vocab, device)
-                   for i in range(0, len(val_ds), tc.lm_batch)]
+    val_batches = [make_batch(val_ds, b, vocab, device) for b in epoch_batches(val_ds, np.random.default_rng(tc.seed + 2), tc)]
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=tc.lm_lr, betas=(0.9, 0.95), fused=device == "cuda")
     step_fn = torch.compile(model) if tc.compile else model
     rng = np.random.default_rng(tc.seed)
-    order, cursor, tokens, t0 = rng.permutation(len(train_ds)), 0, 0, time.time()
+    batches, tokens, t0 = [], 0, time.time()
 
     def evaluate_loss():
         model.eval()
@@ -380,10 +390,9 @@ def stage_lm(cfgs, run_dir, device, metrics):
 
     model.train()
     for step in (bar := tqdm(range(tc.lm_steps), desc="lm", mininterval=2)):
-        if cursor + tc.lm_batch > len(order):  # a new epoch: a new shuffle
-            order, cursor = rng.permutation(len(train_ds)), 0
-        batch = make_batch(train_ds, order[cursor:cursor + tc.lm_batch], rng, tc, vocab, device)
-        cursor += tc.lm_batch
+        if not batches:  # a new epoch: new formats, a new shuffle
+            batches = epoch_batches(train_ds, rng, tc)
+        batch = make_batch(train_ds, batches.pop(), vocab, device)
         lr = cosine_lr(step, tc)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -508,6 +517,8 @@ def main(argv=None):
         write_json(report, report_path)
         print(f"[{stage}] done in {figures['seconds']:.0f}s: " + json.dumps({k: v for k, v in figures.items() if not isinstance(v, dict)}))
     evaluate.write_report_md(report, os.path.join(run_dir, "report.md"))
+    if report["benchmarks"]:
+        print(evaluate.table(report["benchmarks"]))
     print(f"total {time.time() - t_all:.0f}s; report in {report_path} and {os.path.join(run_dir, 'report.md')}")
 
 
