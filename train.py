@@ -61,7 +61,7 @@ class TrainConfig:
     vq_eval_scenes: int = 500  # held-out scenes for the parser round-trip figure
     # LM stage
     lm_examples: int = 30000  # pretraining examples (prompt, plan, caption, image codes)
-    lm_steps: int = 1500
+    lm_steps: int = 2500
     lm_batch: int = 32
     lm_lr: float = 3e-3
     lm_min_lr: float = 3e-4  # cosine schedule ends here
