@@ -33,7 +33,7 @@ def bench_generation(gpt, vocab, tokenizer, sample_cfg, batch=16, seed=0):
     guided = replace(sample_cfg, cfg_scale=sample_cfg.cfg_scale if sample_cfg.cfg_scale != 1.0 else 1.5)
     plain = replace(sample_cfg, cfg_scale=1.0)
     out = {
-        "reference_guided": images_per_s(lambda: [generate_reference(gpt, vocab, p, guided, seed) for p in prompts[:4]], 4),
+        "reference_guided": images_per_s(lambda: [generate_reference(gpt, vocab, p, guided, seed) for p in prompts[:4]], len(prompts[:4])),
         "cache": images_per_s(lambda: generate(gpt, vocab, prompts, plain, seed), batch, 2),
         "cache_guided": images_per_s(lambda: generate(gpt, vocab, prompts, guided, seed), batch, 2),
     }

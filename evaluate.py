@@ -83,7 +83,7 @@ def run_all(gpt, vq, vocab, tokenizer, sample_cfg, run_dir, n_prompts=50, n_samp
     for name, recs in [("geneval", [r for t in GENEVAL_TASKS for r in by_task[t][:8 * n_samples:n_samples]]), ("wise", knowledge[:48])]:
         save_grid([r["image"] for r in recs], [f"{r['prompt']} | {r['plan']}" for r in recs],
                   os.path.join(run_dir, f"samples_{name}.png"), cols=8, marks=[r["passed"] for r in recs])
-    return {"benchmarks": benchmarks, "boi_rate": float(np.mean([r["emitted_boi"] for r in every])),
+    return {"benchmarks": benchmarks, "bench_version": BENCH_VERSION, "boi_rate": float(np.mean([r["emitted_boi"] for r in every])),
             "images": n_images, "images_per_s": n_images / seconds, "sample_config": vars(sample_cfg)}
 
 
@@ -112,16 +112,19 @@ def main():
     p = argparse.ArgumentParser(description="Score a trained run on the benchmarks.")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="print the `benchmarks` part of report.json")
-    p.add_argument("--prompts", type=int, default=50, help="prompts per task")
-    p.add_argument("--samples", type=int, default=4, help="samples per prompt")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (the prompts are fixed)")
+    p.add_argument("--prompts", type=int, default=None, help="prompts per task (default: the run's train.bench_prompts)")
+    p.add_argument("--samples", type=int, default=None, help="samples per prompt (default: the run's train.bench_samples)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's; the prompts are fixed)")
     args = p.parse_args()
     try:
         cfg, tokenizer, vocab, vq, gpt = load_run(args.run_dir)
     except RunError as e:
         raise SystemExit(f"error: {e}")
+    tc = cfg["train"]  # the run's own settings, so the scores match its report.json
+    pick = lambda given, key: tc[key] if given is None else given
     res = run_all(gpt, vq, vocab, tokenizer, SampleConfig(**cfg.get("sample", {})), args.run_dir,
-                  n_prompts=args.prompts, n_samples=args.samples, seed=args.seed)
+                  n_prompts=pick(args.prompts, "bench_prompts"), n_samples=pick(args.samples, "bench_samples"),
+                  batch=tc["eval_batch"], seed=pick(args.seed, "seed"))
     if args.json:
         print(json.dumps(res["benchmarks"], indent=2))
     else:

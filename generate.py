@@ -162,8 +162,8 @@ def generate(model, vocab, prompts_ids, cfg: SampleConfig, seed=0):
     P = int(lens.max())
     max_new = cfg.max_plan_tokens + n_img + 1  # plan (incl. <boi>) + codes + <eoi>
     L = P + max_new
-    if L > model.cfg.block_size:
-        raise ValueError(f"a prompt of {P - 1} tokens leaves no room for a plan and an image within block_size "
+    if L - 1 > model.cfg.block_size:  # the last sampled token is never fed back
+        raise ValueError(f"a prompt of {P - 1 - cfg.think} tokens leaves no room for a plan and an image within block_size "
                          f"{model.cfg.block_size}; shorten the prompt or lower sample.max_plan_tokens")
     rows = conds + ([[BOS] + [NULL] * (len(c) - 1) for c in conds] if guided else [])
     R = len(rows)
@@ -284,6 +284,12 @@ def save_grid(images, captions, path, cols=8, scale=4, marks=None):
     sheet.save(path)
 
 
+def strict_bool(s):
+    if s.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return s.lower() in ("true", "1")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Prompts in, a PNG grid out (plans printed beside each image).")
     p.add_argument("run_dir")
@@ -292,8 +298,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/generate.png)")
     for f in fields(SampleConfig):  # every sampling setting can be overridden; defaults come from the run
-        p.add_argument(f"--{f.name}", type=(lambda s: s.lower() in ("1", "true", "yes")) if f.type is bool else type(f.default), default=None)
+        p.add_argument(f"--{f.name}", type=strict_bool if f.type is bool else type(f.default), default=None)
     args = p.parse_args(argv)
+    if args.n < 1:
+        p.error("--n must be at least 1")
     try:
         cfg, tokenizer, vocab, vq, gpt = load_run(args.run_dir)
         sample_cfg = SampleConfig(**cfg.get("sample", {}))

@@ -4,13 +4,13 @@ Every training stage of nanoloom behind one command. Stages, in order:
     vq         VQ image tokenizer trained on rendered scenes                  -> vq.safetensors
     lm         the unified GPT pretrained on the token-sequence mix           -> gpt.safetensors
     eval       benchmarks on held-out prompts, sample grid, report            -> report.json, report.md
-A finished stage is reused (its file exists), so any stage can be re-run alone by deleting its file or
-by naming it with --stages after the earlier ones are done.
+A finished stage is reused (its output file exists): to redo one, delete its file and run again, or
+name later stages alone with --stages once the earlier ones are done. The eval stage always runs.
 
-    python train.py tiny_configs/shapes_cpu.toml                     # the CPU demo, ~8 minutes
+    python train.py tiny_configs/shapes_cpu.toml                     # the CPU demo, ~9 minutes
     python train.py tiny_configs/micro.toml --train.out_dir=out/micro  # seconds; what the tests use
     python train.py tiny_configs/shapes_cpu.toml --stages=eval          # re-score a finished run
-    python train.py tiny_configs/shapes_cpu.toml --lm.steps=300 --train.out_dir=out/short
+    python train.py tiny_configs/shapes_cpu.toml --train.lm_steps=300 --train.out_dir=out/short
 
 Overrides are `--section.key=value` for any key of the config file's sections ([train], [vq], [gpt],
 [sample]); an unknown key or a value of the wrong type stops with a message naming it.
@@ -124,6 +124,25 @@ def _set(cfgs, section, key, value, from_cli):
     setattr(cfgs[section], key, _coerce(section, key, value, types[key], from_cli))
 
 
+def validate(cfgs):
+    """Values that type-check but cannot work, refused before any work is done."""
+    tc, vc = cfgs["train"], cfgs["vq"]
+    rules = [
+        (tc.device in ("auto", "cpu", "cuda", "mps"), f"train.device={tc.device!r}: expected auto, cpu, cuda or mps"),
+        (tc.dtype in ("float32", "bfloat16"), f"train.dtype={tc.dtype!r}: expected float32 or bfloat16"),
+        (min(tc.vq_steps, tc.lm_steps, tc.eval_every, tc.vq_batch, tc.lm_batch, tc.bench_prompts, tc.bench_samples) >= 1,
+         "train.vq_steps, lm_steps, eval_every, vq_batch, lm_batch, bench_prompts and bench_samples must be >= 1"),
+        (tc.lm_examples >= tc.lm_batch and tc.eval_examples >= tc.lm_batch, "train.lm_examples and train.eval_examples must be >= train.lm_batch"),
+        (0 <= tc.p_plan and 0 <= tc.p_direct and tc.p_plan + tc.p_direct <= 1, "train.p_plan + train.p_direct must lie in [0, 1] (the rest are captions)"),
+        (0 <= tc.null_prob <= 1, "train.null_prob must lie in [0, 1]"),
+        (vc.image_size % vc.patch == 0 and vc.image_size % (2 * data.LATTICE) == 0,
+         f"vq.image_size={vc.image_size} must be a multiple of vq.patch={vc.patch} and of {2 * data.LATTICE} (the world's layout lattice)"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise ConfigError(message)
+
+
 def load_config(path, overrides=()):
     """A TOML file plus `section.key=value` overrides -> {section: dataclass}."""
     cfgs = {name: cls() for name, cls in SECTIONS.items()}
@@ -144,8 +163,9 @@ def load_config(path, overrides=()):
         name, eq, value = item.lstrip("-").partition("=")
         section, dot, key = name.partition(".")
         if not eq or not dot:
-            raise ConfigError(f"override {item!r} must look like --section.key=value (e.g. --lm.steps=300 is --train.lm_steps=300)")
+            raise ConfigError(f"override {item!r} must look like --section.key=value, e.g. --train.lm_steps=300")
         _set(cfgs, section, key, value, from_cli=True)
+    validate(cfgs)
     return cfgs
 
 
@@ -163,8 +183,6 @@ def autocast(cfg, device):
     """bf16 autocast only where the hardware has it; float32 otherwise."""
     if cfg.dtype == "bfloat16" and (device == "cuda" and torch.cuda.is_bf16_supported() or device == "cpu"):
         return torch.autocast(device_type=device, dtype=torch.bfloat16)
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"train.dtype={cfg.dtype!r}: expected float32 or bfloat16")
     return torch.autocast(device_type=device, enabled=False)
 
 
@@ -211,7 +229,9 @@ def to_tensor_images(images):
 
 
 def stage_tokenizer(cfgs, run_dir):
-    tok = data.train_tokenizer(os.path.join(run_dir, "tokenizer.json"), n=cfgs["train"].tokenizer_corpus, seed=cfgs["train"].seed)
+    path = os.path.join(run_dir, "tokenizer.json")
+    tok = data.train_tokenizer(path + ".tmp", n=cfgs["train"].tokenizer_corpus, seed=cfgs["train"].seed)
+    os.replace(path + ".tmp", path)  # atomic: a half-written tokenizer is never mistaken for a finished stage
     return {"vocab_size": tok.get_vocab_size()}
 
 
@@ -325,7 +345,7 @@ def epoch_batches(ds, rng, tc):
     fmts = rng.choice(len(FORMATS), size=len(ds), p=[tc.p_plan, tc.p_direct, p_caption])
     nulls = rng.random(len(ds)) < tc.null_prob
     items = [(int(i), FORMATS[fmts[i]], bool(nulls[i]) and FORMATS[fmts[i]] != "caption") for i in rng.permutation(len(ds))]
-    length = lambda it: len(ds.prompt[it[0]]) + len(ds.plan[it[0]]) * (it[1] == "plan") + len(ds.caption[it[0]]) * (it[1] == "caption")
+    length = lambda it: len(ds.caption[it[0]]) if it[1] == "caption" else len(ds.prompt[it[0]]) + len(ds.plan[it[0]]) * (it[1] == "plan")
     window = 16 * tc.lm_batch
     batches = []
     for w in range(0, len(items) - tc.lm_batch + 1, window):
@@ -371,6 +391,9 @@ def stage_lm(cfgs, run_dir, device, metrics):
     print(f"GPT: {model.num_params() / 1e6:.2f}M parameters, vocabulary {vocab.size} ({vocab.text_size} text + {vocab.codebook_size} codes)")
     train_ds = LMData(tc.lm_examples, tc.seed, "train", tokenizer, vq, device)
     val_ds = LMData(tc.eval_examples, tc.seed + 1, "dev", tokenizer, vq, device)
+    longest = max(len(p) + len(q) for p, q in zip(train_ds.prompt, train_ds.plan)) + vq.cfg.n_codes + 5  # + specials
+    if longest > gc.block_size:
+        raise ConfigError(f"the longest training sequence has {longest} tokens > gpt.block_size={gc.block_size}: raise gpt.block_size")
     val_batches = [make_batch(val_ds, b, vocab, device) for b in epoch_batches(val_ds, np.random.default_rng(tc.seed + 2), tc)]
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -472,7 +495,6 @@ def main(argv=None):
             raise ConfigError(f"unknown stage(s) {bad}; stages are {', '.join(STAGES)}")
         tc = cfgs["train"]
         device = pick_device(tc.device)
-        autocast(tc, device)  # validates dtype before any work
         if tc.threads:
             torch.set_num_threads(tc.threads)
         run_dir = tc.out_dir
@@ -508,7 +530,7 @@ def main(argv=None):
             else:
                 figures = stage_eval(cfgs, run_dir, device)
                 report["benchmarks"] = figures.pop("benchmarks")
-        except RunError as e:
+        except (RunError, ConfigError) as e:
             raise SystemExit(f"error: {e}")
         derive_sizes(cfgs, run_dir)
         write_json(resolved_config(cfgs), os.path.join(run_dir, "config.json"))

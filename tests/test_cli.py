@@ -22,6 +22,15 @@ def test_generate_cli_bad_prompts(micro_run, prompt, message):
         generate.main([micro_run, prompt])
 
 
+def test_generate_cli_bad_flags(micro_run, capsys):
+    with pytest.raises(SystemExit):
+        generate.main([micro_run, "a red circle", "--n", "0"])
+    assert "--n must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        generate.main([micro_run, "a red circle", "--think", "maybe"])
+    assert "expected true or false, got 'maybe'" in capsys.readouterr().err
+
+
 def test_missing_or_half_written_run(tmp_path, micro_run):
     with pytest.raises(SystemExit, match="not a run directory"):
         generate.main([str(tmp_path), "a red circle"])

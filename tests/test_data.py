@@ -109,8 +109,13 @@ def test_knowledge_prompts_resolve():
     assert kinds == {"colour", "number", "shape", "comparative"}
 
 
+FIXED_SPLITS = {"a red circle": "train", "draw a green triangle": "dev", "an orange circle": "bench"}
+
+
 def test_splits_are_stable_and_training_never_sees_bench_or_dev():
-    assert data.prompt_split("a red circle") == data.prompt_split("a red circle")
+    # fixed values: a salted hash (python's hash()) would move prompts between splits from run to run
+    fixed = {p: data.prompt_split(p) for p in ("a red circle", "draw a green triangle", "an orange circle")}
+    assert fixed == FIXED_SPLITS, fixed
     rng = np.random.default_rng(0)
     prompts = [data.sample_example(rng).prompt for _ in range(2000)]
     assert all(data.prompt_split(p) == "train" for p in prompts)

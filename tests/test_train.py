@@ -40,6 +40,19 @@ def test_file_types_checked(tmp_path):
     assert load_config(str(bad))["train"].lm_lr == 1.0
 
 
+@pytest.mark.parametrize("override, message", [
+    ("--train.device=gpu", "train.device='gpu'"),
+    ("--train.p_plan=0.95", "p_plan \\+ train.p_direct"),
+    ("--train.lm_examples=4", "lm_examples and train.eval_examples"),
+    ("--train.eval_every=0", "must be >= 1"),
+    ("--vq.image_size=40", "multiple of"),
+    ("--train.dtype=float16", "expected float32 or bfloat16"),
+])
+def test_values_that_cannot_work_are_refused_before_any_work(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(MICRO, [override])
+
+
 def test_overrides_and_derived_keys():
     cfgs = load_config(MICRO, ["--train.lm_steps=7", "--sample.think=false", "--train.lm_lr=1e-3"])
     assert cfgs["train"].lm_steps == 7 and cfgs["sample"].think is False and cfgs["train"].lm_lr == 1e-3
