@@ -22,7 +22,6 @@ import difflib
 import json
 import math
 import os
-import sys
 import time
 import tomllib
 from dataclasses import asdict, dataclass
