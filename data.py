@@ -11,7 +11,6 @@ construction; the parser reads any image back into a scene, which makes every be
 """
 import argparse
 import hashlib
-import math
 import os
 import re
 from dataclasses import dataclass
