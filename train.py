@@ -248,15 +248,16 @@ def parser_agreement(vq, images, device):
     reconstruction parses to the same objects (shape and colour of each, so also how many) as the
     original, which is what the benchmarks need the VQ to keep; and the fraction that parses to exactly
     the same scene (sizes and cells too)."""
-    recon = []
+    recon, codes = [], []
     with torch.no_grad():
         for i in range(0, len(images), 256):
-            x = to_tensor_images(images[i:i + 256]).to(device)
-            recon.append((vq.decode(vq.encode(x)) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+            codes.append(vq.encode(to_tensor_images(images[i:i + 256]).to(device)))
+            recon.append((vq.decode(codes[-1]) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
     recon = np.concatenate(recon)
     objects = lambda scene: sorted((o.shape, o.colour) for o in scene.objects)
     pairs = list(zip(data.parse_batch(images), data.parse_batch(recon)))
-    return float(np.mean([objects(a) == objects(b) for a, b in pairs])), float(np.mean([a == b for a, b in pairs])), recon
+    same_objects, same_scene = np.mean([objects(a) == objects(b) for a, b in pairs]), np.mean([a == b for a, b in pairs])
+    return float(same_objects), float(same_scene), recon, torch.cat(codes)
 
 
 def stage_vq(cfgs, run_dir, device, metrics):
@@ -269,7 +270,7 @@ def stage_vq(cfgs, run_dir, device, metrics):
     # rate whatever its gradient, and codes that drift that fast keep swapping their patches
     book = [vq.codebook.weight]
     nets = [p for n, p in vq.named_parameters() if n != "codebook.weight"]
-    opt = torch.optim.Adam([{"params": nets, "lr_scale": 1.0}, {"params": book, "lr_scale": 0.1}], lr=tc.vq_lr)
+    opt = torch.optim.Adam([{"params": nets, "lr": tc.vq_lr}, {"params": book, "lr": 0.1 * tc.vq_lr}])
     g = torch.Generator().manual_seed(tc.seed)
     encodings = lambda x: F.normalize(vq.encoder(x * 2 - 1), dim=1).permute(0, 2, 3, 1).reshape(-1, vc.code_dim)
     vq.train()
@@ -282,9 +283,6 @@ def stage_vq(cfgs, run_dir, device, metrics):
                 sample = train_imgs[torch.randint(0, len(train_imgs), (512,), generator=g)].to(device)
                 vq.init_codebook(encodings(sample))
             vq.usage.zero_()
-        lr = tc.vq_lr
-        for group in opt.param_groups:
-            group["lr"] = lr * group["lr_scale"]
         recon, losses, _ = vq(x, quantize=step >= tc.vq_warmup)
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
@@ -296,11 +294,9 @@ def stage_vq(cfgs, run_dir, device, metrics):
             metrics.log(stage="vq", step=step + 1, restarted_codes=restarted)
         if step % 50 == 0 or step == tc.vq_steps - 1:
             bar.set_postfix(recon=f"{losses['recon'].item():.4f}")
-            metrics.log(stage="vq", step=step, lr=lr, **{k: round(v.item(), 5) for k, v in losses.items()})
+            metrics.log(stage="vq", step=step, **{k: round(v.item(), 5) for k, v in losses.items()})
     vq.eval()
-    agreement, exact, recon = parser_agreement(vq, held_out, device)
-    with torch.no_grad():
-        codes = torch.cat([vq.encode(to_tensor_images(held_out[i:i + 256]).to(device)) for i in range(0, len(held_out), 256)])
+    agreement, exact, recon, codes = parser_agreement(vq, held_out, device)
     counts = torch.bincount(codes.flatten(), minlength=vc.codebook_size).float()
     p = counts / counts.sum()
     usage = {"codes_used": float((counts > 0).float().mean()), "perplexity": float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))}
