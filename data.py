@@ -225,6 +225,13 @@ def parse_batch(images, chunk=256):
     return [Scene(tuple(o)) for o in objs]
 
 
+def palette_map(images):
+    """Images (N, H, W, 3), uint8 or float in [0, 1] -> (N, H, W) nearest palette colour index into
+    COLOURS' order, -1 = background: the parser's first step, public for pixel-level scores."""
+    x = np.asarray(images)
+    return _quantise(x.astype(np.float32) * (255.0 if x.dtype.kind == "f" else 1.0))
+
+
 def parse(image):
     """One image (H, W, 3), uint8 or float in [0, 1] -> Scene."""
     return parse_batch(np.asarray(image)[None])[0]
@@ -262,7 +269,7 @@ def _matching(scene, req):
     return [o for o in scene.objects if all(getattr(req, a) in (None, getattr(o, a)) for a in attrs)]
 
 
-def _holds(a, rel, b):
+def holds(a, rel, b):
     # judged on cells: cells are a third of the image apart, so this is GenEval's
     # "centres differ by more than a margin" rule in this world
     return {"left of": a.col < b.col, "right of": a.col > b.col,
@@ -274,7 +281,7 @@ def check(scene, spec):
     out = {f"count:{r.describe()}": len(_matching(scene, r)) == r.count for r in spec.reqs}
     for i, rel, j in spec.relations:
         a, b = _matching(scene, spec.reqs[i]), _matching(scene, spec.reqs[j])
-        out[f"relation:{i} {rel} {j}"] = len(a) == 1 and len(b) == 1 and _holds(a[0], rel, b[0])
+        out[f"relation:{i} {rel} {j}"] = len(a) == 1 and len(b) == 1 and holds(a[0], rel, b[0])
     out["total"] = len(scene.objects) == spec.total
     return out
 
@@ -399,7 +406,7 @@ def gen_colors(rng):
 
 
 def _relation(rng, a, b):
-    return _pick(rng, [r for r in RELATIONS if _holds(a, r, b)])
+    return _pick(rng, [r for r in RELATIONS if holds(a, r, b)])
 
 
 def gen_position(rng):

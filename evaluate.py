@@ -1,15 +1,30 @@
 """
-Scoring a trained run on held-out benchmark prompts, exactly, with the shapes world's parser.
+The four benchmarks and the weakness report, scored exactly by the shapes world's parser.
 
-First scorer (the full four-benchmark suite grows here):
-- geneval: six GenEval-style tasks (single object, two objects, counting, colours, position, colour
-  attribution); a sample counts only if every clause of its prompt holds; overall = mean of the tasks.
-- wise (knowledge/reasoning prompts): the image scored on the resolved scene, and the plan on its own.
-- the rate at which the model emits <boi> by itself after its plan.
-Benchmark prompts come from the "bench" split of the prompt hash, which the training generators never
-emit, drawn with a fixed seed (BENCH_SEED), so every run is scored on the same prompts.
+Shapes-world analogues of the benchmarks the post-training paper measures:
+- geneval  six tasks with GenEval's semantics: single object, two objects, counting (exactly N; N+1
+           fails), colours, position (judged on layout cells, a third of the image apart: GenEval's
+           "centres differ by more than a margin" rule), colour attribution. A sample counts only if
+           every clause holds; overall = mean of the six task accuracies.
+- dpg      dense prompts (3-4 objects with colour, shape, size and region, plus one or two relations),
+           broken into atomic facts (see `dpg_facts`); score = mean fraction of facts that hold, and
+           the rate at which all of them hold.
+- wise     prompts that need knowledge or reasoning to resolve (colour knowledge, counting words and
+           small arithmetic, shape descriptions, comparatives), scored on the resolved scene; also the
+           plan alone (text modality) and the image score when the plan was right vs wrong.
+- oneig    four dimensions, averaged: alignment (fraction of clauses that hold), reasoning (knowledge
+           prompts passed), diversity (distinct correct scenes among one prompt's samples) and quality
+           (how well the image is explained by clean shapes: colour-matched foreground IoU between the
+           image and a re-render of its parsed scene).
+Every score carries a 95% interval from a bootstrap over prompts (`bootstrap_ci`).
 
-    python evaluate.py out/shapes_cpu          # table
+Prompt sets (version BENCH_VERSION) are fixed: drawn with BENCH_SEED from the "bench" split of the
+prompt hash (data.prompt_split), which no training or post-training generator ever emits; n prompts
+per set (the run's train.bench_prompts, 50 by default), n samples each (train.bench_samples, 4).
+The weakness report is computed on the separate "dev" split, never on the benchmark, so post-training
+can aim at it without seeing benchmark prompts.
+
+    python evaluate.py out/shapes_cpu          # table with intervals, weakness report; PNG grid per benchmark
     python evaluate.py out/shapes_cpu --json   # the `benchmarks` part of report.json
 """
 
@@ -17,6 +32,7 @@ import argparse
 import json
 import os
 import time
+from collections import defaultdict
 
 import numpy as np
 
@@ -24,83 +40,292 @@ import data
 from generate import RunError, SampleConfig, decode_images, generate, load_run, save_grid
 
 GENEVAL_TASKS = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
+ONEIG_CATEGORIES = GENEVAL_TASKS + ("knowledge",)  # oneig's mix: every category with something left open
 BENCH_SEED = 2026  # fixes the benchmark prompt sets; change it only with BENCH_VERSION
-BENCH_VERSION = 1
+BENCH_VERSION = 2  # 1: geneval + wise; 2: + dpg, oneig, intervals
+DEV_SEED = 7  # fixes the dev prompts of the weakness report
+BOOTSTRAP = 1000  # bootstrap resamples per interval
 
 
-def benchmark_prompts(category, n, seed=BENCH_SEED):
-    """n distinct bench-split examples of one category, the same on every machine and every run."""
-    rng = np.random.default_rng([seed, data.CATEGORIES.index(category)])
-    seen, out = set(), []
-    for _ in range(100 * n):
-        ex = data.sample_example(rng, category=category, split="bench")
+# -----------------------------------------------------------------------------
+# Prompt sets
+
+
+def _distinct(rng, categories, n, split, exclude=()):
+    """n distinct examples of `split`, cycling through categories; prompts in `exclude` are skipped."""
+    seen, out = set(exclude), []
+    for i in range(200 * n):
+        ex = data.sample_example(rng, category=categories[len(out) % len(categories)], split=split)
         if ex.prompt not in seen:
             seen.add(ex.prompt)
             out.append(ex)
             if len(out) == n:
                 return out
-    raise RuntimeError(f"only {len(out)} distinct bench prompts for {category}; the world has too few phrasings")
+    raise RuntimeError(f"only {len(out)} distinct {split} prompts for {categories}; the world has too few phrasings")
+
+
+def benchmark_prompts(category, n, seed=BENCH_SEED):
+    """n distinct bench-split examples of one category, the same on every machine and every run."""
+    return _distinct(np.random.default_rng([seed, data.CATEGORIES.index(category)]), (category,), n, "bench")
+
+
+def prompt_sets(n, seed=BENCH_SEED):
+    """Every benchmark's fixed prompts: {"geneval/<task>": [...], "dpg": [...], "wise": [...], "oneig": [...]}.
+    oneig draws its own prompts, none shared with the other sets."""
+    sets = {f"geneval/{t}": benchmark_prompts(t, n, seed) for t in GENEVAL_TASKS}
+    sets["dpg"] = benchmark_prompts("dense", n, seed)
+    sets["wise"] = benchmark_prompts("knowledge", n, seed)
+    used = {ex.prompt for exs in sets.values() for ex in exs}
+    # at least one prompt of each category, so every dimension has prompts
+    sets["oneig"] = _distinct(np.random.default_rng([seed, 100]), ONEIG_CATEGORIES, max(n, len(ONEIG_CATEGORIES)), "bench", used)
+    return sets
+
+
+def dev_prompts(n_per_category, seed=DEV_SEED):
+    """Dev-split prompts of every category, for the weakness report (never the benchmark's)."""
+    return [ex for c in data.CATEGORIES
+            for ex in _distinct(np.random.default_rng([seed, data.CATEGORIES.index(c)]), (c,), n_per_category, "dev")]
+
+
+# -----------------------------------------------------------------------------
+# Scores of one sample
+
+
+def dpg_facts(scene, spec):
+    """DPG-style atomic facts of a dense prompt -> whether each holds. Per object: it exists (shape),
+    has its colour, its size, sits in its region, each fact given the ones before (as DPG-Bench skips
+    an attribute question when the entity is missing); per relation: some object of each named colour
+    and shape stands in it; and the scene has exactly the named number of objects."""
+    def has(**attrs):
+        return [o for o in scene.objects if all(getattr(o, k) == v for k, v in attrs.items())]
+    facts = {}
+    for i, r in enumerate(spec.reqs):
+        facts[f"{i}:entity {r.shape}"] = bool(has(shape=r.shape))
+        facts[f"{i}:colour {r.colour}"] = bool(has(shape=r.shape, colour=r.colour))
+        facts[f"{i}:size {r.size}"] = bool(has(shape=r.shape, colour=r.colour, size=r.size))
+        facts[f"{i}:region {data.ROWS[r.row]} {data.COLS[r.col]}"] = bool(has(shape=r.shape, colour=r.colour, row=r.row, col=r.col))
+    for i, rel, j in spec.relations:
+        a, b = (has(shape=spec.reqs[k].shape, colour=spec.reqs[k].colour) for k in (i, j))
+        facts[f"relation:{i} {rel} {j}"] = any(data.holds(x, rel, y) for x in a for y in b)
+    facts["count"] = len(scene.objects) == spec.total
+    return facts
+
+
+def render_agreement(images, scenes):
+    """Colour-matched foreground IoU between each image and a clean re-render of its parsed scene:
+    1 when the image is exactly clean shapes, falling with blur, speckle, fragments and distortions."""
+    size = images[0].shape[0]
+    got = data.palette_map(np.stack(images))
+    clean = data.palette_map(np.stack([data.render(s, size) for s in scenes]))
+    inter = ((got == clean) & (got >= 0)).sum((1, 2))
+    union = ((got >= 0) | (clean >= 0)).sum((1, 2))
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
 def sample_and_score(gpt, vq, vocab, tokenizer, examples, sample_cfg, n_samples, batch, seed):
-    """Every example sampled n_samples times. Returns one record per sample."""
+    """Every example sampled n_samples times, all in batches. Returns one record per sample, in the
+    order (example, sample)."""
     jobs = [(ex, k) for ex in examples for k in range(n_samples)]
     ids = {ex.prompt: data.encode_text(tokenizer, ex.prompt) for ex in examples}
-    records = []
+    samples, images = [], []
     for start in range(0, len(jobs), batch):
-        chunk = jobs[start:start + batch]
-        samples = generate(gpt, vocab, [ids[ex.prompt] for ex, _ in chunk], sample_cfg, seed=seed + start)
-        images = decode_images(vq, samples, vocab)
-        for (ex, _), s, img in zip(chunk, samples, images):
-            plan_text = data.decode_text(tokenizer, s["plan"])
-            plan_scene = data.parse_plan(plan_text)
-            has_image = s["codes"] is not None
-            clauses = data.check(data.parse(img), ex.spec) if has_image else {"image": False}
-            records.append({
-                "prompt": ex.prompt, "category": ex.category, "kind": getattr(ex, "kind", None),
-                "plan": plan_text, "emitted_boi": s["emitted_boi"], "image": img,
-                "passed": all(clauses.values()), "clauses": clauses,
-                "plan_correct": plan_scene is not None and all(data.check(plan_scene, ex.spec).values()),
-            })
+        chunk = generate(gpt, vocab, [ids[ex.prompt] for ex, _ in jobs[start:start + batch]], sample_cfg, seed=seed + start)
+        samples += chunk
+        images += decode_images(vq, chunk, vocab)
+    scenes = data.parse_batch(np.stack(images))
+    quality = render_agreement(images, scenes)
+    records = []
+    for (ex, _), s, img, scene, q in zip(jobs, samples, images, scenes, quality):
+        plan_text = data.decode_text(tokenizer, s["plan"])
+        plan_scene = data.parse_plan(plan_text)
+        has_image = s["codes"] is not None
+        clauses = data.check(scene, ex.spec) if has_image else {"image": False}
+        records.append({
+            "example": ex, "prompt": ex.prompt, "category": ex.category, "kind": ex.kind,
+            "plan": plan_text, "emitted_boi": s["emitted_boi"], "image": img, "scene": scene,
+            "passed": all(clauses.values()), "clauses": clauses, "quality": float(q) if has_image else 0.0,
+            "facts": dpg_facts(scene, ex.spec) if ex.category == "dense" and has_image else None,
+            "plan_correct": plan_scene is not None and all(data.check(plan_scene, ex.spec).values()),
+        })
     return records
 
 
-def run_all(gpt, vq, vocab, tokenizer, sample_cfg, run_dir, n_prompts=50, n_samples=4, batch=128, seed=0):
-    """All benchmarks -> {"benchmarks": {...}, other figures}; writes a PNG grid per benchmark."""
+# -----------------------------------------------------------------------------
+# Intervals
+
+
+def per_prompt(records, value):
+    """Mean of value(record) over each prompt's samples -> array, one entry per prompt."""
+    groups = defaultdict(list)
+    for r in records:
+        groups[r["prompt"]].append(value(r))
+    return np.array([np.mean(v) for v in groups.values()], dtype=float)
+
+
+def bootstrap_ci(groups, seed=0, n=BOOTSTRAP):
+    """95% percentile interval of the mean of group means, each group's units (prompts) resampled with
+    replacement independently: one group is a plain mean over prompts; geneval's overall is the mean of
+    six task groups."""
+    rng = np.random.default_rng(seed)
+    stats = np.zeros(n)
+    for g in groups:
+        g = np.asarray(g, dtype=float)
+        stats += g[rng.integers(0, len(g), (n, len(g)))].mean(1) / len(groups)
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
+def score(groups):
+    """(mean of group means, its interval)."""
+    return float(np.mean([np.mean(g) for g in groups])), bootstrap_ci(groups)
+
+
+# -----------------------------------------------------------------------------
+# The benchmarks
+
+
+def geneval(by_task):
+    vals = {t: per_prompt(recs, lambda r: r["passed"]) for t, recs in by_task.items()}
+    overall, ci = score(list(vals.values()))
+    out = {"overall": overall, "tasks": {}, "ci": {"overall": ci}}
+    for t, v in vals.items():
+        out["tasks"][t], out["ci"][t] = score([v])
+    return out
+
+
+def dpg(records):
+    facts = per_prompt(records, lambda r: np.mean(list(r["facts"].values())) if r["facts"] else 0.0)
+    every = per_prompt(records, lambda r: bool(r["facts"]) and all(r["facts"].values()))
+    (overall, ci), (all_rate, all_ci) = score([facts]), score([every])
+    return {"overall": overall, "all_facts": all_rate, "ci": {"overall": ci, "all_facts": all_ci}}
+
+
+def wise(records):
+    out, ci = {}, {}
+    out["overall"], ci["overall"] = score([per_prompt(records, lambda r: r["passed"])])
+    out["plan_accuracy"], ci["plan_accuracy"] = score([per_prompt(records, lambda r: r["plan_correct"])])
+    for plan_ok in (True, False):
+        # conditional on the plan, so resampled over samples, not prompts
+        sub = np.array([r["passed"] for r in records if r["plan_correct"] == plan_ok], dtype=float)
+        key = f"image_when_plan_{'right' if plan_ok else 'wrong'}"
+        if len(sub):
+            out[key], ci[key] = score([sub])
+    kinds = sorted({r["kind"] for r in records})
+    out["kinds"] = {k: float(np.mean([r["passed"] for r in records if r["kind"] == k])) for k in kinds}
+    out["ci"] = ci
+    return out
+
+
+def distinct_correct(recs):
+    """(distinct correct scenes - 1) / (samples - 1) over one prompt's samples: 0 when every correct
+    sample is the same scene (or none is correct), 1 when all samples are correct and all differ."""
+    scenes = {tuple(sorted((o.shape, o.colour, o.size, o.row, o.col) for o in r["scene"].objects))
+              for r in recs if r["passed"]}
+    return max(len(scenes) - 1, 0) / max(len(recs) - 1, 1)
+
+
+def oneig(records):
+    by_prompt = defaultdict(list)
+    for r in records:
+        by_prompt[r["prompt"]].append(r)
+    align = per_prompt([r for r in records if r["category"] != "knowledge"], lambda r: np.mean(list(r["clauses"].values())))
+    dims = {"alignment": align,
+            "reasoning": per_prompt([r for r in records if r["category"] == "knowledge"], lambda r: r["passed"]),
+            "diversity": np.array([distinct_correct(recs) for recs in by_prompt.values()]),
+            "quality": per_prompt(records, lambda r: r["quality"])}
+    overall, ci = score(list(dims.values()))
+    out, cis = {"overall": overall}, {"overall": ci}
+    for k, v in dims.items():
+        out[k], cis[k] = score([v])
+    out["ci"] = cis
+    return out
+
+
+def weakness(records, min_n=8):
+    """Where the model fails most, on dev prompts: categories ranked by pass rate (knowledge split by
+    kind), and attribute values (colour, shape, size, count, region, relation, total) ranked by the
+    failure rate of the clauses that name them. Values named by fewer than min_n clauses are left out."""
+    cats = defaultdict(list)
+    for r in records:
+        cats[r["category"] + (f"/{r['kind']}" if r["kind"] else "")].append(r["passed"])
+    attrs = defaultdict(list)
+    for r in records:
+        spec, clauses = r["example"].spec, r["clauses"]
+        for req in spec.reqs:
+            ok = clauses.get(f"count:{req.describe()}", False)
+            named = [("shape", req.shape), ("colour", req.colour), ("size", req.size), ("count", req.count)]
+            if req.row is not None:
+                named.append(("region", f"{data.ROWS[req.row]} {data.COLS[req.col]}"))
+            for a, v in named:
+                if v is not None:
+                    attrs[(a, str(v))].append(ok)
+        for i, rel, j in spec.relations:
+            attrs[("relation", rel)].append(clauses.get(f"relation:{i} {rel} {j}", False))
+        attrs[("total", str(spec.total))].append(clauses.get("total", False))
+    categories = sorted(({"name": c, "pass_rate": float(np.mean(v)), "n": len(v)} for c, v in cats.items()),
+                        key=lambda d: d["pass_rate"])
+    attributes = sorted(({"attribute": a, "value": v, "fail_rate": 1 - float(np.mean(oks)), "n": len(oks)}
+                         for (a, v), oks in attrs.items() if len(oks) >= min_n), key=lambda d: -d["fail_rate"])
+    return {"split": "dev", "seed": DEV_SEED, "samples": len(records), "categories": categories, "attributes": attributes}
+
+
+def run_all(gpt, vq, vocab, tokenizer, sample_cfg, run_dir, n_prompts=50, n_samples=4, batch=128, seed=0, dev_prompts_per_category=None):
+    """All four benchmarks and the weakness report. Returns {"benchmarks", "weakness", other figures};
+    writes samples_<benchmark>.png, pass/fail marked, into run_dir. oneig takes at least 2 samples per
+    prompt (its diversity needs them)."""
     t0 = time.time()
-    by_task = {t: sample_and_score(gpt, vq, vocab, tokenizer, benchmark_prompts(t, n_prompts), sample_cfg, n_samples, batch, seed)
-               for t in GENEVAL_TASKS}
-    knowledge = sample_and_score(gpt, vq, vocab, tokenizer, benchmark_prompts("knowledge", n_prompts), sample_cfg, n_samples, batch, seed)
-    tasks = {t: float(np.mean([r["passed"] for r in recs])) for t, recs in by_task.items()}
-    every = [r for recs in by_task.values() for r in recs] + knowledge
-    n_images = len(every)
-    seconds = time.time() - t0
-    benchmarks = {
-        "geneval": {"overall": float(np.mean(list(tasks.values()))), "tasks": tasks},
-        "wise": {"overall": float(np.mean([r["passed"] for r in knowledge])),
-                 "plan_accuracy": float(np.mean([r["plan_correct"] for r in knowledge]))},
-    }
-    for name, recs in [("geneval", [r for t in GENEVAL_TASKS for r in by_task[t][:8 * n_samples:n_samples]]), ("wise", knowledge[:48])]:
-        save_grid([r["image"] for r in recs], [f"{r['prompt']} | {r['plan']}" for r in recs],
-                  os.path.join(run_dir, f"samples_{name}.png"), cols=8, marks=[r["passed"] for r in recs])
-    return {"benchmarks": benchmarks, "bench_version": BENCH_VERSION, "boi_rate": float(np.mean([r["emitted_boi"] for r in every])),
-            "images": n_images, "images_per_s": n_images / seconds, "sample_config": vars(sample_cfg)}
+    sets = prompt_sets(n_prompts)
+    run = lambda exs, k: sample_and_score(gpt, vq, vocab, tokenizer, exs, sample_cfg, k, batch, seed)
+    recs = {name: run(exs, max(2, n_samples) if name == "oneig" else n_samples) for name, exs in sets.items()}
+    by_task = {t: recs[f"geneval/{t}"] for t in GENEVAL_TASKS}
+    benchmarks = {"geneval": geneval(by_task), "dpg": dpg(recs["dpg"]), "wise": wise(recs["wise"]), "oneig": oneig(recs["oneig"])}
+    t_bench = time.time() - t0
+    dev = run(dev_prompts(dev_prompts_per_category or n_prompts // 2 or 1), n_samples)
+    every = [r for rs in recs.values() for r in rs]
+    grids = {"geneval": [r for t in GENEVAL_TASKS for r in by_task[t][:8 * n_samples:n_samples]],
+             "dpg": recs["dpg"][:32], "wise": recs["wise"][:48], "oneig": recs["oneig"][:48]}
+    for name, rs in grids.items():
+        save_grid([r["image"] for r in rs], [f"{r['prompt']} | {r['plan']}" for r in rs],
+                  os.path.join(run_dir, f"samples_{name}.png"), cols=8, marks=[r["passed"] for r in rs])
+    return {"benchmarks": benchmarks, "weakness": weakness(dev), "bench_version": BENCH_VERSION,
+            "boi_rate": float(np.mean([r["emitted_boi"] for r in every])), "images": len(every),
+            "benchmark_seconds": round(t_bench, 1), "images_per_s": len(every) / t_bench,
+            "dev_images": len(dev), "sample_config": vars(sample_cfg)}
+
+
+# -----------------------------------------------------------------------------
+# Tables
 
 
 def table(benchmarks):
-    lines = [f"{'benchmark':<14}{'task':<16}{'score':>7}"]
+    """Benchmarks -> a plain-text table, every score with its 95% interval where it has one."""
+    lines = [f"{'benchmark':<10}{'score':<22}{'':<2}{'95% interval':>20}"]
     for name, b in benchmarks.items():
-        lines.append(f"{name:<14}{'overall':<16}{b['overall']:>7.3f}")
-        for k, v in b.get("tasks", {}).items():
-            lines.append(f"{'':<14}{k:<16}{v:>7.3f}")
-        for k, v in b.items():
-            if k not in ("overall", "tasks"):
-                lines.append(f"{'':<14}{k:<16}{v:>7.3f}")
+        ci = b.get("ci", {})
+        rows = [("overall", b["overall"])] + list(b.get("tasks", {}).items())
+        rows += [(k, v) for k, v in b.items() if k not in ("overall", "tasks", "ci", "kinds")]
+        rows += [(f"kind {k}", v) for k, v in b.get("kinds", {}).items()]
+        for i, (k, v) in enumerate(rows):
+            lo_hi = f"[{ci[k][0]:.3f}, {ci[k][1]:.3f}]" if k in ci else ""
+            lines.append(f"{name if i == 0 else '':<10}{k:<24}{v:>6.3f}   {lo_hi}")
+    return "\n".join(lines)
+
+
+def weakness_table(w, top=8):
+    lines = [f"weakness report ({w['samples']} samples of {w['split']} prompts, seed {w['seed']})",
+             "  categories, weakest first: " + ", ".join(f"{c['name']} {c['pass_rate']:.2f}" for c in w["categories"]),
+             "  attributes, most failed first: " + ", ".join(f"{a['attribute']}={a['value']} {a['fail_rate']:.2f} (n={a['n']})"
+                                                           for a in w["attributes"][:top])]
     return "\n".join(lines)
 
 
 def write_report_md(report, path):
-    parts = ["# nanoloom run report", "", "## Benchmarks", "", "```", table(report.get("benchmarks", {})), "```", "", "## Stages", ""]
+    parts = ["# nanoloom run report", "", "## Benchmarks", "",
+             "Scores with 95% bootstrap intervals over prompts (fixed bench prompt sets).", "",
+             "```", table(report.get("benchmarks", {})), "```", ""]
+    if report.get("weakness"):
+        parts += ["## Weakness report (dev prompts)", "", "```", weakness_table(report["weakness"], top=12), "```", ""]
+    parts += ["## Stages", ""]
     for stage, figs in report.get("stages", {}).items():
         flat = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figs.items() if not isinstance(v, dict))
         parts.append(f"- **{stage}**: {flat}")
@@ -108,14 +333,17 @@ def write_report_md(report, path):
         f.write("\n".join(parts) + "\n")
 
 
-def main():
-    p = argparse.ArgumentParser(description="Score a trained run on the benchmarks.")
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Score a trained run on the four benchmarks.")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="print the `benchmarks` part of report.json")
-    p.add_argument("--prompts", type=int, default=None, help="prompts per task (default: the run's train.bench_prompts)")
+    p.add_argument("--prompts", type=int, default=None, help="prompts per set (default: the run's train.bench_prompts)")
     p.add_argument("--samples", type=int, default=None, help="samples per prompt (default: the run's train.bench_samples)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's; the prompts are fixed)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    for name in ("prompts", "samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
     try:
         cfg, tokenizer, vocab, vq, gpt = load_run(args.run_dir)
     except RunError as e:
@@ -129,7 +357,9 @@ def main():
         print(json.dumps(res["benchmarks"], indent=2))
     else:
         print(table(res["benchmarks"]))
-        print(f"<boi> emitted by the model itself: {res['boi_rate']:.3f}; {res['images']} images at {res['images_per_s']:.1f}/s")
+        print(weakness_table(res["weakness"]))
+        print(f"<boi> emitted by the model itself: {res['boi_rate']:.3f}; {res['images']} benchmark images at "
+              f"{res['images_per_s']:.1f}/s; grids in {args.run_dir}/samples_*.png")
 
 
 if __name__ == "__main__":

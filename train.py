@@ -525,6 +525,8 @@ def main(argv=None):
             else:
                 figures = stage_eval(cfgs, run_dir, device)
                 report["benchmarks"] = figures.pop("benchmarks")
+                report["weakness"] = figures.pop("weakness")
+                write_json(report["weakness"], os.path.join(run_dir, "weakness.json"))
         except (RunError, ConfigError) as e:
             raise SystemExit(f"error: {e}")
         derive_sizes(cfgs, run_dir)

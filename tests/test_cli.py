@@ -54,12 +54,3 @@ def test_checkpoint_from_another_config_is_refused(tmp_path, micro_run):
     (other / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(generate.RunError, match="does not fit this model's config"):
         generate.load_run(str(other))
-
-
-def test_evaluate_json_shape(micro_run, capsys, monkeypatch):
-    import json
-    monkeypatch.setattr("sys.argv", ["evaluate.py", micro_run, "--json", "--prompts", "2", "--samples", "1"])
-    evaluate.main()
-    out = json.loads(capsys.readouterr().out)
-    assert set(out["geneval"]["tasks"]) == set(evaluate.GENEVAL_TASKS)
-    assert 0 <= out["geneval"]["overall"] <= 1 and 0 <= out["wise"]["plan_accuracy"] <= 1

@@ -73,11 +73,13 @@ def test_cosine_schedule():
 def test_micro_run_end_to_end(micro_run, capsys):
     out = micro_run
     for f in ["config.json", "tokenizer.json", "vq.safetensors", "gpt.safetensors", "metrics.jsonl",
-              "report.json", "report.md", "samples_geneval.png", "vq_recon.png"]:
+              "report.json", "report.md", "samples_geneval.png", "vq_recon.png", "weakness.json"]:
         assert os.path.exists(os.path.join(out, f)), f
     report = json.load(open(os.path.join(out, "report.json")))
     g = report["benchmarks"]["geneval"]
     assert 0.0 <= g["overall"] <= 1.0 and len(g["tasks"]) == 6
+    assert set(report["benchmarks"]) == {"geneval", "dpg", "wise", "oneig"}
+    assert report["weakness"]["categories"] and report["weakness"]["split"] == "dev"
     assert 0.0 <= report["stages"]["vq"]["parser_agreement"] <= 1.0
     assert set(report["stages"]) == {"tokenizer", "vq", "lm", "eval"}
     cfg = json.load(open(os.path.join(out, "config.json")))

@@ -1,0 +1,146 @@
+"""The benchmarks: exact on ground truth, failing exactly the wrong clause, fixed prompt sets kept apart
+from everything training sees, intervals, the weakness report and the JSON shape."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import data
+import evaluate
+from data import Obj, Req, Scene, Spec
+
+
+@pytest.fixture(scope="module")
+def sets():
+    return evaluate.prompt_sets(12)
+
+
+def test_ground_truth_renders_pass_every_benchmark(sets):
+    for name, exs in sets.items():
+        images = [data.render(ex.scene) for ex in exs]
+        scenes = data.parse_batch(np.stack(images))
+        for ex, scene in zip(exs, scenes):
+            assert data.passes(scene, ex.spec), (name, ex.prompt)
+            if ex.category == "dense":
+                assert all(evaluate.dpg_facts(scene, ex.spec).values()), ex.prompt
+        assert np.allclose(evaluate.render_agreement(images, scenes), 1.0), name
+
+
+def test_prompt_sets_are_fixed_distinct_and_from_the_bench_split(sets):
+    again = evaluate.prompt_sets(12)
+    assert {k: [e.prompt for e in v] for k, v in sets.items()} == {k: [e.prompt for e in v] for k, v in again.items()}
+    prompts = [e.prompt for exs in sets.values() for e in exs]
+    assert len(prompts) == len(set(prompts)), "a prompt is shared between benchmark sets"
+    assert all(data.prompt_split(p) == "bench" for p in prompts)
+    assert {e.category for e in sets["oneig"]} == set(evaluate.ONEIG_CATEGORIES)
+
+
+def test_no_training_or_dev_prompt_is_a_benchmark_prompt():
+    bench = {e.prompt for exs in evaluate.prompt_sets(50).values() for e in exs}
+    dev = {e.prompt for e in evaluate.dev_prompts(25)}
+    assert not bench & dev
+    # what pretraining draws for the shipped seeds (train.LMData uses sample_example(rng, split="train"))
+    for seed in (0, 1):
+        rng = np.random.default_rng(seed)
+        assert not bench & {data.sample_example(rng, split="train").prompt for _ in range(3000)}
+
+
+DENSE = Spec((Req("circle", "red", "large", 1, 0, 0), Req("square", "blue", "small", 1, 2, 2),
+              Req("triangle", "green", "small", 1, 0, 2)), ((0, "left of", 2), (1, "below", 2)), total=3)
+GOOD = (Obj("circle", "red", "large", 0, 0), Obj("square", "blue", "small", 2, 2), Obj("triangle", "green", "small", 0, 2))
+
+
+def failed_facts(*objs):
+    return sorted(k for k, v in evaluate.dpg_facts(Scene(objs), DENSE).items() if not v)
+
+
+def test_dpg_facts_fail_exactly_the_wrong_fact():
+    c, s, t = GOOD
+    assert failed_facts(c, s, t) == []
+    assert failed_facts(c, Obj("square", "blue", "large", 2, 2), t) == ["1:size small"]
+    assert failed_facts(c, Obj("square", "blue", "small", 2, 1), t) == ["1:region bottom right"]
+    # a wrong colour breaks that object's colour, size, region and the relation it is in, nothing else
+    assert failed_facts(Obj("circle", "purple", "large", 0, 0), s, t) == [
+        "0:colour red", "0:region top left", "0:size large", "relation:0 left of 2"]
+    assert failed_facts(c, s) == ["2:colour green", "2:entity triangle", "2:region top right", "2:size small",
+                                  "count", "relation:0 left of 2", "relation:1 below 2"]
+    assert failed_facts(c, s, t, Obj("circle", "yellow", "small", 1, 1)) == ["count"]
+
+
+def test_position_margin_and_counting_exclusion_on_pixels():
+    """Judged on rendered images, not specs: objects in one column are neither left nor right of each
+    other however their pixels fall; N+1 objects fail a count of N."""
+    spec = Spec((Req("circle", "red"), Req("square", "blue")), ((0, "left of", 1),), total=2)
+    cases = {(0, 1): True, (0, 2): True, (1, 1): False, (2, 1): False}
+    for (ca, cb), want in cases.items():
+        scene = Scene((Obj("circle", "red", "large", 0, ca), Obj("square", "blue", "small", 2, cb)))
+        assert data.passes(data.parse(data.render(scene)), spec) == want, (ca, cb)
+    count = Spec((Req("triangle", "orange", count=2),), total=2)
+    three = Scene(tuple(Obj("triangle", "orange", "small", r, 1) for r in range(3)))
+    assert data.check(data.parse(data.render(three)), count) == {"count:orange triangle": False, "total": False}
+
+
+def test_render_agreement_falls_on_unclean_images():
+    scene = Scene(GOOD)
+    clean = data.render(scene)
+    noisy = np.clip(clean + np.random.default_rng(0).normal(0, 60, clean.shape), 0, 255).astype(np.uint8)
+    half = clean.copy()
+    half[:, :7] = 255  # a circle cut in half is a fragment, not a clean shape
+    imgs = [clean, noisy, half]
+    q = evaluate.render_agreement(imgs, data.parse_batch(np.stack(imgs)))
+    assert q[0] == 1.0 and q[1] < 0.9 and q[2] < 1.0, q
+
+
+def test_bootstrap_interval():
+    assert evaluate.bootstrap_ci([np.full(20, 0.5)]) == [0.5, 0.5]
+    rng = np.random.default_rng(0)
+    small, large = rng.random(20) < 0.5, rng.random(400) < 0.5
+    lo, hi = evaluate.bootstrap_ci([small])
+    assert lo < small.mean() < hi
+    lo2, hi2 = evaluate.bootstrap_ci([large])
+    assert hi2 - lo2 < hi - lo, "more prompts must give a narrower interval"
+    # a stratified mean of two groups sits between their own means
+    lo3, hi3 = evaluate.bootstrap_ci([np.zeros(10), np.ones(10)])
+    assert lo3 == hi3 == 0.5
+
+
+def test_diversity_counts_distinct_correct_scenes():
+    a, b = Scene((GOOD[0],)), Scene((GOOD[1],))
+    rec = lambda s, ok: {"scene": s, "passed": ok}
+    assert evaluate.distinct_correct([rec(a, True)] * 4) == 0
+    assert evaluate.distinct_correct([rec(a, True), rec(b, True), rec(a, True), rec(b, False)]) == pytest.approx(1 / 3)
+    assert evaluate.distinct_correct([rec(a, False), rec(b, False)]) == 0
+
+
+def test_weakness_ranks_categories_and_attributes():
+    records = []
+    for ex in evaluate.dev_prompts(20):
+        assert data.prompt_split(ex.prompt) == "dev"
+        # a model that always draws every purple object green, and is otherwise perfect
+        scene = Scene(tuple(Obj(o.shape, "green" if o.colour == "purple" else o.colour, o.size, o.row, o.col)
+                            for o in ex.scene.objects))
+        clauses = data.check(scene, ex.spec)
+        records.append({"example": ex, "category": ex.category, "kind": ex.kind, "clauses": clauses,
+                        "passed": all(clauses.values())})
+    w = evaluate.weakness(records)
+    assert (w["attributes"][0]["attribute"], w["attributes"][0]["value"]) == ("colour", "purple")
+    assert w["attributes"][0]["fail_rate"] == 1.0
+    rates = [c["pass_rate"] for c in w["categories"]]
+    assert rates == sorted(rates) and rates[-1] == 1.0
+
+
+def test_run_all_json_shape(micro_run, capsys):
+    evaluate.main([micro_run, "--json", "--prompts", "2", "--samples", "2"])
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"geneval", "dpg", "wise", "oneig"}
+    assert set(out["geneval"]["tasks"]) == set(evaluate.GENEVAL_TASKS)
+    assert set(out["oneig"]) >= {"overall", "alignment", "reasoning", "diversity", "quality", "ci"}
+    assert set(out["dpg"]) >= {"overall", "all_facts", "ci"}
+    assert set(out["wise"]) >= {"overall", "plan_accuracy", "ci"}
+    for b in out.values():
+        assert 0 <= b["overall"] <= 1
+        lo, hi = b["ci"]["overall"]
+        assert lo <= b["overall"] + 1e-9 and b["overall"] - 1e-9 <= hi
+    for name in ("geneval", "dpg", "wise", "oneig"):
+        assert os.path.exists(os.path.join(micro_run, f"samples_{name}.png")), name
