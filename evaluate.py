@@ -269,10 +269,10 @@ def weakness(records, min_n=8):
     return {"split": "dev", "seed": DEV_SEED, "samples": len(records), "categories": categories, "attributes": attributes}
 
 
-def run_all(gpt, vq, vocab, tokenizer, sample_cfg, run_dir, n_prompts=50, n_samples=4, batch=128, seed=0, dev_prompts_per_category=None):
-    """All four benchmarks and the weakness report. Returns {"benchmarks", "weakness", other figures};
-    writes samples_<benchmark>.png, pass/fail marked, into run_dir. oneig takes at least 2 samples per
-    prompt (its diversity needs them)."""
+def run_all(gpt, vq, vocab, tokenizer, sample_cfg, run_dir, n_prompts=50, n_samples=4, batch=128, seed=0, prefix=""):
+    """All four benchmarks and the weakness report (n_prompts // 2 dev prompts per category). Returns
+    {"benchmarks", "weakness", other figures}; writes <prefix>samples_<benchmark>.png, pass/fail marked,
+    into run_dir. oneig takes at least 2 samples per prompt (its diversity needs them)."""
     t0 = time.time()
     sets = prompt_sets(n_prompts)
     run = lambda exs, k: sample_and_score(gpt, vq, vocab, tokenizer, exs, sample_cfg, k, batch, seed)
@@ -280,13 +280,13 @@ def run_all(gpt, vq, vocab, tokenizer, sample_cfg, run_dir, n_prompts=50, n_samp
     by_task = {t: recs[f"geneval/{t}"] for t in GENEVAL_TASKS}
     benchmarks = {"geneval": geneval(by_task), "dpg": dpg(recs["dpg"]), "wise": wise(recs["wise"]), "oneig": oneig(recs["oneig"])}
     t_bench = time.time() - t0
-    dev = run(dev_prompts(dev_prompts_per_category or n_prompts // 2 or 1), n_samples)
+    dev = run(dev_prompts(max(1, n_prompts // 2)), n_samples)
     every = [r for rs in recs.values() for r in rs]
     grids = {"geneval": [r for t in GENEVAL_TASKS for r in by_task[t][:8 * n_samples:n_samples]],
              "dpg": recs["dpg"][:32], "wise": recs["wise"][:48], "oneig": recs["oneig"][:48]}
     for name, rs in grids.items():
         save_grid([r["image"] for r in rs], [f"{r['prompt']} | {r['plan']}" for r in rs],
-                  os.path.join(run_dir, f"samples_{name}.png"), cols=8, marks=[r["passed"] for r in rs])
+                  os.path.join(run_dir, f"{prefix}samples_{name}.png"), cols=8, marks=[r["passed"] for r in rs])
     return {"benchmarks": benchmarks, "weakness": weakness(dev), "bench_version": BENCH_VERSION,
             "boi_rate": float(np.mean([r["emitted_boi"] for r in every])), "images": len(every),
             "benchmark_seconds": round(t_bench, 1), "images_per_s": len(every) / t_bench,
@@ -319,12 +319,52 @@ def weakness_table(w, top=8):
     return "\n".join(lines)
 
 
+def compare(before, after):
+    """Two `benchmarks` dicts -> before -> after lines, every score with its interval."""
+    lines = [f"{'benchmark':<10}{'score':<24}{'before':>28}{'after':>28}{'change':>9}"]
+    for name, b in before.items():
+        a = after.get(name, {})
+        keys = ["overall"] + list(b.get("tasks", {})) + [k for k in b if k not in ("overall", "tasks", "ci", "kinds")]
+        for i, k in enumerate(keys):
+            get = lambda d: d.get("tasks", {}).get(k, d.get(k))
+            vb, va = get(b), get(a)
+            if vb is None or va is None:
+                continue
+            cb, ca = b.get("ci", {}).get(k), a.get("ci", {}).get(k)
+            fb = f"{vb:.3f}" + (f" [{cb[0]:.3f}, {cb[1]:.3f}]" if cb else "")
+            fa = f"{va:.3f}" + (f" [{ca[0]:.3f}, {ca[1]:.3f}]" if ca else "")
+            lines.append(f"{name if i == 0 else '':<10}{k:<24}{fb:>28}{fa:>28}{va - vb:>+9.3f}")
+    return "\n".join(lines)
+
+
+def post_section(post):
+    c = post["config"]
+    parts = ["## Post-training", "",
+             f"{c['rounds']} rounds x {c['prompts']} `{c['strategy']}` prompts x {c['samples']} samples, reward `{c['reward']}`, "
+             f"weighting `{c['weighting']}` (beta {c['beta']}), alpha_text {c['alpha_text']}, alpha_image {c['alpha_image']}, "
+             f"LoRA r {c['lora_r']} on {c['lora_targets']}.", "",
+             "| round | mean reward | verifier (same samples) | verifier, weighted | loss | seconds |", "|---|---|---|---|---|---|"]
+    parts += [f"| {r['round']} | {r['reward']:.3f} | {r['verifier']:.3f} | {r['verifier_weighted']:.3f} | {r['loss']:.3f} | {r['seconds']} |"
+              for r in post["rounds"]]
+    if post.get("reward_hacking"):
+        parts += ["", "**Reward hacking:** the reward rose over the rounds while the exact verifier did not."]
+    parts += ["", "Benchmarks before -> after (95% intervals):", "", "```", compare(post["before"], post["after"]), "```", ""]
+    wb, wa = post.get("weakness_before"), post.get("weakness_after")
+    if wb and wa:
+        after = {c["name"]: c["pass_rate"] for c in wa["categories"]}
+        parts += ["Dev categories, pass rate before -> after: " + ", ".join(
+            f"{c['name']} {c['pass_rate']:.2f} -> {after.get(c['name'], float('nan')):.2f}" for c in wb["categories"]), ""]
+    return parts
+
+
 def write_report_md(report, path):
     parts = ["# nanoloom run report", "", "## Benchmarks", "",
              "Scores with 95% bootstrap intervals over prompts (fixed bench prompt sets).", "",
              "```", table(report.get("benchmarks", {})), "```", ""]
     if report.get("weakness"):
         parts += ["## Weakness report (dev prompts)", "", "```", weakness_table(report["weakness"], top=12), "```", ""]
+    if report.get("post"):
+        parts += post_section(report["post"])
     parts += ["## Stages", ""]
     for stage, figs in report.get("stages", {}).items():
         flat = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figs.items() if not isinstance(v, dict))

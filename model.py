@@ -327,6 +327,126 @@ class GPT(nn.Module):
         return self.lm_head(self.norm(x))  # (B, T, vocab)
 
 
+# -----------------------------------------------------------------------------
+# LoRA: low-rank adapters on chosen Linear layers, several named ones at once
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus named low-rank adapters: y = base(x) + sum_a s_a * (alpha_a/r_a) * B_a A_a dropout(x).
+    A starts kaiming-uniform (a=sqrt(5), like nn.Linear) and B at zero, so a new adapter changes nothing
+    until it is trained. Adapters are mixed in output space with per-adapter scales s_a (set_adapters);
+    merge() folds the active ones into the base weight for inference and unmerge() takes them out again,
+    both only when called: .eval() and .train() never merge."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        self.base.weight.requires_grad_(False)  # frozen explicitly: only adapters train
+        self.lora_A = nn.ParameterDict()  # name -> (r, in_features)
+        self.lora_B = nn.ParameterDict()  # name -> (out_features, r)
+        self.scaling = {}  # name -> alpha / r
+        self.dropout = nn.ModuleDict()  # name -> dropout on that adapter's input only
+        self.scales = {}  # name -> mixing scale of an enabled adapter; absent = disabled
+        self.merged = {}  # name -> the scale it was merged with; merged adapters are skipped in forward
+
+    def add(self, name, r, alpha, dropout=0.0):
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists")
+        A = torch.empty(r, self.base.in_features, device=self.base.weight.device)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.base.out_features, r, device=self.base.weight.device))
+        self.scaling[name] = alpha / r
+        self.dropout[name] = nn.Dropout(dropout)
+        self.scales[name] = 1.0
+
+    def delta(self, name):
+        """The adapter as a weight update (out_features, in_features), before its mixing scale."""
+        return self.scaling[name] * self.lora_B[name] @ self.lora_A[name]
+
+    def forward(self, x):
+        y = self.base(x)
+        for name, s in self.scales.items():
+            if name not in self.merged:
+                h = self.dropout[name](x) @ self.lora_A[name].t()  # (..., r)
+                y = y + (s * self.scaling[name]) * (h @ self.lora_B[name].t())
+        return y
+
+    @torch.no_grad()
+    def merge(self):
+        for name, s in self.scales.items():
+            if name not in self.merged:
+                self.base.weight += s * self.delta(name).to(self.base.weight.dtype)
+                self.merged[name] = s
+
+    @torch.no_grad()
+    def unmerge(self):
+        for name, s in self.merged.items():
+            self.base.weight -= s * self.delta(name).to(self.base.weight.dtype)
+        self.merged = {}
+
+
+def lora_layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def add_lora(model, name, targets, r=8, alpha=16.0, dropout=0.0):
+    """Add adapter `name` to every Linear whose attribute name is in `targets` (e.g. ("q_proj", "v_proj")),
+    wrapping it in a LoRALinear the first time. Freezes every parameter that is not an adapter's. Returns
+    the new adapter's parameters."""
+    hits = 0
+    for parent in list(model.modules()):
+        for attr, child in list(parent.named_children()):
+            if attr in targets and isinstance(child, (nn.Linear, LoRALinear)):
+                if isinstance(child, nn.Linear):
+                    child = LoRALinear(child)
+                    setattr(parent, attr, child)
+                child.add(name, r, alpha, dropout)
+                hits += 1
+    if not hits:
+        raise ValueError(f"no Linear layer named any of {list(targets)} in the model")
+    for pname, p in model.named_parameters():
+        p.requires_grad_(".lora_" in pname and pname.endswith("." + name))
+    return [p for pname, p in model.named_parameters() if p.requires_grad]
+
+
+def set_adapters(model, scales):
+    """Enable exactly the adapters in `scales` ({name: scale}), with those output-space scales. A
+    mixture of adapters is their scaled sum. Refused while merged: unmerge first."""
+    for lname, layer in lora_layers(model):
+        if layer.merged:
+            raise RuntimeError(f"{lname} has merged adapters: call unmerge_lora(model) before changing them")
+        unknown = set(scales) - set(layer.lora_A)
+        if unknown:
+            raise KeyError(f"no adapter {sorted(unknown)} in {lname}; it has {sorted(layer.lora_A)}")
+        layer.scales = {n: float(s) for n, s in scales.items()}
+
+
+def merge_lora(model):
+    for _, layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model):
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def lora_state_dict(model, name):
+    """Only adapter `name`'s tensors, keyed by module path: what an adapter file holds."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".lora_" in k and k.endswith("." + name)}
+
+
+def load_lora(model, name, tensors, targets, r, alpha):
+    """Add adapter `name` (same targets, r and alpha as when it was saved) and load its tensors."""
+    add_lora(model, name, targets, r, alpha)
+    expected = set(lora_state_dict(model, name))
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
+        raise ValueError(f"adapter {name!r} does not fit this model: missing {missing}, unexpected {extra}")
+    model.load_state_dict(tensors, strict=False)
+
+
 if __name__ == "__main__":
     vq = VQ(VQConfig())
     x = torch.rand(2, 3, 32, 32)

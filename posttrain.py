@@ -1,0 +1,252 @@
+"""
+Post-training on the model's own samples ("multimodal RWR", PAPERS.md section 1), the algorithm; the
+`post` stage of train.py runs it round after round, caches every round on disk and reports.
+
+One round:
+  1. prompts from a strategy: `broad` (the pretraining mix), `aligned` (the benchmarks' categories in
+     the benchmarks' proportions), or `targeted` (weighted towards the categories and attribute values
+     that fail most in the weakness report on dev prompts); always from the "train" split of the prompt
+     hash, so never a benchmark (or dev) prompt;
+  2. K samples per prompt from the current model (plan text, then the image it draws by itself);
+  3. a reward per sample (default `vqa`), and the exact verifier beside it to watch for reward hacking;
+  4. weights w_i from the rewards (`rwr`, `exp`, `best`, `threshold`, or `uniform` = plain self-training);
+  5. LoRA fine-tuning on those samples with
+        loss_i = alpha_text * CE(plan tokens of sample i) + alpha_image * CE(image tokens of sample i),
+        loss   = mean over a mini-batch of w_i * loss_i      (w normalised to mean 1 over the kept samples)
+     plus, optionally, pretrain_weight * the pretraining loss on pretraining data, against drift.
+
+    python train.py tiny_configs/shapes_cpu.toml --stages=post               # after the pretraining stages
+    python train.py tiny_configs/shapes_cpu.toml --stages=post --post.weighting=uniform --train.out_dir=...
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import evaluate
+from data import Vocab, build_sequence, grid_positions
+from generate import SampleConfig, decode_images, generate
+
+STRATEGIES = ("broad", "aligned", "targeted")
+WEIGHTINGS = ("rwr", "exp", "best", "threshold", "uniform")
+ALIGNED_CATEGORIES = evaluate.GENEVAL_TASKS + ("dense", "knowledge")  # what the four benchmarks draw from
+
+
+@dataclass
+class PostConfig:
+    rounds: int = 2  # generate -> score -> fine-tune cycles; each round samples from the updated model
+    prompts: int = 256  # prompts per round
+    samples: int = 4  # K samples per prompt
+    strategy: str = "targeted"  # broad | aligned | targeted
+    reward: str = "vqa"  # reward name or weighted sum, e.g. "vqa + 0.5*aesthetic" (see rewards.py)
+    weighting: str = "rwr"  # rwr | exp | best | threshold | uniform
+    beta: float = 0.1  # temperature of rwr and exp: smaller trusts the reward's ranking more
+    threshold: float = 0.5  # `threshold` keeps samples whose reward is at least this
+    alpha_text: float = 1.0  # weight of the plan (text) tokens' loss
+    alpha_image: float = 1.0  # weight of the image tokens' loss
+    pretrain_weight: float = 0.0  # weight of a loss on pretraining data, against drift (0 = off)
+    steps: int = 60  # fine-tuning steps per round
+    batch: int = 32  # samples per fine-tuning step
+    lr: float = 2e-3  # adapter learning rate (constant after a short warm-up)
+    lora_r: int = 8  # adapter rank
+    lora_alpha: float = 16.0  # adapter scaling is lora_alpha / lora_r
+    lora_dropout: float = 0.0  # dropout on the adapter branch only
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # Linear layers that get adapters
+    focus: float = 0.5  # targeted: share of prompts that must name one of the most-failed attribute values
+    eval_samples: int = 4  # after post-training: samples per benchmark prompt (as train.bench_samples)
+
+
+# -----------------------------------------------------------------------------
+# prompts
+
+
+def draw_example(rng, name):
+    """A train-split Example of a category name as the weakness report writes it ("position",
+    "knowledge/comparative")."""
+    category, _, kind = name.partition("/")
+    if not kind:
+        return data.sample_example(rng, category, split="train")
+    for _ in range(10_000):
+        ex = data.gen_knowledge(rng, kind)
+        if data.prompt_split(ex.prompt) == "train":
+            return ex
+    raise RuntimeError(f"no train prompt for {name}")
+
+
+def names(ex):
+    """The (attribute, value) pairs an example's clauses name, as in evaluate.weakness."""
+    out = set()
+    for r in ex.spec.reqs:
+        out |= {("shape", r.shape), ("colour", r.colour), ("size", r.size), ("count", str(r.count))}
+        if r.row is not None:
+            out.add(("region", f"{data.ROWS[r.row]} {data.COLS[r.col]}"))
+    out |= {("relation", rel) for _, rel, _ in ex.spec.relations}
+    return {(a, str(v)) for a, v in out if v is not None} | {("total", str(ex.spec.total))}
+
+
+def draw_prompts(strategy, n, rng, weakness=None, focus=0.5, top_attributes=5):
+    """n distinct train-split Examples for a strategy. `targeted` needs the weakness report: categories
+    are drawn in proportion to their failure rate, and a `focus` share of the prompts must also name one
+    of the `top_attributes` most-failed attribute values."""
+    if strategy == "targeted":
+        if not weakness:
+            raise ValueError("the targeted strategy needs the weakness report (weakness.json): run the eval stage first")
+        cats = [c["name"] for c in weakness["categories"]]
+        fail = np.array([1.0 - c["pass_rate"] for c in weakness["categories"]]) + 0.02  # nothing entirely dropped
+        p = fail / fail.sum()
+        weak = {(a["attribute"], a["value"]) for a in weakness["attributes"][:top_attributes]}
+    elif strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    seen, out = set(), []
+    for _ in range(100 * n):
+        if strategy == "broad":
+            ex = data.sample_example(rng, split="train")
+        elif strategy == "aligned":
+            ex = data.sample_example(rng, ALIGNED_CATEGORIES[len(out) % len(ALIGNED_CATEGORIES)], split="train")
+        else:
+            name = cats[rng.choice(len(cats), p=p)]
+            for _ in range(50 if rng.random() < focus else 1):  # a few tries for a prompt naming a weak value
+                ex = draw_example(rng, name)
+                if names(ex) & weak:
+                    break
+        if ex.prompt not in seen:
+            seen.add(ex.prompt)
+            out.append(ex)
+            if len(out) == n:
+                return out
+    raise RuntimeError(f"only {len(out)} distinct prompts for strategy {strategy}")
+
+
+# -----------------------------------------------------------------------------
+# self-generated samples
+
+
+def self_generate(gpt, vq, vocab, tokenizer, examples, k, sample_cfg: SampleConfig, seed, batch):
+    """k samples of every example from the current model. Returns a dict of lists, one entry per sample:
+    example index, prompt/plan/code ids (codes None when no image was drawn) and the decoded image."""
+    jobs = [(i, ex) for i, ex in enumerate(examples) for _ in range(k)]
+    ids = [data.encode_text(tokenizer, ex.prompt) for ex in examples]
+    out = {"example": [], "prompt": [], "plan": [], "codes": [], "image": []}
+    for start in range(0, len(jobs), batch):
+        chunk = jobs[start:start + batch]
+        samples = generate(gpt, vocab, [ids[i] for i, _ in chunk], sample_cfg, seed=seed + start)
+        for (i, _), s, img in zip(chunk, samples, decode_images(vq, samples, vocab)):
+            out["example"].append(i)
+            out["prompt"].append(ids[i])
+            out["plan"].append(s["plan"])
+            out["codes"].append(s["codes"])
+            out["image"].append(img)
+    return out
+
+
+def verifier_scores(images, examples, example_index):
+    """1.0 where the exact parser finds the prompt's scene in the image, else 0.0."""
+    scenes = data.parse_batch(np.stack(images))
+    return np.array([data.passes(s, examples[i].spec) for s, i in zip(scenes, example_index)], dtype=float)
+
+
+# -----------------------------------------------------------------------------
+# weights
+
+
+def sample_weights(rewards, group, scheme, beta=0.1, threshold=0.5):
+    """Rewards (N,) and each sample's prompt index (N,) -> weights (N,) >= 0, mean 1 over the samples
+    with weight > 0 (so the learning rate means the same under every scheme).
+        rwr        softmax(r / beta) within each prompt's group: prompts count equally, better samples more
+        exp        exp(r / beta) over all samples: prompts with high rewards count more
+        best       1 for the best sample of each prompt (RAFT / best-of-K), else 0
+        threshold  1 where r >= threshold, else 0
+        uniform    1 for every sample: plain self-training, the control"""
+    r = np.asarray(rewards, dtype=np.float64)
+    g = np.asarray(group)
+    if scheme == "uniform":
+        w = np.ones_like(r)
+    elif scheme == "threshold":
+        w = (r >= threshold).astype(np.float64)
+    elif scheme == "exp":
+        w = np.exp((r - r.max()) / beta)  # shifted for stability; the normalisation below removes the shift
+    elif scheme in ("rwr", "best"):
+        w = np.zeros_like(r)
+        for k in np.unique(g):
+            m = np.nonzero(g == k)[0]
+            if scheme == "rwr":
+                e = np.exp((r[m] - r[m].max()) / beta)
+                w[m] = e / e.sum()
+            else:
+                w[m[np.argmax(r[m])]] = 1.0
+    else:
+        raise ValueError(f"unknown weighting {scheme!r}; choose one of {', '.join(WEIGHTINGS)}")
+    kept = w > 0
+    return w / w[kept].mean() if kept.any() else w
+
+
+# -----------------------------------------------------------------------------
+# the weighted loss on both modalities
+
+
+def sample_batch(samples, rows, vocab: Vocab, device):
+    """Samples -> right-padded x, y, target mask, grid, modality (B, T-1), as the pretraining batches:
+    <bos> prompt <think> plan <boi> codes <eoi> <eos>, loss on everything after the prompt."""
+    seqs = [build_sequence("plan", vocab, samples["prompt"][i], samples["plan"][i], samples["codes"][i]) for i in rows]
+    T = max(len(s[0]) for s in seqs)
+    ids = torch.full((len(seqs), T), data.PAD, dtype=torch.long)
+    tgt = torch.zeros(len(seqs), T)
+    grid = torch.full((len(seqs), T), -1, dtype=torch.long)
+    mod = torch.zeros(len(seqs), T, dtype=torch.long)
+    for r, (s, m, t) in enumerate(seqs):
+        ids[r, :len(s)], mod[r, :len(s)], tgt[r, :len(s)] = torch.tensor(s), torch.tensor(m), torch.tensor(t, dtype=torch.float)
+        grid[r, :len(s)] = torch.tensor(grid_positions(s, vocab))
+    return [t.to(device) for t in (ids[:, :-1], ids[:, 1:], tgt[:, 1:], grid[:, :-1], mod[:, 1:])]
+
+
+def per_sample_losses(model, batch):
+    """Mean cross-entropy of each sample's text targets (<think>, plan, <boi>, <eoi>, <eos>) and of its
+    image tokens: two tensors (B,)."""
+    x, y, tgt, grid, mod = batch
+    logits = model(x, grid=grid)  # (B, T, V)
+    ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(tgt)  # (B, T)
+    parts = []
+    for m in (data.TEXT, data.IMAGE):
+        mask = tgt * (mod == m)
+        parts.append((ce * mask).sum(1) / mask.sum(1).clamp(min=1))
+    return parts
+
+
+def weighted_loss(model, batch, w, alpha_text, alpha_image):
+    """mean_i w_i * (alpha_text * CE_text_i + alpha_image * CE_image_i); also the unweighted parts."""
+    text, image = per_sample_losses(model, batch)
+    loss = (w * (alpha_text * text + alpha_image * image)).mean()
+    return loss, {"text": text.mean().item(), "image": image.mean().item()}
+
+
+def finetune(model, params, samples, weights, pc: PostConfig, vocab, device, rng, drift_batch=None, drift_loss=None):
+    """pc.steps AdamW steps on the LoRA parameters over the samples with weight > 0 (drawn without
+    replacement, reshuffled each pass). drift_batch() / drift_loss(model, batch) give the optional
+    pretraining term. Returns the mean loss figures."""
+    rows = [i for i in np.nonzero(np.asarray(weights) > 0)[0] if samples["codes"][i] is not None]
+    if not rows:
+        return {"loss": float("nan"), "text": float("nan"), "image": float("nan"), "kept": 0}
+    opt = torch.optim.AdamW(params, lr=pc.lr, weight_decay=0.0)
+    w_all = torch.tensor(weights, dtype=torch.float32, device=device)
+    order, logs = [], []
+    model.train()
+    for step in range(pc.steps):
+        if len(order) < pc.batch:
+            order += list(rng.permutation(rows))
+        pick, order = order[:pc.batch], order[pc.batch:]
+        for group in opt.param_groups:
+            group["lr"] = pc.lr * min(1.0, (step + 1) / 10)  # 10 warm-up steps
+        loss, parts = weighted_loss(model, sample_batch(samples, pick, vocab, device), w_all[pick], pc.alpha_text, pc.alpha_image)
+        if pc.pretrain_weight > 0:
+            loss = loss + pc.pretrain_weight * drift_loss(model, drift_batch())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        logs.append((loss.item(), parts["text"], parts["image"]))
+    model.eval()
+    mean = np.mean(logs, axis=0)
+    return {"loss": float(mean[0]), "text": float(mean[1]), "image": float(mean[2]), "kept": len(rows)}

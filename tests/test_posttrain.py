@@ -1,0 +1,85 @@
+"""Post-training pieces: weighting schemes on hand-made rewards, prompt strategies that never produce a
+benchmark or dev prompt, and the weighted two-modality loss."""
+import numpy as np
+import pytest
+import torch
+
+import data
+import evaluate
+import posttrain
+
+GROUP = np.array([0, 0, 0, 1, 1, 1])
+R = np.array([0.9, 0.1, 0.5, 0.2, 0.2, 0.8])
+
+
+def test_weighting_schemes_on_hand_made_rewards():
+    w = posttrain.sample_weights(R, GROUP, "uniform")
+    assert np.allclose(w, 1)
+    w = posttrain.sample_weights(R, GROUP, "best")
+    assert w.tolist() == [1, 0, 0, 0, 0, 1]
+    w = posttrain.sample_weights(R, GROUP, "threshold", threshold=0.5)
+    assert w.tolist() == [1, 0, 1, 0, 0, 1]
+    w = posttrain.sample_weights(R, GROUP, "rwr", beta=0.1)
+    e = np.exp(R / 0.1)
+    soft = np.concatenate([e[:3] / e[:3].sum(), e[3:] / e[3:].sum()])
+    assert np.allclose(w, soft / soft.mean())
+    assert np.isclose(w[:3].sum(), w[3:].sum()), "rwr: every prompt carries the same total weight"
+    w = posttrain.sample_weights(R, GROUP, "exp", beta=0.1)
+    assert np.allclose(w, e / e.mean())
+    assert w[0] > w[5] > w[2], "exp: ranks by reward across prompts"
+    # a large beta flattens rwr towards uniform; a tiny one approaches best-of-K
+    assert np.allclose(posttrain.sample_weights(R, GROUP, "rwr", beta=1e6), 1, atol=1e-4)
+    sharp = posttrain.sample_weights(R, GROUP, "rwr", beta=1e-3)
+    assert np.allclose(sharp / sharp.max(), [1, 0, 0, 0, 0, 1], atol=1e-6)
+    with pytest.raises(ValueError, match="unknown weighting"):
+        posttrain.sample_weights(R, GROUP, "softmax")
+
+
+@pytest.mark.parametrize("strategy", posttrain.STRATEGIES)
+def test_post_training_prompts_never_equal_benchmark_or_dev_prompts(strategy):
+    bench = {e.prompt for exs in evaluate.prompt_sets(50).values() for e in exs}
+    dev = {e.prompt for e in evaluate.dev_prompts(25)}
+    weakness = {"categories": [{"name": "position", "pass_rate": 0.2}, {"name": "knowledge/comparative", "pass_rate": 0.3},
+                               {"name": "colors", "pass_rate": 1.0}],
+                "attributes": [{"attribute": "relation", "value": "left of", "fail_rate": 0.9}]}
+    exs = posttrain.draw_prompts(strategy, 400, np.random.default_rng(0), weakness)
+    prompts = [e.prompt for e in exs]
+    assert len(set(prompts)) == 400
+    assert not set(prompts) & (bench | dev)
+    assert all(data.prompt_split(p) == "train" for p in prompts)
+    cats = [e.category + (f"/{e.kind}" if e.category == "knowledge" else "") for e in exs]
+    if strategy == "aligned":
+        assert set(cats) >= set(evaluate.GENEVAL_TASKS) | {"dense"}
+    if strategy == "targeted":
+        share = {c: cats.count(c) / len(cats) for c in ("position", "knowledge/comparative", "colors")}
+        assert share["position"] > share["knowledge/comparative"] > share["colors"], share
+        named = np.mean([("relation", "left of") in posttrain.names(e) for e in exs if e.category == "position"])
+        assert named > 0.5, f"targeted position prompts name the weak relation only {named:.2f} of the time"
+
+
+def test_targeted_needs_a_weakness_report():
+    with pytest.raises(ValueError, match="weakness"):
+        posttrain.draw_prompts("targeted", 10, np.random.default_rng(0), None)
+
+
+def test_weighted_loss_is_the_weighted_sum_of_both_modalities():
+    from model import GPT, GPTConfig
+    vocab = data.Vocab(text_size=20, codebook_size=8)
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=vocab.size, image_offset=vocab.image_offset, n_image_tokens=4, block_size=32,
+                        n_layer=1, n_head=2, n_kv_head=2, n_embd=16, mlp_hidden=32))
+    samples = {"prompt": [[9, 10], [11]], "plan": [[12, 13, 14], [15]], "codes": [[1, 2, 3, 4], [5, 6, 7, 0]]}
+    batch = posttrain.sample_batch(samples, [0, 1], vocab, "cpu")
+    text, image = posttrain.per_sample_losses(gpt, batch)
+    # reference: each sample alone, cross-entropy over its own targets of each modality
+    for i in range(2):
+        x, y, tgt, grid, mod = posttrain.sample_batch(samples, [i], vocab, "cpu")
+        ce = torch.nn.functional.cross_entropy(gpt(x, grid=grid)[0], y[0], reduction="none")
+        for part, m in ((text, data.TEXT), (image, data.IMAGE)):
+            sel = (tgt[0] > 0) & (mod[0] == m)
+            torch.testing.assert_close(part[i], ce[sel].mean(), rtol=1e-5, atol=1e-5)
+    w = torch.tensor([2.0, 0.5])
+    loss, _ = posttrain.weighted_loss(gpt, batch, w, alpha_text=0.3, alpha_image=1.5)
+    torch.testing.assert_close(loss, (w * (0.3 * text + 1.5 * image)).mean())
+    only_text, _ = posttrain.weighted_loss(gpt, batch, w, alpha_text=1.0, alpha_image=0.0)
+    torch.testing.assert_close(only_text, (w * text).mean())
