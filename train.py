@@ -34,11 +34,15 @@ from tqdm import tqdm
 
 import data
 import evaluate
+import posttrain
+import rewards
 from data import FORMATS, Vocab, build_sequence, grid_positions
-from generate import RunError, SampleConfig, load_weights, save_grid
-from model import GPT, VQ, GPTConfig, VQConfig
+from generate import RunError, SampleConfig, load_run, load_weights, save_grid
+from model import GPT, VQ, GPTConfig, VQConfig, add_lora, lora_state_dict, merge_lora, unmerge_lora
+from posttrain import PostConfig
 
-STAGES = ("tokenizer", "vq", "lm", "eval")
+STAGES = ("tokenizer", "vq", "lm", "eval", "post")  # the main job
+EXTRA_STAGES = ("ablations",)  # run only when named: --stages=ablations
 
 
 @dataclass
@@ -76,9 +80,10 @@ class TrainConfig:
     bench_prompts: int = 50  # prompts per benchmark task
     bench_samples: int = 4  # samples per prompt
     eval_batch: int = 128  # prompts sampled together
+    ablation_seeds: int = 3  # post-training seeds per variant in --stages=ablations
 
 
-SECTIONS = {"train": TrainConfig, "vq": VQConfig, "gpt": GPTConfig, "sample": SampleConfig}
+SECTIONS = {"train": TrainConfig, "vq": VQConfig, "gpt": GPTConfig, "sample": SampleConfig, "post": PostConfig}
 DERIVED = {("gpt", "vocab_size"), ("gpt", "image_offset"), ("gpt", "n_image_tokens")}  # set from tokenizer + VQ
 
 
@@ -125,7 +130,7 @@ def _set(cfgs, section, key, value, from_cli):
 
 def validate(cfgs):
     """Values that type-check but cannot work, refused before any work is done."""
-    tc, vc = cfgs["train"], cfgs["vq"]
+    tc, vc, pc = cfgs["train"], cfgs["vq"], cfgs["post"]
     rules = [
         (tc.device in ("auto", "cpu", "cuda", "mps"), f"train.device={tc.device!r}: expected auto, cpu, cuda or mps"),
         (tc.dtype in ("float32", "bfloat16"), f"train.dtype={tc.dtype!r}: expected float32 or bfloat16"),
@@ -136,7 +141,18 @@ def validate(cfgs):
         (0 <= tc.null_prob <= 1, "train.null_prob must lie in [0, 1]"),
         (vc.image_size % vc.patch == 0 and vc.image_size % (2 * data.LATTICE) == 0,
          f"vq.image_size={vc.image_size} must be a multiple of vq.patch={vc.patch} and of {2 * data.LATTICE} (the world's layout lattice)"),
+        (pc.strategy in posttrain.STRATEGIES, f"post.strategy={pc.strategy!r}: expected one of {', '.join(posttrain.STRATEGIES)}"),
+        (pc.weighting in posttrain.WEIGHTINGS, f"post.weighting={pc.weighting!r}: expected one of {', '.join(posttrain.WEIGHTINGS)}"),
+        (0 <= pc.null_prob <= 1, "post.null_prob must lie in [0, 1]"),
+        (min(pc.rounds, pc.prompts, pc.samples, pc.steps, pc.batch, pc.lora_r, pc.eval_samples) >= 1,
+         "post.rounds, prompts, samples, steps, batch, lora_r and eval_samples must be >= 1"),
+        (pc.beta > 0 and pc.lr > 0 and min(pc.alpha_text, pc.alpha_image, pc.pretrain_weight) >= 0 and pc.alpha_text + pc.alpha_image > 0,
+         "post.beta and post.lr must be > 0; post.alpha_text, alpha_image, pretrain_weight >= 0, not both alphas 0"),
     ]
+    try:
+        rewards.parse_spec(pc.reward)
+    except rewards.RewardError as e:
+        raise ConfigError(f"post.reward: {e}") from None
     for ok, message in rules:
         if not ok:
             raise ConfigError(message)
@@ -438,11 +454,156 @@ def stage_lm(cfgs, run_dir, device, metrics):
 
 
 def stage_eval(cfgs, run_dir, device):
-    from generate import load_run
     tc = cfgs["train"]
     _, tokenizer, vocab, vq, gpt = load_run(run_dir, device)
     return evaluate.run_all(gpt, vq, vocab, tokenizer, cfgs["sample"], run_dir, n_prompts=tc.bench_prompts,
                             n_samples=tc.bench_samples, batch=tc.eval_batch, seed=tc.seed)
+
+
+# -----------------------------------------------------------------------------
+# stage: post (the algorithm is in posttrain.py)
+
+
+def images_tensor(images, device):
+    return to_tensor_images(np.stack(images)).to(device)
+
+
+def save_round(samples, scores, path):
+    """One round's self-generated samples and their scores, as safetensors (-1 pads the id lists;
+    codes are all -1 where no image was drawn) plus a JSON of the prompts: cached for inspection and
+    for re-weighting them under another reward without sampling again."""
+    def pad(lists):
+        width = max([len(x) for x in lists if x is not None] + [1])
+        out = torch.full((len(lists), width), -1, dtype=torch.long)
+        for i, x in enumerate(lists):
+            if x:
+                out[i, :len(x)] = torch.tensor(x)
+        return out
+    tensors = {"example": torch.tensor(samples["example"]), "prompt": pad(samples["prompt"]), "plan": pad(samples["plan"]),
+               "codes": pad(samples["codes"]), "image": torch.from_numpy(np.stack(samples["image"])),
+               **{k: torch.tensor(np.asarray(v), dtype=torch.float32) for k, v in scores.items()}}
+    save_atomic(tensors, path)
+
+
+def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_prefix="post"):
+    """Rounds of generate -> score -> weight -> fine-tune a fresh LoRA adapter on the run's GPT. Returns
+    the run's (gpt with the adapter enabled, tokenizer, vocab, vq), the adapter's parameters and the
+    per-round figures."""
+    tc = cfgs["train"]
+    _, tokenizer, vocab, vq, gpt = load_run(run_dir, device)
+    wpath = os.path.join(run_dir, "weakness.json")
+    weakness = json.load(open(wpath)) if os.path.exists(wpath) else None
+    params = add_lora(gpt, adapter, tuple(pc.lora_targets.split(",")), pc.lora_r, pc.lora_alpha, pc.lora_dropout)
+    rng = np.random.default_rng([seed, 1])
+    torch.manual_seed(seed)
+    drift_batch = None
+    if pc.pretrain_weight > 0:  # a small pretraining set, for the anti-drift term
+        ds = LMData(min(tc.lm_examples, 50 * pc.batch), seed, "train", tokenizer, vq, device)
+        queue = []
+
+        def drift_batch():
+            if not queue:
+                queue.extend(epoch_batches(ds, rng, dataclasses.replace(tc, lm_batch=pc.batch)))
+            return make_batch(ds, queue.pop(), vocab, device)
+    rounds = []
+    for k in range(pc.rounds):
+        t0 = time.time()
+        examples = posttrain.draw_prompts(pc.strategy, pc.prompts, rng, weakness, pc.focus)
+        reward_fn = rewards.load_reward(run_dir, pc.reward, device, specs={ex.prompt: ex.spec for ex in examples})
+        merge_lora(gpt)  # sample with the adapter folded into the weights: same outputs, fewer matmuls
+        samples = posttrain.self_generate(gpt, vq, vocab, tokenizer, examples, pc.samples, cfgs["sample"], seed * 1000 + k * 100_000, tc.eval_batch)
+        unmerge_lora(gpt)
+        prompts = [examples[i].prompt for i in samples["example"]]
+        with torch.no_grad():
+            r = torch.cat([reward_fn(images_tensor(samples["image"][i:i + 256], device), prompts[i:i + 256]).cpu()
+                           for i in range(0, len(prompts), 256)]).numpy()
+        v = posttrain.verifier_scores(samples["image"], examples, samples["example"])
+        w = posttrain.sample_weights(r, samples["example"], pc.weighting, pc.beta, pc.threshold)
+        save_round(samples, {"reward": r, "verifier": v, "weight": w}, os.path.join(run_dir, f"{log_prefix}_round{k}.safetensors"))
+        write_json([{"prompt": ex.prompt, "category": ex.category, "kind": ex.kind} for ex in examples],
+                   os.path.join(run_dir, f"{log_prefix}_round{k}.json"))
+        fit = posttrain.finetune(gpt, params, samples, w, pc, vocab, device, rng, drift_batch, lambda m, b: lm_loss(m, b)[0])
+        figs = {"round": k, "reward": float(r.mean()), "verifier": float(v.mean()),
+                "verifier_weighted": float((w * v).sum() / max(w.sum(), 1e-9)),  # what the fine-tune imitates
+                "categories": {c: float(np.mean([v[j] for j, i in enumerate(samples["example"]) if examples[i].category == c]))
+                               for c in sorted({ex.category for ex in examples})},
+                **fit, "seconds": round(time.time() - t0, 1)}
+        rounds.append(figs)
+        metrics.log(stage=log_prefix, **{key: val for key, val in figs.items() if key != "categories"})
+        tqdm.write(f"[{log_prefix}] round {k}: reward {figs['reward']:.3f}, verifier {figs['verifier']:.3f} "
+                   f"(weighted {figs['verifier_weighted']:.3f}), loss {fit['loss']:.3f}, {figs['seconds']:.0f}s")
+    return gpt, tokenizer, vocab, vq, params, rounds
+
+
+def hacking(rounds):
+    """A proxy reward that rises over the rounds while the exact verifier stays flat or falls."""
+    if len(rounds) < 2:
+        return False
+    return rounds[-1]["reward"] > rounds[0]["reward"] and rounds[-1]["verifier"] <= rounds[0]["verifier"]
+
+
+def stage_post(cfgs, run_dir, device, metrics, report):
+    tc, pc = cfgs["train"], cfgs["post"]
+    if not report.get("benchmarks"):
+        raise ConfigError("the post stage compares against the eval stage's benchmarks: run --stages=eval first")
+    gpt, tokenizer, vocab, vq, _, rounds = post_train(cfgs, run_dir, device, metrics, pc, tc.seed)
+    save_atomic(lora_state_dict(gpt, "post"), os.path.join(run_dir, "lora_post.safetensors"))
+    write_json(asdict(pc), os.path.join(run_dir, "lora_post.json"))
+    merge_lora(gpt)
+    after = evaluate.run_all(gpt, vq, vocab, tokenizer, cfgs["sample"], run_dir, n_prompts=tc.bench_prompts,
+                             n_samples=pc.eval_samples, batch=tc.eval_batch, seed=tc.seed, prefix="post_")
+    post = {"config": asdict(pc), "rounds": rounds, "reward_hacking": hacking(rounds),
+            "before": report["benchmarks"], "after": after["benchmarks"],
+            "weakness_before": report.get("weakness"), "weakness_after": after["weakness"]}
+    return {"rounds": len(rounds), "final_reward": rounds[-1]["reward"], "final_verifier": rounds[-1]["verifier"]}, post
+
+
+# -----------------------------------------------------------------------------
+# extra stage: ablations (not part of the main job)
+
+ABLATIONS = {  # variant -> [post] overrides of the run's config; each post-trains a fresh adapter from the base
+    "both": {},  # the run's [post] config (default: targeted prompts, rwr, both modalities, vqa reward)
+    "text_only": {"alpha_image": 0.0},
+    "image_only": {"alpha_text": 0.0},
+    "uniform": {"weighting": "uniform"},  # plain self-training on the same samples: the control
+    "broad": {"strategy": "broad"},
+    "aligned": {"strategy": "aligned"},
+    "oracle": {"reward": "verifier"},  # the exact verifier as reward: the upper bound of a learned reward
+}
+ABLATION_TABLES = {"modality weighting": ["both", "text_only", "image_only", "uniform"],
+                   "data strategy": ["broad", "aligned", "both"], "reward": ["both", "oracle", "uniform"]}
+
+
+def stage_ablations(cfgs, run_dir, device, metrics, report):
+    """Every variant of ABLATIONS x train.ablation_seeds post-training seeds, from the same pretrained
+    base. Each is measured on the base's weakest dev category (focus_score: 150 bench prompts x 4 samples
+    x 2 sampling seeds = 1,200 samples) and on the four benchmarks (bench_prompts x 2 samples)."""
+    tc = cfgs["train"]
+    weak = report.get("weakness")
+    if not weak:
+        raise ConfigError("ablations need the eval stage's weakness report: run --stages=eval first")
+    focus = weak["categories"][0]["name"].split("/")[0]  # knowledge kinds are measured as all of knowledge
+    _, tokenizer, vocab, vq, base = load_run(run_dir, device)
+    measure = lambda gpt: {
+        "focus": evaluate.focus_score(gpt, vq, vocab, tokenizer, cfgs["sample"], focus, batch=tc.eval_batch),
+        "benchmarks": evaluate.score_benchmarks(gpt, vq, vocab, tokenizer, cfgs["sample"], tc.bench_prompts, 2, tc.eval_batch, tc.seed)[0]}
+    results = {"focus_category": focus, "base": measure(base), "runs": {}}
+    for seed in range(tc.ablation_seeds):
+        for name, overrides in ABLATIONS.items():
+            t0 = time.time()
+            pc = dataclasses.replace(cfgs["post"], **overrides)
+            gpt, *_, rounds = post_train(cfgs, run_dir, device, metrics, pc, seed=1000 + seed, log_prefix=f"ablation_{name}_s{seed}")
+            merge_lora(gpt)
+            res = {**measure(gpt), "rounds": rounds, "seconds": round(time.time() - t0, 1)}
+            results["runs"].setdefault(name, []).append(res)
+            print(f"[ablations] {name} seed {seed}: {focus} {res['focus']['pass_rate']:.3f} "
+                  f"(base {results['base']['focus']['pass_rate']:.3f}), {res['seconds']:.0f}s")
+            write_json(results, os.path.join(run_dir, "ablations.json"))  # after every run: an interrupted sweep keeps its results
+    summary = evaluate.ablation_summary(results, ABLATION_TABLES)
+    with open(os.path.join(run_dir, "ablations.md"), "w") as f:
+        f.write(summary + "\n")
+    print(summary)
+    return {"variants": len(ABLATIONS), "seeds": tc.ablation_seeds, "focus_category": focus}
 
 
 # -----------------------------------------------------------------------------
@@ -469,9 +630,16 @@ def check_run_dir(run_dir, cfg_json):
         return
     with open(path) as f:
         old = json.load(f)
-    keep = ("bench_prompts", "bench_samples", "eval_batch", "threads", "device", "eval_every")  # free to change
+    keep = ("out_dir", "bench_prompts", "bench_samples", "eval_batch", "threads", "device", "eval_every")  # free to change
     diff = [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {v!r}" for s in ("train", "vq", "gpt") for k, v in cfg_json[s].items()
             if (s, k) not in DERIVED and k not in keep and old.get(s, {}).get(k) != v]
+    post_path = os.path.join(run_dir, "lora_post.json")
+    if not diff and os.path.exists(post_path):
+        old_post = json.load(open(post_path))
+        diff = [f"post.{k}: {old_post.get(k)!r} -> {v!r}" for k, v in cfg_json["post"].items() if k != "eval_samples" and old_post.get(k) != v]
+        if diff:
+            raise ConfigError(f"{run_dir}/lora_post.safetensors was post-trained with another [post] config ({'; '.join(diff[:5])}). "
+                              f"Delete {run_dir}/lora_post.safetensors (and .json) to post-train again, or use another --train.out_dir.")
     if diff:
         raise ConfigError(f"{run_dir} holds a run made with another config ({'; '.join(diff[:5])}). "
                           f"Use another --train.out_dir, or delete {run_dir} to start again.")
@@ -485,9 +653,9 @@ def main(argv=None):
     try:
         cfgs = load_config(args.config, overrides)
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-        bad = [s for s in stages if s not in STAGES]
+        bad = [s for s in stages if s not in STAGES + EXTRA_STAGES]
         if bad:
-            raise ConfigError(f"unknown stage(s) {bad}; stages are {', '.join(STAGES)}")
+            raise ConfigError(f"unknown stage(s) {bad}; stages are {', '.join(STAGES + EXTRA_STAGES)}")
         tc = cfgs["train"]
         device = pick_device(tc.device)
         if tc.threads:
@@ -501,7 +669,7 @@ def main(argv=None):
     metrics = Metrics(os.path.join(run_dir, "metrics.jsonl"))
     report_path = os.path.join(run_dir, "report.json")
     report = json.load(open(report_path)) if os.path.exists(report_path) else {"benchmarks": {}, "stages": {}}
-    outputs = {"tokenizer": "tokenizer.json", "vq": "vq.safetensors", "lm": "gpt.safetensors"}
+    outputs = {"tokenizer": "tokenizer.json", "vq": "vq.safetensors", "lm": "gpt.safetensors", "post": "lora_post.safetensors"}
     t_all = time.time()
     print(f"run {run_dir} on {device}; stages {', '.join(stages)}")
     for stage in stages:
@@ -509,7 +677,8 @@ def main(argv=None):
         if out and os.path.exists(os.path.join(run_dir, out)):
             print(f"[{stage}] reusing {os.path.join(run_dir, out)}")
             continue
-        missing = [s for s in STAGES[:STAGES.index(stage)] if s in outputs and not os.path.exists(os.path.join(run_dir, outputs[s]))]
+        needs = STAGES[:STAGES.index(stage)] if stage in STAGES else [s for s in STAGES if s != "post"]
+        missing = [s for s in needs if s in outputs and not os.path.exists(os.path.join(run_dir, outputs[s]))]
         if missing:
             raise SystemExit(f"stage {stage} needs the {missing[0]} stage first: run with --stages={','.join(missing + [stage])}")
         derive_sizes(cfgs, run_dir)
@@ -522,6 +691,10 @@ def main(argv=None):
                 figures = stage_vq(cfgs, run_dir, device, metrics)
             elif stage == "lm":
                 figures = stage_lm(cfgs, run_dir, device, metrics)
+            elif stage == "ablations":
+                figures = stage_ablations(cfgs, run_dir, device, metrics, report)
+            elif stage == "post":
+                figures, report["post"] = stage_post(cfgs, run_dir, device, metrics, report)
             else:
                 figures = stage_eval(cfgs, run_dir, device)
                 report["benchmarks"] = figures.pop("benchmarks")
