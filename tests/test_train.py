@@ -79,7 +79,7 @@ def test_micro_run_end_to_end(micro_run, capsys):
     g = report["benchmarks"]["geneval"]
     assert 0.0 <= g["overall"] <= 1.0 and len(g["tasks"]) == 6
     assert 0.0 <= report["stages"]["vq"]["parser_agreement"] <= 1.0
-    assert set(report["stages"]) == {"tokenizer", "vq", "lm", "eval"}
+    assert set(report["stages"]) == {"tokenizer", "vq", "lm", "rewards", "eval"}
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["gpt"]["vocab_size"] == cfg["gpt"]["image_offset"] + cfg["vq"]["codebook_size"]
     # a second run reuses every finished stage instead of redoing it
