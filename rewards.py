@@ -7,7 +7,7 @@ spec string: one name, or a weighted sum such as "vqa + 0.5*aesthetic". `load_re
 into one callable; every term is checked on every call (a term that raises, returns the wrong shape
 or NaN is named in the error, with what it returned).
 
-    python train.py tiny_configs/shapes_cpu.toml --stages=rewards   # train the heads (~1 min on 2 cores)
+    python train.py tiny_configs/shapes_cpu.toml --stages=rewards   # train the heads (minutes on a CPU)
     python rewards.py out/shapes_cpu                                 # calibration table (--json for report.json's)
 
     import rewards
@@ -19,6 +19,7 @@ The built-in rewards, and what each stands in for (heads are trained on rendered
                over the prompt's tokens and the image's patches, trained on true pairs and hard negatives
                (a scene perturbed by one edit: colour, shape, size, count +-1, a moved object, two objects'
                cells or colours swapped), labelled by the exact verifier. The DEFAULT post-training reward.
+               It starts from clip's trained encoders.
     clip       CLIPScore: a dual encoder trained contrastively with hard-negative captions; the reward is
                the cosine of the image and text embeddings, in [-1, 1].
     aesthetic  the LAION aesthetic predictor: an MLP on the clip image embedding regressing `composition`
@@ -32,6 +33,8 @@ The built-in rewards, and what each stands in for (heads are trained on rendered
     self       the unified GPT's own belief: the per-token geometric mean of p(prompt | image), the image
                read through the VQ encoder (image-to-text format). In [0, 1]. Not differentiable (the VQ
                encoder picks codes by argmax).
+The image encoders of vqa and clip are also trained to name each cell's shape, colour and size (a
+probe on their cell tokens, training only): free, dense labels that make the tokens meaningful fast.
 The trained heads (vqa, clip, aesthetic, quality, geometry) pass gradients to the input pixels; their
 weights are frozen (requires_grad False), so only the images get gradients.
 """
