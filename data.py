@@ -90,6 +90,29 @@ def random_scene(rng, n=None):
 # Rendering
 
 
+def object_box(o, image_size):
+    """Pixel box (x0, y0, x1, y1), corners included, of an object centred in its cell. The top-left corner
+    is an integer, so the mask does not depend on the cell."""
+    e = object_extent(o.size, image_size)
+    unit = image_size // LATTICE
+    x0 = unit * (1 + 2 * o.col) + (2 * unit - e) // 2
+    y0 = unit * (1 + 2 * o.row) + (2 * unit - e) // 2
+    return x0, y0, x0 + e - 1, y0 + e - 1
+
+
+def draw_shape(draw, shape, box, fill):
+    """One shape filling the box (x0, y0, x1, y1) on a PIL ImageDraw."""
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse([x0, y0, x1, y1], fill=fill)
+    elif shape == "square":
+        draw.rectangle([x0, y0, x1, y1], fill=fill)
+    else:
+        # apex one pixel wide for odd widths, two for even ones, so the triangle is symmetric
+        w = x1 - x0 + 1
+        draw.polygon([(x0, y1), (x1, y1), (x0 + w // 2, y0), (x0 + (w - 1) // 2, y0)], fill=fill)
+
+
 def render(scene, image_size=32):
     """Scene -> uint8 (H, W, 3). Every object is centred in its cell; no anti-aliasing, so every pixel
     is a palette colour and the same (shape, size) always gives the same pixel mask."""
@@ -97,21 +120,8 @@ def render(scene, image_size=32):
         raise ValueError(f"image_size must be a multiple of {2 * LATTICE} (the layout lattice), got {image_size}")
     img = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(img)
-    unit = image_size // LATTICE
     for o in scene.objects:
-        e = object_extent(o.size, image_size)
-        # integer top-left corner, so the mask does not depend on the cell
-        x0 = unit * (1 + 2 * o.col) + (2 * unit - e) // 2
-        y0 = unit * (1 + 2 * o.row) + (2 * unit - e) // 2
-        x1, y1 = x0 + e - 1, y0 + e - 1
-        fill = COLOURS[o.colour]
-        if o.shape == "circle":
-            draw.ellipse([x0, y0, x1, y1], fill=fill)
-        elif o.shape == "square":
-            draw.rectangle([x0, y0, x1, y1], fill=fill)
-        else:
-            # apex one pixel wide for odd extents, two for even ones, so the triangle is symmetric
-            draw.polygon([(x0, y1), (x1, y1), (x0 + e // 2, y0), (x0 + (e - 1) // 2, y0)], fill=fill)
+        draw_shape(draw, o.shape, object_box(o, image_size), COLOURS[o.colour])
     return np.asarray(img, dtype=np.uint8)
 
 

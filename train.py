@@ -3,6 +3,7 @@ Every training stage of nanoloom behind one command. Stages, in order:
     tokenizer  word-level text tokenizer trained on the shapes world's text  -> tokenizer.json
     vq         VQ image tokenizer trained on rendered scenes                  -> vq.safetensors
     lm         the unified GPT pretrained on the token-sequence mix           -> gpt.safetensors
+    rewards    the reward heads (rewards.py) and their calibration            -> rewards.safetensors
     eval       benchmarks on held-out prompts, sample grid, report            -> report.json, report.md
 A finished stage is reused (its output file exists): to redo one, delete its file and run again, or
 name later stages alone with --stages once the earlier ones are done. The eval stage always runs.
@@ -13,7 +14,7 @@ name later stages alone with --stages once the earlier ones are done. The eval s
     python train.py tiny_configs/shapes_cpu.toml --train.lm_steps=300 --train.out_dir=out/short
 
 Overrides are `--section.key=value` for any key of the config file's sections ([train], [vq], [gpt],
-[sample]); an unknown key or a value of the wrong type stops with a message naming it.
+[sample], [rewards]); an unknown key or a value of the wrong type stops with a message naming it.
 """
 
 import argparse
@@ -41,7 +42,7 @@ from generate import RunError, SampleConfig, load_run, load_weights, save_grid
 from model import GPT, VQ, GPTConfig, VQConfig, add_lora, lora_state_dict, merge_lora, unmerge_lora
 from posttrain import PostConfig
 
-STAGES = ("tokenizer", "vq", "lm", "eval", "post")  # the main job
+STAGES = ("tokenizer", "vq", "lm", "rewards", "eval", "post")  # the main job
 EXTRA_STAGES = ("ablations",)  # run only when named: --stages=ablations
 
 
@@ -83,7 +84,8 @@ class TrainConfig:
     ablation_seeds: int = 3  # post-training seeds per variant in --stages=ablations
 
 
-SECTIONS = {"train": TrainConfig, "vq": VQConfig, "gpt": GPTConfig, "sample": SampleConfig, "post": PostConfig}
+SECTIONS = {"train": TrainConfig, "vq": VQConfig, "gpt": GPTConfig, "sample": SampleConfig, "rewards": rewards.RewardsConfig,
+            "post": PostConfig}
 DERIVED = {("gpt", "vocab_size"), ("gpt", "image_offset"), ("gpt", "n_image_tokens")}  # set from tokenizer + VQ
 
 
@@ -130,7 +132,7 @@ def _set(cfgs, section, key, value, from_cli):
 
 def validate(cfgs):
     """Values that type-check but cannot work, refused before any work is done."""
-    tc, vc, pc = cfgs["train"], cfgs["vq"], cfgs["post"]
+    tc, vc, rc, pc = cfgs["train"], cfgs["vq"], cfgs["rewards"], cfgs["post"]
     rules = [
         (tc.device in ("auto", "cpu", "cuda", "mps"), f"train.device={tc.device!r}: expected auto, cpu, cuda or mps"),
         (tc.dtype in ("float32", "bfloat16"), f"train.dtype={tc.dtype!r}: expected float32 or bfloat16"),
@@ -141,6 +143,10 @@ def validate(cfgs):
         (0 <= tc.null_prob <= 1, "train.null_prob must lie in [0, 1]"),
         (vc.image_size % vc.patch == 0 and vc.image_size % (2 * data.LATTICE) == 0,
          f"vq.image_size={vc.image_size} must be a multiple of vq.patch={vc.patch} and of {2 * data.LATTICE} (the world's layout lattice)"),
+        (rc.dim % 4 == 0 and min(rc.dim, rc.layers, rc.batch) >= 2 and rc.examples >= rc.batch,
+         "rewards.dim must be a multiple of 4 (attention heads), rewards.layers and rewards.batch >= 2, rewards.examples >= rewards.batch"),
+        (min(rc.calib_examples, rc.calib_samples) >= 2, "rewards.calib_examples and rewards.calib_samples must be >= 2"),
+        (0 <= rc.p_vq <= 1, "rewards.p_vq must lie in [0, 1]"),
         (pc.strategy in posttrain.STRATEGIES, f"post.strategy={pc.strategy!r}: expected one of {', '.join(posttrain.STRATEGIES)}"),
         (pc.weighting in posttrain.WEIGHTINGS, f"post.weighting={pc.weighting!r}: expected one of {', '.join(posttrain.WEIGHTINGS)}"),
         (0 <= pc.null_prob <= 1, "post.null_prob must lie in [0, 1]"),
@@ -201,10 +207,10 @@ def autocast(cfg, device):
     return torch.autocast(device_type=device, enabled=False)
 
 
-def save_atomic(tensors, path):
+def save_atomic(tensors, path, metadata=None):
     """safetensors write via a temporary file and a rename: a kill mid-write never leaves a corrupt file."""
     tmp = path + ".tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
     os.replace(tmp, path)
 
 
@@ -450,6 +456,21 @@ def stage_lm(cfgs, run_dir, device, metrics):
 
 
 # -----------------------------------------------------------------------------
+# stage: rewards
+
+
+def stage_rewards(cfgs, run_dir, device, metrics):
+    tc, rc = cfgs["train"], cfgs["rewards"]
+    tokenizer = data.load_tokenizer(os.path.join(run_dir, "tokenizer.json"))
+    vq = load_weights(VQ(cfgs["vq"]).to(device), os.path.join(run_dir, "vq.safetensors")).eval()
+    heads, figures = rewards.train_heads(rc, tokenizer, vq, tc.seed, device, log=lambda **kv: metrics.log(stage="rewards", **kv))
+    save_atomic(heads.state_dict(), os.path.join(run_dir, rewards.HEADS_FILE), rewards.heads_metadata(heads))
+    figures["calibration"] = cal = rewards.calibrate(run_dir, device, rc.calib_examples, rc.calib_samples, tc.seed)
+    print(rewards.table(cal))
+    return figures
+
+
+# -----------------------------------------------------------------------------
 # stage: eval
 
 
@@ -630,9 +651,15 @@ def check_run_dir(run_dir, cfg_json):
         return
     with open(path) as f:
         old = json.load(f)
-    keep = ("out_dir", "bench_prompts", "bench_samples", "eval_batch", "threads", "device", "eval_every")  # free to change
-    diff = [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {v!r}" for s in ("train", "vq", "gpt") for k, v in cfg_json[s].items()
+    keep = ("out_dir", "bench_prompts", "bench_samples", "eval_batch", "threads", "device", "eval_every",
+            "calib_examples", "calib_samples")  # free to change
+    # the reward heads come after the GPT: their settings matter only once they are trained
+    sections = ("train", "vq", "gpt") + ("rewards",) * os.path.exists(os.path.join(run_dir, rewards.HEADS_FILE))
+    diff = [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {v!r}" for s in sections for k, v in cfg_json[s].items()
             if (s, k) not in DERIVED and k not in keep and old.get(s, {}).get(k) != v]
+    if diff and all(d.startswith("rewards.") for d in diff):
+        raise ConfigError(f"{run_dir} holds reward heads trained with another config ({'; '.join(diff[:5])}). "
+                          f"Delete {os.path.join(run_dir, rewards.HEADS_FILE)} to retrain them, or use another --train.out_dir.")
     post_path = os.path.join(run_dir, "lora_post.json")
     if not diff and os.path.exists(post_path):
         old_post = json.load(open(post_path))
@@ -669,7 +696,8 @@ def main(argv=None):
     metrics = Metrics(os.path.join(run_dir, "metrics.jsonl"))
     report_path = os.path.join(run_dir, "report.json")
     report = json.load(open(report_path)) if os.path.exists(report_path) else {"benchmarks": {}, "stages": {}}
-    outputs = {"tokenizer": "tokenizer.json", "vq": "vq.safetensors", "lm": "gpt.safetensors", "post": "lora_post.safetensors"}
+    outputs = {"tokenizer": "tokenizer.json", "vq": "vq.safetensors", "lm": "gpt.safetensors", "rewards": rewards.HEADS_FILE,
+               "post": "lora_post.safetensors"}
     t_all = time.time()
     print(f"run {run_dir} on {device}; stages {', '.join(stages)}")
     for stage in stages:
@@ -691,6 +719,8 @@ def main(argv=None):
                 figures = stage_vq(cfgs, run_dir, device, metrics)
             elif stage == "lm":
                 figures = stage_lm(cfgs, run_dir, device, metrics)
+            elif stage == "rewards":
+                figures = stage_rewards(cfgs, run_dir, device, metrics)
             elif stage == "ablations":
                 figures = stage_ablations(cfgs, run_dir, device, metrics, report)
             elif stage == "post":
@@ -700,7 +730,7 @@ def main(argv=None):
                 report["benchmarks"] = figures.pop("benchmarks")
                 report["weakness"] = figures.pop("weakness")
                 write_json(report["weakness"], os.path.join(run_dir, "weakness.json"))
-        except (RunError, ConfigError) as e:
+        except (RunError, ConfigError, rewards.RewardError) as e:
             raise SystemExit(f"error: {e}")
         derive_sizes(cfgs, run_dir)
         write_json(resolved_config(cfgs), os.path.join(run_dir, "config.json"))
