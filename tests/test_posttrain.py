@@ -83,3 +83,31 @@ def test_weighted_loss_is_the_weighted_sum_of_both_modalities():
     torch.testing.assert_close(loss, (w * (0.3 * text + 1.5 * image)).mean())
     only_text, _ = posttrain.weighted_loss(gpt, batch, w, alpha_text=1.0, alpha_image=0.0)
     torch.testing.assert_close(only_text, (w * text).mean())
+
+
+def test_micro_post_training_round_changes_only_the_adapter(micro_run, tmp_path):
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import load_file
+
+    import train
+    from conftest import MICRO
+    run = str(tmp_path / "run")
+    shutil.copytree(micro_run, run)
+    report = json.load(open(os.path.join(run, "report.json")))
+    assert {"before", "after", "rounds", "reward_hacking"} <= set(report["post"])
+    saved = load_file(os.path.join(run, "lora_post.safetensors"))
+    assert saved and all(".lora_" in k for k in saved), "the adapter file holds adapter tensors only"
+    # one more round by hand: every base weight stays as it was, the adapter moves
+    cfgs = train.load_config(MICRO, [f"--train.out_dir={run}", "--post.steps=3", "--post.weighting=uniform"])
+    train.derive_sizes(cfgs, run)
+    base = load_file(os.path.join(run, "gpt.safetensors"))
+    gpt, *_, rounds = train.post_train(cfgs, run, "cpu", train.Metrics(os.path.join(run, "m.jsonl")), cfgs["post"], seed=5, adapter="t")
+    state = gpt.state_dict()
+    for k, v in base.items():
+        key = k.replace("_proj.weight", "_proj.base.weight") if k.replace("_proj.weight", "_proj.base.weight") in state else k
+        assert torch.equal(state[key], v), k
+    assert any(state[k].abs().sum() > 0 for k in state if ".lora_B." in k), "the adapter did not train"
+    assert rounds and 0 <= rounds[0]["verifier"] <= 1
