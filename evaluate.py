@@ -386,7 +386,7 @@ def ablation_summary(results, tables):
     head = f"| variant | {focus} ({metric}) | change | geneval | dpg | wise | oneig |"
     out = [f"# Post-training ablations", "",
            f"Focus: the base model's weakest dev category, `{focus}`, measured on {base['focus']['samples']} samples "
-           f"(150 bench prompts x 4 samples x 2 sampling seeds). Benchmarks: bench prompts x 2 samples. "
+           f"(bench prompts x 4 samples x 2 sampling seeds). Benchmarks: bench prompts x 1 sample (oneig 2). "
            f"Mean +- std over post-training seeds.", ""]
     for title, names in tables.items():
         out += [f"## {title}", "", head, "|---|---|---|---|---|---|---|",

@@ -82,6 +82,7 @@ class TrainConfig:
     bench_samples: int = 4  # samples per prompt
     eval_batch: int = 128  # prompts sampled together
     ablation_seeds: int = 3  # post-training seeds per variant in --stages=ablations
+    focus_prompts: int = 150  # ablations: bench prompts of the weakest category, x 4 samples x 2 seeds
 
 
 SECTIONS = {"train": TrainConfig, "vq": VQConfig, "gpt": GPTConfig, "sample": SampleConfig, "rewards": rewards.RewardsConfig,
@@ -150,6 +151,7 @@ def validate(cfgs):
         (pc.strategy in posttrain.STRATEGIES, f"post.strategy={pc.strategy!r}: expected one of {', '.join(posttrain.STRATEGIES)}"),
         (pc.weighting in posttrain.WEIGHTINGS, f"post.weighting={pc.weighting!r}: expected one of {', '.join(posttrain.WEIGHTINGS)}"),
         (0 <= pc.null_prob <= 1, "post.null_prob must lie in [0, 1]"),
+        (min(tc.ablation_seeds, tc.focus_prompts) >= 1, "train.ablation_seeds and train.focus_prompts must be >= 1"),
         (min(pc.rounds, pc.prompts, pc.samples, pc.steps, pc.batch, pc.lora_r, pc.eval_samples) >= 1,
          "post.rounds, prompts, samples, steps, batch, lora_r and eval_samples must be >= 1"),
         (pc.beta > 0 and pc.lr > 0 and min(pc.alpha_text, pc.alpha_image, pc.pretrain_weight) >= 0 and pc.alpha_text + pc.alpha_image > 0,
@@ -540,6 +542,7 @@ def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_pre
                            for i in range(0, len(prompts), 256)]).numpy()
         v = posttrain.verifier_scores(samples["image"], examples, samples["example"])
         w = posttrain.sample_weights(r, samples["example"], pc.weighting, pc.beta, pc.threshold)
+        os.makedirs(os.path.dirname(os.path.join(run_dir, log_prefix)), exist_ok=True)
         save_round(samples, {"reward": r, "verifier": v, "weight": w}, os.path.join(run_dir, f"{log_prefix}_round{k}.safetensors"))
         write_json([{"prompt": ex.prompt, "category": ex.category, "kind": ex.kind} for ex in examples],
                    os.path.join(run_dir, f"{log_prefix}_round{k}.json"))
@@ -597,8 +600,9 @@ ABLATION_TABLES = {"modality weighting": ["both", "text_only", "image_only", "un
 
 def stage_ablations(cfgs, run_dir, device, metrics, report):
     """Every variant of ABLATIONS x train.ablation_seeds post-training seeds, from the same pretrained
-    base. Each is measured on the base's weakest dev category (focus_score: 150 bench prompts x 4 samples
-    x 2 sampling seeds = 1,200 samples) and on the four benchmarks (bench_prompts x 2 samples)."""
+    base. Each is measured on the base's weakest dev category (focus_score: focus_prompts x 4 samples
+    x 2 sampling seeds = 1,200 samples) and on the four benchmarks (bench_prompts x 1 sample, 2 for oneig):
+    about 2 minutes a run on 2 CPU cores, 7 variants x 3 seeds."""
     tc = cfgs["train"]
     weak = report.get("weakness")
     if not weak:
@@ -606,22 +610,22 @@ def stage_ablations(cfgs, run_dir, device, metrics, report):
     focus = weak["categories"][0]["name"].split("/")[0]  # knowledge kinds are measured as all of knowledge
     _, tokenizer, vocab, vq, base = load_run(run_dir, device)
     measure = lambda gpt: {
-        "focus": evaluate.focus_score(gpt, vq, vocab, tokenizer, cfgs["sample"], focus, batch=tc.eval_batch),
-        "benchmarks": evaluate.score_benchmarks(gpt, vq, vocab, tokenizer, cfgs["sample"], tc.bench_prompts, 2, tc.eval_batch, tc.seed)[0]}
+        "focus": evaluate.focus_score(gpt, vq, vocab, tokenizer, cfgs["sample"], focus, tc.focus_prompts, batch=tc.eval_batch),
+        "benchmarks": evaluate.score_benchmarks(gpt, vq, vocab, tokenizer, cfgs["sample"], tc.bench_prompts, 1, tc.eval_batch, tc.seed)[0]}
     results = {"focus_category": focus, "base": measure(base), "runs": {}}
     for seed in range(tc.ablation_seeds):
         for name, overrides in ABLATIONS.items():
             t0 = time.time()
             pc = dataclasses.replace(cfgs["post"], **overrides)
-            gpt, *_, rounds = post_train(cfgs, run_dir, device, metrics, pc, seed=1000 + seed, log_prefix=f"ablation_{name}_s{seed}")
+            gpt, *_, rounds = post_train(cfgs, run_dir, device, metrics, pc, seed=1000 + seed, log_prefix=f"ablations/{name}_s{seed}")
             merge_lora(gpt)
             res = {**measure(gpt), "rounds": rounds, "seconds": round(time.time() - t0, 1)}
             results["runs"].setdefault(name, []).append(res)
             print(f"[ablations] {name} seed {seed}: {focus} {res['focus']['pass_rate']:.3f} "
                   f"(base {results['base']['focus']['pass_rate']:.3f}), {res['seconds']:.0f}s")
-            write_json(results, os.path.join(run_dir, "ablations.json"))  # after every run: an interrupted sweep keeps its results
+            write_json(results, os.path.join(run_dir, "ablations", "ablations.json"))  # after every run: an interrupted sweep keeps its results
     summary = evaluate.ablation_summary(results, ABLATION_TABLES)
-    with open(os.path.join(run_dir, "ablations.md"), "w") as f:
+    with open(os.path.join(run_dir, "ablations", "ablations.md"), "w") as f:
         f.write(summary + "\n")
     print(summary)
     return {"variants": len(ABLATIONS), "seeds": tc.ablation_seeds, "focus_category": focus}

@@ -111,3 +111,20 @@ def test_micro_post_training_round_changes_only_the_adapter(micro_run, tmp_path)
         assert torch.equal(state[key], v), k
     assert any(state[k].abs().sum() > 0 for k in state if ".lora_B." in k), "the adapter did not train"
     assert rounds and 0 <= rounds[0]["verifier"] <= 1
+
+
+def test_ablations_stage_writes_tables_and_claims(micro_run, tmp_path, monkeypatch, capsys):
+    import json
+    import os
+    import shutil
+
+    import train
+    from conftest import MICRO
+    run = str(tmp_path / "run")
+    shutil.copytree(micro_run, run)
+    monkeypatch.setattr(train, "ABLATIONS", {k: train.ABLATIONS[k] for k in ("both", "uniform")})
+    train.main([MICRO, f"--train.out_dir={run}", "--stages=ablations"])
+    res = json.load(open(os.path.join(run, "ablations", "ablations.json")))
+    assert set(res["runs"]) == {"both", "uniform"} and res["base"]["focus"]["samples"] == 2 * 4 * 2
+    md = open(os.path.join(run, "ablations", "ablations.md")).read()
+    assert "standard error" in md and "| uniform (n=1)" in md
