@@ -82,7 +82,7 @@ def test_folder_with_nothing_usable_is_a_clear_error(tmp_path):
         train.load_config(MICRO, [f"--train.data_dir={empty}"])
 
 
-def test_folder_run_end_to_end(tmp_path, capsys):
+def test_folder_run_end_to_end(tmp_path, capsys, one_thread):
     folder = tmp_path / "mine"
     data.make_folder(str(folder), 48, seed=3)
     Image.new("LA", (20, 30)).save(folder / "extra.png")  # not in metadata.jsonl: ignored
@@ -105,6 +105,15 @@ def test_folder_run_end_to_end(tmp_path, capsys):
 # data-parallel training and exact resume, on the micro config
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread, as torchrun gives each process: the tests run faster on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def lm_ready(src, dst):
     """A run directory holding the micro run's tokenizer and VQ, so that only the lm stage runs."""
     os.makedirs(dst)
@@ -120,6 +129,7 @@ def lm_losses(run_dir):
 
 
 def _lm_worker(rank, world, run_dir, port, overrides):
+    torch.set_num_threads(1)
     if world > 1:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -133,15 +143,11 @@ def _lm_worker(rank, world, run_dir, port, overrides):
         torch.distributed.destroy_process_group()
 
 
-def test_two_processes_match_one(tmp_path, micro_run):
+def test_two_processes_match_one(tmp_path, micro_run, one_thread):
     """2 gloo processes, each with half of every global batch of 8, against 1 process with all of it."""
     overrides = ["--train.log_every=1", "--train.lm_steps=6"]
     one, two = lm_ready(micro_run, tmp_path / "one"), lm_ready(micro_run, tmp_path / "two")
-    threads = torch.get_num_threads()
-    try:
-        _lm_worker(0, 1, one, None, overrides)
-    finally:
-        torch.set_num_threads(threads)
+    _lm_worker(0, 1, one, None, overrides)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -156,7 +162,7 @@ def test_two_processes_match_one(tmp_path, micro_run):
     assert np.allclose([a[s] for s in a], [b[s] for s in a], rtol=1e-5, atol=0), (a, b)
 
 
-def test_interrupted_run_resumes_exactly(tmp_path, micro_run, monkeypatch, capsys):
+def test_interrupted_run_resumes_exactly(tmp_path, micro_run, monkeypatch, capsys, one_thread):
     args = ["--stages=lm", "--train.log_every=1", "--train.ckpt_every=4"]
     ref = lm_ready(micro_run, tmp_path / "ref")
     train.main([MICRO, f"--train.out_dir={ref}", *args])
@@ -215,3 +221,14 @@ def test_kill_mid_write_leaves_the_last_complete_file(tmp_path):
     assert (load_file(path)["w"] == 1.0).all()  # the previous complete version, untouched
     with pytest.raises(Exception):
         load_file(path + ".tmp")  # what the kill interrupted is corrupt, and was never renamed into place
+
+
+def test_bench_json(micro_run, capsys, monkeypatch, one_thread):
+    import bench
+    monkeypatch.setattr("sys.argv", ["bench.py", micro_run, "--json", "--batch", "2", "--threads", "1"])
+    bench.main()
+    out = json.loads(capsys.readouterr().out)
+    g, t = out["generation"], out["training"]
+    assert out["matmul_peak_gflops"] > 0 and 0 < t["mfu"] and t["memory"]["peak_mb"] > 0
+    assert g["cache"] > 0 and g["cache_guided"] > 0 and g["reference_guided"] > 0 and 0 < g["fraction_of_bound"]
+    assert set(out["targets"]) == {"cache_guided_at_least_5x_reference", "guidance_at_most_1.5x_unguided", "training_at_least_plain_gpt"}
