@@ -120,6 +120,9 @@ def main():
         cfg, tokenizer, vocab, vq, gpt = load_run(args.run_dir)
     except RunError as e:
         raise SystemExit(f"error: {e}")
+    if cfg["train"].get("data_dir"):
+        raise SystemExit(f"the benchmarks need the shapes world's parser, which cannot read the images of a folder run; see "
+                         f"{os.path.join(args.run_dir, 'samples_folder.png')}, or draw with `python generate.py {args.run_dir} \"a caption\"`")
     tc = cfg["train"]  # the run's own settings, so the scores match its report.json
     pick = lambda given, key: tc[key] if given is None else given
     res = run_all(gpt, vq, vocab, tokenizer, SampleConfig(**cfg.get("sample", {})), args.run_dir,
