@@ -1,87 +1,257 @@
 """
-Performance figures of a trained run on this machine: generation images/s for the slow reference
-sampler, the KV-cache sampler, and the KV-cache sampler with batched classifier-free guidance; and
-training throughput of the GPT in tokens/s.
+Performance figures of a trained run on this machine, all measured in the same run:
+- the fp32 matmul peak (a big square matmul, timed), the yardstick of the other figures;
+- training: tokens/s of the run's GPT and of a plain GPT of the same size (nanoGPT's architecture), the
+  model FLOPs utilisation (MFU) of each against that peak, and the peak memory of training;
+- generation: images/s of the slow reference sampler, the KV-cache sampler, and the KV-cache sampler with
+  batched classifier-free guidance; the peak memory of generation; and the bound: images/s if every
+  decode step ran at the matmul peak, and the fraction of it reached.
 
-    python bench.py                       # uses out/shapes_cpu (train it first)
-    python bench.py out/shapes_cpu --json # one JSON object
+    python bench.py                                  # uses out/shapes_cpu (train it first)
+    python bench.py out/shapes_cpu --json            # one JSON object
+    python bench.py out/shapes_cpu --profile         # also the ops that dominate training and sampling
 """
 
 import argparse
 import json
+import resource
 import time
 from dataclasses import replace
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import data
 from generate import RunError, SampleConfig, generate, generate_reference, load_run
 
-
-def images_per_s(fn, n_images, repeats=1):
-    fn()  # warm-up (allocations, thread pools)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return n_images * repeats / (time.perf_counter() - t0)
+# -----------------------------------------------------------------------------
+# yardsticks: the matmul peak, FLOP counts, peak memory
 
 
-def bench_generation(gpt, vocab, tokenizer, sample_cfg, batch=16, seed=0):
-    rng = np.random.default_rng(seed)
-    prompts = [data.encode_text(tokenizer, data.sample_example(rng, split="dev").prompt) for _ in range(batch)]
-    guided = replace(sample_cfg, cfg_scale=sample_cfg.cfg_scale if sample_cfg.cfg_scale != 1.0 else 1.5)
-    plain = replace(sample_cfg, cfg_scale=1.0)
-    out = {
-        "reference_guided": images_per_s(lambda: [generate_reference(gpt, vocab, p, guided, seed) for p in prompts[:4]], len(prompts[:4])),
-        "cache": images_per_s(lambda: generate(gpt, vocab, prompts, plain, seed), batch, 2),
-        "cache_guided": images_per_s(lambda: generate(gpt, vocab, prompts, guided, seed), batch, 2),
-    }
-    out["speedup_guided"] = out["cache_guided"] / out["reference_guided"]
-    out["guidance_cost"] = out["cache"] / out["cache_guided"]  # time with guidance / time without
-    return out
+def matmul_peak(device, n=1024, repeats=10):
+    """FLOP/s of an n x n fp32 matmul, the best of 3 rounds after a warm-up (on a shared machine the best
+    round is the nearest to the peak)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(4):  # the first round warms up
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 * repeats / best
 
 
-def bench_training(gpt, steps=10, batch=32, T=128, seed=0):
-    """Tokens/s of forward + backward + AdamW step on random tokens of the run's shapes."""
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_params(model):
+    """Parameters that take part in a matmul (embedding lookups and norm gains do not)."""
+    return sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "emb" not in n and "wte" not in n and "wpe" not in n)
+
+
+def train_flops_per_token(model, n_layer, n_embd, T):
+    """6 N (forward 2 N, backward 4 N) plus attention's 12 L C T (PaLM's appendix, as in nanoGPT's MFU)."""
+    return 6 * matmul_params(model) + 12 * n_layer * n_embd * T
+
+
+def reset_peak_memory(device):
+    """Start a new peak: CUDA's counter, or on Linux the process's peak RSS (VmHWM) via /proc/self/clear_refs."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux: the peak below is the process's peak so far
+    return rss_mb("VmRSS")
+
+
+def peak_memory(device, start_mb):
+    """MB the phase needed above what the process held when it began (peak - start)."""
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else rss_mb("VmHWM")
+    return {"peak_mb": round(peak, 1), "above_start_mb": round(peak - start_mb, 1)}
+
+
+def rss_mb(field):
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB (macOS bytes)
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+class PlainGPT(nn.Module):
+    """nanoGPT's architecture (learned positions, pre-LayerNorm, GELU MLP 4x wide) at the width, depth and
+    vocabulary of the run's GPT: the throughput our GPT should at least match."""
+
+    def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab_size, n_embd), nn.Embedding(block_size, n_embd)
+        layer = nn.TransformerEncoderLayer(n_embd, n_head, 4 * n_embd, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False)
+        self.ln_f, self.lm_head = nn.LayerNorm(n_embd), nn.Linear(n_embd, vocab_size, bias=False)
+
+    def forward(self, idx):
+        T = idx.shape[1]
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
+        mask = nn.Transformer.generate_square_subsequent_mask(T, device=idx.device)
+        return self.lm_head(self.ln_f(self.blocks(x, mask=mask, is_causal=True)))
+
+
+def bench_training(model, device, peak, steps=5, rounds=3, batch=32, T=104, seed=0):
+    """Tokens/s of forward + backward + AdamW step on random tokens (T=104 is about a plan sequence); the
+    best of `rounds` rounds of `steps` steps, as the matmul peak is, so that both see the machine at its least busy."""
     torch.manual_seed(seed)
-    model = type(gpt)(gpt.cfg).train()
+    model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randint(0, gpt.cfg.vocab_size, (batch, T))
+    x = torch.randint(0, model.lm_head.out_features, (batch, T + 1), device=device)
 
     def step():
-        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad()
+        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return {"tokens_per_s": steps * batch * (T - 1) / (time.perf_counter() - t0), "batch": batch, "T": T}
+    step()  # warm-up: allocations, thread pools
+    start = reset_peak_memory(device)
+    best = float("inf")
+    for _ in range(rounds):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    tokens_per_s = steps * batch * T / best
+    cfg = (len(model.layers), model.cfg.n_embd) if hasattr(model, "layers") else (len(model.blocks.layers), model.wte.embedding_dim)
+    flops = train_flops_per_token(model, *cfg, T)
+    return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops / peak, "params": sum(p.numel() for p in model.parameters()),
+            "batch": batch, "T": T, "memory": peak_memory(device, start)}
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+
+def images_per_s(fn, n_images, rounds=1):
+    """n_images / the best time of `rounds` calls after a warm-up call; also the last call's output."""
+    fn()  # warm-up (allocations, thread pools)
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return n_images / best, out
+
+
+def decode_flops(gpt, rows, prompt_len, steps):
+    """Forward FLOPs of one generate call: the prompt, then one token per row per step, each 2 N for the
+    matmuls plus 4 L C (context) for attention scores and values."""
+    n, L, C = matmul_params(gpt), gpt.cfg.n_layer, gpt.cfg.n_embd
+    per_token = lambda ctx: 2 * n + 4 * L * C * ctx
+    return rows * (sum(per_token(t + 1) for t in range(prompt_len)) + sum(per_token(prompt_len + s + 1) for s in range(steps)))
+
+
+def bench_generation(gpt, vocab, prompts, sample_cfg, device, peak, seed=0):
+    batch = len(prompts)
+    guided = replace(sample_cfg, cfg_scale=sample_cfg.cfg_scale if sample_cfg.cfg_scale != 1.0 else 1.5)
+    plain = replace(sample_cfg, cfg_scale=1.0)
+    out = {"batch": batch}
+    out["reference_guided"], _ = images_per_s(lambda: [generate_reference(gpt, vocab, p, guided, seed) for p in prompts[:4]], len(prompts[:4]))
+    out["cache"], _ = images_per_s(lambda: generate(gpt, vocab, prompts, plain, seed), batch, 3)
+    start = reset_peak_memory(device)
+    out["cache_guided"], samples = images_per_s(lambda: generate(gpt, vocab, prompts, guided, seed), batch, 3)
+    out["memory"] = peak_memory(device, start)
+    out["speedup_guided"] = out["cache_guided"] / out["reference_guided"]
+    out["guidance_cost"] = out["cache"] / out["cache_guided"]  # time with guidance / time without
+    prompt_len = max(len(p) for p in prompts) + 1 + guided.think  # <bos> prompt [<think>]
+    flops = decode_flops(gpt, 2 * batch, prompt_len, len(samples[0]["tokens"]))
+    out["bound_guided"] = batch * peak / flops  # images/s if every step ran at the matmul peak
+    out["fraction_of_bound"] = out["cache_guided"] / out["bound_guided"]
+    return out
+
+
+def bench_prompts(cfg, tokenizer, n, seed=0):
+    """The run's own kind of prompt: shapes-world prompts, or a folder's captions."""
+    if cfg["train"].get("data_dir"):
+        folder = data.load_folder(cfg["train"]["data_dir"], cfg["vq"]["image_size"])
+        return [data.encode_text(tokenizer, folder.captions[i % len(folder.captions)]) for i in range(n)]
+    rng = np.random.default_rng(seed)
+    return [data.encode_text(tokenizer, data.sample_example(rng, split="dev").prompt) for _ in range(n)]
+
+
+# -----------------------------------------------------------------------------
+
+
+def profile(gpt, vocab, prompts, sample_cfg, device, rows=12):
+    """The ops that take the most time (self time) in 3 training steps and in one guided generation."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    model = type(gpt)(gpt.cfg).to(device).train()
+    with torch_profile(activities=acts) as prof:
+        bench_training(model, device, peak=1.0, steps=3, rounds=1)
+    print("training, top ops by self time:\n" + prof.key_averages().table(sort_by=sort, row_limit=rows))
+    with torch_profile(activities=acts) as prof:
+        generate(gpt, vocab, prompts, sample_cfg, 0)
+    print("generation (KV cache + guidance), top ops by self time:\n" + prof.key_averages().table(sort_by=sort, row_limit=rows))
 
 
 def main():
-    p = argparse.ArgumentParser(description="Performance figures of a trained run.")
+    p = argparse.ArgumentParser(description="Performance figures of a trained run on this machine.")
     p.add_argument("run_dir", nargs="?", default="out/shapes_cpu")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--batch", type=int, default=16, help="images generated together")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    p.add_argument("--profile", action="store_true", help="also print the top ops of training and of sampling (torch.profiler)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default); 1 is steadier on a busy machine")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
-        cfg, tokenizer, vocab, vq, gpt = load_run(args.run_dir)
+        cfg, tokenizer, vocab, vq, gpt = load_run(args.run_dir, args.device)
     except RunError as e:
         raise SystemExit(f"error: {e}")
-    figures = {"threads": torch.get_num_threads(), "params": gpt.num_params(),
-               "generation_images_per_s": bench_generation(gpt, vocab, tokenizer, SampleConfig(**cfg["sample"]), args.batch),
-               "training": bench_training(gpt)}
+    sample_cfg = SampleConfig(**cfg["sample"])
+    prompts = bench_prompts(cfg, tokenizer, args.batch)
+    peak = matmul_peak(args.device)
+    gc = gpt.cfg
+    figures = {  # generation first: its memory is measured before training has grown the process
+        "device": args.device, "threads": torch.get_num_threads(), "params": gpt.num_params(), "matmul_peak_gflops": peak / 1e9,
+        "generation": bench_generation(gpt, vocab, prompts, sample_cfg, args.device, peak),
+        "training": bench_training(type(gpt)(gc), args.device, peak),
+        "training_plain_gpt": bench_training(PlainGPT(gc.vocab_size, gc.block_size, gc.n_layer, gc.n_head, gc.n_embd), args.device, peak),
+    }
+    figures["training_plain_gpt"].pop("memory")  # the process already holds what it needs: reads ~0, says nothing
+    t, plain, g = figures["training"], figures["training_plain_gpt"], figures["generation"]
+    figures["targets"] = {"cache_guided_at_least_5x_reference": g["speedup_guided"] >= 5,
+                          "guidance_at_most_1.5x_unguided": g["guidance_cost"] <= 1.5,
+                          "training_at_least_plain_gpt": t["tokens_per_s"] >= plain["tokens_per_s"]}
     if args.json:
         print(json.dumps(figures, indent=2))
     else:
-        g = figures["generation_images_per_s"]
-        print(f"generation, batch {args.batch}: reference {g['reference_guided']:.1f} img/s, KV cache {g['cache']:.1f}, "
-              f"KV cache + guidance {g['cache_guided']:.1f} ({g['speedup_guided']:.1f}x the reference; guidance costs {g['guidance_cost']:.2f}x)")
-        print(f"training: {figures['training']['tokens_per_s']:.0f} tokens/s ({figures['params'] / 1e6:.2f}M parameters)")
+        print(f"matmul peak (fp32, {args.device}, {figures['threads']} threads): {peak / 1e9:.1f} GFLOP/s")
+        print(f"training, batch {t['batch']} x T {t['T']}: {t['tokens_per_s']:.0f} tokens/s, MFU {t['mfu']:.1%} ({t['params'] / 1e6:.2f}M params); "
+              f"plain GPT of the same size {plain['tokens_per_s']:.0f} tokens/s, MFU {plain['mfu']:.1%} ({plain['params'] / 1e6:.2f}M params); "
+              f"peak memory +{t['memory']['above_start_mb']:.0f} MB")
+        print(f"generation, batch {g['batch']}: reference {g['reference_guided']:.1f} img/s, KV cache {g['cache']:.1f}, "
+              f"KV cache + guidance {g['cache_guided']:.1f} ({g['speedup_guided']:.1f}x the reference; guidance costs {g['guidance_cost']:.2f}x); "
+              f"peak memory +{g['memory']['above_start_mb']:.0f} MB")
+        print(f"generation bound at the matmul peak: {g['bound_guided']:.0f} img/s (guided); reached {g['fraction_of_bound']:.1%}")
+        print("targets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in figures["targets"].items()))
+    if args.profile:
+        profile(gpt, vocab, prompts, sample_cfg, args.device)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ text tokenizer, and the token-sequence format the GPT reads. Imports nothing fro
 
     python data.py --show 16          # writes out/world_samples.png: random examples with prompt and plan
     python data.py --show 8 --image-size 64 --seed 1
+    python data.py --make-folder out/my_images --n 2000   # a demo folder of your own images (PNG + metadata.jsonl)
 
 A scene is 1-4 objects (shape, colour, size) on a 3x3 grid of cells, at most one per cell. Prompts are
 written from a scene ("scene first"), so the scene attached to an example satisfies its spec by
@@ -11,6 +12,7 @@ construction; the parser reads any image back into a scene, which makes every be
 """
 import argparse
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -566,6 +568,102 @@ def caption_text(scene, rng=None):
 
 
 # -----------------------------------------------------------------------------
+# Your own images: a folder of images with captions
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class Folder:
+    images: np.ndarray  # (N, S, S, 3) uint8, every image converted to RGB at the configured size
+    captions: list  # N strings
+    names: list  # N file names, relative to the folder
+    skipped: list  # (file name, reason) of every file that could not be used
+
+
+def _folder_entries(folder):
+    """(file name, caption) pairs: from metadata.jsonl (Hugging Face imagefolder convention) if there is
+    one, else from a .txt file beside each image. Images without a caption come back with caption None."""
+    meta = os.path.join(folder, "metadata.jsonl")
+    if os.path.exists(meta):
+        entries = []
+        with open(meta) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    entries.append((str(row["file_name"]), row.get("text")))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{meta} line {n}: expected a JSON object with \"file_name\" and \"text\", got {line.strip()[:80]!r}") from None
+        return entries
+    entries = []
+    for name in sorted(os.listdir(folder)):
+        if name.lower().endswith(IMAGE_EXTENSIONS):
+            txt = os.path.join(folder, os.path.splitext(name)[0] + ".txt")
+            entries.append((name, open(txt).read() if os.path.exists(txt) else None))
+    return entries
+
+
+def load_image(path, image_size):
+    """Any image Pillow reads -> uint8 (S, S, 3): transparency composited on white (RGBA, LA, palette with a
+    transparent colour), grey and palette images made RGB, the centre square cropped (no distortion), then
+    resized. Raises OSError (or ValueError) for unreadable or truncated files."""
+    with Image.open(path) as im:
+        im.load()  # decodes now, so a truncated file fails here and not later
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            im = Image.alpha_composite(Image.new("RGBA", im.size, BACKGROUND + (255,)), im.convert("RGBA"))
+        im = im.convert("RGB")
+        w, h = im.size
+        side = min(w, h)
+        im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+        return np.asarray(im.resize((image_size, image_size), Image.BICUBIC), dtype=np.uint8)
+
+
+def load_folder(folder, image_size):
+    """A folder of captioned images -> Folder. Unreadable files and images without a caption are skipped
+    (and listed); a folder with nothing usable is an error that says what a usable folder looks like."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"image folder {folder!r} does not exist (make a demo one with `python data.py --make-folder {folder}`)")
+    images, captions, names, skipped = [], [], [], []
+    for name, text in _folder_entries(folder):
+        if not isinstance(text, str) or not text.strip():
+            skipped.append((name, "no caption"))
+            continue
+        try:
+            images.append(load_image(os.path.join(folder, name), image_size))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            skipped.append((name, f"unreadable: {str(e)[:60]}"))
+            continue
+        captions.append(" ".join(text.split()))
+        names.append(name)
+    if not images:
+        why = f"; {len(skipped)} skipped, e.g. " + ", ".join(f"{n} ({r})" for n, r in skipped[:3]) if skipped else ""
+        raise ValueError(f"no usable images in {folder}{why}. A folder needs images with captions: a metadata.jsonl "
+                         f"with lines {{\"file_name\": \"a.png\", \"text\": \"a caption\"}}, or a.txt beside a.png")
+    return Folder(np.stack(images), captions, names, skipped)
+
+
+def folder_dev(names):
+    """Indices of the held-out tenth of a folder (at least one image), chosen by a stable hash of the file
+    name, so adding images to a folder does not reshuffle which old ones are held out."""
+    order = sorted(range(len(names)), key=lambda i: hashlib.sha256(names[i].encode()).digest())
+    return sorted(order[:max(1, len(names) // 10)])
+
+
+def make_folder(out, n, image_size=32, seed=0):
+    """A demo folder in the imagefolder convention: n rendered scenes as PNG, captions in metadata.jsonl."""
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    with open(os.path.join(out, "metadata.jsonl"), "w") as f:
+        for i in range(n):
+            scene = random_scene(rng)
+            Image.fromarray(render(scene, image_size)).save(os.path.join(out, f"{i:05d}.png"))
+            f.write(json.dumps({"file_name": f"{i:05d}.png", "text": caption_text(scene, rng)}) + "\n")
+    print(f"wrote {n} images and {os.path.join(out, 'metadata.jsonl')}")
+
+
+# -----------------------------------------------------------------------------
 # Text tokenizer: word level, trained on the world's own text
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<think>", "<boi>", "<eoi>", "<null>"]  # ids 0..7
@@ -594,12 +692,14 @@ def world_corpus(n=2000, seed=0):
             yield caption_text(ex.scene, rng)
 
 
-def train_tokenizer(path=None, n=500, seed=0):
+def train_tokenizer(path=None, n=500, seed=0, corpus=None):
+    """A word-level tokenizer over the world's text, or over `corpus` (lines, e.g. a folder's captions)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()  # \w+|[^\w\s]+: splits "," "." ";" off words
-    tok.train_from_iterator(world_corpus(n, seed), trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
+    lines = world_corpus(n, seed) if corpus is None else corpus
+    tok.train_from_iterator(lines, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -624,7 +724,7 @@ def encode_text(tokenizer, text):
     if missing:
         known = sorted(w for w in tokenizer.get_vocab() if w not in SPECIAL_TOKENS)[:12]
         raise ValueError(f"words not in the vocabulary: {', '.join(map(repr, missing))}; "
-                         f"the world's words are e.g. {' '.join(known)} ...")
+                         f"the tokenizer knows only the words of its training text, e.g. {' '.join(known)} ...")
     return enc.ids
 
 
@@ -730,5 +830,10 @@ if __name__ == "__main__":
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="out/world_samples.png")
+    ap.add_argument("--make-folder", metavar="DIR", help="instead: write a demo image folder (PNG + metadata.jsonl) to DIR")
+    ap.add_argument("--n", type=int, default=2000, help="images in the demo folder")
     args = ap.parse_args()
-    show(args.show, args.image_size, args.seed, args.out)
+    if args.make_folder:
+        make_folder(args.make_folder, args.n, args.image_size, args.seed)
+    else:
+        show(args.show, args.image_size, args.seed, args.out)

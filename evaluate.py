@@ -384,7 +384,7 @@ def ablation_summary(results, tables):
     stats = {name: (np.mean([get(r) for r in runs], 0), np.std([get(r) for r in runs], 0), len(runs))
              for name, runs in results["runs"].items()}
     head = f"| variant | {focus} ({metric}) | change | geneval | dpg | wise | oneig |"
-    out = [f"# Post-training ablations", "",
+    out = ["# Post-training ablations", "",
            f"Focus: the base model's weakest dev category, `{focus}`, measured on {base['focus']['samples']} samples "
            f"(bench prompts x 4 samples x 2 sampling seeds). Benchmarks: bench prompts x 1 sample (oneig 2). "
            f"Mean +- std over post-training seeds.", ""]
@@ -448,6 +448,9 @@ def main(argv=None):
         cfg, tokenizer, vocab, vq, gpt = load_run(args.run_dir)
     except RunError as e:
         raise SystemExit(f"error: {e}")
+    if cfg["train"].get("data_dir"):
+        raise SystemExit(f"the benchmarks need the shapes world's parser, which cannot read the images of a folder run; see "
+                         f"{os.path.join(args.run_dir, 'samples_folder.png')}, or draw with `python generate.py {args.run_dir} \"a caption\"`")
     tc = cfg["train"]  # the run's own settings, so the scores match its report.json
     pick = lambda given, key: tc[key] if given is None else given
     res = run_all(gpt, vq, vocab, tokenizer, SampleConfig(**cfg.get("sample", {})), args.run_dir,

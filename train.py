@@ -1,7 +1,8 @@
 """
 Every training stage of nanoloom behind one command. Stages, in order:
     tokenizer  word-level text tokenizer trained on the shapes world's text  -> tokenizer.json
-    vq         VQ image tokenizer trained on rendered scenes                  -> vq.safetensors
+               (or on the captions of your image folder, train.data_dir)
+    vq         VQ image tokenizer trained on rendered scenes (or the folder)  -> vq.safetensors
     lm         the unified GPT pretrained on the token-sequence mix           -> gpt.safetensors
     rewards    the reward heads (rewards.py) and their calibration            -> rewards.safetensors
     eval       benchmarks on held-out prompts, sample grid, report            -> report.json, report.md
@@ -12,6 +13,11 @@ name later stages alone with --stages once the earlier ones are done. The eval s
     python train.py tiny_configs/micro.toml --train.out_dir=out/micro  # seconds; what the tests use
     python train.py tiny_configs/shapes_cpu.toml --stages=eval          # re-score a finished run
     python train.py tiny_configs/shapes_cpu.toml --train.lm_steps=300 --train.out_dir=out/short
+    python data.py --make-folder out/my_images && python train.py tiny_configs/folder.toml  # your own images
+    torchrun --nproc_per_node=2 train.py tiny_configs/shapes_cpu.toml --train.out_dir=out/ddp   # data-parallel
+
+The lm stage writes a checkpoint every train.ckpt_every steps; an interrupted run (Ctrl-C, a kill) resumes
+from it exactly when the same command is run again.
 
 Overrides are `--section.key=value` for any key of the config file's sections ([train], [vq], [gpt],
 [sample], [rewards]); an unknown key or a value of the wrong type stops with a message naming it.
@@ -19,10 +25,12 @@ Overrides are `--section.key=value` for any key of the config file's sections ([
 
 import argparse
 import dataclasses
+import datetime
 import difflib
 import json
 import math
 import os
+import sys
 import time
 import tomllib
 from dataclasses import asdict, dataclass
@@ -30,7 +38,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
@@ -38,7 +48,7 @@ import evaluate
 import posttrain
 import rewards
 from data import FORMATS, Vocab, build_sequence, grid_positions
-from generate import RunError, SampleConfig, load_run, load_weights, save_grid
+from generate import RunError, SampleConfig, decode_images, generate, load_run, load_weights, save_grid
 from model import GPT, VQ, GPTConfig, VQConfig, add_lora, lora_state_dict, merge_lora, unmerge_lora
 from posttrain import PostConfig
 
@@ -49,14 +59,15 @@ EXTRA_STAGES = ("ablations",)  # run only when named: --stages=ablations
 @dataclass
 class TrainConfig:
     out_dir: str = "out/shapes_cpu"  # everything the run makes goes here
+    data_dir: str = ""  # a folder of your own captioned images (see data.load_folder); "" = the shapes world
     seed: int = 0  # seeds data generation, initialisation and sampling
     device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "float32"  # float32 | bfloat16 (autocast, where the device supports it)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast where the device has it) | auto (bf16 on a GPU that has it)
     compile: bool = False  # torch.compile the GPT for training (opt-in: slow to start, helps on GPU)
     threads: int = 0  # torch CPU threads (0 = torch's default)
     tokenizer_corpus: int = 1000  # examples per category in the tokenizer's corpus (every word list is in it too)
     # VQ stage
-    vq_images: int = 20000  # rendered training scenes
+    vq_images: int = 20000  # rendered training scenes (a folder run uses all its images)
     vq_steps: int = 1500
     vq_batch: int = 64
     vq_lr: float = 3e-3
@@ -64,7 +75,7 @@ class TrainConfig:
     vq_restart_every: int = 25  # steps between dead-code restarts (0 = never)
     vq_eval_scenes: int = 500  # held-out scenes for the parser round-trip figure
     # LM stage
-    lm_examples: int = 30000  # pretraining examples (prompt, plan, caption, image codes)
+    lm_examples: int = 30000  # pretraining examples (prompt, plan, caption, image codes); a folder run uses all its images
     lm_steps: int = 2500
     lm_batch: int = 32
     lm_lr: float = 3e-3
@@ -76,6 +87,8 @@ class TrainConfig:
     p_direct: float = 0.1  # ... text->image without a plan; the rest is image->text captions
     null_prob: float = 0.1  # text->image sequences whose condition becomes <null> (for guidance)
     eval_every: int = 250  # steps between held-out loss measurements
+    log_every: int = 25  # steps between training-loss lines in metrics.jsonl
+    ckpt_every: int = 250  # steps between resumable checkpoints of the lm stage (0 = none)
     eval_examples: int = 256  # held-out (dev split) examples for that loss
     # eval stage
     bench_prompts: int = 50  # prompts per benchmark task
@@ -136,14 +149,19 @@ def validate(cfgs):
     tc, vc, rc, pc = cfgs["train"], cfgs["vq"], cfgs["rewards"], cfgs["post"]
     rules = [
         (tc.device in ("auto", "cpu", "cuda", "mps"), f"train.device={tc.device!r}: expected auto, cpu, cuda or mps"),
-        (tc.dtype in ("float32", "bfloat16"), f"train.dtype={tc.dtype!r}: expected float32 or bfloat16"),
+        (tc.dtype in ("float32", "bfloat16", "auto"), f"train.dtype={tc.dtype!r}: expected float32, bfloat16 or auto"),
+        (tc.ckpt_every >= 0 and tc.log_every >= 1, "train.ckpt_every must be >= 0 and train.log_every >= 1"),
         (min(tc.vq_steps, tc.lm_steps, tc.eval_every, tc.vq_batch, tc.lm_batch, tc.bench_prompts, tc.bench_samples) >= 1,
          "train.vq_steps, lm_steps, eval_every, vq_batch, lm_batch, bench_prompts and bench_samples must be >= 1"),
         (tc.lm_examples >= tc.lm_batch and tc.eval_examples >= tc.lm_batch, "train.lm_examples and train.eval_examples must be >= train.lm_batch"),
         (0 <= tc.p_plan and 0 <= tc.p_direct and tc.p_plan + tc.p_direct <= 1, "train.p_plan + train.p_direct must lie in [0, 1] (the rest are captions)"),
         (0 <= tc.null_prob <= 1, "train.null_prob must lie in [0, 1]"),
-        (vc.image_size % vc.patch == 0 and vc.image_size % (2 * data.LATTICE) == 0,
-         f"vq.image_size={vc.image_size} must be a multiple of vq.patch={vc.patch} and of {2 * data.LATTICE} (the world's layout lattice)"),
+        (vc.image_size % vc.patch == 0, f"vq.image_size={vc.image_size} must be a multiple of vq.patch={vc.patch}"),
+        (tc.data_dir or vc.image_size % (2 * data.LATTICE) == 0,
+         f"vq.image_size={vc.image_size} must be a multiple of {2 * data.LATTICE} (the shapes world's layout lattice)"),
+        # a folder has captions, not reasoning plans: its text->image sequences are all direct
+        (not tc.data_dir or tc.p_plan == 0, "a folder run (train.data_dir) has no reasoning plans: set train.p_plan = 0"),
+        (not tc.data_dir or not cfgs["sample"].think, "a folder run (train.data_dir) has no reasoning plans: set sample.think = false"),
         (rc.dim % 4 == 0 and min(rc.dim, rc.layers, rc.batch) >= 2 and rc.examples >= rc.batch,
          "rewards.dim must be a multiple of 4 (attention heads), rewards.layers and rewards.batch >= 2, rewards.examples >= rewards.batch"),
         (min(rc.calib_examples, rc.calib_samples) >= 2, "rewards.calib_examples and rewards.calib_samples must be >= 2"),
@@ -202,15 +220,22 @@ def pick_device(name):
     return name
 
 
+def use_bf16(cfg, device):
+    """bf16 autocast only where the hardware has it: dtype=bfloat16 on a bf16 GPU or the CPU, dtype=auto on a
+    bf16 GPU only (bf16 matmuls on a CPU are often slower than float32); float32 otherwise."""
+    kind = device.split(":")[0]
+    has = kind == "cpu" or kind == "cuda" and torch.cuda.is_bf16_supported()
+    return has and (cfg.dtype == "bfloat16" or cfg.dtype == "auto" and kind == "cuda")
+
+
 def autocast(cfg, device):
-    """bf16 autocast only where the hardware has it; float32 otherwise."""
-    if cfg.dtype == "bfloat16" and (device == "cuda" and torch.cuda.is_bf16_supported() or device == "cpu"):
-        return torch.autocast(device_type=device, dtype=torch.bfloat16)
-    return torch.autocast(device_type=device, enabled=False)
+    kind = device.split(":")[0]  # "cuda:1" -> "cuda"
+    return torch.autocast(device_type=kind, dtype=torch.bfloat16, enabled=use_bf16(cfg, device))
 
 
 def save_atomic(tensors, path, metadata=None):
-    """safetensors write via a temporary file and a rename: a kill mid-write never leaves a corrupt file."""
+    """safetensors write via a temporary file and a rename: a kill mid-write never leaves a corrupt file
+    (os.replace is atomic; a kill before it leaves the old file and a stray .tmp)."""
     tmp = path + ".tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
     os.replace(tmp, path)
@@ -235,9 +260,11 @@ class Metrics:
     """JSON lines in RUN_DIR/metrics.jsonl: one object per measurement."""
 
     def __init__(self, path):
-        self.path = path
+        self.path = path  # None: log nothing (the other processes of a data-parallel run)
 
     def log(self, **kv):
+        if self.path is None:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(kv) + "\n")
 
@@ -247,13 +274,132 @@ def to_tensor_images(images):
     return torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 255.0
 
 
+def open_folder(cfgs):
+    """The run's image folder -> (Folder, train indices, held-out indices), with the skipped files named."""
+    try:
+        folder = data.load_folder(cfgs["train"].data_dir, cfgs["vq"].image_size)
+    except ValueError as e:
+        raise ConfigError(f"train.data_dir: {e}") from None
+    if folder.skipped:
+        print(f"{cfgs['train'].data_dir}: skipped {len(folder.skipped)} file(s): "
+              + ", ".join(f"{n} ({why})" for n, why in folder.skipped[:5]) + (" ..." if len(folder.skipped) > 5 else ""))
+    dev = data.folder_dev(folder.names)
+    train = sorted(set(range(len(folder.names))) - set(dev))
+    if not train:
+        raise ConfigError(f"train.data_dir: {cfgs['train'].data_dir} has only {len(folder.names)} usable image(s): too few to hold some out")
+    return folder, train, dev
+
+
+# -----------------------------------------------------------------------------
+# data-parallel training: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK in the environment
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1  # processes; each takes 1/world of every global batch of the lm stage
+    local_rank: int = 0  # the GPU of this process on its node
+
+    @property
+    def master(self):  # the one process that prints and writes files
+        return self.rank == 0
+
+
+def dist_setup(tc, device):
+    """-> (Dist, device). One process unless launched by torchrun with more than one."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return Dist(), device
+    d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", 0)))
+    if tc.lm_batch % world:
+        raise ConfigError(f"train.lm_batch={tc.lm_batch} is the global batch: it must divide among {world} processes")
+    if device == "cuda":
+        device = f"cuda:{d.local_rank}"
+        torch.cuda.set_device(device)
+    # long timeout: the other ranks wait at a barrier while rank 0 trains the tokenizer and the VQ
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=d.rank,
+                                         world_size=world, timeout=datetime.timedelta(hours=3))
+    return d, device
+
+
+def dist_barrier(dist):
+    if dist.world > 1:
+        torch.distributed.barrier()
+
+
+def dist_mean(x, dist):
+    """The mean of a tensor over the processes (x itself in one process)."""
+    if dist.world == 1:
+        return x
+    x = x.detach().clone()
+    torch.distributed.all_reduce(x)
+    return x / dist.world
+
+
+# -----------------------------------------------------------------------------
+# resumable checkpoints of the lm stage
+
+CKPT = "lm_ckpt.safetensors"
+FREE_KEYS = ("out_dir", "bench_prompts", "bench_samples", "eval_batch", "threads", "device", "eval_every", "log_every",
+             "ckpt_every", "compile", "calib_examples", "calib_samples", "ablation_seeds", "focus_prompts", "eval_samples")  # may change between runs of one directory: the weights do not depend on them
+
+
+def config_diff(old, new, sections=("train", "vq", "gpt")):
+    """`section.key: old -> new` for every key that matters and differs (a key missing from an older config
+    counts as its default)."""
+    default = lambda s, k: getattr(SECTIONS[s](), k)
+    return [f"{s}.{k}: {old.get(s, {}).get(k, default(s, k))!r} -> {v!r}" for s in sections
+            for k, v in new[s].items() if (s, k) not in DERIVED and k not in FREE_KEYS and old.get(s, {}).get(k, default(s, k)) != v]
+
+
+def save_checkpoint(path, model, opt, state, cfg_json):
+    """Everything the lm stage needs to continue exactly, in ONE safetensors file so that one atomic rename
+    covers it all: weights, AdamW moments and step counts, the torch RNG (a uint8 tensor); and in the file's
+    metadata, as JSON: the step, the data position, the numpy RNG state and the config that made it."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for i, s in opt.state_dict()["state"].items():
+        tensors.update({f"opt.{i}.{k}": v for k, v in s.items()})
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_atomic(tensors, path, metadata={"state": json.dumps(state), "config": json.dumps(cfg_json)})
+
+
+def load_checkpoint(path, model, opt, cfg_json):
+    """Restore a save_checkpoint file into model and opt; returns its state dict. Refuses a checkpoint made
+    with another config, naming the difference."""
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise ConfigError(f"{path} is not a readable checkpoint ({e}); delete it to start the lm stage again") from None
+    diff = config_diff(json.loads(meta["config"]), cfg_json)
+    if diff:
+        raise ConfigError(f"{path} is a checkpoint of another config ({'; '.join(diff[:5])}). Resume with the "
+                          f"config that made it, or delete it to start the lm stage again.")
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    sd = opt.state_dict()
+    sd["state"] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            sd["state"].setdefault(int(i), {})[name] = v
+    opt.load_state_dict(sd)
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return json.loads(meta["state"])
+
+
 # -----------------------------------------------------------------------------
 # stage: tokenizer
 
 
 def stage_tokenizer(cfgs, run_dir):
     path = os.path.join(run_dir, "tokenizer.json")
-    tok = data.train_tokenizer(path + ".tmp", n=cfgs["train"].tokenizer_corpus, seed=cfgs["train"].seed)
+    corpus = open_folder(cfgs)[0].captions if cfgs["train"].data_dir else None  # a folder: its own captions
+    tok = data.train_tokenizer(path + ".tmp", n=cfgs["train"].tokenizer_corpus, seed=cfgs["train"].seed, corpus=corpus)
     os.replace(path + ".tmp", path)  # atomic: a half-written tokenizer is never mistaken for a finished stage
     return {"vocab_size": tok.get_vocab_size()}
 
@@ -267,28 +413,34 @@ def scene_images(n, seed, image_size, split):
     return np.stack([data.render(data.sample_example(rng, split=split).scene, image_size) for _ in range(n)])
 
 
-def parser_agreement(vq, images, device):
-    """The VQ round trip (encode to codes, decode) judged by the parser: the fraction of scenes whose
-    reconstruction parses to the same objects (shape and colour of each, so also how many) as the
-    original, which is what the benchmarks need the VQ to keep; and the fraction that parses to exactly
-    the same scene (sizes and cells too)."""
+def vq_round_trip(vq, images, device):
+    """uint8 images (N, H, W, 3) -> (their reconstructions through codes, uint8 numpy; the codes (N, h*w))."""
     recon, codes = [], []
     with torch.no_grad():
         for i in range(0, len(images), 256):
             codes.append(vq.encode(to_tensor_images(images[i:i + 256]).to(device)))
             recon.append((vq.decode(codes[-1]) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
-    recon = np.concatenate(recon)
+    return np.concatenate(recon), torch.cat(codes)
+
+
+def parser_agreement(images, recon):
+    """The VQ round trip judged by the parser: the fraction of scenes whose reconstruction parses to the
+    same objects (shape and colour of each, so also how many) as the original, which is what the
+    benchmarks need the VQ to keep; and the fraction that parses to exactly the same scene (sizes and cells too)."""
     objects = lambda scene: sorted((o.shape, o.colour) for o in scene.objects)
     pairs = list(zip(data.parse_batch(images), data.parse_batch(recon)))
-    same_objects, same_scene = np.mean([objects(a) == objects(b) for a, b in pairs]), np.mean([a == b for a, b in pairs])
-    return float(same_objects), float(same_scene), recon, torch.cat(codes)
+    return float(np.mean([objects(a) == objects(b) for a, b in pairs])), float(np.mean([a == b for a, b in pairs]))
 
 
 def stage_vq(cfgs, run_dir, device, metrics):
     tc, vc = cfgs["train"], cfgs["vq"]
     torch.manual_seed(tc.seed)
-    train_imgs = to_tensor_images(scene_images(tc.vq_images, tc.seed, vc.image_size, "train"))
-    held_out = scene_images(tc.vq_eval_scenes, tc.seed + 1, vc.image_size, "dev")
+    if tc.data_dir:
+        folder, train, dev = open_folder(cfgs)
+        train_imgs, held_out = to_tensor_images(folder.images[train]), folder.images[dev]
+    else:
+        train_imgs = to_tensor_images(scene_images(tc.vq_images, tc.seed, vc.image_size, "train"))
+        held_out = scene_images(tc.vq_eval_scenes, tc.seed + 1, vc.image_size, "dev")
     vq = VQ(vc).to(device)
     # the codebook learns 10x slower than the networks: Adam moves every parameter at about the learning
     # rate whatever its gradient, and codes that drift that fast keep swapping their patches
@@ -320,7 +472,7 @@ def stage_vq(cfgs, run_dir, device, metrics):
             bar.set_postfix(recon=f"{losses['recon'].item():.4f}")
             metrics.log(stage="vq", step=step, **{k: round(v.item(), 5) for k, v in losses.items()})
     vq.eval()
-    agreement, exact, recon, codes = parser_agreement(vq, held_out, device)
+    recon, codes = vq_round_trip(vq, held_out, device)
     counts = torch.bincount(codes.flatten(), minlength=vc.codebook_size).float()
     p = counts / counts.sum()
     usage = {"codes_used": float((counts > 0).float().mean()), "perplexity": float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))}
@@ -328,7 +480,12 @@ def stage_vq(cfgs, run_dir, device, metrics):
     n = 16
     save_grid(list(held_out[:n]) + list(recon[:n]), ["original"] * n + ["reconstruction"] * n, os.path.join(run_dir, "vq_recon.png"))
     recon_l1 = float(np.abs(held_out.astype(np.float32) - recon.astype(np.float32)).mean() / 255)
-    return {"parser_agreement": agreement, "parser_exact_scene": exact, "held_out_scenes": len(held_out), "recon_l1": recon_l1, **usage}
+    figures = {"held_out_images": len(held_out), "recon_l1": recon_l1, **usage}
+    if tc.data_dir:
+        print("VQ parser agreement skipped: the shapes world's parser cannot read a folder's images")
+    else:
+        figures["parser_agreement"], figures["parser_exact_scene"] = parser_agreement(held_out, recon)
+    return figures
 
 
 # -----------------------------------------------------------------------------
@@ -336,40 +493,66 @@ def stage_vq(cfgs, run_dir, device, metrics):
 
 
 class LMData:
-    """Pretraining examples held as token ids: prompt, plan, caption, image codes."""
+    """Pretraining examples held as token ids: prompt, plan, caption, image codes (lists, one per example)."""
 
-    def __init__(self, n, seed, split, tokenizer, vq, device):
-        rng = np.random.default_rng(seed)
-        examples = [data.sample_example(rng, split=split) for _ in tqdm(range(n), desc=f"{split} examples", mininterval=2)]
-        enc = lambda s: data.encode_text(tokenizer, s)
-        self.prompt = [enc(e.prompt) for e in examples]
-        self.plan = [enc(data.plan_text(e.scene, e.spec)) for e in examples]
-        self.caption = [enc(data.caption_text(e.scene, rng)) for e in examples]
-        codes = []
-        with torch.no_grad():
-            for i in range(0, n, 512):
-                imgs = np.stack([data.render(e.scene, vq.cfg.image_size) for e in examples[i:i + 512]])
-                codes.append(vq.encode(to_tensor_images(imgs).to(device)).cpu())
-        self.codes = torch.cat(codes).tolist()
+    def __init__(self, prompt, plan, caption, codes):
+        self.prompt, self.plan, self.caption, self.codes = prompt, plan, caption, codes
 
     def __len__(self):
         return len(self.codes)
 
 
-def epoch_batches(ds, rng, tc):
+def vq_codes(vq, images, device):
+    """uint8 images (N, H, W, 3) -> N lists of codes."""
+    with torch.no_grad():
+        return torch.cat([vq.encode(to_tensor_images(images[i:i + 512]).to(device)).cpu() for i in range(0, len(images), 512)]).tolist()
+
+
+def world_data(n, seed, split, tokenizer, vq, device):
+    """n examples of the shapes world: prompt, plan, a random caption and the scene's image codes."""
+    rng = np.random.default_rng(seed)
+    examples = [data.sample_example(rng, split=split) for _ in tqdm(range(n), desc=f"{split} examples", mininterval=2)]
+    enc = lambda s: data.encode_text(tokenizer, s)
+    prompt = [enc(e.prompt) for e in examples]
+    plan = [enc(data.plan_text(e.scene, e.spec)) for e in examples]
+    caption = [enc(data.caption_text(e.scene, rng)) for e in examples]
+    codes = [c for i in range(0, n, 512)  # rendered in chunks: all of them at once can be gigabytes at 64 x 64
+             for c in vq_codes(vq, np.stack([data.render(e.scene, vq.cfg.image_size) for e in examples[i:i + 512]]), device)]
+    return LMData(prompt, plan, caption, codes)
+
+
+def lm_datasets(cfgs, tokenizer, vq, device):
+    """(train, held-out) LMData. A folder's caption is both its text->image prompt and its image->text caption."""
+    tc = cfgs["train"]
+    if not tc.data_dir:
+        return (world_data(tc.lm_examples, tc.seed, "train", tokenizer, vq, device),
+                world_data(tc.eval_examples, tc.seed + 1, "dev", tokenizer, vq, device))
+    folder, train, dev = open_folder(cfgs)
+
+    def subset(idx):
+        caps = [data.encode_text(tokenizer, folder.captions[i]) for i in idx]
+        return LMData(caps, [[] for _ in idx], caps, vq_codes(vq, folder.images[idx], device))
+    if len(train) < tc.lm_batch:
+        raise ConfigError(f"train.data_dir has {len(train)} training images (after holding out {len(dev)}), fewer than "
+                          f"train.lm_batch={tc.lm_batch}: lower train.lm_batch or add images")
+    return subset(train), subset(dev)
+
+
+def epoch_batches(ds, rng, tc, batch=None):
     """One epoch as batches of (example, format, null) items. Each example draws its format from the
     mix; batches are made of examples of similar length (sorted within windows of 16 batches, then
-    shuffled), so little compute goes to padding."""
+    shuffled), so little compute goes to padding. batch defaults to train.lm_batch."""
+    batch = batch or tc.lm_batch
     p_caption = 1.0 - tc.p_plan - tc.p_direct
     fmts = rng.choice(len(FORMATS), size=len(ds), p=[tc.p_plan, tc.p_direct, p_caption])
     nulls = rng.random(len(ds)) < tc.null_prob
     items = [(int(i), FORMATS[fmts[i]], bool(nulls[i]) and FORMATS[fmts[i]] != "caption") for i in rng.permutation(len(ds))]
     length = lambda it: len(ds.caption[it[0]]) if it[1] == "caption" else len(ds.prompt[it[0]]) + len(ds.plan[it[0]]) * (it[1] == "plan")
-    window = 16 * tc.lm_batch
+    window = 16 * batch
     batches = []
-    for w in range(0, len(items) - tc.lm_batch + 1, window):
+    for w in range(0, len(items) - batch + 1, window):
         chunk = sorted(items[w:w + window], key=length)
-        batches += [chunk[b:b + tc.lm_batch] for b in range(0, len(chunk) - tc.lm_batch + 1, tc.lm_batch)]
+        batches += [chunk[b:b + batch] for b in range(0, len(chunk) - batch + 1, batch)]
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
@@ -388,19 +571,31 @@ def make_batch(ds, items, vocab, device):
     return [t.to(device) for t in out]
 
 
-def lm_loss(model, batch):
-    """Mean cross-entropy over target tokens; also the text and image parts separately (for the log)."""
+def lm_loss(model, batch, denom=None):
+    """Mean cross-entropy over target tokens; also the text and image parts separately (for the log).
+    denom: the number of target tokens to divide by (default: this batch's)."""
     x, y, w, grid, mod = batch
     logits = model(x, grid=grid)
     ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(w)  # (B, T)
-    loss = (ce * w).sum() / w.sum()
+    loss = (ce * w).sum() / (w.sum() if denom is None else denom)
     with torch.no_grad():
         parts = {name: ((ce * w * (mod == m)).sum() / (w * (mod == m)).sum().clamp(min=1)).item()
                  for name, m in (("text", data.TEXT), ("image", data.IMAGE))}
     return loss, parts
 
 
-def stage_lm(cfgs, run_dir, device, metrics):
+def stage_lm(cfgs, run_dir, device, metrics, dist):
+    model, figures = train_lm(cfgs, run_dir, device, metrics, dist)
+    if dist.master:
+        save_atomic(model.state_dict(), os.path.join(run_dir, "gpt.safetensors"))
+        if os.path.exists(os.path.join(run_dir, CKPT)):
+            os.remove(os.path.join(run_dir, CKPT))  # the finished model supersedes it
+    return figures
+
+
+def train_lm(cfgs, run_dir, device, metrics, dist):
+    """The pretraining loop; every process of a data-parallel run runs it on its share of each global batch.
+    Resumes from RUN_DIR/lm_ckpt.safetensors if there is one. Returns the GPT (unwrapped) and the figures."""
     tc, gc = cfgs["train"], cfgs["gpt"]
     tokenizer = data.load_tokenizer(os.path.join(run_dir, "tokenizer.json"))
     vq = load_weights(VQ(cfgs["vq"]).to(device), os.path.join(run_dir, "vq.safetensors")).eval()
@@ -408,19 +603,31 @@ def stage_lm(cfgs, run_dir, device, metrics):
     torch.manual_seed(tc.seed)
     model = GPT(gc).to(device)
     print(f"GPT: {model.num_params() / 1e6:.2f}M parameters, vocabulary {vocab.size} ({vocab.text_size} text + {vocab.codebook_size} codes)")
-    train_ds = LMData(tc.lm_examples, tc.seed, "train", tokenizer, vq, device)
-    val_ds = LMData(tc.eval_examples, tc.seed + 1, "dev", tokenizer, vq, device)
-    longest = max(len(p) + len(q) for p, q in zip(train_ds.prompt, train_ds.plan)) + vq.cfg.n_codes + 5  # + specials
+    train_ds, val_ds = lm_datasets(cfgs, tokenizer, vq, device)
+    longest = max(max(len(p) + len(q), len(c)) for p, q, c in zip(train_ds.prompt, train_ds.plan, train_ds.caption)) + vq.cfg.n_codes + 5  # + specials
     if longest > gc.block_size:
         raise ConfigError(f"the longest training sequence has {longest} tokens > gpt.block_size={gc.block_size}: raise gpt.block_size")
-    val_batches = [make_batch(val_ds, b, vocab, device) for b in epoch_batches(val_ds, np.random.default_rng(tc.seed + 2), tc)]
+    val_rng = np.random.default_rng(tc.seed + 2)
+    val_batches = [make_batch(val_ds, b, vocab, device) for b in epoch_batches(val_ds, val_rng, tc, min(tc.lm_batch, len(val_ds)))]
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=tc.lm_lr, betas=(0.9, 0.95), fused=device == "cuda")
-    step_fn = torch.compile(model) if tc.compile else model
-    rng = np.random.default_rng(tc.seed)
-    batches, tokens, t0 = [], 0, time.time()
+                            lr=tc.lm_lr, betas=(0.9, 0.95), fused=device.startswith("cuda"))
+    rng = np.random.default_rng(tc.seed)  # draws each epoch's formats and order: the data position is (its state, batches done)
+    start, batches, done, epoch_state = 0, [], 0, None
+    ckpt = os.path.join(run_dir, CKPT)
+    if os.path.exists(ckpt):
+        state = load_checkpoint(ckpt, model, opt, resolved_config(cfgs))
+        start, epoch_state, done = state["step"], state["epoch_rng"], state["batches_done"]
+        rng.bit_generator.state = epoch_state
+        batches = epoch_batches(train_ds, rng, tc)  # the same epoch again, minus the batches it had used
+        del batches[len(batches) - done:]
+        print(f"resuming the lm stage at step {start} from {ckpt}")
+        metrics.log(stage="lm", step=start, resumed_from=ckpt)
+    # DDP averages the gradients over the processes after every backward; the model saved is the plain one
+    wrapped = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None) if dist.world > 1 else model
+    step_fn = torch.compile(wrapped) if tc.compile else wrapped
+    tokens, t0, ev = 0, time.time(), {}
 
     def evaluate_loss():
         model.eval()
@@ -431,30 +638,39 @@ def stage_lm(cfgs, run_dir, device, metrics):
                 "val_text": float(np.mean([r[1]["text"] for r in res])), "val_image": float(np.mean([r[1]["image"] for r in res]))}
 
     model.train()
-    for step in (bar := tqdm(range(tc.lm_steps), desc="lm", mininterval=2)):
+    for step in (bar := tqdm(range(start, tc.lm_steps), initial=start, total=tc.lm_steps, desc="lm", mininterval=2, disable=not dist.master)):
         if not batches:  # a new epoch: new formats, a new shuffle
+            epoch_state, done = rng.bit_generator.state, 0
             batches = epoch_batches(train_ds, rng, tc)
-        batch = make_batch(train_ds, batches.pop(), vocab, device)
+        items = batches.pop()
+        done += 1
+        batch = make_batch(train_ds, items[dist.rank::dist.world], vocab, device)  # this process's share
         lr = cosine_lr(step, tc)
         for group in opt.param_groups:
             group["lr"] = lr
+        # each process divides its token loss sum by the global batch's token count / world, and DDP
+        # averages over the world: the gradient of the global batch's mean, as in one process
+        denom = dist_mean(batch[2].sum(), dist)
         with autocast(tc, device):
-            loss, parts = lm_loss(step_fn, batch)
+            loss, parts = lm_loss(step_fn, batch, denom)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
-        tokens += int(batch[2].numel())
-        if step % 25 == 0:
+        loss = dist_mean(loss.detach(), dist)  # the global batch's loss (the text/image parts are this process's)
+        tokens += int(batch[2].numel()) * dist.world
+        if step % tc.log_every == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
             metrics.log(stage="lm", step=step, lr=lr, loss=loss.item(), **parts)
-        if (step + 1) % tc.eval_every == 0 or step == tc.lm_steps - 1:
+        if dist.master and ((step + 1) % tc.eval_every == 0 or step == tc.lm_steps - 1):
             ev = evaluate_loss()
             metrics.log(stage="lm", step=step + 1, **ev)
             tqdm.write(f"step {step + 1}: train {loss.item():.3f}  held-out {ev['val_loss']:.3f} (text {ev['val_text']:.3f}, image {ev['val_image']:.3f})")
+        if dist.master and tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.lm_steps:
+            save_checkpoint(ckpt, model, opt, {"step": step + 1, "epoch_rng": epoch_state, "batches_done": done}, resolved_config(cfgs))
     seconds = time.time() - t0
-    save_atomic(model.state_dict(), os.path.join(run_dir, "gpt.safetensors"))
-    return {"params": model.num_params(), "train_loss": loss.item(), **ev, "tokens_per_s": tokens / seconds, "steps": tc.lm_steps}
+    return model, {"params": model.num_params(), "train_loss": loss.item(), **ev, "tokens_per_s": tokens / seconds,
+                   "steps": tc.lm_steps, "resumed_at": start, "processes": dist.world}
 
 
 # -----------------------------------------------------------------------------
@@ -463,6 +679,9 @@ def stage_lm(cfgs, run_dir, device, metrics):
 
 def stage_rewards(cfgs, run_dir, device, metrics):
     tc, rc = cfgs["train"], cfgs["rewards"]
+    if tc.data_dir:
+        print("reward heads skipped: they learn from the shapes world's scenes and prompts, which a folder run does not have")
+        return {"skipped": "reward heads (they are trained on the shapes world)"}
     tokenizer = data.load_tokenizer(os.path.join(run_dir, "tokenizer.json"))
     vq = load_weights(VQ(cfgs["vq"]).to(device), os.path.join(run_dir, "vq.safetensors")).eval()
     heads, figures = rewards.train_heads(rc, tokenizer, vq, tc.seed, device, log=lambda **kv: metrics.log(stage="rewards", **kv))
@@ -476,9 +695,25 @@ def stage_rewards(cfgs, run_dir, device, metrics):
 # stage: eval
 
 
+def folder_samples(cfgs, run_dir, gpt, vq, vocab, tokenizer, n=16):
+    """A folder run's eval: held-out images (top) and what the GPT draws from their captions (bottom).
+    The benchmarks score images with the shapes world's parser, which cannot read a folder's images."""
+    print("benchmarks skipped: they need the shapes world's parser, which cannot read a folder's images")
+    folder, _, dev = open_folder(cfgs)
+    dev = dev[:n]
+    caps = [folder.captions[i] for i in dev]
+    samples = generate(gpt, vocab, [data.encode_text(tokenizer, c) for c in caps], cfgs["sample"], seed=cfgs["train"].seed)
+    save_grid(list(folder.images[dev]) + decode_images(vq, samples, vocab), ["held out: " + c for c in caps] + ["drawn: " + c for c in caps],
+              os.path.join(run_dir, "samples_folder.png"), cols=min(8, len(dev)))
+    return {"benchmarks": {}, "skipped": "benchmarks (they need the shapes parser)", "images": len(samples),
+            "boi_rate": float(np.mean([s["emitted_boi"] for s in samples]))}
+
+
 def stage_eval(cfgs, run_dir, device):
     tc = cfgs["train"]
     _, tokenizer, vocab, vq, gpt = load_run(run_dir, device)
+    if tc.data_dir:
+        return folder_samples(cfgs, run_dir, gpt, vq, vocab, tokenizer)
     return evaluate.run_all(gpt, vq, vocab, tokenizer, cfgs["sample"], run_dir, n_prompts=tc.bench_prompts,
                             n_samples=tc.bench_samples, batch=tc.eval_batch, seed=tc.seed)
 
@@ -508,6 +743,19 @@ def save_round(samples, scores, path):
     save_atomic(tensors, path)
 
 
+def pretraining_batches(tc, batch, seed, rng, tokenizer, vq, vocab, device):
+    """A function returning one pretraining batch per call (a small world_data set, reshuffled each
+    pass): the data of the anti-drift term."""
+    ds = world_data(min(tc.lm_examples, 50 * batch), seed, "train", tokenizer, vq, device)
+    queue = []
+
+    def next_batch():
+        if not queue:
+            queue.extend(epoch_batches(ds, rng, tc, batch))
+        return make_batch(ds, queue.pop(), vocab, device)
+    return next_batch
+
+
 def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_prefix="post"):
     """Rounds of generate -> score -> weight -> fine-tune a fresh LoRA adapter on the run's GPT. Returns
     the run's (gpt with the adapter enabled, tokenizer, vocab, vq), the adapter's parameters and the
@@ -519,15 +767,7 @@ def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_pre
     params = add_lora(gpt, adapter, tuple(pc.lora_targets.split(",")), pc.lora_r, pc.lora_alpha, pc.lora_dropout)
     rng = np.random.default_rng([seed, 1])
     torch.manual_seed(seed)
-    drift_batch = None
-    if pc.pretrain_weight > 0:  # a small pretraining set, for the anti-drift term
-        ds = LMData(min(tc.lm_examples, 50 * pc.batch), seed, "train", tokenizer, vq, device)
-        queue = []
-
-        def drift_batch():
-            if not queue:
-                queue.extend(epoch_batches(ds, rng, dataclasses.replace(tc, lm_batch=pc.batch)))
-            return make_batch(ds, queue.pop(), vocab, device)
+    drift_batch = pretraining_batches(tc, pc.batch, seed, rng, tokenizer, vq, vocab, device) if pc.pretrain_weight > 0 else None
     rounds = []
     for k in range(pc.rounds):
         t0 = time.time()
@@ -568,6 +808,9 @@ def hacking(rounds):
 
 def stage_post(cfgs, run_dir, device, metrics, report):
     tc, pc = cfgs["train"], cfgs["post"]
+    if tc.data_dir:
+        print("post-training skipped: its prompts, verifier and benchmarks belong to the shapes world")
+        return {"skipped": "post-training (it needs the shapes world)"}, None
     if not report.get("benchmarks"):
         raise ConfigError("the post stage compares against the eval stage's benchmarks: run --stages=eval first")
     gpt, tokenizer, vocab, vq, _, rounds = post_train(cfgs, run_dir, device, metrics, pc, tc.seed)
@@ -655,19 +898,15 @@ def check_run_dir(run_dir, cfg_json):
         return
     with open(path) as f:
         old = json.load(f)
-    keep = ("out_dir", "bench_prompts", "bench_samples", "eval_batch", "threads", "device", "eval_every",
-            "calib_examples", "calib_samples")  # free to change
     # the reward heads come after the GPT: their settings matter only once they are trained
     sections = ("train", "vq", "gpt") + ("rewards",) * os.path.exists(os.path.join(run_dir, rewards.HEADS_FILE))
-    diff = [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {v!r}" for s in sections for k, v in cfg_json[s].items()
-            if (s, k) not in DERIVED and k not in keep and old.get(s, {}).get(k) != v]
+    diff = config_diff(old, cfg_json, sections)
     if diff and all(d.startswith("rewards.") for d in diff):
         raise ConfigError(f"{run_dir} holds reward heads trained with another config ({'; '.join(diff[:5])}). "
                           f"Delete {os.path.join(run_dir, rewards.HEADS_FILE)} to retrain them, or use another --train.out_dir.")
     post_path = os.path.join(run_dir, "lora_post.json")
     if not diff and os.path.exists(post_path):
-        old_post = json.load(open(post_path))
-        diff = [f"post.{k}: {old_post.get(k)!r} -> {v!r}" for k, v in cfg_json["post"].items() if k != "eval_samples" and old_post.get(k) != v]
+        diff = config_diff({"post": json.load(open(post_path))}, cfg_json, ("post",))
         if diff:
             raise ConfigError(f"{run_dir}/lora_post.safetensors was post-trained with another [post] config ({'; '.join(diff[:5])}). "
                               f"Delete {run_dir}/lora_post.safetensors (and .json) to post-train again, or use another --train.out_dir.")
@@ -688,7 +927,7 @@ def main(argv=None):
         if bad:
             raise ConfigError(f"unknown stage(s) {bad}; stages are {', '.join(STAGES + EXTRA_STAGES)}")
         tc = cfgs["train"]
-        device = pick_device(tc.device)
+        dist, device = dist_setup(tc, pick_device(tc.device))
         if tc.threads:
             torch.set_num_threads(tc.threads)
         run_dir = tc.out_dir
@@ -696,20 +935,25 @@ def main(argv=None):
         check_run_dir(run_dir, cfg_json)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}")
+    if not dist.master:
+        sys.stdout = open(os.devnull, "w")  # only rank 0 prints; errors still reach stderr
     os.makedirs(run_dir, exist_ok=True)
-    metrics = Metrics(os.path.join(run_dir, "metrics.jsonl"))
+    metrics = Metrics(os.path.join(run_dir, "metrics.jsonl") if dist.master else None)
     report_path = os.path.join(run_dir, "report.json")
     report = json.load(open(report_path)) if os.path.exists(report_path) else {"benchmarks": {}, "stages": {}}
     outputs = {"tokenizer": "tokenizer.json", "vq": "vq.safetensors", "lm": "gpt.safetensors", "rewards": rewards.HEADS_FILE,
                "post": "lora_post.safetensors"}
     t_all = time.time()
-    print(f"run {run_dir} on {device}; stages {', '.join(stages)}")
+    print(f"run {run_dir} on {device} ({'bf16 autocast' if use_bf16(tc, device) else 'float32'}"
+          f"{f', {dist.world} processes' if dist.world > 1 else ''}); stages {', '.join(stages)}")
     for stage in stages:
         out = outputs.get(stage)
         if out and os.path.exists(os.path.join(run_dir, out)):
             print(f"[{stage}] reusing {os.path.join(run_dir, out)}")
             continue
         needs = STAGES[:STAGES.index(stage)] if stage in STAGES else [s for s in STAGES if s != "post"]
+        if tc.data_dir:  # a folder run trains no reward heads
+            needs = [s for s in needs if s != "rewards"]
         missing = [s for s in needs if s in outputs and not os.path.exists(os.path.join(run_dir, outputs[s]))]
         if missing:
             raise SystemExit(f"stage {stage} needs the {missing[0]} stage first: run with --stages={','.join(missing + [stage])}")
@@ -717,25 +961,36 @@ def main(argv=None):
         t0 = time.time()
         print(f"[{stage}] start")
         try:
-            if stage == "tokenizer":
+            if stage == "lm":  # data-parallel: every process
+                figures = stage_lm(cfgs, run_dir, device, metrics, dist)
+            elif not dist.master:  # the other stages run in rank 0 alone; the rest wait at the barrier below
+                pass
+            elif stage == "tokenizer":
                 figures = stage_tokenizer(cfgs, run_dir)
             elif stage == "vq":
                 figures = stage_vq(cfgs, run_dir, device, metrics)
-            elif stage == "lm":
-                figures = stage_lm(cfgs, run_dir, device, metrics)
             elif stage == "rewards":
                 figures = stage_rewards(cfgs, run_dir, device, metrics)
             elif stage == "ablations":
                 figures = stage_ablations(cfgs, run_dir, device, metrics, report)
             elif stage == "post":
-                figures, report["post"] = stage_post(cfgs, run_dir, device, metrics, report)
+                figures, post = stage_post(cfgs, run_dir, device, metrics, report)
+                if post:
+                    report["post"] = post
             else:
                 figures = stage_eval(cfgs, run_dir, device)
                 report["benchmarks"] = figures.pop("benchmarks")
-                report["weakness"] = figures.pop("weakness")
-                write_json(report["weakness"], os.path.join(run_dir, "weakness.json"))
+                if "weakness" in figures:  # a folder run has no shapes world to find weaknesses in
+                    report["weakness"] = figures.pop("weakness")
+                    write_json(report["weakness"], os.path.join(run_dir, "weakness.json"))
         except (RunError, ConfigError, rewards.RewardError) as e:
             raise SystemExit(f"error: {e}")
+        except KeyboardInterrupt:
+            raise SystemExit(f"interrupted in the {stage} stage; run the same command again to resume"
+                             + (f" from the last checkpoint (every {tc.ckpt_every} steps)" if stage == "lm" and tc.ckpt_every else "")) from None
+        dist_barrier(dist)
+        if not dist.master:
+            continue
         derive_sizes(cfgs, run_dir)
         write_json(resolved_config(cfgs), os.path.join(run_dir, "config.json"))
         figures["seconds"] = round(time.time() - t0, 1)
@@ -746,6 +1001,8 @@ def main(argv=None):
     if report["benchmarks"]:
         print(evaluate.table(report["benchmarks"]))
     print(f"total {time.time() - t_all:.0f}s; report in {report_path} and {os.path.join(run_dir, 'report.md')}")
+    if dist.world > 1:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

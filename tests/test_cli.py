@@ -3,7 +3,6 @@ import os
 
 import pytest
 
-import evaluate
 import generate
 
 
