@@ -15,11 +15,15 @@ or NaN is named in the error, with what it returned).
     r = reward(images, ["a red circle", "two blue squares"])        # (2,)
 
 The built-in rewards, and what each stands in for (heads are trained on rendered shapes-world scenes):
-    vqa        VQAScore, P(yes | image, "does this show {prompt}?") from a VLM: a tiny joint transformer
-               over the prompt's tokens and the image's patches, trained on true pairs and hard negatives
-               (a scene perturbed by one edit: colour, shape, size, count +-1, a moved object, two objects'
-               cells or colours swapped), labelled by the exact verifier. The DEFAULT post-training reward.
-               It starts from clip's trained encoders.
+    vqa        VQAScore, P(yes | image, "does this show {prompt}?") from a VLM, here a neuro-symbolic one
+               (NS-VQA): a learned image probe reads the 9 cells (shape, colour, size or empty), a learned
+               prompt reader writes the prompt as a program (object slots, counts, total, relations), and a
+               fixed soft executor scores the program on the cells. The probe learns from renders labelled
+               cell by cell by the exact parser (half through the run's VQ), the reader from prompts and
+               their Specs; neither sees the model's samples. The DEFAULT post-training reward. Measured on
+               shapes_cpu (seed 0): AUC 0.991 vs the verifier on the model's own samples of dev prompts,
+               0.868 on held-out renders, where long dense prompts are its weak spot (the reader, 600
+               steps, still misreads 4-object layouts; there every slot must be read right).
     clip       CLIPScore: a dual encoder trained contrastively with hard-negative captions; the reward is
                the cosine of the image and text embeddings, in [-1, 1].
     aesthetic  the LAION aesthetic predictor: an MLP on the clip image embedding regressing `composition`
@@ -34,7 +38,8 @@ The built-in rewards, and what each stands in for (heads are trained on rendered
                read through the VQ encoder (image-to-text format). In [0, 1]. Not differentiable (the VQ
                encoder picks codes by argmax).
 The image encoders of vqa and clip are also trained to name each cell's shape, colour and size (a
-probe on their cell tokens, training only): free, dense labels that make the tokens meaningful fast.
+probe on their cell tokens, as the exact parser reads them): free, dense labels that make the tokens
+meaningful fast; vqa reads the cells through that probe.
 The trained heads (vqa, clip, aesthetic, quality, geometry) pass gradients to the input pixels; their
 weights are frozen (requires_grad False), so only the images get gradients.
 """
@@ -304,7 +309,7 @@ class RewardsConfig:
     max_text: int = 96  # longest prompt or caption in tokens (the world's longest prompts are ~70)
     batch: int = 64  # training batch of every head
     lr: float = 2e-3  # AdamW, cosine to a tenth
-    examples: int = 6000  # rendered training examples of each data set (vqa pairs, clip, geometry)
+    examples: int = 6000  # rendered training examples of each data set (clip and the vqa probe share one; geometry)
     p_vq: float = 0.5  # share of training images shown after a round trip through the run's VQ, as samples are
     vqa_probe_steps: int = 300  # the vqa image encoder learning to read cells as the parser does
     vqa_steps: int = 600  # the vqa prompt reader
@@ -684,7 +689,8 @@ def train_heads(cfg, tokenizer, vq, seed, device, log=lambda **kv: None):
         return F.mse_loss(torch.sigmoid(heads.aesthetic(emb[i]).squeeze(-1)), target[i])
     figures["aesthetic_train_loss"] = _fit("aesthetic", heads.aesthetic.parameters(), aesthetic_loss, cfg.aesthetic_steps, cfg, log)
 
-    figures.update(train_vqa(heads, cfg, tokenizer, xc, cells, rng, g, device, log))
+    # vqa draws from its own stream so that its prompt count leaves the later heads' data unchanged
+    figures.update(train_vqa(heads, cfg, tokenizer, xc, cells, np.random.default_rng([seed, 4, 1]), g, device, log))
 
     clean = np.stack([data.render(data.random_scene(rng), S) for _ in range(n)])
 
