@@ -15,11 +15,15 @@ or NaN is named in the error, with what it returned).
     r = reward(images, ["a red circle", "two blue squares"])        # (2,)
 
 The built-in rewards, and what each stands in for (heads are trained on rendered shapes-world scenes):
-    vqa        VQAScore, P(yes | image, "does this show {prompt}?") from a VLM: a tiny joint transformer
-               over the prompt's tokens and the image's patches, trained on true pairs and hard negatives
-               (a scene perturbed by one edit: colour, shape, size, count +-1, a moved object, two objects'
-               cells or colours swapped), labelled by the exact verifier. The DEFAULT post-training reward.
-               It starts from clip's trained encoders.
+    vqa        VQAScore, P(yes | image, "does this show {prompt}?") from a VLM, here a neuro-symbolic one
+               (NS-VQA): a learned image probe reads the 9 cells (shape, colour, size or empty), a learned
+               prompt reader writes the prompt as a program (object slots, counts, total, relations), and a
+               fixed soft executor scores the program on the cells. The probe learns from renders labelled
+               cell by cell by the exact parser (half through the run's VQ), the reader from prompts and
+               their Specs; neither sees the model's samples. The DEFAULT post-training reward. Measured on
+               shapes_cpu (seed 0): AUC 0.991 vs the verifier on the model's own samples of dev prompts,
+               0.868 on held-out renders, where long dense prompts are its weak spot (the reader, 600
+               steps, still misreads 4-object layouts; there every slot must be read right).
     clip       CLIPScore: a dual encoder trained contrastively with hard-negative captions; the reward is
                the cosine of the image and text embeddings, in [-1, 1].
     aesthetic  the LAION aesthetic predictor: an MLP on the clip image embedding regressing `composition`
@@ -34,7 +38,8 @@ The built-in rewards, and what each stands in for (heads are trained on rendered
                read through the VQ encoder (image-to-text format). In [0, 1]. Not differentiable (the VQ
                encoder picks codes by argmax).
 The image encoders of vqa and clip are also trained to name each cell's shape, colour and size (a
-probe on their cell tokens, training only): free, dense labels that make the tokens meaningful fast.
+probe on their cell tokens, as the exact parser reads them): free, dense labels that make the tokens
+meaningful fast; vqa reads the cells through that probe.
 The trained heads (vqa, clip, aesthetic, quality, geometry) pass gradients to the input pixels; their
 weights are frozen (requires_grad False), so only the images get gradients.
 """
@@ -304,9 +309,11 @@ class RewardsConfig:
     max_text: int = 96  # longest prompt or caption in tokens (the world's longest prompts are ~70)
     batch: int = 64  # training batch of every head
     lr: float = 2e-3  # AdamW, cosine to a tenth
-    examples: int = 6000  # rendered training examples of each data set (vqa pairs, clip, geometry)
+    examples: int = 6000  # rendered training examples of each data set (clip and the vqa probe share one; geometry)
     p_vq: float = 0.5  # share of training images shown after a round trip through the run's VQ, as samples are
-    vqa_steps: int = 600
+    vqa_probe_steps: int = 300  # the vqa image encoder learning to read cells as the parser does
+    vqa_steps: int = 600  # the vqa prompt reader
+    vqa_prompts: int = 20000  # prompts with their Specs for the vqa prompt reader (text only: cheap)
     clip_steps: int = 300
     aesthetic_steps: int = 300
     quality_steps: int = 150
@@ -347,14 +354,21 @@ class ImageEncoder(nn.Module):
         f = self.cells(F.pad(f, (1, 1, 1, 1)))  # (B, D, 5, 5): the 3x3 cells ringed by the margin
         return f.flatten(2).transpose(1, 2) + self.pos  # (B, 25, D)
 
+    def cell_logits(self, tokens):
+        """tokens (B, 25, D) -> the probe's logits per cell and attribute: (shape, colour, size), each (B, 9, k + 1)."""
+        return self.probe(tokens[:, CELL_TOKENS]).split(CELL_ATTRS, -1)  # (B, 9, 14) in three parts
+
+    def cell_probs(self, tokens):
+        """tokens (B, 25, D) -> (B, 9, 14): per cell, the probabilities of its shape, colour and size (or empty)."""
+        return torch.cat([p.softmax(-1) for p in self.cell_logits(tokens)], -1)
+
     def cell_loss(self, tokens, targets):
         """tokens (B, 25, D); targets (B, 9, 3) from cell_targets -> cross-entropy of the probe."""
-        logits = self.probe(tokens[:, CELL_TOKENS])  # (B, 9, 14)
-        parts = logits.split((len(data.SHAPES) + 1, len(data.COLOURS) + 1, len(data.SIZES) + 1), -1)
-        return sum(F.cross_entropy(p.flatten(0, 1), targets[..., k].flatten()) for k, p in enumerate(parts))
+        return sum(F.cross_entropy(p.flatten(0, 1), targets[..., k].flatten()) for k, p in enumerate(self.cell_logits(tokens)))
 
 
 CELL_TOKENS = [6, 7, 8, 11, 12, 13, 16, 17, 18]  # the 3x3 cells inside the 5x5 tokens
+CELL_ATTRS = (len(data.SHAPES) + 1, len(data.COLOURS) + 1, len(data.SIZES) + 1)  # each attribute or "empty"
 
 
 def cell_targets(scenes):
@@ -364,6 +378,11 @@ def cell_targets(scenes):
         for o in s.objects:
             t[n, 3 * o.row + o.col] = (data.SHAPES.index(o.shape) + 1, tuple(data.COLOURS).index(o.colour) + 1, data.SIZES.index(o.size) + 1)
     return torch.from_numpy(t)
+
+
+def one_hot_cells(targets):
+    """(B, 9, 3) from cell_targets -> (B, 9, 14): the exact scene in the form of ImageEncoder.cell_probs."""
+    return torch.cat([F.one_hot(targets[..., k], n).float() for k, n in enumerate(CELL_ATTRS)], -1)
 
 
 class TextEmbed(nn.Module):
@@ -378,26 +397,90 @@ class TextEmbed(nn.Module):
         return self.tok(ids) + self.pos[:, :ids.shape[1]]
 
 
+SLOT_ATTRS = (len(data.SHAPES) + 1, len(data.COLOURS) + 1, len(data.SIZES) + 1, 4, 4, data.MAX_OBJECTS + 1)  # 0 = any / unused
+RELATE = torch.tensor([[[data.holds(data.Obj("circle", "red", "small", k // 3, k % 3), rel, data.Obj("circle", "red", "small", l // 3, l % 3))
+                         for l in range(9)] for k in range(9)] for rel in data.RELATIONS]).float()  # (4, 9, 9): rel holds from cell k to l
+
+
 class VQAHead(nn.Module):
-    """Logit of P(yes | image, prompt): [cls; prompt tokens; image patches] through a joint transformer,
-    so prompt words attend to image patches and back (ViLT-style fusion)."""
+    """P(yes | image, prompt) as a neuro-symbolic VQA model (NS-VQA, Yi et al. 2018): two learned readers
+    and a fixed soft executor. The image encoder's probe reads each of the 9 cells as probabilities of a
+    shape, colour and size (or empty). A text transformer reads the prompt into up to MAX_OBJECTS object
+    slots, in order of mention (each: shape, colour, size, row, column, each possibly "any", and how many;
+    0 = slot unused), the scene's total and the relations between slots. The executor then computes the
+    probability that the cells satisfy the program, differentiably: per slot the probability that each
+    cell matches, the count of matches as a Poisson-binomial, relations over the cells where each slot's
+    single match may be. Both readers learn from dense labels, not from the one bit of a pair's label."""
 
     def __init__(self, cfg, vocab_size, image_size):
         super().__init__()
         self.image, self.text = ImageEncoder(cfg.dim, image_size), TextEmbed(vocab_size, cfg.dim, cfg.max_text)
-        self.cls, self.kind = nn.Parameter(torch.zeros(1, 1, cfg.dim)), nn.Parameter(torch.zeros(2, cfg.dim))
-        self.fusion, self.norm, self.out = _transformer(cfg.dim, cfg.layers), nn.LayerNorm(cfg.dim), nn.Linear(cfg.dim, 1)
+        self.queries = nn.Parameter(0.02 * torch.randn(1, data.MAX_OBJECTS + 1, cfg.dim))  # the slots, then the scene
+        self.reader, self.norm = _transformer(cfg.dim, cfg.layers), nn.LayerNorm(cfg.dim)
+        self.slot_out = nn.Linear(cfg.dim, sum(SLOT_ATTRS))
+        n_rel = data.MAX_OBJECTS ** 2 * len(data.RELATIONS)
+        self.scene_out = nn.Linear(cfg.dim, data.MAX_OBJECTS + 1 + n_rel)  # the total, then each (i, j, rel) yes/no
+        self.register_buffer("relate", RELATE, persistent=False)
 
     def forward(self, images, ids):
-        return self.fuse(self.image(images), ids)
+        """images (B, 3, H, W), ids (B, L) -> logit of P(yes) (B,)."""
+        p = self.execute(self.image.cell_probs(self.image(images)), *self.read(ids)).clamp(1e-6, 1 - 1e-6)
+        return p.log() - (1 - p).log()
 
-    def fuse(self, img, ids):
-        img = img + self.kind[1]  # (B, N, D)
-        txt = self.text(ids) + self.kind[0]  # (B, L, D)
-        x = torch.cat([self.cls.expand(len(ids), -1, -1), txt, img], 1)  # (B, 1 + L + N, D)
-        no = lambda k: torch.zeros(len(ids), k, dtype=torch.bool, device=ids.device)
-        pad = torch.cat([no(1), ids == PAD, no(img.shape[1])], 1)  # (B, 1 + L + N), True = ignore
-        return self.out(self.norm(self.fusion(x, src_key_padding_mask=pad)[:, 0])).squeeze(-1)  # (B,)
+    def read(self, ids):
+        """ids (B, L) -> slot logits (B, S, 4+7+3+4+4+5), total logits (B, 5), relation logits (B, S, S, 4)."""
+        B, S = len(ids), data.MAX_OBJECTS
+        x = torch.cat([self.queries.expand(B, -1, -1), self.text(ids)], 1)  # (B, S + 1 + L, D)
+        pad = torch.cat([torch.zeros(B, S + 1, dtype=torch.bool, device=ids.device), ids == PAD], 1)
+        h = self.norm(self.reader(x, src_key_padding_mask=pad))
+        scene = self.scene_out(h[:, S])
+        return self.slot_out(h[:, :S]), scene[:, :S + 1], scene[:, S + 1:].view(B, S, S, len(data.RELATIONS))
+
+    def execute(self, cells, slots, total, relations):
+        """cells (B, 9, 14) from ImageEncoder.cell_probs; the outputs of read -> P(the program holds) (B,)."""
+        shape, colour, size = cells.split(CELL_ATTRS, -1)  # (B, 9, k + 1), index 0 = empty
+        occupied = 1 - shape[..., 0]  # (B, 9)
+        given = lambda p: p[..., 1:] / p[..., 1:].sum(-1, keepdim=True).clamp_min(1e-6)  # attribute | occupied
+        q = [p.softmax(-1) for p in slots.split(SLOT_ATTRS, -1)]  # (B, S, k + 1) each, index 0 = any
+        where = torch.stack([torch.arange(9, device=cells.device) // 3, torch.arange(9, device=cells.device) % 3])  # (2, 9)
+        match = occupied[:, None]  # (B, S, 9): the probability that each cell holds an object the slot describes
+        for k, p in enumerate((given(shape), given(colour), given(size))):
+            match = match * (q[k][..., :1] + q[k][..., 1:] @ p.transpose(1, 2))
+        for k in (0, 1):  # row, column
+            match = match * (q[3 + k][..., :1] + q[3 + k][..., 1:][..., where[k]])
+        count = q[5]  # (B, S, 5): slot unused, or how many objects it names
+        ok = count[..., 0] + (count[..., 1:] * _counts(match)[..., 1:count.shape[-1]]).sum(-1)  # (B, S)
+        ok_total = (total.softmax(-1) * _counts(occupied)[..., :total.shape[-1]]).sum(-1)  # (B,)
+        # a relation needs exactly one match on each side: the probability that it is exactly at cell k
+        alone = match * torch.exp(torch.log1p(-match.clamp(max=1 - 1e-6)).sum(-1, keepdim=True) - torch.log1p(-match.clamp(max=1 - 1e-6)))
+        holds = torch.einsum("bik,rkl,bjl->bijr", alone, self.relate, alone)  # (B, S, S, 4)
+        wanted = torch.sigmoid(relations)
+        ok_rel = (1 - wanted * (1 - holds)).flatten(1).prod(-1)
+        return ok.prod(-1) * ok_total * ok_rel
+
+
+def _counts(p):
+    """p (..., 9) independent probabilities -> (..., 10): the distribution of how many are true (Poisson-binomial)."""
+    dist = F.one_hot(torch.zeros(p.shape[:-1], dtype=torch.long, device=p.device), 10).float()
+    for k in range(p.shape[-1]):
+        pk = p[..., k:k + 1]
+        dist = dist * (1 - pk) + F.pad(dist[..., :-1], (1, 0)) * pk
+    return dist
+
+
+def program_targets(specs):
+    """data.Specs -> what VQAHead.read predicts: slots (B, S, 6) long (0 = any / unused), total (B,) long,
+    relations (B, S, S, 4) float."""
+    S = data.MAX_OBJECTS
+    slots, rel = np.zeros((len(specs), S, 6), np.int64), np.zeros((len(specs), S, S, len(data.RELATIONS)), np.float32)
+    index = lambda seq, v: 0 if v is None else seq.index(v) + 1
+    for b, spec in enumerate(specs):
+        for r, q in enumerate(spec.reqs):
+            slots[b, r] = (index(data.SHAPES, q.shape), index(tuple(data.COLOURS), q.colour), index(data.SIZES, q.size),
+                           0 if q.row is None else q.row + 1, 0 if q.col is None else q.col + 1, q.count)
+        for i, r, j in spec.relations:
+            rel[b, i, j, data.RELATIONS.index(r)] = 1
+    return torch.from_numpy(slots), torch.tensor([s.total for s in specs]), torch.from_numpy(rel)
 
 
 class Tower(nn.Module):
@@ -543,6 +626,35 @@ def _fit(name, params, loss_fn, steps, cfg, log):
     return loss.item()
 
 
+def train_vqa(heads, cfg, tokenizer, x, parsed, rng, g, device, log):
+    """The vqa head's two readers. The image probe: clip's image encoder, trained further on images x
+    (N, 3, H, W) to read each cell as the exact parser reads it (parsed, from cell_targets). The prompt
+    reader: prompts against their exact Specs (text only, so many are cheap)."""
+    B, vqa = cfg.batch, heads.vqa
+    vqa.image.load_state_dict(heads.clip.image.state_dict())
+    vqa.text.load_state_dict(heads.clip.text.state_dict())
+
+    def probe_loss(step):
+        i = torch.randint(0, len(x), (B,), generator=g)
+        return vqa.image.cell_loss(vqa.image(x[i].to(device)), parsed[i].to(device))
+    figures = {"vqa_probe_loss": _fit("vqa_probe", vqa.image.parameters(), probe_loss, cfg.vqa_probe_steps, cfg, log)}
+
+    exs = [data.sample_example(rng, split="train") for _ in range(cfg.vqa_prompts)]
+    ids = encode_prompts(tokenizer, [e.prompt for e in exs], cfg.max_text)
+    slots, total, rel = program_targets([e.spec for e in exs])
+    order = torch.argsort((ids != PAD).sum(1))  # batches of neighbours in length: prompts run from 5 to ~70 tokens
+    reader = [p for name, p in vqa.named_parameters() if not name.startswith("image.")]
+
+    def reader_loss(step):
+        i = order[int(torch.randint(0, len(ids) - B + 1, (1,), generator=g)):][:B]
+        t = ids[i][:, :int((ids[i] != PAD).sum(1).max())]
+        s, n, r = vqa.read(t.to(device))
+        ce = sum(F.cross_entropy(p.flatten(0, 1), slots[i][..., k].flatten().to(device)) for k, p in enumerate(s.split(SLOT_ATTRS, -1)))
+        return ce + F.cross_entropy(n, total[i].to(device)) + F.binary_cross_entropy_with_logits(r, rel[i].to(device)) * r[0].numel()
+    figures["vqa_train_loss"] = _fit("vqa", reader, reader_loss, cfg.vqa_steps, cfg, log)
+    return figures
+
+
 def train_heads(cfg, tokenizer, vq, seed, device, log=lambda **kv: None):
     """Train every head on rendered data (train split prompts). Returns (Heads, figures)."""
     rng, g = np.random.default_rng([seed, 4]), torch.Generator().manual_seed(seed)
@@ -553,7 +665,7 @@ def train_heads(cfg, tokenizer, vq, seed, device, log=lambda **kv: None):
     figures, t0 = {}, time.time()
 
     imgs, scenes, caps, negs = caption_pairs(n, rng, vq, "train", cfg.p_vq)
-    xc, cells = to_float(imgs), cell_targets(scenes)
+    xc, cells = to_float(imgs), cell_targets(data.parse_batch(imgs))  # each cell as the exact parser reads it
     cap_ids, neg_ids = encode_prompts(tokenizer, caps, cfg.max_text), encode_prompts(tokenizer, negs, cfg.max_text)
 
     def clip_loss(step):
@@ -577,21 +689,8 @@ def train_heads(cfg, tokenizer, vq, seed, device, log=lambda **kv: None):
         return F.mse_loss(torch.sigmoid(heads.aesthetic(emb[i]).squeeze(-1)), target[i])
     figures["aesthetic_train_loss"] = _fit("aesthetic", heads.aesthetic.parameters(), aesthetic_loss, cfg.aesthetic_steps, cfg, log)
 
-    # vqa starts from clip's image encoder and word embeddings: the contrastive task teaches them fast
-    heads.vqa.image.load_state_dict(heads.clip.image.state_dict())
-    heads.vqa.text.load_state_dict(heads.clip.text.state_dict())
-    imgs, exs, labels, drawn = vqa_pairs(n, rng, vq, "train", cfg.p_vq)
-    ids = encode_prompts(tokenizer, [e.prompt for e in exs], cfg.max_text)
-    x, y, cells = to_float(imgs), torch.from_numpy(labels).float(), cell_targets(drawn)
-
-    def vqa_loss(step):
-        i = pick(n)
-        t = ids[i][:, :int((ids[i] != PAD).sum(1).max())]
-        tokens = heads.vqa.image(x[i].to(device))
-        bce = F.binary_cross_entropy_with_logits(heads.vqa.fuse(tokens, t.to(device)), y[i].to(device))
-        return bce + heads.vqa.image.cell_loss(tokens, cells[i].to(device))
-    figures["vqa_train_loss"] = _fit("vqa", heads.vqa.parameters(), vqa_loss, cfg.vqa_steps, cfg, log)
-    figures["vqa_positive_share"] = float(labels.mean())
+    # vqa draws from its own stream so that its prompt count leaves the later heads' data unchanged
+    figures.update(train_vqa(heads, cfg, tokenizer, xc, cells, np.random.default_rng([seed, 4, 1]), g, device, log))
 
     clean = np.stack([data.render(data.random_scene(rng), S) for _ in range(n)])
 

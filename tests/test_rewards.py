@@ -132,3 +132,19 @@ def test_readme_example_runs(micro_run, monkeypatch, capsys):
     monkeypatch.setattr(rewards, "REWARDS", dict(rewards.REWARDS))  # the example registers a name: keep it local
     exec(code.replace("out/shapes_cpu", micro_run), {})
     assert "tensor(" in capsys.readouterr().out
+
+
+def test_vqa_executor_on_exact_cells_and_programs_is_the_verifier():
+    # the soft executor, fed certain cells (one-hot scenes) and certain programs (the Specs as near-infinite
+    # logits), must agree with data.passes on true scenes and on their edits
+    rng = np.random.default_rng(3)
+    exs = [data.sample_example(rng) for _ in range(300)]
+    scenes = [e.scene if k % 2 else rewards.perturb(e.scene, rng) for k, e in enumerate(exs)]
+    slots, total, rel = rewards.program_targets([e.spec for e in exs])
+    sure = lambda t, n: 50.0 * torch.nn.functional.one_hot(t, n).float()
+    slot_logits = torch.cat([sure(slots[..., k], n) for k, n in enumerate(rewards.SLOT_ATTRS)], -1)
+    head = rewards.VQAHead(rewards.RewardsConfig(dim=8, layers=1), 100, 32)
+    p = head.execute(rewards.one_hot_cells(rewards.cell_targets(scenes)), slot_logits, sure(total, data.MAX_OBJECTS + 1), 50.0 * (2 * rel - 1))
+    want = np.array([data.passes(s, e.spec) for s, e in zip(scenes, exs)])
+    assert 0.2 < want.mean() < 0.8
+    assert np.array_equal(p.numpy() > 0.5, want), [e.prompt for e, a, b in zip(exs, p.numpy() > 0.5, want) if a != b][:3]
