@@ -829,13 +829,13 @@ def stage_post(cfgs, run_dir, device, metrics, report):
 # extra stage: ablations (not part of the main job)
 
 ABLATIONS = {  # variant -> [post] overrides of the run's config; each post-trains a fresh adapter from the base
-    "both": {},  # the run's [post] config (default: targeted prompts, rwr, both modalities, vqa reward)
+    "both": {},  # the run's [post] config (default: targeted prompts, exp weights, both modalities, vqa reward)
+    "uniform": {"weighting": "uniform"},  # plain self-training on the same kind of samples: the control
+    "oracle": {"reward": "verifier"},  # the exact verifier as reward: the upper bound of a learned reward
     "text_only": {"alpha_image": 0.0},
     "image_only": {"alpha_text": 0.0},
-    "uniform": {"weighting": "uniform"},  # plain self-training on the same samples: the control
-    "broad": {"strategy": "broad"},
     "aligned": {"strategy": "aligned"},
-    "oracle": {"reward": "verifier"},  # the exact verifier as reward: the upper bound of a learned reward
+    "broad": {"strategy": "broad"},
 }
 ABLATION_TABLES = {"modality weighting": ["both", "text_only", "image_only", "uniform"],
                    "data strategy": ["broad", "aligned", "both"], "reward": ["both", "oracle", "uniform"]}
