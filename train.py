@@ -903,8 +903,9 @@ def derive_sizes(cfgs, run_dir):
     cfgs["gpt"].n_image_tokens = cfgs["vq"].n_codes
 
 
-def check_run_dir(run_dir, cfg_json):
-    """Refuse to mix a run directory's finished stages with another config."""
+def check_run_dir(run_dir, cfg_json, stages=STAGES):
+    """Refuse to mix a run directory's finished stages with another config. The [post] keys matter only
+    to the post stage (the ablations vary them on purpose)."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         return
@@ -917,7 +918,7 @@ def check_run_dir(run_dir, cfg_json):
         raise ConfigError(f"{run_dir} holds reward heads trained with another config ({'; '.join(diff[:5])}). "
                           f"Delete {os.path.join(run_dir, rewards.HEADS_FILE)} to retrain them, or use another --train.out_dir.")
     post_path = os.path.join(run_dir, "lora_post.json")
-    if not diff and os.path.exists(post_path):
+    if not diff and "post" in stages and os.path.exists(post_path):
         diff = config_diff({"post": json.load(open(post_path))}, cfg_json, ("post",))
         if diff:
             raise ConfigError(f"{run_dir}/lora_post.safetensors was post-trained with another [post] config ({'; '.join(diff[:5])}). "
@@ -944,7 +945,7 @@ def main(argv=None):
             torch.set_num_threads(tc.threads)
         run_dir = tc.out_dir
         cfg_json = resolved_config(cfgs)
-        check_run_dir(run_dir, cfg_json)
+        check_run_dir(run_dir, cfg_json, stages)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}")
     if not dist.master:
