@@ -138,3 +138,17 @@ def test_focus_category_is_the_weakest_the_model_sometimes_passes():
                                {"name": "position", "pass_rate": 0.3, "n": 20}, {"name": "knowledge/number", "pass_rate": 0.9, "n": 30}]}
     assert train.focus_category(weakness) == "position"  # knowledge merged: 0.7; dense never passes
     assert train.focus_category({"categories": [{"name": "dense", "pass_rate": 0.0, "n": 5}]}) == "dense"
+
+
+def test_another_post_config_is_refused_by_the_post_stage_only(micro_run, tmp_path):
+    import shutil
+
+    import train
+    from conftest import MICRO
+    run = str(tmp_path / "run")
+    shutil.copytree(micro_run, run)
+    with pytest.raises(SystemExit, match=r"another \[post\] config \(post.prompts: 4 -> 5\)"):
+        train.main([MICRO, f"--train.out_dir={run}", "--stages=post", "--post.prompts=5"])
+    cfgs = train.load_config(MICRO, [f"--train.out_dir={run}", "--post.prompts=5"])
+    train.derive_sizes(cfgs, run)
+    train.check_run_dir(run, train.resolved_config(cfgs), ("ablations",))  # ablations vary [post] on purpose
