@@ -21,8 +21,8 @@ The built-in rewards, and what each stands in for (heads are trained on rendered
                fixed soft executor scores the program on the cells. The probe learns from renders labelled
                cell by cell by the exact parser (half through the run's VQ), the reader from prompts and
                their Specs; neither sees the model's samples. The DEFAULT post-training reward. Measured on
-               shapes_cpu (seed 0): AUC 0.991 vs the verifier on the model's own samples of dev prompts,
-               0.868 on held-out renders, where long dense prompts are its weak spot (the reader, 600
+               shapes_cpu (seed 0): AUC 0.993 vs the verifier on the model's own samples of dev prompts,
+               0.869 on held-out renders, where long dense prompts are its weak spot (the reader, 600
                steps, still misreads 4-object layouts; there every slot must be read right).
     clip       CLIPScore: a dual encoder trained contrastively with hard-negative captions; the reward is
                the cosine of the image and text embeddings, in [-1, 1].
