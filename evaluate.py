@@ -374,7 +374,22 @@ def post_section(post):
     return parts
 
 
-def ablation_summary(results, tables):
+ABLATION_TABLES = {"modality weighting": ["both", "text_only", "image_only", "uniform"],
+                   "data strategy": ["broad", "aligned", "both"], "reward": ["both", "oracle", "uniform"]}
+
+
+def merge_ablations(parts):
+    """Several ablations.json of one sweep (same base, other seeds) -> one, the runs of each variant joined."""
+    if len({json.dumps(p["base"], sort_keys=True) for p in parts}) != 1:
+        raise SystemExit("these ablation files come from different base runs: they cannot be merged")
+    merged = {**parts[0], "runs": {}}
+    for p in parts:
+        for name, runs in p["runs"].items():
+            merged["runs"].setdefault(name, []).extend(runs)
+    return merged
+
+
+def ablation_summary(results, tables=ABLATION_TABLES):
     """ablations.json -> markdown: per table, mean +- std over seeds of the focus category and the four
     benchmarks, and the paper's claims checked against the figures."""
     focus = results["focus_category"]
@@ -435,12 +450,19 @@ def write_report_md(report, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Score a trained run on the four benchmarks.")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", nargs="?")
     p.add_argument("--json", action="store_true", help="print the `benchmarks` part of report.json")
+    p.add_argument("--ablations", nargs="+", metavar="JSON",
+                   help="instead: print the tables of ablations.json files (one sweep split by train.ablation_first_seed)")
     p.add_argument("--prompts", type=int, default=None, help="prompts per set (default: the run's train.bench_prompts)")
     p.add_argument("--samples", type=int, default=None, help="samples per prompt (default: the run's train.bench_samples)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's; the prompts are fixed)")
     args = p.parse_args(argv)
+    if args.ablations:
+        print(ablation_summary(merge_ablations([json.load(open(f)) for f in args.ablations])))
+        return
+    if not args.run_dir:
+        p.error("give a run directory (or --ablations)")
     for name in ("prompts", "samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")

@@ -95,6 +95,7 @@ class TrainConfig:
     bench_samples: int = 4  # samples per prompt
     eval_batch: int = 128  # prompts sampled together
     ablation_seeds: int = 3  # post-training seeds per variant in --stages=ablations
+    ablation_first_seed: int = 0  # first of those seeds (to split one sweep across processes or machines)
     focus_prompts: int = 150  # ablations: bench prompts of the weakest category, x 4 samples x 2 seeds
 
 
@@ -169,7 +170,8 @@ def validate(cfgs):
         (pc.strategy in posttrain.STRATEGIES, f"post.strategy={pc.strategy!r}: expected one of {', '.join(posttrain.STRATEGIES)}"),
         (pc.weighting in posttrain.WEIGHTINGS, f"post.weighting={pc.weighting!r}: expected one of {', '.join(posttrain.WEIGHTINGS)}"),
         (0 <= pc.null_prob <= 1, "post.null_prob must lie in [0, 1]"),
-        (min(tc.ablation_seeds, tc.focus_prompts) >= 1, "train.ablation_seeds and train.focus_prompts must be >= 1"),
+        (min(tc.ablation_seeds, tc.focus_prompts) >= 1 and tc.ablation_first_seed >= 0,
+         "train.ablation_seeds and train.focus_prompts must be >= 1, train.ablation_first_seed >= 0"),
         (min(pc.rounds, pc.prompts, pc.samples, pc.steps, pc.batch, pc.lora_r, pc.eval_samples) >= 1,
          "post.rounds, prompts, samples, steps, batch, lora_r and eval_samples must be >= 1"),
         (pc.beta > 0 and pc.lr > 0 and min(pc.alpha_text, pc.alpha_image, pc.pretrain_weight) >= 0 and pc.alpha_text + pc.alpha_image > 0,
@@ -341,7 +343,8 @@ def dist_mean(x, dist):
 
 CKPT = "lm_ckpt.safetensors"
 FREE_KEYS = ("out_dir", "bench_prompts", "bench_samples", "eval_batch", "threads", "device", "eval_every", "log_every",
-             "ckpt_every", "compile", "calib_examples", "calib_samples", "ablation_seeds", "focus_prompts", "eval_samples")  # may change between runs of one directory: the weights do not depend on them
+             "ckpt_every", "compile", "calib_examples", "calib_samples", "ablation_seeds", "ablation_first_seed",
+             "focus_prompts", "eval_samples")  # may change between runs of one directory: the weights do not depend on them
 
 
 def config_diff(old, new, sections=("train", "vq", "gpt")):
@@ -837,8 +840,6 @@ ABLATIONS = {  # variant -> [post] overrides of the run's config; each post-trai
     "aligned": {"strategy": "aligned"},
     "broad": {"strategy": "broad"},
 }
-ABLATION_TABLES = {"modality weighting": ["both", "text_only", "image_only", "uniform"],
-                   "data strategy": ["broad", "aligned", "both"], "reward": ["both", "oracle", "uniform"]}
 
 
 def focus_category(weakness, floor=0.05):
@@ -868,7 +869,7 @@ def stage_ablations(cfgs, run_dir, device, metrics, report):
         "focus": evaluate.focus_score(gpt, vq, vocab, tokenizer, cfgs["sample"], focus, tc.focus_prompts, batch=tc.eval_batch),
         "benchmarks": evaluate.score_benchmarks(gpt, vq, vocab, tokenizer, cfgs["sample"], tc.bench_prompts, 1, tc.eval_batch, tc.seed)[0]}
     results = {"focus_category": focus, "base": measure(base), "runs": {}}
-    for seed in range(tc.ablation_seeds):
+    for seed in range(tc.ablation_first_seed, tc.ablation_first_seed + tc.ablation_seeds):
         for name, overrides in ABLATIONS.items():
             t0 = time.time()
             pc = dataclasses.replace(cfgs["post"], **overrides)
@@ -879,7 +880,7 @@ def stage_ablations(cfgs, run_dir, device, metrics, report):
             print(f"[ablations] {name} seed {seed}: {focus} {res['focus']['pass_rate']:.3f} "
                   f"(base {results['base']['focus']['pass_rate']:.3f}), {res['seconds']:.0f}s")
             write_json(results, os.path.join(run_dir, "ablations", "ablations.json"))  # after every run: an interrupted sweep keeps its results
-    summary = evaluate.ablation_summary(results, ABLATION_TABLES)
+    summary = evaluate.ablation_summary(results)
     with open(os.path.join(run_dir, "ablations", "ablations.md"), "w") as f:
         f.write(summary + "\n")
     print(summary)

@@ -152,3 +152,22 @@ def test_another_post_config_is_refused_by_the_post_stage_only(micro_run, tmp_pa
     cfgs = train.load_config(MICRO, [f"--train.out_dir={run}", "--post.prompts=5"])
     train.derive_sizes(cfgs, run)
     train.check_run_dir(run, train.resolved_config(cfgs), ("ablations",))  # ablations vary [post] on purpose
+
+
+def test_split_ablation_sweeps_merge(capsys, tmp_path):
+    import json
+    base = {"focus": {"pass_rate": 0.3, "samples": 16}, "benchmarks": {b: {"overall": 0.5} for b in ("geneval", "dpg", "wise", "oneig")}}
+    run = lambda x: {"focus": {"pass_rate": x}, "benchmarks": base["benchmarks"]}
+    parts = [{"focus_category": "position", "base": base, "runs": {"both": [run(0.4)], "uniform": [run(0.3)]}},
+             {"focus_category": "position", "base": base, "runs": {"both": [run(0.5)], "uniform": [run(0.3)]}}]
+    paths = []
+    for i, p in enumerate(parts):
+        paths.append(str(tmp_path / f"a{i}.json"))
+        json.dump(p, open(paths[-1], "w"))
+    evaluate.main(["--ablations", *paths])
+    out = capsys.readouterr().out
+    assert "| both (n=2) | 0.450 +- 0.050 | +0.150" in out
+    assert "beats plain self-training (uniform) by +0.150" in out and "beyond its standard error" in out
+    other = dict(parts[1], base={**base, "focus": {"pass_rate": 0.1, "samples": 16}})
+    with pytest.raises(SystemExit, match="different base"):
+        evaluate.merge_ablations([parts[0], other])
