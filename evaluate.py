@@ -37,7 +37,7 @@ from collections import defaultdict
 import numpy as np
 
 import data
-from generate import RunError, SampleConfig, decode_images, generate, load_run, save_grid
+from generate import RunError, SampleConfig, decode_images, generate, load_adapter, load_run, save_grid
 
 GENEVAL_TASKS = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
 ONEIG_CATEGORIES = GENEVAL_TASKS + ("knowledge",)  # oneig's mix: every category with something left open
@@ -457,6 +457,7 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=None, help="prompts per set (default: the run's train.bench_prompts)")
     p.add_argument("--samples", type=int, default=None, help="samples per prompt (default: the run's train.bench_samples)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's; the prompts are fixed)")
+    p.add_argument("--adapter", default=None, help="score the model with a post-training adapter, e.g. post")
     args = p.parse_args(argv)
     if args.ablations:
         print(ablation_summary(merge_ablations([json.load(open(f)) for f in args.ablations])))
@@ -468,6 +469,8 @@ def main(argv=None):
             p.error(f"--{name} must be at least 1")
     try:
         cfg, tokenizer, vocab, vq, gpt = load_run(args.run_dir)
+        if args.adapter:
+            load_adapter(gpt, args.run_dir, args.adapter)
     except RunError as e:
         raise SystemExit(f"error: {e}")
     if cfg["train"].get("data_dir"):
@@ -477,7 +480,7 @@ def main(argv=None):
     pick = lambda given, key: tc[key] if given is None else given
     res = run_all(gpt, vq, vocab, tokenizer, SampleConfig(**cfg.get("sample", {})), args.run_dir,
                   n_prompts=pick(args.prompts, "bench_prompts"), n_samples=pick(args.samples, "bench_samples"),
-                  batch=tc["eval_batch"], seed=pick(args.seed, "seed"))
+                  batch=tc["eval_batch"], seed=pick(args.seed, "seed"), prefix=f"{args.adapter}_" if args.adapter else "")
     if args.json:
         print(json.dumps(res["benchmarks"], indent=2))
     else:

@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from data import BOI, BOS, EOI, EOS, NULL, PAD, THINK, Vocab, decode_text, encode_text, grid_positions, load_tokenizer
-from model import GPT, VQ, GPTConfig, KVCache, VQConfig
+from model import GPT, VQ, GPTConfig, KVCache, VQConfig, load_lora, merge_lora
 
 
 @dataclass
@@ -248,6 +248,22 @@ def load_run(run_dir, device="cpu"):
     return cfg, tokenizer, vocab, vq, gpt
 
 
+def load_adapter(gpt, run_dir, name="post"):
+    """Add RUN_DIR/lora_<name>.safetensors (written by the post stage, its config beside it as JSON) to
+    the run's GPT and merge it in for sampling."""
+    path = os.path.join(run_dir, f"lora_{name}.safetensors")
+    if not os.path.exists(path):
+        raise RunError(f"no adapter {path}: run the post stage first (python train.py CONFIG --stages=post)")
+    with open(os.path.join(run_dir, f"lora_{name}.json")) as f:
+        pc = json.load(f)
+    try:
+        load_lora(gpt, name, load_file(path), tuple(pc["lora_targets"].split(",")), pc["lora_r"], pc["lora_alpha"])
+    except ValueError as e:
+        raise RunError(f"{path}: {e}") from None
+    merge_lora(gpt)
+    return gpt
+
+
 @torch.no_grad()
 def decode_images(vq, samples, vocab):
     """Samples -> uint8 images (H, W, 3) as numpy; a sample without an image becomes a grey square."""
@@ -297,6 +313,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=4, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/generate.png)")
+    p.add_argument("--adapter", default=None, help="sample with a post-training adapter, e.g. post (RUN_DIR/lora_post.safetensors)")
     for f in fields(SampleConfig):  # every sampling setting can be overridden; defaults come from the run
         p.add_argument(f"--{f.name}", type=strict_bool if f.type is bool else type(f.default), default=None)
     args = p.parse_args(argv)
@@ -304,6 +321,8 @@ def main(argv=None):
         p.error("--n must be at least 1")
     try:
         cfg, tokenizer, vocab, vq, gpt = load_run(args.run_dir)
+        if args.adapter:
+            load_adapter(gpt, args.run_dir, args.adapter)
         sample_cfg = SampleConfig(**cfg.get("sample", {}))
         for f in fields(SampleConfig):
             if getattr(args, f.name) is not None:

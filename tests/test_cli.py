@@ -53,3 +53,11 @@ def test_checkpoint_from_another_config_is_refused(tmp_path, micro_run):
     (other / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(generate.RunError, match="does not fit this model's config"):
         generate.load_run(str(other))
+
+
+def test_sampling_and_scoring_with_the_post_training_adapter(micro_run, capsys):
+    out = os.path.join(micro_run, "adapter.png")
+    generate.main([micro_run, "a red circle", "--n", "1", "--adapter", "post", "--out", out])
+    assert os.path.exists(out) and "plan:" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no adapter .*lora_other.safetensors"):
+        generate.main([micro_run, "a red circle", "--adapter", "other"])
