@@ -410,7 +410,8 @@ def ablation_summary(results, tables=ABLATION_TABLES):
             if n in stats:
                 m, sd, k = stats[n]
                 cells = [f"{m[0]:.3f} +- {sd[0]:.3f}", f"{m[0] - get(base)[0]:+.3f}"] + [f"{a:.3f} +- {b:.3f}" for a, b in zip(m[1:], sd[1:])]
-                out.append(f"| {n} (n={k}) | " + " | ".join(cells) + " |")
+                label = f"{n} = targeted, the default" if n == "both" else n  # the run's [post] config
+                out.append(f"| {label} (n={k}) | " + " | ".join(cells) + " |")
         out.append("")
     claims = []
     se = lambda n: stats[n][1][0] / np.sqrt(max(stats[n][2], 1))

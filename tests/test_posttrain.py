@@ -166,7 +166,7 @@ def test_split_ablation_sweeps_merge(capsys, tmp_path):
         json.dump(p, open(paths[-1], "w"))
     evaluate.main(["--ablations", *paths])
     out = capsys.readouterr().out
-    assert "| both (n=2) | 0.450 +- 0.050 | +0.150" in out
+    assert "| both = targeted, the default (n=2) | 0.450 +- 0.050 | +0.150" in out
     assert "beats plain self-training (uniform) by +0.150" in out and "beyond its standard error" in out
     other = dict(parts[1], base={**base, "focus": {"pass_rate": 0.1, "samples": 16}})
     with pytest.raises(SystemExit, match="different base"):
