@@ -1,11 +1,13 @@
 """
-The networks of nanoloom, in one file: the VQ image tokenizer and the unified GPT.
+The networks of nanoloom, in one file: the VQ image tokenizer, the unified GPT and its LoRA adapters.
 
 - VQ: a small conv autoencoder whose bottleneck is a codebook. An image (3, H, W) becomes
   (H/p) * (W/p) integer codes, one per p x p patch; the decoder turns codes back into pixels.
 - GPT: a Llama-style decoder-only transformer (RMSNorm, RoPE, SwiGLU, no biases, SDPA attention)
   over ONE vocabulary: text tokens first, then the image codebook at `image_offset`. A static KV
   cache (one tensor per layer, written by index) makes sampling cheap.
+- LoRA: named low-rank adapters on chosen Linear layers (post-training), mixed as an exact output-space
+  sum, merged into the weights only by an explicit call.
 
 This file knows tensors, not the shapes world: it imports nothing of the project.
 Quick check that it builds:  python model.py
