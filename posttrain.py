@@ -202,13 +202,9 @@ def sample_weights(rewards, group, scheme, beta=0.1, threshold=0.5):
 # the weighted loss on both modalities
 
 
-def sample_batch(samples, rows, vocab: Vocab, device, nulls=None):
-    """Samples -> right-padded x, y, target mask, grid, modality (B, T-1), as the pretraining batches:
-    <bos> prompt <think> plan <boi> codes <eoi> <eos>, loss on everything after the prompt; rows where
-    nulls is True get the null condition (image tokens only), as in pretraining."""
-    nulls = [False] * len(rows) if nulls is None else nulls
-    seqs = [build_sequence("plan", vocab, samples["prompt"][i], samples["plan"][i], samples["codes"][i], null=bool(n))
-            for i, n in zip(rows, nulls)]
+def collate(seqs, vocab: Vocab, device):
+    """build_sequence outputs -> right-padded x, y, target mask, grid, modality (B, T-1); shared with
+    the pretraining batches of train.py."""
     T = max(len(s[0]) for s in seqs)
     ids = torch.full((len(seqs), T), data.PAD, dtype=torch.long)
     tgt = torch.zeros(len(seqs), T)
@@ -218,6 +214,16 @@ def sample_batch(samples, rows, vocab: Vocab, device, nulls=None):
         ids[r, :len(s)], mod[r, :len(s)], tgt[r, :len(s)] = torch.tensor(s), torch.tensor(m), torch.tensor(t, dtype=torch.float)
         grid[r, :len(s)] = torch.tensor(grid_positions(s, vocab))
     return [t.to(device) for t in (ids[:, :-1], ids[:, 1:], tgt[:, 1:], grid[:, :-1], mod[:, 1:])]
+
+
+def sample_batch(samples, rows, vocab: Vocab, device, nulls=None):
+    """Samples -> right-padded x, y, target mask, grid, modality (B, T-1), as the pretraining batches:
+    <bos> prompt <think> plan <boi> codes <eoi> <eos>, loss on everything after the prompt; rows where
+    nulls is True get the null condition (image tokens only), as in pretraining."""
+    nulls = [False] * len(rows) if nulls is None else nulls
+    seqs = [build_sequence("plan", vocab, samples["prompt"][i], samples["plan"][i], samples["codes"][i], null=bool(n))
+            for i, n in zip(rows, nulls)]
+    return collate(seqs, vocab, device)
 
 
 def per_sample_losses(model, batch):

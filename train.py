@@ -47,7 +47,7 @@ import data
 import evaluate
 import posttrain
 import rewards
-from data import FORMATS, Vocab, build_sequence, grid_positions
+from data import FORMATS, Vocab, build_sequence
 from generate import RunError, SampleConfig, decode_images, generate, load_run, load_weights, save_grid
 from model import GPT, VQ, GPTConfig, VQConfig, add_lora, lora_state_dict, merge_lora, unmerge_lora
 from posttrain import PostConfig
@@ -562,16 +562,7 @@ def epoch_batches(ds, rng, tc, batch=None):
 def make_batch(ds, items, vocab, device):
     """(example, format, null) items -> right-padded tensors x, y, loss weight, grid, modality (B, T)."""
     seqs = [build_sequence(fmt, vocab, ds.prompt[i], ds.plan[i], ds.codes[i], ds.caption[i], null=null) for i, fmt, null in items]
-    T = max(len(s[0]) for s in seqs)
-    ids = torch.full((len(seqs), T), data.PAD, dtype=torch.long)
-    tgt = torch.zeros(len(seqs), T)
-    grid = torch.full((len(seqs), T), -1, dtype=torch.long)
-    mod = torch.zeros(len(seqs), T, dtype=torch.long)
-    for r, (s, m, t) in enumerate(seqs):
-        ids[r, :len(s)], mod[r, :len(s)], tgt[r, :len(s)] = torch.tensor(s), torch.tensor(m), torch.tensor(t, dtype=torch.float)
-        grid[r, :len(s)] = torch.tensor(grid_positions(s, vocab))
-    out = ids[:, :-1], ids[:, 1:], tgt[:, 1:], grid[:, :-1], mod[:, 1:]
-    return [t.to(device) for t in out]
+    return posttrain.collate(seqs, vocab, device)
 
 
 def lm_loss(model, batch, denom=None):
