@@ -34,7 +34,9 @@ from model import GPT, VQ, GPTConfig, KVCache, VQConfig, load_lora, merge_lora
 @dataclass
 class SampleConfig:
     temperature: float = 0.7  # image tokens; 0 = greedy
-    text_temperature: float = 0.5  # plan tokens: lower, since a wrong word in the plan dooms the image
+    text_temperature: float = 0.3  # plan tokens: lower, since a wrong word in the plan dooms the image (measured on
+    #                                800 knowledge samples: plans right 0.897 at 0.5, 0.926 at 0.3, 0.960 at 0 but
+    #                                then every sample of a prompt has one layout: OneIG diversity 0.58 -> 0.09)
     top_k: int = 20  # keep the k most likely tokens (0 = all), applied after guidance
     top_p: float = 1.0  # nucleus sampling on what top_k kept (1.0 = off)
     cfg_scale: float = 1.5  # classifier-free guidance on image tokens; 1.0 = off and no doubled batch
