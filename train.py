@@ -170,6 +170,7 @@ def validate(cfgs):
         (pc.strategy in posttrain.STRATEGIES, f"post.strategy={pc.strategy!r}: expected one of {', '.join(posttrain.STRATEGIES)}"),
         (pc.weighting in posttrain.WEIGHTINGS, f"post.weighting={pc.weighting!r}: expected one of {', '.join(posttrain.WEIGHTINGS)}"),
         (0 <= pc.null_prob <= 1, "post.null_prob must lie in [0, 1]"),
+        (pc.target_top >= 0, "post.target_top must be >= 0 (0 = every category)"),
         (min(tc.ablation_seeds, tc.focus_prompts) >= 1 and tc.ablation_first_seed >= 0,
          "train.ablation_seeds and train.focus_prompts must be >= 1, train.ablation_first_seed >= 0"),
         (min(pc.rounds, pc.prompts, pc.samples, pc.steps, pc.batch, pc.lora_r, pc.eval_samples) >= 1,
@@ -765,7 +766,7 @@ def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_pre
     rounds = []
     for k in range(pc.rounds):
         t0 = time.time()
-        examples = posttrain.draw_prompts(pc.strategy, pc.prompts, rng, weakness, pc.focus)
+        examples = posttrain.draw_prompts(pc.strategy, pc.prompts, rng, weakness, pc.focus, top_categories=pc.target_top)
         reward_fn = rewards.load_reward(run_dir, pc.reward, device, specs={ex.prompt: ex.spec for ex in examples})
         merge_lora(gpt)  # sample with the adapter folded into the weights: same outputs, fewer matmuls
         samples = posttrain.self_generate(gpt, vq, vocab, tokenizer, examples, pc.samples, cfgs["sample"], seed * 1000 + k * 100_000, tc.eval_batch)
@@ -823,7 +824,7 @@ def stage_post(cfgs, run_dir, device, metrics, report):
 # extra stage: ablations (not part of the main job)
 
 ABLATIONS = {  # variant -> [post] overrides of the run's config; each post-trains a fresh adapter from the base
-    "both": {},  # the run's [post] config (default: targeted prompts, exp weights, both modalities, vqa reward)
+    "both": {},  # the run's [post] config (default: targeted prompts, threshold weights, both modalities, vqa reward)
     "uniform": {"weighting": "uniform"},  # plain self-training on the same kind of samples: the control
     "oracle": {"reward": "verifier"},  # the exact verifier as reward: the upper bound of a learned reward
     "text_only": {"alpha_image": 0.0},

@@ -59,6 +59,16 @@ def test_post_training_prompts_never_equal_benchmark_or_dev_prompts(strategy):
         assert named > 0.5, f"targeted position prompts name the weak relation only {named:.2f} of the time"
 
 
+def test_targeted_top_keeps_only_the_weakest_categories_the_model_sometimes_passes():
+    weakness = {"categories": [{"name": "dense", "pass_rate": 0.0}, {"name": "knowledge/comparative", "pass_rate": 0.2},
+                               {"name": "color_attr", "pass_rate": 0.3}, {"name": "position", "pass_rate": 0.5},
+                               {"name": "colors", "pass_rate": 1.0}]}
+    assert set(posttrain.target_shares(weakness, top=2)) == {"knowledge/comparative", "color_attr"}  # dense: never passed
+    assert set(posttrain.target_shares(weakness)) == {c["name"] for c in weakness["categories"]}
+    exs = posttrain.draw_prompts("targeted", 200, np.random.default_rng(0), {**weakness, "attributes": []}, top_categories=2)
+    assert {e.category for e in exs} == {"knowledge", "color_attr"} and {e.kind for e in exs if e.category == "knowledge"} == {"comparative"}
+
+
 def test_targeted_needs_a_weakness_report():
     with pytest.raises(ValueError, match="weakness"):
         posttrain.draw_prompts("targeted", 10, np.random.default_rng(0), None)
