@@ -485,16 +485,19 @@ def program_targets(specs):
 
 
 class Tower(nn.Module):
-    """A [cls] token read out of a transformer over a sequence: (B, T, D) -> (B, D)."""
+    """The mean of a transformer's outputs over a sequence's real tokens: (B, T, D) -> (B, D). Pooling a
+    [cls] token instead, the contrastive loss sat at chance for a random number of steps (captions differ
+    by a word or two, so every [cls] started alike): caption above hard negative 0.63-0.83 over 3 seeds,
+    0.89-0.91 with the mean."""
 
     def __init__(self, dim, layers):
         super().__init__()
-        self.cls, self.body, self.norm = nn.Parameter(torch.zeros(1, 1, dim)), _transformer(dim, layers), nn.LayerNorm(dim)
+        self.body, self.norm = _transformer(dim, layers), nn.LayerNorm(dim)
 
     def forward(self, x, pad=None):
-        x = torch.cat([self.cls.expand(len(x), -1, -1), x], 1)
-        pad = None if pad is None else torch.cat([torch.zeros_like(pad[:, :1]), pad], 1)
-        return self.norm(self.body(x, src_key_padding_mask=pad)[:, 0])
+        pad = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device) if pad is None else pad  # (B, T), True = padding
+        keep = (~pad).unsqueeze(-1).float()
+        return self.norm((self.body(x, src_key_padding_mask=pad) * keep).sum(1) / keep.sum(1))
 
 
 class CLIPHead(nn.Module):

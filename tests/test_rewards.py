@@ -97,6 +97,21 @@ def test_perturb_and_malformed_change_the_picture():
         assert 0.0 <= rewards.composition(scene) <= 1.0
 
 
+def test_tower_pools_the_real_tokens_only():
+    # mean pooling (not a [cls] token, which left clip's contrastive loss at chance for a random number of
+    # steps): padding must not change an embedding, and two sequences differing in one token must differ
+    torch.manual_seed(0)
+    tower = rewards.Tower(16, 1).eval()
+    x = torch.randn(2, 5, 16)
+    padded = torch.cat([x, torch.randn(2, 3, 16)], 1)
+    pad = torch.zeros(2, 8, dtype=torch.bool)
+    pad[:, 5:] = True
+    torch.testing.assert_close(tower(padded, pad), tower(x), atol=1e-5, rtol=1e-5)
+    y = x.clone()
+    y[1, 2] = torch.randn(16)
+    assert not torch.allclose(tower(y)[1], tower(x)[1], atol=1e-3)
+
+
 def test_auc():
     assert rewards.auc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
     assert rewards.auc([1, 2, 3, 3], [0, 0, 1, 0]) == pytest.approx(2.5 / 3)  # a tie counts half
