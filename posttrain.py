@@ -99,8 +99,8 @@ def names(ex):
 
 
 def target_shares(weakness, top=0, floor=0.05):
-    """Category -> share of targeted prompts, in proportion to pass * (1 - pass) on dev prompts (plus a
-    small floor so nothing is dropped entirely). Reward-weighted self-training learns only from prompts
+    """Category -> share of targeted prompts, in proportion to pass * (1 - pass) on dev prompts (plus 0.01,
+    so that with top = 0 no category is dropped entirely). Reward-weighted self-training learns only from prompts
     whose K samples differ in reward: a category the model always passes teaches nothing, and so does one
     it never passes (measured: spending a third of the prompts on dense scenes, passed 0% of the time,
     gave no gain there and less everywhere else). pass * (1 - pass) is the variance of a pass/fail reward.
