@@ -247,7 +247,7 @@ def weakness(records, min_n=8):
     failure rate of the clauses that name them. Values named by fewer than min_n clauses are left out."""
     cats = defaultdict(list)
     for r in records:
-        cats[r["category"] + (f"/{r['kind']}" if r["kind"] else "")].append(r["passed"])
+        cats[category_name(r["category"], r["kind"])].append(r["passed"])
     attrs = defaultdict(list)
     for r in records:
         spec, clauses = r["example"].spec, r["clauses"]
@@ -307,7 +307,19 @@ def run_all(gpt, vq, vocab, tokenizer, sample_cfg, run_dir, n_prompts=50, n_samp
     return {"benchmarks": benchmarks, "weakness": weakness(dev), "bench_version": BENCH_VERSION,
             "boi_rate": float(np.mean([r["emitted_boi"] for r in every])), "images": len(every),
             "benchmark_seconds": round(t_bench, 1), "images_per_s": len(every) / t_bench,
-            "dev_images": len(dev), "sample_config": vars(sample_cfg)}
+            "dev_images": len(dev), "sample_config": vars(sample_cfg), "dev_samples": dev_samples(dev)}
+
+
+def category_name(category, kind):
+    """The weakness report's name of a category: knowledge prompts split by kind ("knowledge/number")."""
+    return category + (f"/{kind}" if kind else "")
+
+
+def dev_samples(records):
+    """The dev samples as the post stage calibrates a reward on them: images (N, H, W, 3) uint8, whether
+    each passed, its prompt and its category name."""
+    return {"image": np.stack([r["image"] for r in records]), "passed": np.array([r["passed"] for r in records], dtype=float),
+            "prompt": [r["prompt"] for r in records], "name": [category_name(r["category"], r["kind"]) for r in records]}
 
 
 # -----------------------------------------------------------------------------

@@ -9,8 +9,8 @@ One round:
      most); always from the "train" split of the prompt hash, so never a benchmark (or dev) prompt;
   2. K samples per prompt from the current model (plan text, then the image it draws by itself);
   3. a reward per sample (default `vqa`), and the exact verifier beside it to watch for reward hacking;
-  4. weights w_i from the rewards (`threshold`, the default, `rwr`, `exp`, `best`, or `uniform` = plain
-     self-training);
+  4. weights w_i from the rewards (`threshold`, the default: per category, calibrated on the base model's
+     dev samples; `rwr`, `exp`, `best`, or `uniform` = plain self-training);
   5. LoRA fine-tuning on those samples with
         loss_i = alpha_text * CE(plan tokens of sample i) + alpha_image * CE(image tokens of sample i),
         loss   = mean over a mini-batch of w_i * loss_i      (w normalised to mean 1 over the kept samples)
@@ -41,14 +41,17 @@ class PostConfig:
     rounds: int = 2  # generate -> score -> fine-tune cycles; each round samples from the updated model
     prompts: int = 256  # prompts per round
     samples: int = 4  # K samples per prompt
+    plan_temperature: float = 1.0  # plan tokens of the self-generated samples (sample.text_temperature is for
+    #                                evaluation): reward-weighting samples drawn from pi gives pi * w, but from a
+    #                                sharpened pi^(1/T) it also collapses what the prompt leaves open (layout, size)
     strategy: str = "targeted"  # broad | aligned | targeted
     reward: str = "vqa"  # reward name or weighted sum, e.g. "vqa + 0.5*aesthetic" (see rewards.py)
     weighting: str = "threshold"  # rwr | exp | best | threshold | uniform (see sample_weights; why threshold: below)
     beta: float = 0.1  # temperature of rwr and exp: smaller trusts the reward's ranking more
-    threshold: float = 0.3  # `threshold` keeps samples whose reward is at least this. For vqa, measured on one
-    #                         round: passing samples score 0.15-0.65 (by category), failing ones 0.02-0.09;
-    #                         >= 0.3 keeps 98% passing samples (0.1: 87%). exp weights were ruled by that
-    #                         per-category scale: two-object samples took half the weight, position 4%
+    precision: float = 0.95  # `threshold` keeps, per category, samples above the lowest reward above which this share
+    #                          of the base model's dev samples pass, counting two extra failures so that a few
+    #                          lucky dev samples do not pass (calibrate_thresholds): one fixed threshold does not
+    #                          fit, since vqa scores passing samples 0.15-0.65 depending on the category
     alpha_text: float = 1.0  # weight of the plan (text) tokens' loss
     alpha_image: float = 1.0  # weight of the image tokens' loss
     pretrain_weight: float = 1.0  # weight of a loss on pretraining data, against drift (0 = off): without it,
@@ -98,7 +101,7 @@ def names(ex):
     return {(a, str(v)) for a, v in out if v is not None} | {("total", str(ex.spec.total))}
 
 
-def target_shares(weakness, top=0, floor=0.05):
+def target_shares(weakness, top=0, floor=0.05, judged=None):
     """Category -> share of targeted prompts, in proportion to pass * (1 - pass) on dev prompts (plus 0.01,
     so that with top = 0 no category is dropped entirely). Reward-weighted self-training learns only from prompts
     whose K samples differ in reward: a category the model always passes teaches nothing, and so does one
@@ -106,8 +109,11 @@ def target_shares(weakness, top=0, floor=0.05):
     gave no gain there and less everywhere else). pass * (1 - pass) is the variance of a pass/fail reward.
     top > 0 keeps only the `top` weakest categories passed at least `floor` of the time: the budget then
     buys enough good samples of each to move it (measured, vqa reward, threshold weights: the weakest
-    category, color_attr, 0.326 -> 0.376 spread over every category, -> 0.498 with top = 2)."""
-    cats = weakness["categories"]
+    category, color_attr, 0.326 -> 0.376 spread over every category, -> 0.498 with top = 2). judged: the
+    category names the reward can judge (calibrate_thresholds); the others get no prompts."""
+    cats = [c for c in weakness["categories"] if judged is None or c["name"] in judged]
+    if not cats:
+        raise ValueError("the reward cannot judge any dev category (see calibrate_thresholds): nothing to target")
     if top:  # only the `top` weakest of those passed at least `floor` of the time
         live = sorted((c for c in cats if c["pass_rate"] >= floor), key=lambda c: c["pass_rate"])
         cats = live[:top] or cats
@@ -116,14 +122,14 @@ def target_shares(weakness, top=0, floor=0.05):
     return {c["name"]: float(x) for c, x in zip(cats, w / w.sum())}
 
 
-def draw_prompts(strategy, n, rng, weakness=None, focus=0.5, top_attributes=5, top_categories=0):
+def draw_prompts(strategy, n, rng, weakness=None, focus=0.5, top_attributes=5, top_categories=0, judged=None):
     """n distinct train-split Examples for a strategy. `targeted` needs the weakness report: categories
-    are drawn with target_shares, and a `focus` share of the prompts must also name one of the
-    `top_attributes` most-failed attribute values."""
+    are drawn with target_shares (among the `judged` ones), and a `focus` share of the prompts must also
+    name one of the `top_attributes` most-failed attribute values."""
     if strategy == "targeted":
         if not weakness:
             raise ValueError("the targeted strategy needs the weakness report (weakness.json): run the eval stage first")
-        shares = target_shares(weakness, top_categories)
+        shares = target_shares(weakness, top_categories, judged=judged)
         cats, p = list(shares), np.array(list(shares.values()))
         weak = {(a["attribute"], a["value"]) for a in weakness["attributes"][:top_attributes]}
     elif strategy not in STRATEGIES:
@@ -180,13 +186,33 @@ def verifier_scores(images, examples, example_index):
 # weights
 
 
+def calibrate_thresholds(rewards, passed, names, precision=0.95, prior_failures=2):
+    """A reward's threshold per category, from dev samples the verifier has judged: category name -> the
+    lowest reward t such that passing / (samples scoring >= t + prior_failures) >= precision; None where
+    no t qualifies: the reward cannot pick out that category's passing samples, or the dev set is too
+    small to show that it can (the prior failures need >= 38 samples above t at precision 0.95).
+    Measured, vqa on one base: colour attribution t = 0.15, position 0.06; knowledge kinds (about 25
+    dev samples each) none, and on a round's samples vqa reads counting words no better than chance
+    (AUC 0.45-0.62) and keeps comparatives at 81-92% precision."""
+    rewards, passed, names = np.asarray(rewards, dtype=np.float64), np.asarray(passed, dtype=np.float64), np.asarray(names)
+    out = {}
+    for name in sorted(set(names.tolist())):
+        order = np.argsort(-rewards[names == name], kind="stable")
+        r, p = rewards[names == name][order], passed[names == name][order]
+        hits = np.cumsum(p)
+        ok = hits >= precision * (np.arange(1, len(p) + 1) + prior_failures)
+        ok &= np.r_[r[1:] != r[:-1], True]  # a threshold keeps every sample tied with it
+        out[name] = float(r[np.nonzero(ok)[0][-1]]) if ok.any() else None
+    return out
+
+
 def sample_weights(rewards, group, scheme, beta=0.1, threshold=0.5):
     """Rewards (N,) and each sample's prompt index (N,) -> weights (N,) >= 0, mean 1 over the samples
     with weight > 0 (so the learning rate means the same under every scheme).
         rwr        softmax(r / beta) within each prompt's group: prompts count equally, better samples more
         exp        exp(r / beta) over all samples: prompts with high rewards count more
         best       1 for the best sample of each prompt (RAFT / best-of-K), else 0
-        threshold  1 where r >= threshold, else 0
+        threshold  1 where r >= threshold (a number, or one per sample: its category's), else 0
         uniform    1 for every sample: plain self-training, the control"""
     r = np.asarray(rewards, dtype=np.float64)
     g = np.asarray(group)

@@ -170,6 +170,8 @@ def validate(cfgs):
         (pc.strategy in posttrain.STRATEGIES, f"post.strategy={pc.strategy!r}: expected one of {', '.join(posttrain.STRATEGIES)}"),
         (pc.weighting in posttrain.WEIGHTINGS, f"post.weighting={pc.weighting!r}: expected one of {', '.join(posttrain.WEIGHTINGS)}"),
         (0 <= pc.null_prob <= 1, "post.null_prob must lie in [0, 1]"),
+        (pc.plan_temperature >= 0, "post.plan_temperature must be >= 0 (0 = greedy plans)"),
+        (0 < pc.precision < 1, "post.precision must lie in (0, 1)"),
         (pc.target_top >= 0, "post.target_top must be >= 0 (0 = every category)"),
         (min(tc.ablation_seeds, tc.focus_prompts) >= 1 and tc.ablation_first_seed >= 0,
          "train.ablation_seeds and train.focus_prompts must be >= 1, train.ablation_first_seed >= 0"),
@@ -343,6 +345,7 @@ def dist_mean(x, dist):
 # resumable checkpoints of the lm stage
 
 CKPT = "lm_ckpt.safetensors"
+DEV_FILE = "dev_samples.safetensors"  # the eval stage's dev samples, on which the post stage calibrates its reward
 FREE_KEYS = ("out_dir", "bench_prompts", "bench_samples", "eval_batch", "threads", "device", "eval_every", "log_every",
              "ckpt_every", "compile", "calib_examples", "calib_samples", "ablation_seeds", "ablation_first_seed",
              "focus_prompts", "eval_samples")  # may change between runs of one directory: the weights do not depend on them
@@ -751,6 +754,28 @@ def pretraining_batches(tc, batch, seed, rng, tokenizer, vq, vocab, device):
     return next_batch
 
 
+def save_dev_samples(dev, path):
+    """The eval stage's dev samples (evaluate.dev_samples): what the post stage calibrates its reward on."""
+    save_atomic({"image": torch.from_numpy(dev["image"]), "passed": torch.tensor(dev["passed"])}, path,
+                {"prompt": json.dumps(dev["prompt"]), "name": json.dumps(dev["name"])})
+
+
+def reward_thresholds(run_dir, pc, device):
+    """calibrate_thresholds of the post reward on the base model's dev samples (written by the eval stage)."""
+    path = os.path.join(run_dir, DEV_FILE)
+    if not os.path.exists(path):
+        raise ConfigError(f"{path} is missing (the eval stage writes it since 2026-12-01): run --stages=eval again")
+    with safe_open(path, "pt") as f:
+        meta, images, passed = f.metadata(), f.get_tensor("image"), f.get_tensor("passed")
+    prompts, names = json.loads(meta["prompt"]), json.loads(meta["name"])
+    per_category = len(set(prompts)) // len(data.CATEGORIES)  # evaluate.dev_prompts draws as many of each
+    reward_fn = rewards.load_reward(run_dir, pc.reward, device, {ex.prompt: ex.spec for ex in evaluate.dev_prompts(per_category)})
+    with torch.no_grad():
+        r = torch.cat([reward_fn(images_tensor(images[i:i + 256].numpy(), device), prompts[i:i + 256]).cpu()
+                       for i in range(0, len(prompts), 256)]).numpy()
+    return posttrain.calibrate_thresholds(r, passed.numpy(), names, pc.precision)
+
+
 def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_prefix="post"):
     """Rounds of generate -> score -> weight -> fine-tune a fresh LoRA adapter on the run's GPT. Returns
     the run's (gpt with the adapter enabled, tokenizer, vocab, vq), the adapter's parameters and the
@@ -760,23 +785,30 @@ def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_pre
     wpath = os.path.join(run_dir, "weakness.json")
     weakness = json.load(open(wpath)) if os.path.exists(wpath) else None
     params = add_lora(gpt, adapter, tuple(pc.lora_targets.split(",")), pc.lora_r, pc.lora_alpha, pc.lora_dropout)
+    thresholds = reward_thresholds(run_dir, pc, device)
+    judged = {name for name, t in thresholds.items() if t is not None}
+    tqdm.write(f"[{log_prefix}] {pc.reward} thresholds on dev samples: "
+               + ", ".join(f"{n} {'-' if t is None else f'{t:.3f}'}" for n, t in thresholds.items()))
     rng = np.random.default_rng([seed, 1])
     torch.manual_seed(seed)
     drift_batch = pretraining_batches(tc, pc.batch, seed, rng, tokenizer, vq, vocab, device) if pc.pretrain_weight > 0 else None
+    sample_cfg = dataclasses.replace(cfgs["sample"], text_temperature=pc.plan_temperature)
     rounds = []
     for k in range(pc.rounds):
         t0 = time.time()
-        examples = posttrain.draw_prompts(pc.strategy, pc.prompts, rng, weakness, pc.focus, top_categories=pc.target_top)
+        examples = posttrain.draw_prompts(pc.strategy, pc.prompts, rng, weakness, pc.focus, top_categories=pc.target_top, judged=judged)
         reward_fn = rewards.load_reward(run_dir, pc.reward, device, specs={ex.prompt: ex.spec for ex in examples})
         merge_lora(gpt)  # sample with the adapter folded into the weights: same outputs, fewer matmuls
-        samples = posttrain.self_generate(gpt, vq, vocab, tokenizer, examples, pc.samples, cfgs["sample"], seed * 1000 + k * 100_000, tc.eval_batch)
+        samples = posttrain.self_generate(gpt, vq, vocab, tokenizer, examples, pc.samples, sample_cfg, seed * 1000 + k * 100_000, tc.eval_batch)
         unmerge_lora(gpt)
         prompts = [examples[i].prompt for i in samples["example"]]
         with torch.no_grad():
             r = torch.cat([reward_fn(images_tensor(samples["image"][i:i + 256], device), prompts[i:i + 256]).cpu()
                            for i in range(0, len(prompts), 256)]).numpy()
         v = posttrain.verifier_scores(samples["image"], examples, samples["example"])
-        w = posttrain.sample_weights(r, samples["example"], pc.weighting, pc.beta, pc.threshold)
+        cut = np.array([np.inf if t is None else t for t in
+                        (thresholds.get(evaluate.category_name(examples[i].category, examples[i].kind)) for i in samples["example"])])
+        w = posttrain.sample_weights(r, samples["example"], pc.weighting, pc.beta, cut)
         os.makedirs(os.path.dirname(os.path.join(run_dir, log_prefix)), exist_ok=True)
         save_round(samples, {"reward": r, "verifier": v, "weight": w}, os.path.join(run_dir, f"{log_prefix}_round{k}.safetensors"))
         write_json([{"prompt": ex.prompt, "category": ex.category, "kind": ex.kind} for ex in examples],
@@ -786,9 +818,9 @@ def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_pre
                 "verifier_weighted": float((w * v).sum() / max(w.sum(), 1e-9)),  # what the fine-tune imitates
                 "categories": {c: float(np.mean([v[j] for j, i in enumerate(samples["example"]) if examples[i].category == c]))
                                for c in sorted({ex.category for ex in examples})},
-                **fit, "seconds": round(time.time() - t0, 1)}
+                **fit, "thresholds": thresholds, "seconds": round(time.time() - t0, 1)}
         rounds.append(figs)
-        metrics.log(stage=log_prefix, **{key: val for key, val in figs.items() if key != "categories"})
+        metrics.log(stage=log_prefix, **{key: val for key, val in figs.items() if key not in ("categories", "thresholds")})
         tqdm.write(f"[{log_prefix}] round {k}: reward {figs['reward']:.3f}, verifier {figs['verifier']:.3f} "
                    f"(weighted {figs['verifier_weighted']:.3f}), loss {fit['loss']:.3f}, {figs['seconds']:.0f}s")
     return gpt, tokenizer, vocab, vq, params, rounds
@@ -986,6 +1018,8 @@ def main(argv=None):
             else:
                 figures = stage_eval(cfgs, run_dir, device)
                 report["benchmarks"] = figures.pop("benchmarks")
+                if "dev_samples" in figures:
+                    save_dev_samples(figures.pop("dev_samples"), os.path.join(run_dir, DEV_FILE))
                 if "weakness" in figures:  # a folder run has no shapes world to find weaknesses in
                     report["weakness"] = figures.pop("weakness")
                     write_json(report["weakness"], os.path.join(run_dir, "weakness.json"))

@@ -67,6 +67,31 @@ def test_targeted_top_keeps_only_the_weakest_categories_the_model_sometimes_pass
     assert set(posttrain.target_shares(weakness)) == {c["name"] for c in weakness["categories"]}
     exs = posttrain.draw_prompts("targeted", 200, np.random.default_rng(0), {**weakness, "attributes": []}, top_categories=2)
     assert {e.category for e in exs} == {"knowledge", "color_attr"} and {e.kind for e in exs if e.category == "knowledge"} == {"comparative"}
+    # a category the reward cannot judge gets no prompts: the next weakest takes its place
+    judged = {"color_attr", "position", "colors"}
+    assert set(posttrain.target_shares(weakness, top=2, judged=judged)) == {"color_attr", "position"}
+    with pytest.raises(ValueError, match="cannot judge any"):
+        posttrain.target_shares(weakness, top=2, judged=set())
+
+
+def test_thresholds_are_calibrated_per_category_on_dev_samples():
+    rng = np.random.default_rng(0)
+    # "a": 100 samples, passing ones score 0.5-0.7, failing ones 0-0.2 -> the threshold sits at the lowest passing score
+    pa = rng.random(100) < 0.6
+    ra = np.where(pa, rng.uniform(0.5, 0.7, 100), rng.uniform(0.0, 0.2, 100))
+    # "b": the same, on a tenfold smaller scale; "c": reward unrelated to passing; "d": never passes; "e": 20 perfect samples
+    pb, rb = pa, ra / 10
+    pc_, rc = pa, rng.random(100)
+    pe, re = np.ones(20, bool), rng.random(20)
+    names = ["a"] * 100 + ["b"] * 100 + ["c"] * 100 + ["d"] * 10 + ["e"] * 20
+    t = posttrain.calibrate_thresholds(np.r_[ra, rb, rc, rng.random(10), re], np.r_[pa, pb, pc_, np.zeros(10), pe], names, precision=0.95)
+    assert t["a"] == pytest.approx(ra[pa].min()) and t["b"] == pytest.approx(rb[pa].min()), "one threshold per category's scale"
+    assert t["c"] is None and t["d"] is None, "no threshold where the reward cannot pick out passing samples"
+    assert t["e"] is None, "20 samples are too few to show 95% precision with two prior failures"
+    assert posttrain.calibrate_thresholds(re, pe, ["e"] * 20, precision=0.9)["e"] == pytest.approx(re.min())
+    # per-sample thresholds in the threshold weighting
+    w = posttrain.sample_weights(np.array([0.3, 0.3, 0.05]), np.arange(3), "threshold", threshold=np.array([0.2, np.inf, 0.04]))
+    assert w.tolist() == [1, 0, 1]
 
 
 def test_targeted_needs_a_weakness_report():
@@ -181,3 +206,29 @@ def test_split_ablation_sweeps_merge(capsys, tmp_path):
     other = dict(parts[1], base={**base, "focus": {"pass_rate": 0.1, "samples": 16}})
     with pytest.raises(SystemExit, match="different base"):
         evaluate.merge_ablations([parts[0], other])
+
+
+def test_self_generated_plans_use_the_post_plan_temperature(micro_run, tmp_path):
+    """post.plan_temperature, not sample.text_temperature, draws the round's plans: at 0 every sample of a
+    prompt has the same (greedy) plan; at 1 they differ."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    import train
+    from conftest import MICRO
+    run = str(tmp_path / "run")
+    shutil.copytree(micro_run, run)
+    distinct = {}
+    for temp in (0.0, 1.0):
+        cfgs = train.load_config(MICRO, [f"--train.out_dir={run}", "--post.steps=1", "--post.rounds=1", "--post.samples=4",
+                                         f"--post.plan_temperature={temp}", "--sample.text_temperature=0.5"])
+        train.derive_sizes(cfgs, run)
+        train.post_train(cfgs, run, "cpu", train.Metrics(os.path.join(run, "m.jsonl")), cfgs["post"], seed=3, log_prefix=f"t{temp}")
+        t = load_file(os.path.join(run, f"t{temp}_round0.safetensors"))
+        plans = {}
+        for i, plan in zip(t["example"].tolist(), t["plan"].tolist()):
+            plans.setdefault(i, set()).add(tuple(plan))
+        distinct[temp] = sum(len(p) for p in plans.values()) / len(plans)
+    assert distinct[0.0] == 1, "greedy plans must not vary within a prompt"
+    assert distinct[1.0] > 1, "plans at temperature 1 should vary"
