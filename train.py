@@ -787,6 +787,10 @@ def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_pre
     params = add_lora(gpt, adapter, tuple(pc.lora_targets.split(",")), pc.lora_r, pc.lora_alpha, pc.lora_dropout)
     thresholds = reward_thresholds(run_dir, pc, device)
     judged = {name for name, t in thresholds.items() if t is not None}
+    if not judged:
+        tqdm.write(f"[{log_prefix}] warning: {pc.reward} cannot judge any dev category (too few dev samples pass, or it cannot "
+                   f"tell them from the failing ones): prompts are aimed as if it could, and threshold weights keep nothing")
+        judged = None
     tqdm.write(f"[{log_prefix}] {pc.reward} thresholds on dev samples: "
                + ", ".join(f"{n} {'-' if t is None else f'{t:.3f}'}" for n, t in thresholds.items()))
     rng = np.random.default_rng([seed, 1])

@@ -211,6 +211,7 @@ def test_split_ablation_sweeps_merge(capsys, tmp_path):
 def test_self_generated_plans_use_the_post_plan_temperature(micro_run, tmp_path):
     """post.plan_temperature, not sample.text_temperature, draws the round's plans: at 0 every sample of a
     prompt has the same (greedy) plan; at 1 they differ."""
+    import os
     import shutil
 
     from safetensors.torch import load_file
@@ -232,3 +233,19 @@ def test_self_generated_plans_use_the_post_plan_temperature(micro_run, tmp_path)
         distinct[temp] = sum(len(p) for p in plans.values()) / len(plans)
     assert distinct[0.0] == 1, "greedy plans must not vary within a prompt"
     assert distinct[1.0] > 1, "plans at temperature 1 should vary"
+
+
+def test_post_stage_without_dev_samples_says_what_to_run(micro_run, tmp_path):
+    import os
+    import shutil
+
+    import train
+    from conftest import MICRO
+    run = str(tmp_path / "run")
+    shutil.copytree(micro_run, run)
+    os.remove(os.path.join(run, "lora_post.safetensors"))
+    os.remove(os.path.join(run, "lora_post.json"))
+    os.remove(os.path.join(run, train.DEV_FILE))
+    with pytest.raises(SystemExit, match="dev_samples.safetensors is missing.*--stages=eval"):
+        train.main([MICRO, f"--train.out_dir={run}", "--stages=post"])
+    assert not os.path.exists(os.path.join(run, "lora_post.safetensors")), "nothing written"
