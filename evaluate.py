@@ -375,8 +375,12 @@ def post_section(post):
              "| round | mean reward | verifier (same samples) | verifier, weighted | loss | seconds |", "|---|---|---|---|---|---|"]
     parts += [f"| {r['round']} | {r['reward']:.3f} | {r['verifier']:.3f} | {r['verifier_weighted']:.3f} | {r['loss']:.3f} | {r['seconds']} |"
               for r in post["rounds"]]
+    last = post["rounds"][-1]
+    if "reward_after" in last:
+        parts += ["", f"The last round's prompts sampled again after fine-tuning: reward {last['reward']:.3f} -> "
+                      f"{last['reward_after']:.3f}, verifier {last['verifier']:.3f} -> {last['verifier_after']:.3f}."]
     if post.get("reward_hacking"):
-        parts += ["", "**Reward hacking:** the reward rose over the rounds while the exact verifier did not."]
+        parts += ["", "**Reward hacking:** the reward rose while the exact verifier did not."]
     parts += ["", "Benchmarks before -> after (95% intervals):", "", "```", compare(post["before"], post["after"]), "```", ""]
     wb, wa = post.get("weakness_before"), post.get("weakness_after")
     if wb and wa:

@@ -776,10 +776,11 @@ def reward_thresholds(run_dir, pc, device):
     return posttrain.calibrate_thresholds(r, passed.numpy(), names, pc.precision)
 
 
-def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_prefix="post"):
+def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_prefix="post", check=False):
     """Rounds of generate -> score -> weight -> fine-tune a fresh LoRA adapter on the run's GPT. Returns
     the run's (gpt with the adapter enabled, tokenizer, vocab, vq), the adapter's parameters and the
-    per-round figures."""
+    per-round figures. check: sample the last round's prompts again with the trained adapter, so that the
+    last round's figures hold the reward and the verifier on the same prompts before and after."""
     tc = cfgs["train"]
     _, tokenizer, vocab, vq, gpt = load_run(run_dir, device)
     wpath = os.path.join(run_dir, "weakness.json")
@@ -797,19 +798,24 @@ def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_pre
     torch.manual_seed(seed)
     drift_batch = pretraining_batches(tc, pc.batch, seed, rng, tokenizer, vq, vocab, device) if pc.pretrain_weight > 0 else None
     sample_cfg = dataclasses.replace(cfgs["sample"], text_temperature=pc.plan_temperature)
-    rounds = []
-    for k in range(pc.rounds):
-        t0 = time.time()
-        examples = posttrain.draw_prompts(pc.strategy, pc.prompts, rng, weakness, pc.focus, top_categories=pc.target_top, judged=judged)
+
+    def scored_samples(examples, sample_seed):
+        """K samples of every example from the current model, their rewards and verifier scores."""
         reward_fn = rewards.load_reward(run_dir, pc.reward, device, specs={ex.prompt: ex.spec for ex in examples})
         merge_lora(gpt)  # sample with the adapter folded into the weights: same outputs, fewer matmuls
-        samples = posttrain.self_generate(gpt, vq, vocab, tokenizer, examples, pc.samples, sample_cfg, seed * 1000 + k * 100_000, tc.eval_batch)
+        samples = posttrain.self_generate(gpt, vq, vocab, tokenizer, examples, pc.samples, sample_cfg, sample_seed, tc.eval_batch)
         unmerge_lora(gpt)
         prompts = [examples[i].prompt for i in samples["example"]]
         with torch.no_grad():
             r = torch.cat([reward_fn(images_tensor(samples["image"][i:i + 256], device), prompts[i:i + 256]).cpu()
                            for i in range(0, len(prompts), 256)]).numpy()
-        v = posttrain.verifier_scores(samples["image"], examples, samples["example"])
+        return samples, r, posttrain.verifier_scores(samples["image"], examples, samples["example"])
+
+    rounds = []
+    for k in range(pc.rounds):
+        t0 = time.time()
+        examples = posttrain.draw_prompts(pc.strategy, pc.prompts, rng, weakness, pc.focus, top_categories=pc.target_top, judged=judged)
+        samples, r, v = scored_samples(examples, seed * 1000 + k * 100_000)
         cut = np.array([np.inf if t is None else t for t in
                         (thresholds.get(evaluate.category_name(examples[i].category, examples[i].kind)) for i in samples["example"])])
         w = posttrain.sample_weights(r, samples["example"], pc.weighting, pc.beta, cut)
@@ -827,14 +833,23 @@ def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_pre
         metrics.log(stage=log_prefix, **{key: val for key, val in figs.items() if key not in ("categories", "thresholds")})
         tqdm.write(f"[{log_prefix}] round {k}: reward {figs['reward']:.3f}, verifier {figs['verifier']:.3f} "
                    f"(weighted {figs['verifier_weighted']:.3f}), loss {fit['loss']:.3f}, {figs['seconds']:.0f}s")
+    if check:
+        _, r, v = scored_samples(examples, seed * 1000 + pc.rounds * 100_000)
+        rounds[-1].update(reward_after=float(r.mean()), verifier_after=float(v.mean()))
+        tqdm.write(f"[{log_prefix}] the last round's prompts after fine-tuning: reward {r.mean():.3f}, verifier {v.mean():.3f}")
     return gpt, tokenizer, vocab, vq, params, rounds
 
 
 def hacking(rounds):
-    """A proxy reward that rises over the rounds while the exact verifier stays flat or falls."""
+    """A proxy reward that rises while the exact verifier stays flat or falls: on the last round's prompts
+    before and after fine-tuning (post_train's check), else from the first round to the last; None
+    with one round and no check."""
+    last = rounds[-1]
+    if "reward_after" in last:
+        return last["reward_after"] > last["reward"] and last["verifier_after"] <= last["verifier"]
     if len(rounds) < 2:
-        return False
-    return rounds[-1]["reward"] > rounds[0]["reward"] and rounds[-1]["verifier"] <= rounds[0]["verifier"]
+        return None
+    return last["reward"] > rounds[0]["reward"] and last["verifier"] <= rounds[0]["verifier"]
 
 
 def stage_post(cfgs, run_dir, device, metrics, report):
@@ -844,7 +859,7 @@ def stage_post(cfgs, run_dir, device, metrics, report):
         return {"skipped": "post-training (it needs the shapes world)"}, None
     if not report.get("benchmarks"):
         raise ConfigError("the post stage compares against the eval stage's benchmarks: run --stages=eval first")
-    gpt, tokenizer, vocab, vq, _, rounds = post_train(cfgs, run_dir, device, metrics, pc, tc.seed)
+    gpt, tokenizer, vocab, vq, _, rounds = post_train(cfgs, run_dir, device, metrics, pc, tc.seed, check=True)
     save_atomic(lora_state_dict(gpt, "post"), os.path.join(run_dir, "lora_post.safetensors"))
     write_json(asdict(pc), os.path.join(run_dir, "lora_post.json"))
     merge_lora(gpt)

@@ -135,6 +135,7 @@ def test_micro_post_training_round_changes_only_the_adapter(micro_run, tmp_path)
     shutil.copytree(micro_run, run)
     report = json.load(open(os.path.join(run, "report.json")))
     assert {"before", "after", "rounds", "reward_hacking"} <= set(report["post"])
+    assert {"reward_after", "verifier_after"} <= set(report["post"]["rounds"][-1]), "the main job re-samples the last round's prompts"
     saved = load_file(os.path.join(run, "lora_post.safetensors"))
     assert saved and all(".lora_" in k for k in saved), "the adapter file holds adapter tensors only"
     # one more round by hand: every base weight stays as it was, the adapter moves
@@ -249,3 +250,12 @@ def test_post_stage_without_dev_samples_says_what_to_run(micro_run, tmp_path):
     with pytest.raises(SystemExit, match="dev_samples.safetensors is missing.*--stages=eval"):
         train.main([MICRO, f"--train.out_dir={run}", "--stages=post"])
     assert not os.path.exists(os.path.join(run, "lora_post.safetensors")), "nothing written"
+
+
+def test_reward_hacking_is_flagged_when_the_verifier_does_not_follow_the_reward():
+    import train
+    rnd = lambda **kw: {"reward": 0.3, "verifier": 0.5, **kw}
+    assert train.hacking([rnd(reward_after=0.4, verifier_after=0.5)]) is True
+    assert train.hacking([rnd(reward_after=0.4, verifier_after=0.6)]) is False
+    assert train.hacking([rnd()]) is None, "one round and no check: nothing to compare"
+    assert train.hacking([rnd(), rnd(reward=0.4, verifier=0.45)]) is True
