@@ -757,7 +757,7 @@ def pretraining_batches(tc, batch, seed, rng, tokenizer, vq, vocab, device):
 def save_dev_samples(dev, path):
     """The eval stage's dev samples (evaluate.dev_samples): what the post stage calibrates its reward on."""
     save_atomic({"image": torch.from_numpy(dev["image"]), "passed": torch.tensor(dev["passed"])}, path,
-                {"prompt": json.dumps(dev["prompt"]), "name": json.dumps(dev["name"])})
+                {"prompt": json.dumps(dev["prompt"]), "name": json.dumps(dev["name"]), "per_category": str(dev["per_category"])})
 
 
 def reward_thresholds(run_dir, pc, device):
@@ -768,7 +768,7 @@ def reward_thresholds(run_dir, pc, device):
     with safe_open(path, "pt") as f:
         meta, images, passed = f.metadata(), f.get_tensor("image"), f.get_tensor("passed")
     prompts, names = json.loads(meta["prompt"]), json.loads(meta["name"])
-    per_category = len(set(prompts)) // len(data.CATEGORIES)  # evaluate.dev_prompts draws as many of each
+    per_category = int(meta.get("per_category", len(set(prompts)) // len(data.CATEGORIES)))  # evaluate.dev_prompts(per_category)
     reward_fn = rewards.load_reward(run_dir, pc.reward, device, {ex.prompt: ex.spec for ex in evaluate.dev_prompts(per_category)})
     with torch.no_grad():
         r = torch.cat([reward_fn(images_tensor(images[i:i + 256].numpy(), device), prompts[i:i + 256]).cpu()
@@ -835,7 +835,7 @@ def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_pre
                    f"(weighted {figs['verifier_weighted']:.3f}), loss {fit['loss']:.3f}, {figs['seconds']:.0f}s")
     if check:
         _, r, v = scored_samples(examples, seed * 1000 + pc.rounds * 100_000)
-        rounds[-1].update(reward_after=float(r.mean()), verifier_after=float(v.mean()))
+        rounds[-1].update(reward_after=float(r.mean()), verifier_after=float(v.mean()), reward_after_se=float(r.std() / np.sqrt(len(r))))
         tqdm.write(f"[{log_prefix}] the last round's prompts after fine-tuning: reward {r.mean():.3f}, verifier {v.mean():.3f}")
     return gpt, tokenizer, vocab, vq, params, rounds
 
@@ -845,8 +845,8 @@ def hacking(rounds):
     before and after fine-tuning (post_train's check), else from the first round to the last; None
     with one round and no check."""
     last = rounds[-1]
-    if "reward_after" in last:
-        return last["reward_after"] > last["reward"] and last["verifier_after"] <= last["verifier"]
+    if "reward_after" in last:  # a rise within twice its standard error is sampling noise, not a rise
+        return last["reward_after"] - last["reward"] > 2 * last["reward_after_se"] and last["verifier_after"] <= last["verifier"]
     if len(rounds) < 2:
         return None
     return last["reward"] > rounds[0]["reward"] and last["verifier"] <= rounds[0]["verifier"]

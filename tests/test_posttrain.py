@@ -76,7 +76,8 @@ def test_targeted_top_keeps_only_the_weakest_categories_the_model_sometimes_pass
 
 def test_thresholds_are_calibrated_per_category_on_dev_samples():
     rng = np.random.default_rng(0)
-    # "a": 100 samples, passing ones score 0.5-0.7, failing ones 0-0.2 -> the threshold sits at the lowest passing score
+    # "a": 100 samples, passing ones score 0.5-0.7, failing ones 0-0.2 -> with 51 passing (this seed) and two prior
+    # failures, 95% precision is reached only once every passing sample is in: the threshold is the lowest passing score
     pa = rng.random(100) < 0.6
     ra = np.where(pa, rng.uniform(0.5, 0.7, 100), rng.uniform(0.0, 0.2, 100))
     # "b": the same, on a tenfold smaller scale; "c": reward unrelated to passing; "d": never passes; "e": 20 perfect samples
@@ -254,8 +255,35 @@ def test_post_stage_without_dev_samples_says_what_to_run(micro_run, tmp_path):
 
 def test_reward_hacking_is_flagged_when_the_verifier_does_not_follow_the_reward():
     import train
-    rnd = lambda **kw: {"reward": 0.3, "verifier": 0.5, **kw}
+    rnd = lambda **kw: {"reward": 0.3, "verifier": 0.5, "reward_after_se": 0.01, **kw}
     assert train.hacking([rnd(reward_after=0.4, verifier_after=0.5)]) is True
     assert train.hacking([rnd(reward_after=0.4, verifier_after=0.6)]) is False
+    assert train.hacking([rnd(reward_after=0.31, verifier_after=0.45)]) is False, "a rise within 2 standard errors is noise"
     assert train.hacking([rnd()]) is None, "one round and no check: nothing to compare"
     assert train.hacking([rnd(), rnd(reward=0.4, verifier=0.45)]) is True
+
+
+def test_each_sample_is_weighted_by_its_own_category_threshold(micro_run, tmp_path, monkeypatch):
+    """The calibrated thresholds reach the weights: a category at threshold 0 keeps every sample it drew,
+    one the reward cannot judge (None) keeps none and gets no targeted prompts."""
+    import os
+    import shutil
+
+    from safetensors.torch import load_file
+
+    import train
+    from conftest import MICRO
+    run = str(tmp_path / "run")
+    shutil.copytree(micro_run, run)
+    cfgs = train.load_config(MICRO, [f"--train.out_dir={run}", "--post.steps=1", "--post.prompts=12", "--post.strategy=broad"])
+    train.derive_sizes(cfgs, run)
+    judged = set(data.CATEGORIES) - {"position", "dense", "knowledge"}
+    monkeypatch.setattr(train, "reward_thresholds", lambda *a: {c: (0.0 if c in judged else None) for c in data.CATEGORIES})
+    _, *_, rounds = train.post_train(cfgs, run, "cpu", train.Metrics(os.path.join(run, "m.jsonl")), cfgs["post"], seed=2, log_prefix="thr")
+    t = load_file(os.path.join(run, "thr_round0.safetensors"))
+    import json
+    exs = json.load(open(os.path.join(run, "thr_round0.json")))
+    cats = [exs[i]["category"] for i in t["example"].tolist()]
+    kept = (t["weight"] > 0).tolist()
+    assert kept == [c in judged for c in cats] and any(kept) and not all(kept), "broad prompts: judged categories kept, the rest not"
+    assert rounds[0]["thresholds"]["colors"] == 0.0 and rounds[0]["thresholds"]["position"] is None
