@@ -109,6 +109,22 @@ def test_knowledge_prompts_resolve():
     assert kinds == {"colour", "number", "shape", "comparative"}
 
 
+def test_pretraining_mix_weights_knowledge_kinds_and_leaves_benchmark_prompts_alone(monkeypatch):
+    rng = np.random.default_rng(0)
+    exs = [data.sample_example(rng) for _ in range(6000)]
+    share = lambda cat, kind=None: np.mean([e.category == cat and e.kind == kind for e in exs])
+    total = sum(data.PRETRAIN_MIX.values())
+    for (cat, kind), w in data.PRETRAIN_MIX.items():  # ~ +-0.006 (2 binomial SDs at 6,000 draws)
+        assert abs(share(cat, kind) - w / total) < 0.015, (cat, kind, share(cat, kind), w / total)
+    # benchmark and dev prompts are drawn per category: a different pretraining mix leaves them unchanged
+    import evaluate
+    before = [e.prompt for exs_ in evaluate.prompt_sets(20).values() for e in exs_] + [e.prompt for e in evaluate.dev_prompts(5)]
+    monkeypatch.setattr(data, "PRETRAIN_MIX", {("knowledge", "number"): 1.0})
+    assert {data.sample_example(rng).kind for _ in range(20)} == {"number"}
+    after = [e.prompt for exs_ in evaluate.prompt_sets(20).values() for e in exs_] + [e.prompt for e in evaluate.dev_prompts(5)]
+    assert before == after
+
+
 FIXED_SPLITS = {"a red circle": "train", "draw a green triangle": "dev", "an orange circle": "bench"}
 
 
