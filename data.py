@@ -515,9 +515,10 @@ def sample_example(rng, category=None, split="train"):
     """A random Example whose prompt falls in `split`; category None draws from PRETRAIN_MIX."""
     assert split in ("train", "dev", "bench"), split
     mix = list(PRETRAIN_MIX)
-    w = np.array([PRETRAIN_MIX[m] for m in mix], dtype=float)
+    p = np.array([PRETRAIN_MIX[m] for m in mix], dtype=float)
+    p /= p.sum()
     for _ in range(10_000):
-        cat, kind = (category, None) if category else mix[rng.choice(len(mix), p=w / w.sum())]
+        cat, kind = (category, None) if category else mix[rng.choice(len(mix), p=p)]
         ex = gen_knowledge(rng, kind) if kind else GENERATORS[cat](rng)
         if prompt_split(ex.prompt) == split:
             return ex
