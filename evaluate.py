@@ -368,6 +368,8 @@ def compare(before, after):
 
 def post_section(post):
     c = post["config"]
+    if post.get("skipped"):
+        return ["## Post-training", "", f"Skipped (`{c['strategy']}` prompts, reward `{c['reward']}`): {post['skipped']}.", ""]
     parts = ["## Post-training", "",
              f"{c['rounds']} rounds x {c['prompts']} `{c['strategy']}` prompts x {c['samples']} samples, reward `{c['reward']}`, "
              f"weighting `{c['weighting']}` (beta {c['beta']}), alpha_text {c['alpha_text']}, alpha_image {c['alpha_image']}, "

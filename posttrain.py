@@ -5,8 +5,9 @@ Post-training on the model's own samples ("multimodal RWR", PAPERS.md section 1)
 One round:
   1. prompts from a strategy: `broad` (the pretraining mix), `aligned` (the benchmarks' categories in
      the benchmarks' proportions), or `targeted` (aimed by the weakness report on dev prompts at the
-     categories the model passes sometimes but not reliably, and at the attribute values that fail
-     most); always from the "train" split of the prompt hash, so never a benchmark (or dev) prompt;
+     categories the model passes sometimes but not reliably and its reward can judge, and at the
+     attribute values that fail most; skipped when there is no such category); always from the
+     "train" split of the prompt hash, so never a benchmark (or dev) prompt;
   2. K samples per prompt from the current model (plan text, then the image it draws by itself);
   3. a reward per sample (default `vqa`), and the exact verifier beside it to watch for reward hacking;
   4. weights w_i from the rewards (`threshold`, the default: per category, calibrated on the base model's
@@ -20,6 +21,7 @@ One round:
     python train.py tiny_configs/shapes_cpu.toml --stages=post --post.weighting=uniform --train.out_dir=...
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +73,11 @@ class PostConfig:
     focus: float = 0.5  # targeted: share of prompts that must name one of the most-failed attribute values
     target_top: int = 2  # targeted: aim only at this many weakest categories the model passes sometimes (0 = all);
     #                      spread over all seven, the weakest got ~50 good samples a round and did not move
+    weak_below: float = 0.7  # targeted: aim only at categories passed less often than this on dev; when the reward can
+    #                          judge none of them, post-training is skipped (measured: aimed at categories passed
+    #                          0.76-0.79 instead, it cost counting 9 points and raised nothing)
+    calib_samples: int = 400  # fresh dev samples drawn for a weak category whose eval-stage dev samples (~100) pass too
+    #                           rarely to calibrate a threshold (choose_targets); about 6 s per category on 2 cores
     eval_samples: int = 4  # after post-training: samples per benchmark prompt (as train.bench_samples)
 
 
@@ -78,17 +85,32 @@ class PostConfig:
 # prompts
 
 
-def draw_example(rng, name):
-    """A train-split Example of a category name as the weakness report writes it ("position",
-    "knowledge/comparative")."""
+def draw_example(rng, name, split="train"):
+    """An Example of a category name as the weakness report writes it ("position",
+    "knowledge/comparative"), its prompt from `split`."""
     category, _, kind = name.partition("/")
     if not kind:
-        return data.sample_example(rng, category, split="train")
+        return data.sample_example(rng, category, split=split)
     for _ in range(10_000):
         ex = data.gen_knowledge(rng, kind)
-        if data.prompt_split(ex.prompt) == "train":
+        if data.prompt_split(ex.prompt) == split:
             return ex
-    raise RuntimeError(f"no train prompt for {name}")
+    raise RuntimeError(f"no {split} prompt for {name}")
+
+
+def dev_examples(name, n, seed=evaluate.DEV_SEED):
+    """n dev-split Examples of a category name, to calibrate a reward on (choose_targets): distinct
+    prompts while the world has them, then repeats."""
+    rng = np.random.default_rng([seed, *name.encode()])  # one stream per category name
+    seen, out = set(), []
+    for _ in range(50 * n):
+        ex = draw_example(rng, name, "dev")
+        if ex.prompt not in seen:
+            seen.add(ex.prompt)
+            out.append(ex)
+            if len(out) == n:
+                break
+    return [out[i % len(out)] for i in range(n)]
 
 
 def names(ex):
@@ -121,6 +143,36 @@ def target_shares(weakness, top=0, floor=0.05, judged=None):
     rate = np.array([c["pass_rate"] for c in cats])
     w = rate * (1 - rate) + 0.01
     return {c["name"]: float(x) for c, x in zip(cats, w / w.sum())}
+
+
+class NothingToTarget(Exception):
+    """The targeted strategy found no weak category its reward can judge: it would aim at strong ones."""
+
+
+def min_passing(precision, prior_failures=2):
+    """The fewest passing dev samples with which calibrate_thresholds can find a threshold of a category
+    (every one of them ranked above every failing one): hits >= precision * (hits + prior_failures)."""
+    return math.ceil(precision * prior_failures / (1 - precision) - 1e-9)
+
+
+def choose_targets(weakness, thresholds, top, below, calibrate, min_rate=0.0, floor=0.05):
+    """The categories targeted prompts aim at, weakest first: dev categories passed at least `floor` of
+    the time (one never passed has no good sample to imitate) and less than `below` (one passed more
+    often has little to gain, and aiming at it cost other categories points) whose reward threshold
+    exists, up to `top` of them (0 = all). A candidate without a threshold gets one more chance when it
+    passes at least `min_rate` of the time: calibrate(name) -> a threshold or None (train.py calibrates
+    on fresh dev samples); `thresholds` is updated in place. An empty list means: nothing to target."""
+    targets = []
+    for c in sorted(weakness["categories"], key=lambda c: c["pass_rate"]):
+        if top and len(targets) == top:
+            break
+        if not floor <= c["pass_rate"] < below:
+            continue
+        if thresholds.get(c["name"]) is None and c["pass_rate"] >= min_rate:
+            thresholds[c["name"]] = calibrate(c["name"])
+        if thresholds.get(c["name"]) is not None:
+            targets.append(c["name"])
+    return targets
 
 
 def draw_prompts(strategy, n, rng, weakness=None, focus=0.5, top_attributes=5, top_categories=0, judged=None):

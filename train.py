@@ -173,6 +173,7 @@ def validate(cfgs):
         (pc.plan_temperature >= 0, "post.plan_temperature must be >= 0 (0 = greedy plans)"),
         (0 < pc.precision < 1, "post.precision must lie in (0, 1)"),
         (pc.target_top >= 0, "post.target_top must be >= 0 (0 = every category)"),
+        (0 < pc.weak_below <= 1 and pc.calib_samples >= 0, "post.weak_below must lie in (0, 1], post.calib_samples >= 0"),
         (min(tc.ablation_seeds, tc.focus_prompts) >= 1 and tc.ablation_first_seed >= 0,
          "train.ablation_seeds and train.focus_prompts must be >= 1, train.ablation_first_seed >= 0"),
         (min(pc.rounds, pc.prompts, pc.samples, pc.steps, pc.batch, pc.lora_r, pc.eval_samples) >= 1,
@@ -760,6 +761,13 @@ def save_dev_samples(dev, path):
                 {"prompt": json.dumps(dev["prompt"]), "name": json.dumps(dev["name"]), "per_category": str(dev["per_category"])})
 
 
+def rewards_of(reward_fn, images, prompts, device):
+    """A reward on a list of images (H, W, 3) uint8 and their prompts -> (N,) numpy, in chunks of 256."""
+    with torch.no_grad():
+        return torch.cat([reward_fn(images_tensor(images[i:i + 256], device), prompts[i:i + 256]).cpu()
+                          for i in range(0, len(prompts), 256)]).numpy()
+
+
 def reward_thresholds(run_dir, pc, device):
     """calibrate_thresholds of the post reward on the base model's dev samples (written by the eval stage)."""
     path = os.path.join(run_dir, DEV_FILE)
@@ -770,10 +778,40 @@ def reward_thresholds(run_dir, pc, device):
     prompts, names = json.loads(meta["prompt"]), json.loads(meta["name"])
     per_category = int(meta.get("per_category", len(set(prompts)) // len(data.CATEGORIES)))  # evaluate.dev_prompts(per_category)
     reward_fn = rewards.load_reward(run_dir, pc.reward, device, {ex.prompt: ex.spec for ex in evaluate.dev_prompts(per_category)})
-    with torch.no_grad():
-        r = torch.cat([reward_fn(images_tensor(images[i:i + 256].numpy(), device), prompts[i:i + 256]).cpu()
-                       for i in range(0, len(prompts), 256)]).numpy()
+    r = rewards_of(reward_fn, list(images.numpy()), prompts, device)
     return posttrain.calibrate_thresholds(r, passed.numpy(), names, pc.precision)
+
+
+def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix):
+    """posttrain.choose_targets for the targeted strategy: a weak category whose eval-stage dev samples
+    pass too rarely to calibrate a threshold (about 100 samples: fewer than ~38 pass) gets
+    post.calib_samples fresh dev samples from the base model, the threshold calibrated on those alone.
+    base = (gpt, vq, vocab, tokenizer). Raises posttrain.NothingToTarget when no weak category is left."""
+    tc = cfgs["train"]
+    if not weakness:
+        raise ConfigError("the targeted strategy needs the eval stage's weakness.json: run --stages=eval first")
+    gpt, vq, vocab, tokenizer = base
+
+    def calibrate(name):
+        examples = posttrain.dev_examples(name, max(1, pc.calib_samples // tc.bench_samples))
+        recs = evaluate.sample_and_score(gpt, vq, vocab, tokenizer, examples, cfgs["sample"], tc.bench_samples, tc.eval_batch, tc.seed)
+        reward_fn = rewards.load_reward(run_dir, pc.reward, device, {ex.prompt: ex.spec for ex in examples})
+        r = rewards_of(reward_fn, [x["image"] for x in recs], [x["prompt"] for x in recs], device)
+        passed = np.array([x["passed"] for x in recs], dtype=float)
+        t = posttrain.calibrate_thresholds(r, passed, [name] * len(recs), pc.precision)[name]
+        tqdm.write(f"[{log_prefix}] {name}: {len(recs)} more dev samples, {passed.mean():.2f} pass, threshold "
+                   + ("none" if t is None else f"{t:.3f}"))
+        return t
+
+    min_rate = posttrain.min_passing(pc.precision) / max(1, pc.calib_samples)
+    targets = posttrain.choose_targets(weakness, thresholds, pc.target_top, pc.weak_below, calibrate, min_rate)
+    if not targets:
+        raise posttrain.NothingToTarget(
+            f"{pc.reward} cannot judge any dev category passed between 5% and {pc.weak_below:.0%} of the time "
+            f"(thresholds: {', '.join(n for n, t in thresholds.items() if t is not None) or 'none'}), so targeted "
+            "post-training would aim at categories the model already draws well; more post.calib_samples, "
+            "another post.reward or a higher post.weak_below change that")
+    return targets
 
 
 def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_prefix="post", check=False):
@@ -785,15 +823,17 @@ def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_pre
     _, tokenizer, vocab, vq, gpt = load_run(run_dir, device)
     wpath = os.path.join(run_dir, "weakness.json")
     weakness = json.load(open(wpath)) if os.path.exists(wpath) else None
-    params = add_lora(gpt, adapter, tuple(pc.lora_targets.split(",")), pc.lora_r, pc.lora_alpha, pc.lora_dropout)
     thresholds = reward_thresholds(run_dir, pc, device)
-    judged = {name for name, t in thresholds.items() if t is not None}
-    if not judged:
+    targets = None  # every category, for the broad and aligned strategies
+    if pc.strategy == "targeted":
+        targets = aim(cfgs, run_dir, device, pc, weakness, thresholds, (gpt, vq, vocab, tokenizer), log_prefix)
+        tqdm.write(f"[{log_prefix}] targeted at {', '.join(targets)}")
+    elif pc.weighting == "threshold" and all(t is None for t in thresholds.values()):
         tqdm.write(f"[{log_prefix}] warning: {pc.reward} cannot judge any dev category (too few dev samples pass, or it cannot "
-                   f"tell them from the failing ones): prompts are aimed as if it could, and threshold weights keep nothing")
-        judged = None
+                   f"tell them from the failing ones): threshold weights keep nothing")
     tqdm.write(f"[{log_prefix}] {pc.reward} thresholds on dev samples: "
                + ", ".join(f"{n} {'-' if t is None else f'{t:.3f}'}" for n, t in thresholds.items()))
+    params = add_lora(gpt, adapter, tuple(pc.lora_targets.split(",")), pc.lora_r, pc.lora_alpha, pc.lora_dropout)
     rng = np.random.default_rng([seed, 1])
     torch.manual_seed(seed)
     drift_batch = pretraining_batches(tc, pc.batch, seed, rng, tokenizer, vq, vocab, device) if pc.pretrain_weight > 0 else None
@@ -805,16 +845,13 @@ def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_pre
         merge_lora(gpt)  # sample with the adapter folded into the weights: same outputs, fewer matmuls
         samples = posttrain.self_generate(gpt, vq, vocab, tokenizer, examples, pc.samples, sample_cfg, sample_seed, tc.eval_batch)
         unmerge_lora(gpt)
-        prompts = [examples[i].prompt for i in samples["example"]]
-        with torch.no_grad():
-            r = torch.cat([reward_fn(images_tensor(samples["image"][i:i + 256], device), prompts[i:i + 256]).cpu()
-                           for i in range(0, len(prompts), 256)]).numpy()
+        r = rewards_of(reward_fn, samples["image"], [examples[i].prompt for i in samples["example"]], device)
         return samples, r, posttrain.verifier_scores(samples["image"], examples, samples["example"])
 
     rounds = []
     for k in range(pc.rounds):
         t0 = time.time()
-        examples = posttrain.draw_prompts(pc.strategy, pc.prompts, rng, weakness, pc.focus, top_categories=pc.target_top, judged=judged)
+        examples = posttrain.draw_prompts(pc.strategy, pc.prompts, rng, weakness, pc.focus, top_categories=pc.target_top, judged=targets)
         samples, r, v = scored_samples(examples, seed * 1000 + k * 100_000)
         cut = np.array([np.inf if t is None else t for t in
                         (thresholds.get(evaluate.category_name(examples[i].category, examples[i].kind)) for i in samples["example"])])
@@ -828,7 +865,7 @@ def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_pre
                 "verifier_weighted": float((w * v).sum() / max(w.sum(), 1e-9)),  # what the fine-tune imitates
                 "categories": {c: float(np.mean([v[j] for j, i in enumerate(samples["example"]) if examples[i].category == c]))
                                for c in sorted({ex.category for ex in examples})},
-                **fit, "thresholds": thresholds, "seconds": round(time.time() - t0, 1)}
+                **fit, "thresholds": thresholds, "targets": targets, "seconds": round(time.time() - t0, 1)}
         rounds.append(figs)
         metrics.log(stage=log_prefix, **{key: val for key, val in figs.items() if key not in ("categories", "thresholds")})
         tqdm.write(f"[{log_prefix}] round {k}: reward {figs['reward']:.3f}, verifier {figs['verifier']:.3f} "
@@ -859,7 +896,12 @@ def stage_post(cfgs, run_dir, device, metrics, report):
         return {"skipped": "post-training (it needs the shapes world)"}, None
     if not report.get("benchmarks"):
         raise ConfigError("the post stage compares against the eval stage's benchmarks: run --stages=eval first")
-    gpt, tokenizer, vocab, vq, _, rounds = post_train(cfgs, run_dir, device, metrics, pc, tc.seed, check=True)
+    try:
+        gpt, tokenizer, vocab, vq, _, rounds = post_train(cfgs, run_dir, device, metrics, pc, tc.seed, check=True)
+    except posttrain.NothingToTarget as e:  # the report says so; no adapter is written, the base model stands
+        print(f"[post] skipped: {e}")
+        return {"skipped": str(e)}, {"config": asdict(pc), "skipped": str(e), "before": report["benchmarks"],
+                                     "weakness_before": report.get("weakness")}
     save_atomic(lora_state_dict(gpt, "post"), os.path.join(run_dir, "lora_post.safetensors"))
     write_json(asdict(pc), os.path.join(run_dir, "lora_post.json"))
     merge_lora(gpt)
@@ -1042,7 +1084,7 @@ def main(argv=None):
                 if "weakness" in figures:  # a folder run has no shapes world to find weaknesses in
                     report["weakness"] = figures.pop("weakness")
                     write_json(report["weakness"], os.path.join(run_dir, "weakness.json"))
-        except (RunError, ConfigError, rewards.RewardError) as e:
+        except (RunError, ConfigError, rewards.RewardError, posttrain.NothingToTarget) as e:
             raise SystemExit(f"error: {e}")
         except KeyboardInterrupt:
             raise SystemExit(f"interrupted in the {stage} stage; run the same command again to resume"

@@ -95,6 +95,49 @@ def test_thresholds_are_calibrated_per_category_on_dev_samples():
     assert w.tolist() == [1, 0, 1]
 
 
+def test_min_passing_is_where_calibration_first_finds_a_threshold():
+    for precision in (0.8, 0.9, 0.95):
+        n = posttrain.min_passing(precision)
+        assert posttrain.calibrate_thresholds(np.ones(n), np.ones(n), ["a"] * n, precision)["a"] == 1.0
+        assert posttrain.calibrate_thresholds(np.ones(n - 1), np.ones(n - 1), ["a"] * (n - 1), precision)["a"] is None
+    assert posttrain.min_passing(0.95) == 38
+
+
+def test_targets_are_weak_categories_the_reward_can_judge_else_nothing():
+    weakness = {"categories": [{"name": "dense", "pass_rate": 0.0}, {"name": "knowledge/comparative", "pass_rate": 0.1},
+                               {"name": "color_attr", "pass_rate": 0.3}, {"name": "position", "pass_rate": 0.4},
+                               {"name": "counting", "pass_rate": 0.76}, {"name": "colors", "pass_rate": 1.0}]}
+    calls = []
+
+    def calibrate(found):
+        return lambda name: calls.append(name) or found.get(name)
+
+    # the eval's dev samples judge only strong categories: comparative (too rare to reach min_rate) is not sampled
+    # again, color_attr gets a threshold from fresh samples, position none; counting (0.76) is never aimed at
+    t = {"counting": 0.2, "colors": 0.1, "color_attr": None, "position": None}
+    out = posttrain.choose_targets(weakness, t, 2, 0.7, calibrate({"color_attr": 0.3}), min_rate=0.2)
+    assert out == ["color_attr"] and calls == ["color_attr", "position"] and t["color_attr"] == 0.3 and t["position"] is None
+    # nothing weak can be judged: no targets (the post stage then skips); a higher bar lets counting in
+    calls.clear()
+    assert posttrain.choose_targets(weakness, {"counting": 0.2}, 2, 0.7, calibrate({})) == []
+    assert calls == ["knowledge/comparative", "color_attr", "position"], "dense (never passed) is not a candidate"
+    assert posttrain.choose_targets(weakness, {"counting": 0.2}, 2, 0.8, calibrate({})) == ["counting"]
+    # judged categories need no fresh samples; the walk stops at `top`
+    calls.clear()
+    t = {"knowledge/comparative": 0.1, "color_attr": 0.2, "position": None}
+    assert posttrain.choose_targets(weakness, t, 2, 0.7, calibrate({})) == ["knowledge/comparative", "color_attr"] and calls == []
+    assert posttrain.choose_targets(weakness, {"color_attr": 0.2, "position": 0.1}, 0, 1.0, calibrate({})) == ["color_attr", "position"]
+
+
+def test_calibration_prompts_are_dev_prompts_of_the_category():
+    bench = {e.prompt for exs in evaluate.prompt_sets(50).values() for e in exs}
+    for name in ("position", "knowledge/comparative"):
+        exs = posttrain.dev_examples(name, 100)
+        assert len(exs) == 100 and len({e.prompt for e in exs}) == 100
+        assert all(data.prompt_split(e.prompt) == "dev" for e in exs) and not {e.prompt for e in exs} & bench
+        assert {evaluate.category_name(e.category, e.kind) for e in exs} == {name}
+
+
 def test_targeted_needs_a_weakness_report():
     with pytest.raises(ValueError, match="weakness"):
         posttrain.draw_prompts("targeted", 10, np.random.default_rng(0), None)
@@ -287,3 +330,47 @@ def test_each_sample_is_weighted_by_its_own_category_threshold(micro_run, tmp_pa
     kept = (t["weight"] > 0).tolist()
     assert kept == [c in judged for c in cats] and any(kept) and not all(kept), "broad prompts: judged categories kept, the rest not"
     assert rounds[0]["thresholds"]["colors"] == 0.0 and rounds[0]["thresholds"]["position"] is None
+
+
+def test_post_stage_is_skipped_when_no_weak_category_can_be_judged(micro_run, tmp_path):
+    """The micro model passes nothing on dev: targeted post-training has nothing to aim at. The stage says
+    so in the report, writes no adapter, and the other stages' results stay as they were."""
+    import json
+    import os
+    import shutil
+
+    import train
+    from conftest import MICRO
+    run = str(tmp_path / "run")
+    shutil.copytree(micro_run, run)
+    for f in ("lora_post.safetensors", "lora_post.json"):
+        os.remove(os.path.join(run, f))
+    before = json.load(open(os.path.join(run, "report.json")))
+    train.main([MICRO, f"--train.out_dir={run}", "--stages=post", "--post.strategy=targeted"])
+    report = json.load(open(os.path.join(run, "report.json")))
+    assert "cannot judge any dev category" in report["post"]["skipped"] and "after" not in report["post"]
+    assert report["post"]["before"] == before["benchmarks"] == report["benchmarks"]
+    assert report["stages"]["post"]["skipped"] and not os.path.exists(os.path.join(run, "lora_post.safetensors"))
+    assert "Skipped" in open(os.path.join(run, "report.md")).read()
+
+
+def test_a_weak_category_without_threshold_is_calibrated_on_fresh_dev_samples(micro_run, tmp_path, capsys):
+    import json
+    import os
+    import shutil
+
+    import train
+    from conftest import MICRO
+    run = str(tmp_path / "run")
+    shutil.copytree(micro_run, run)
+    weakness = {"categories": [{"name": "position", "pass_rate": 0.5, "n": 1}, {"name": "colors", "pass_rate": 0.9, "n": 1}],
+                "attributes": []}
+    json.dump(weakness, open(os.path.join(run, "weakness.json"), "w"))
+    cfgs = train.load_config(MICRO, [f"--train.out_dir={run}", "--post.strategy=targeted", "--post.calib_samples=6",
+                                     "--post.precision=0.5"])  # needs 2 passing samples: position (0.5) is worth sampling
+    train.derive_sizes(cfgs, run)
+    with pytest.raises(posttrain.NothingToTarget, match="cannot judge"):  # the micro model draws noise: none pass
+        train.post_train(cfgs, run, "cpu", train.Metrics(None), cfgs["post"], seed=0, log_prefix="aim")
+    out = capsys.readouterr()
+    assert "position: 6 more dev samples, 0.00 pass, threshold none" in out.out + out.err
+    assert (out.out + out.err).count("more dev samples") == 1, "colors (above weak_below) is not sampled"
