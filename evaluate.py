@@ -289,14 +289,13 @@ def focus_score(gpt, vq, vocab, tokenizer, sample_cfg, category, n_prompts=150, 
     return out
 
 
-def run_all(gpt, vq, vocab, tokenizer, sample_cfg, run_dir, n_prompts=50, n_samples=4, batch=128, seed=0, prefix=""):
-    """All four benchmarks and the weakness report (n_prompts // 2 dev prompts per category). Returns
-    {"benchmarks", "weakness", other figures}; writes <prefix>samples_<benchmark>.png, pass/fail marked,
-    into run_dir. oneig takes at least 2 samples per prompt (its diversity needs them)."""
+def run_all(gpt, vq, vocab, tokenizer, sample_cfg, run_dir, n_prompts=50, n_samples=4, batch=128, seed=0, prefix="", dev=True):
+    """All four benchmarks and, with dev, the weakness report (n_prompts // 2 dev prompts per category).
+    Returns {"benchmarks", "weakness" (with dev), other figures}; writes <prefix>samples_<benchmark>.png,
+    pass/fail marked, into run_dir. oneig takes at least 2 samples per prompt (its diversity needs them)."""
     t0 = time.time()
     benchmarks, recs = score_benchmarks(gpt, vq, vocab, tokenizer, sample_cfg, n_prompts, n_samples, batch, seed)
     t_bench = time.time() - t0
-    dev = sample_and_score(gpt, vq, vocab, tokenizer, dev_prompts(max(1, n_prompts // 2)), sample_cfg, n_samples, batch, seed)
     every = [r for rs in recs.values() for r in rs]
     by_task = {t: recs[f"geneval/{t}"] for t in GENEVAL_TASKS}
     grids = {"geneval": [r for t in GENEVAL_TASKS for r in by_task[t][:8 * n_samples:n_samples]],
@@ -304,10 +303,13 @@ def run_all(gpt, vq, vocab, tokenizer, sample_cfg, run_dir, n_prompts=50, n_samp
     for name, rs in grids.items():
         save_grid([r["image"] for r in rs], [f"{r['prompt']} | {r['plan']}" for r in rs],
                   os.path.join(run_dir, f"{prefix}samples_{name}.png"), cols=8, marks=[r["passed"] for r in rs])
-    return {"benchmarks": benchmarks, "weakness": weakness(dev), "bench_version": BENCH_VERSION,
-            "boi_rate": float(np.mean([r["emitted_boi"] for r in every])), "images": len(every),
-            "benchmark_seconds": round(t_bench, 1), "images_per_s": len(every) / t_bench,
-            "dev_images": len(dev), "sample_config": vars(sample_cfg), "dev_samples": {**dev_samples(dev), "per_category": max(1, n_prompts // 2)}}
+    out = {"benchmarks": benchmarks, "bench_version": BENCH_VERSION,
+           "boi_rate": float(np.mean([r["emitted_boi"] for r in every])), "images": len(every),
+           "benchmark_seconds": round(t_bench, 1), "images_per_s": len(every) / t_bench, "sample_config": vars(sample_cfg)}
+    if dev:
+        recs = sample_and_score(gpt, vq, vocab, tokenizer, dev_prompts(max(1, n_prompts // 2)), sample_cfg, n_samples, batch, seed)
+        out.update(weakness=weakness(recs), dev_images=len(recs), dev_samples={**dev_samples(recs), "per_category": max(1, n_prompts // 2)})
+    return out
 
 
 def category_name(category, kind):
@@ -384,11 +386,6 @@ def post_section(post):
     if post.get("reward_hacking"):
         parts += ["", "**Reward hacking:** the reward rose while the exact verifier did not."]
     parts += ["", "Benchmarks before -> after (95% intervals):", "", "```", compare(post["before"], post["after"]), "```", ""]
-    wb, wa = post.get("weakness_before"), post.get("weakness_after")
-    if wb and wa:
-        after = {c["name"]: c["pass_rate"] for c in wa["categories"]}
-        parts += ["Dev categories, pass rate before -> after: " + ", ".join(
-            f"{c['name']} {c['pass_rate']:.2f} -> {after.get(c['name'], float('nan')):.2f}" for c in wb["categories"]), ""]
     return parts
 
 

@@ -96,6 +96,7 @@ class TrainConfig:
     eval_batch: int = 128  # prompts sampled together
     ablation_seeds: int = 3  # post-training seeds per variant in --stages=ablations
     ablation_first_seed: int = 0  # first of those seeds (to split one sweep across processes or machines)
+    ablation_variants: str = "all"  # comma-separated names of ABLATIONS to run, e.g. "both,uniform" (all = every one)
     focus_prompts: int = 150  # ablations: bench prompts of the weakest category, x 4 samples x 2 seeds
 
 
@@ -176,6 +177,8 @@ def validate(cfgs):
         (0 < pc.weak_below <= 1 and pc.calib_samples >= 0, "post.weak_below must lie in (0, 1], post.calib_samples >= 0"),
         (min(tc.ablation_seeds, tc.focus_prompts) >= 1 and tc.ablation_first_seed >= 0,
          "train.ablation_seeds and train.focus_prompts must be >= 1, train.ablation_first_seed >= 0"),
+        (tc.ablation_variants == "all" or set(tc.ablation_variants.split(",")) <= set(ABLATIONS),
+         f"train.ablation_variants={tc.ablation_variants!r}: expected all or a comma-separated subset of {','.join(ABLATIONS)}"),
         (min(pc.rounds, pc.prompts, pc.samples, pc.steps, pc.batch, pc.lora_r, pc.eval_samples) >= 1,
          "post.rounds, prompts, samples, steps, batch, lora_r and eval_samples must be >= 1"),
         (pc.beta > 0 and pc.lr > 0 and min(pc.alpha_text, pc.alpha_image, pc.pretrain_weight) >= 0 and pc.alpha_text + pc.alpha_image > 0,
@@ -348,7 +351,7 @@ def dist_mean(x, dist):
 CKPT = "lm_ckpt.safetensors"
 DEV_FILE = "dev_samples.safetensors"  # the eval stage's dev samples, on which the post stage calibrates its reward
 FREE_KEYS = ("out_dir", "bench_prompts", "bench_samples", "eval_batch", "threads", "device", "eval_every", "log_every",
-             "ckpt_every", "compile", "calib_examples", "calib_samples", "ablation_seeds", "ablation_first_seed",
+             "ckpt_every", "compile", "calib_examples", "calib_samples", "ablation_seeds", "ablation_first_seed", "ablation_variants",
              "focus_prompts", "eval_samples")  # may change between runs of one directory: the weights do not depend on them
 
 
@@ -900,16 +903,14 @@ def stage_post(cfgs, run_dir, device, metrics, report):
         gpt, tokenizer, vocab, vq, _, rounds = post_train(cfgs, run_dir, device, metrics, pc, tc.seed, check=True)
     except posttrain.NothingToTarget as e:  # the report says so; no adapter is written, the base model stands
         print(f"[post] skipped: {e}")
-        return {"skipped": str(e)}, {"config": asdict(pc), "skipped": str(e), "before": report["benchmarks"],
-                                     "weakness_before": report.get("weakness")}
+        return {"skipped": str(e)}, {"config": asdict(pc), "skipped": str(e), "before": report["benchmarks"]}
     save_atomic(lora_state_dict(gpt, "post"), os.path.join(run_dir, "lora_post.safetensors"))
     write_json(asdict(pc), os.path.join(run_dir, "lora_post.json"))
     merge_lora(gpt)
     after = evaluate.run_all(gpt, vq, vocab, tokenizer, cfgs["sample"], run_dir, n_prompts=tc.bench_prompts,
-                             n_samples=pc.eval_samples, batch=tc.eval_batch, seed=tc.seed, prefix="post_")
+                             n_samples=pc.eval_samples, batch=tc.eval_batch, seed=tc.seed, prefix="post_", dev=False)
     post = {"config": asdict(pc), "rounds": rounds, "reward_hacking": hacking(rounds),
-            "before": report["benchmarks"], "after": after["benchmarks"],
-            "weakness_before": report.get("weakness"), "weakness_after": after["weakness"]}
+            "before": report["benchmarks"], "after": after["benchmarks"]}
     return {"rounds": len(rounds), "final_reward": rounds[-1]["reward"], "final_verifier": rounds[-1]["verifier"]}, post
 
 
@@ -956,6 +957,8 @@ def stage_ablations(cfgs, run_dir, device, metrics, report):
     results = {"focus_category": focus, "base": measure(base), "runs": {}}
     for seed in range(tc.ablation_first_seed, tc.ablation_first_seed + tc.ablation_seeds):
         for name, overrides in ABLATIONS.items():
+            if tc.ablation_variants != "all" and name not in tc.ablation_variants.split(","):
+                continue
             t0 = time.time()
             pc = dataclasses.replace(cfgs["post"], **overrides)
             gpt, *_, rounds = post_train(cfgs, run_dir, device, metrics, pc, seed=1000 + seed, log_prefix=f"ablations/{name}_s{seed}")

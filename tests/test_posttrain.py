@@ -195,7 +195,7 @@ def test_micro_post_training_round_changes_only_the_adapter(micro_run, tmp_path)
     assert rounds and 0 <= rounds[0]["verifier"] <= 1
 
 
-def test_ablations_stage_writes_tables_and_claims(micro_run, tmp_path, monkeypatch, capsys):
+def test_ablations_stage_writes_tables_and_claims(micro_run, tmp_path, capsys):
     import json
     import os
     import shutil
@@ -204,8 +204,7 @@ def test_ablations_stage_writes_tables_and_claims(micro_run, tmp_path, monkeypat
     from conftest import MICRO
     run = str(tmp_path / "run")
     shutil.copytree(micro_run, run)
-    monkeypatch.setattr(train, "ABLATIONS", {k: train.ABLATIONS[k] for k in ("both", "uniform")})
-    train.main([MICRO, f"--train.out_dir={run}", "--stages=ablations"])
+    train.main([MICRO, f"--train.out_dir={run}", "--stages=ablations", "--train.ablation_variants=both,uniform"])
     res = json.load(open(os.path.join(run, "ablations", "ablations.json")))
     assert set(res["runs"]) == {"both", "uniform"} and res["base"]["focus"]["samples"] == 2 * 4 * 2
     md = open(os.path.join(run, "ablations", "ablations.md")).read()

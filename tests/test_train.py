@@ -48,6 +48,8 @@ def test_file_types_checked(tmp_path):
     ("--vq.image_size=40", "multiple of"),
     ("--train.dtype=float16", "expected float32, bfloat16 or auto"),
     ("--post.plan_temperature=-1", "post.plan_temperature must be >= 0"),
+    ("--train.ablation_variants=both,nope", "ablation_variants='both,nope'"),
+    ("--post.weak_below=0", "post.weak_below must lie in"),
 ])
 def test_values_that_cannot_work_are_refused_before_any_work(override, message):
     with pytest.raises(ConfigError, match=message):
