@@ -972,7 +972,7 @@ def stage_ablations(cfgs, run_dir, device, metrics, report):
     with open(os.path.join(run_dir, "ablations", "ablations.md"), "w") as f:
         f.write(summary + "\n")
     print(summary)
-    return {"variants": len(ABLATIONS), "seeds": tc.ablation_seeds, "focus_category": focus}
+    return {"variants": len(results["runs"]), "seeds": tc.ablation_seeds, "focus_category": focus}
 
 
 # -----------------------------------------------------------------------------

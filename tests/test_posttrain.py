@@ -209,6 +209,7 @@ def test_ablations_stage_writes_tables_and_claims(micro_run, tmp_path, capsys):
     assert set(res["runs"]) == {"both", "uniform"} and res["base"]["focus"]["samples"] == 2 * 4 * 2
     md = open(os.path.join(run, "ablations", "ablations.md")).read()
     assert "standard error" in md and "| uniform (n=1)" in md
+    assert json.load(open(os.path.join(run, "report.json")))["stages"]["ablations"]["variants"] == 2
 
 
 def test_focus_category_is_the_weakest_the_model_sometimes_passes():
