@@ -785,17 +785,22 @@ def reward_thresholds(run_dir, pc, device):
     return posttrain.calibrate_thresholds(r, passed.numpy(), names, pc.precision)
 
 
-def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix):
+def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix, calibrated=None):
     """posttrain.choose_targets for the targeted strategy: a weak category whose eval-stage dev samples
     pass too rarely to calibrate a threshold (about 100 samples: fewer than ~38 pass) gets
     post.calib_samples fresh dev samples from the base model, the threshold calibrated on those alone.
-    base = (gpt, vq, vocab, tokenizer). Raises posttrain.NothingToTarget when no weak category is left."""
+    base = (gpt, vq, vocab, tokenizer); calibrated: a dict that keeps those thresholds across calls on one
+    base (the ablations), since the same seed gives the same samples. Raises posttrain.NothingToTarget when
+    no weak category is left."""
     tc = cfgs["train"]
     if not weakness:
         raise ConfigError("the targeted strategy needs the eval stage's weakness.json: run --stages=eval first")
     gpt, vq, vocab, tokenizer = base
 
     def calibrate(name):
+        key = (pc.reward, pc.precision, pc.calib_samples, name)
+        if calibrated is not None and key in calibrated:
+            return calibrated[key]
         examples = posttrain.dev_examples(name, max(1, pc.calib_samples // tc.bench_samples))
         recs = evaluate.sample_and_score(gpt, vq, vocab, tokenizer, examples, cfgs["sample"], tc.bench_samples, tc.eval_batch, tc.seed)
         reward_fn = rewards.load_reward(run_dir, pc.reward, device, {ex.prompt: ex.spec for ex in examples})
@@ -804,6 +809,8 @@ def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix):
         t = posttrain.calibrate_thresholds(r, passed, [name] * len(recs), pc.precision)[name]
         tqdm.write(f"[{log_prefix}] {name}: {len(recs)} more dev samples, {passed.mean():.2f} pass, threshold "
                    + ("none" if t is None else f"{t:.3f}"))
+        if calibrated is not None:
+            calibrated[key] = t
         return t
 
     min_rate = posttrain.min_passing(pc.precision) / max(1, pc.calib_samples)
@@ -817,11 +824,12 @@ def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix):
     return targets
 
 
-def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_prefix="post", check=False):
+def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_prefix="post", check=False, calibrated=None):
     """Rounds of generate -> score -> weight -> fine-tune a fresh LoRA adapter on the run's GPT. Returns
     the run's (gpt with the adapter enabled, tokenizer, vocab, vq), the adapter's parameters and the
     per-round figures. check: sample the last round's prompts again with the trained adapter, so that the
-    last round's figures hold the reward and the verifier on the same prompts before and after."""
+    last round's figures hold the reward and the verifier on the same prompts before and after.
+    calibrated: thresholds from fresh dev samples to reuse (see aim)."""
     tc = cfgs["train"]
     _, tokenizer, vocab, vq, gpt = load_run(run_dir, device)
     wpath = os.path.join(run_dir, "weakness.json")
@@ -829,7 +837,7 @@ def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_pre
     thresholds = reward_thresholds(run_dir, pc, device)
     targets = None  # every category, for the broad and aligned strategies
     if pc.strategy == "targeted":
-        targets = aim(cfgs, run_dir, device, pc, weakness, thresholds, (gpt, vq, vocab, tokenizer), log_prefix)
+        targets = aim(cfgs, run_dir, device, pc, weakness, thresholds, (gpt, vq, vocab, tokenizer), log_prefix, calibrated)
         tqdm.write(f"[{log_prefix}] targeted at {', '.join(targets)}")
     elif pc.weighting == "threshold" and all(t is None for t in thresholds.values()):
         tqdm.write(f"[{log_prefix}] warning: {pc.reward} cannot judge any dev category (too few dev samples pass, or it cannot "
@@ -955,13 +963,15 @@ def stage_ablations(cfgs, run_dir, device, metrics, report):
         "focus": evaluate.focus_score(gpt, vq, vocab, tokenizer, cfgs["sample"], focus, tc.focus_prompts, batch=tc.eval_batch),
         "benchmarks": evaluate.score_benchmarks(gpt, vq, vocab, tokenizer, cfgs["sample"], tc.bench_prompts, 1, tc.eval_batch, tc.seed)[0]}
     results = {"focus_category": focus, "base": measure(base), "runs": {}}
+    calibrated = {}  # aim's fresh-sample thresholds: the same for every variant and seed with the same reward
     for seed in range(tc.ablation_first_seed, tc.ablation_first_seed + tc.ablation_seeds):
         for name, overrides in ABLATIONS.items():
             if tc.ablation_variants != "all" and name not in tc.ablation_variants.split(","):
                 continue
             t0 = time.time()
             pc = dataclasses.replace(cfgs["post"], **overrides)
-            gpt, *_, rounds = post_train(cfgs, run_dir, device, metrics, pc, seed=1000 + seed, log_prefix=f"ablations/{name}_s{seed}")
+            gpt, *_, rounds = post_train(cfgs, run_dir, device, metrics, pc, seed=1000 + seed, log_prefix=f"ablations/{name}_s{seed}",
+                                         calibrated=calibrated)
             merge_lora(gpt)
             res = {**measure(gpt), "rounds": rounds, "seconds": round(time.time() - t0, 1)}
             results["runs"].setdefault(name, []).append(res)

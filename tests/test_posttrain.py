@@ -369,8 +369,11 @@ def test_a_weak_category_without_threshold_is_calibrated_on_fresh_dev_samples(mi
     cfgs = train.load_config(MICRO, [f"--train.out_dir={run}", "--post.strategy=targeted", "--post.calib_samples=6",
                                      "--post.precision=0.5"])  # needs 2 passing samples: position (0.5) is worth sampling
     train.derive_sizes(cfgs, run)
-    with pytest.raises(posttrain.NothingToTarget, match="cannot judge"):  # the micro model draws noise: none pass
-        train.post_train(cfgs, run, "cpu", train.Metrics(None), cfgs["post"], seed=0, log_prefix="aim")
+    calibrated = {}
+    for _ in range(2):  # the second call (as the ablations' next variant) reuses the first one's calibration
+        with pytest.raises(posttrain.NothingToTarget, match="cannot judge"):  # the micro model draws noise: none pass
+            train.post_train(cfgs, run, "cpu", train.Metrics(None), cfgs["post"], seed=0, log_prefix="aim", calibrated=calibrated)
     out = capsys.readouterr()
     assert "position: 6 more dev samples, 0.00 pass, threshold none" in out.out + out.err
-    assert (out.out + out.err).count("more dev samples") == 1, "colors (above weak_below) is not sampled"
+    assert (out.out + out.err).count("more dev samples") == 1, "colors (above weak_below) is not sampled, position once"
+    assert calibrated == {("vqa", 0.5, 6, "position"): None}
