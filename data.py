@@ -525,6 +525,21 @@ def sample_example(rng, category=None, split="train"):
     raise RuntimeError(f"no {split} prompt found for category {category}")
 
 
+def distinct_examples(draw, n, tries, exclude=()):
+    """Up to n Examples with distinct prompts, none in `exclude`, from at most `tries` calls of draw(found),
+    where found is how many were kept so far (to cycle categories). Fewer than n when the world runs out of
+    phrasings: each caller decides whether that is an error."""
+    seen, out = set(exclude), []
+    for _ in range(tries):
+        ex = draw(len(out))
+        if ex.prompt not in seen:
+            seen.add(ex.prompt)
+            out.append(ex)
+            if len(out) == n:
+                break
+    return out
+
+
 # -----------------------------------------------------------------------------
 # Reasoning plan and caption
 

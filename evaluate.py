@@ -53,15 +53,11 @@ BOOTSTRAP = 1000  # bootstrap resamples per interval
 
 def _distinct(rng, categories, n, split, exclude=()):
     """n distinct examples of `split`, cycling through categories; prompts in `exclude` are skipped."""
-    seen, out = set(exclude), []
-    for i in range(200 * n):
-        ex = data.sample_example(rng, category=categories[len(out) % len(categories)], split=split)
-        if ex.prompt not in seen:
-            seen.add(ex.prompt)
-            out.append(ex)
-            if len(out) == n:
-                return out
-    raise RuntimeError(f"only {len(out)} distinct {split} prompts for {categories}; the world has too few phrasings")
+    draw = lambda found: data.sample_example(rng, category=categories[found % len(categories)], split=split)
+    out = data.distinct_examples(draw, n, 200 * n, exclude)
+    if len(out) < n:
+        raise RuntimeError(f"only {len(out)} distinct {split} prompts for {categories}; the world has too few phrasings")
+    return out
 
 
 def benchmark_prompts(category, n, seed=BENCH_SEED):

@@ -102,14 +102,7 @@ def dev_examples(name, n, seed=evaluate.DEV_SEED):
     """n dev-split Examples of a category name, to calibrate a reward on (choose_targets): distinct
     prompts while the world has them, then repeats."""
     rng = np.random.default_rng([seed, *name.encode()])  # one stream per category name
-    seen, out = set(), []
-    for _ in range(50 * n):
-        ex = draw_example(rng, name, "dev")
-        if ex.prompt not in seen:
-            seen.add(ex.prompt)
-            out.append(ex)
-            if len(out) == n:
-                break
+    out = data.distinct_examples(lambda found: draw_example(rng, name, "dev"), n, 50 * n)
     return [out[i % len(out)] for i in range(n)]
 
 
@@ -187,23 +180,22 @@ def draw_prompts(strategy, n, rng, weakness=None, focus=0.5, top_attributes=5, t
         weak = {(a["attribute"], a["value"]) for a in weakness["attributes"][:top_attributes]}
     elif strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    seen, out = set(), []
-    for _ in range(100 * n):
+
+    def draw(found):
         if strategy == "broad":
-            ex = data.sample_example(rng, split="train")
-        elif strategy == "aligned":
-            ex = data.sample_example(rng, ALIGNED_CATEGORIES[len(out) % len(ALIGNED_CATEGORIES)], split="train")
-        else:
-            name = cats[rng.choice(len(cats), p=p)]
-            for _ in range(50 if rng.random() < focus else 1):  # a few tries for a prompt naming a weak value
-                ex = draw_example(rng, name)
-                if names(ex) & weak:
-                    break
-        if ex.prompt not in seen:
-            seen.add(ex.prompt)
-            out.append(ex)
-            if len(out) == n:
-                return out
+            return data.sample_example(rng, split="train")
+        if strategy == "aligned":
+            return data.sample_example(rng, ALIGNED_CATEGORIES[found % len(ALIGNED_CATEGORIES)], split="train")
+        name = cats[rng.choice(len(cats), p=p)]
+        for _ in range(50 if rng.random() < focus else 1):  # a few tries for a prompt naming a weak value
+            ex = draw_example(rng, name)
+            if names(ex) & weak:
+                break
+        return ex
+
+    out = data.distinct_examples(draw, n, 100 * n)
+    if len(out) == n:
+        return out
     raise RuntimeError(f"only {len(out)} distinct prompts for strategy {strategy}")
 
 

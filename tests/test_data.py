@@ -173,3 +173,17 @@ def test_sequence_formats_modality_and_targets():
     assert ids[:6] == [data.BOS, data.NULL, data.NULL, data.NULL, data.NULL, data.BOI]
     assert tgt == [0] * 6 + [1] * 5  # only the image (after <boi>) is learned unconditionally
     assert data.grid_positions(ids, v) == [-1] * 6 + [0, 1, 2] + [-1, -1]
+
+
+def test_distinct_examples_skips_repeats_and_excluded_and_stops_short():
+    pool = [data.sample_example(np.random.default_rng(i), "single_object") for i in range(3)]
+    calls = []
+
+    def draw(found):
+        calls.append(found)
+        return pool[len(calls) % 3]
+
+    out = data.distinct_examples(draw, 5, 20, exclude={pool[0].prompt})
+    assert [e.prompt for e in out] == [pool[1].prompt, pool[2].prompt]  # the world ran out: fewer than n
+    assert len(calls) == 20 and calls[:4] == [0, 1, 2, 2]  # draw is told how many were kept so far
+    assert len(data.distinct_examples(draw, 1, 20)) == 1
