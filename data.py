@@ -44,6 +44,7 @@ LATTICE = 8
 SIZE_UNITS = {"small": 1.0, "large": 1.5}  # 4 and 6 px at 32: large neighbours keep a 2 px gap
 ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
+CELLS = tuple(f"{r}-{c}" for r in ROWS for c in COLS)  # one plan word per cell, "top-left" .. "bottom-right"
 RELATIONS = ("left of", "right of", "above", "below")
 MAX_OBJECTS = 4
 
@@ -555,12 +556,15 @@ def plan_order(scene, spec):
 
 
 def plan_text(scene, spec=None):
-    """'red circle large top left ; blue square small middle center': every object with every attribute,
-    in the prompt's order when its spec is given, else in cell order."""
+    """'red circle large top-left ; blue square small middle-center': every object with every attribute,
+    in the prompt's order when its spec is given, else in cell order. The cell is one word, the last of
+    its object: an image token finds what to draw by matching its cell against one plan token (which has
+    gathered its object's attributes from just before it) rather than against a pair of row and column
+    words. At 1,500 steps, two seeds each, that raised GenEval from 0.58-0.60 to 0.66 (counting +0.25)."""
     if not scene.objects:
         return EMPTY
     objs = scene.objects if spec is None else plan_order(scene, spec)
-    return " ; ".join(f"{o.colour} {o.shape} {o.size} {ROWS[o.row]} {COLS[o.col]}" for o in objs)
+    return " ; ".join(f"{o.colour} {o.shape} {o.size} {CELLS[3 * o.row + o.col]}" for o in objs)
 
 
 def parse_plan(text):
@@ -570,10 +574,9 @@ def parse_plan(text):
     objs = []
     for part in text.split(";"):
         w = part.split()
-        if len(w) != 5 or w[0] not in COLOURS or w[1] not in SHAPES or w[2] not in SIZES \
-                or w[3] not in ROWS or w[4] not in COLS:
+        if len(w) != 4 or w[0] not in COLOURS or w[1] not in SHAPES or w[2] not in SIZES or w[3] not in CELLS:
             return None
-        objs.append(Obj(w[1], w[0], w[2], ROWS.index(w[3]), COLS.index(w[4])))
+        objs.append(Obj(w[1], w[0], w[2], *divmod(CELLS.index(w[3]), 3)))
     if len({(o.row, o.col) for o in objs}) != len(objs) or len(objs) > MAX_OBJECTS:
         return None
     return Scene(tuple(objs))
@@ -697,7 +700,7 @@ SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<think>", "<boi>", "<eoi>
 def _vocab_lines():
     """Every constant that holds words, so a rare word is never missing from the vocabulary."""
     strip = lambda t: re.sub(r"\{\w+\}", " ", t)
-    yield " ".join((*SHAPES, *(s + "s" for s in SHAPES), *COLOURS, *SIZES, *ROWS, *COLS, *NUMBER_WORDS))
+    yield " ".join((*SHAPES, *(s + "s" for s in SHAPES), *COLOURS, *SIZES, *ROWS, *COLS, *CELLS, *NUMBER_WORDS))
     yield from (strip(t) for t in (*WRAPPERS, *SUFFIXES, *COLOUR_TEMPLATES, *KNOWN_COLOUR_TEMPLATES,
                                    *COMPARATIVE_TEMPLATES, RELATION_SENTENCE, EMPTY, "a an and , . ;"))
     for table in (SIZE_WORDS, REL_WORDS, KNOWN_COLOURS, KNOWN_SHAPES, KNOWN_COUNTS, COMPARATIVES):
@@ -719,10 +722,11 @@ def world_corpus(n=2000, seed=0):
 
 def train_tokenizer(path=None, n=500, seed=0, corpus=None):
     """A word-level tokenizer over the world's text, or over `corpus` (lines, e.g. a folder's captions)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # \w+|[^\w\s]+: splits "," "." ";" off words
+    # words (hyphenated ones whole: a plan's "top-left" is one token) and runs of punctuation (",", ";")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+(?:-\w+)*|[^\w\s]+"), behavior="removed", invert=True)
     lines = world_corpus(n, seed) if corpus is None else corpus
     tok.train_from_iterator(lines, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
@@ -737,6 +741,15 @@ def load_tokenizer(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"no text tokenizer at {path}: make one with data.train_tokenizer('{path}')")
     return Tokenizer.from_file(path)
+
+
+def check_world_tokenizer(tokenizer):
+    """Refuse a tokenizer made by a version of nanoloom whose plans named a cell in two words ("top left"):
+    its GPT writes plans this version cannot read."""
+    missing = [w for w in CELLS if tokenizer.token_to_id(w) is None]
+    if missing:
+        raise ValueError(f"the tokenizer does not know the plan's cell words ({', '.join(missing[:3])}, ...): "
+                         f"it was made by an older nanoloom, whose plans named a cell in two words")
 
 
 def encode_text(tokenizer, text):

@@ -1005,6 +1005,12 @@ def derive_sizes(cfgs, run_dir):
 def check_run_dir(run_dir, cfg_json, stages=STAGES):
     """Refuse to mix a run directory's finished stages with another config. The [post] keys matter only
     to the post stage (the ablations vary them on purpose)."""
+    tok_path = os.path.join(run_dir, "tokenizer.json")
+    if not cfg_json["train"]["data_dir"] and os.path.exists(tok_path):
+        try:
+            data.check_world_tokenizer(data.load_tokenizer(tok_path))
+        except ValueError as e:
+            raise ConfigError(f"{tok_path}: {e}. Use another --train.out_dir, or delete {run_dir} to start again.") from None
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         return

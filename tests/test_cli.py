@@ -61,3 +61,23 @@ def test_sampling_and_scoring_with_the_post_training_adapter(micro_run, capsys):
     assert os.path.exists(out) and "plan:" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no adapter .*lora_other.safetensors"):
         generate.main([micro_run, "a red circle", "--adapter", "other"])
+
+
+def test_run_from_before_one_word_cells_is_refused(tmp_path, micro_run):
+    """An older run's GPT writes 'top left' in its plans, which parse_plan no longer reads: say so up front."""
+    import json
+    import shutil
+
+    import train
+    old = tmp_path / "old"
+    shutil.copytree(micro_run, old)
+    tok = json.load(open(old / "tokenizer.json"))
+    for cell in ("top-left", "middle-center"):
+        del tok["model"]["vocab"][cell]
+    (old / "tokenizer.json").write_text(json.dumps(tok))
+    before = sorted(os.listdir(old))
+    with pytest.raises(generate.RunError, match="older nanoloom.*new run"):
+        generate.load_run(str(old))
+    with pytest.raises(SystemExit, match="older nanoloom.*another --train.out_dir"):
+        train.main(["tiny_configs/micro.toml", f"--train.out_dir={old}", "--stages=eval"])
+    assert sorted(os.listdir(old)) == before

@@ -90,9 +90,10 @@ def test_every_generator_scene_satisfies_its_spec_and_plan():
 def test_plan_follows_the_prompt_order_and_rejects_garbage():
     a, b = Obj("square", "blue", "small", 0, 0), Obj("circle", "red", "large", 2, 2)
     spec = Spec((Req("circle", "red"), Req("square", "blue")), total=2)
-    assert data.plan_text(Scene((a, b)), spec) == "red circle large bottom right ; blue square small top left"
-    assert data.plan_text(Scene((a, b))) == "blue square small top left ; red circle large bottom right"
-    for bad in ["red circle large", "red circle huge top left", "red circle large top left ; blue square small top left"]:
+    assert data.plan_text(Scene((a, b)), spec) == "red circle large bottom-right ; blue square small top-left"
+    assert data.plan_text(Scene((a, b))) == "blue square small top-left ; red circle large bottom-right"
+    for bad in ["red circle large", "red circle huge top-left", "red circle large top left",  # the old two-word cell
+                "red circle large top-left ; blue square small top-left"]:
         assert data.parse_plan(bad) is None
 
 
@@ -150,6 +151,10 @@ def test_tokenizer_covers_every_generator_and_refuses_unknown_words(tmp_path):
             ids = data.encode_text(tok, text)
             assert data.UNK not in ids
             assert data.decode_text(tok, ids) == text.lower()
+    # a plan's cell is one token, so an image token matches its cell against one plan position
+    assert len(data.encode_text(tok, "red circle large top-left")) == 4
+    assert all(tok.token_to_id(c) is not None for c in data.CELLS)
+    data.check_world_tokenizer(tok)
     with pytest.raises(ValueError, match="'zebra'"):
         data.encode_text(tok, "a zebra circle")
     with pytest.raises(ValueError, match="empty"):
