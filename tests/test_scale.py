@@ -179,7 +179,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, micro_run, monkeypatch, capsy
     monkeypatch.setattr(train, "cosine_lr", real_lr)
     assert os.path.exists(os.path.join(run, train.CKPT)) and not os.path.exists(os.path.join(run, "gpt.safetensors"))
     # the checkpoint refuses another config, naming the difference
-    with pytest.raises(SystemExit, match=r"checkpoint of another config \(train.lm_lr: 0.003 -> 0.001\)"):
+    with pytest.raises(SystemExit, match=r"checkpoint of another config \(train.lm_lr: 0.0015 -> 0.001\)"):
         train.main([MICRO, f"--train.out_dir={run}", *args, "--train.lm_lr=0.001"])
     train.main([MICRO, f"--train.out_dir={run}", *args])
     assert "resuming the lm stage at step 4" in capsys.readouterr().out
