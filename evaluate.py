@@ -303,8 +303,9 @@ def run_all(gpt, vq, vocab, tokenizer, sample_cfg, run_dir, n_prompts=50, n_samp
            "boi_rate": float(np.mean([r["emitted_boi"] for r in every])), "images": len(every),
            "benchmark_seconds": round(t_bench, 1), "images_per_s": len(every) / t_bench, "sample_config": vars(sample_cfg)}
     if dev:
-        recs = sample_and_score(gpt, vq, vocab, tokenizer, dev_prompts(max(1, n_prompts // 2)), sample_cfg, n_samples, batch, seed)
-        out.update(weakness=weakness(recs), dev_images=len(recs), dev_samples={**dev_samples(recs), "per_category": max(1, n_prompts // 2)})
+        dev_recs = sample_and_score(gpt, vq, vocab, tokenizer, dev_prompts(max(1, n_prompts // 2)), sample_cfg, n_samples, batch, seed)
+        out.update(weakness=weakness(dev_recs), dev_images=len(dev_recs),
+                   dev_samples={**dev_samples(dev_recs), "per_category": max(1, n_prompts // 2)})
     return out
 
 

@@ -964,12 +964,11 @@ def stage_ablations(cfgs, run_dir, device, metrics, report):
         "benchmarks": evaluate.score_benchmarks(gpt, vq, vocab, tokenizer, cfgs["sample"], tc.bench_prompts, 1, tc.eval_batch, tc.seed)[0]}
     results = {"focus_category": focus, "base": measure(base), "runs": {}}
     calibrated = {}  # aim's fresh-sample thresholds: the same for every variant and seed with the same reward
+    chosen = list(ABLATIONS) if tc.ablation_variants == "all" else tc.ablation_variants.split(",")
     for seed in range(tc.ablation_first_seed, tc.ablation_first_seed + tc.ablation_seeds):
-        for name, overrides in ABLATIONS.items():
-            if tc.ablation_variants != "all" and name not in tc.ablation_variants.split(","):
-                continue
+        for name in (n for n in ABLATIONS if n in chosen):  # ABLATIONS' order, whatever the order given
             t0 = time.time()
-            pc = dataclasses.replace(cfgs["post"], **overrides)
+            pc = dataclasses.replace(cfgs["post"], **ABLATIONS[name])
             gpt, *_, rounds = post_train(cfgs, run_dir, device, metrics, pc, seed=1000 + seed, log_prefix=f"ablations/{name}_s{seed}",
                                          calibrated=calibrated)
             merge_lora(gpt)
