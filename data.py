@@ -13,6 +13,7 @@ construction; the parser reads any image back into a scene, which makes every be
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -556,15 +557,14 @@ def plan_order(scene, spec):
 
 
 def plan_text(scene, spec=None):
-    """'red circle large top-left ; blue square small middle-center': every object with every attribute,
-    in the prompt's order when its spec is given, else in cell order. The cell is one word, the last of
-    its object: an image token finds what to draw by matching its cell against one plan token (which has
-    gathered its object's attributes from just before it) rather than against a pair of row and column
-    words. At 1,500 steps, two seeds each, that raised GenEval from 0.58-0.60 to 0.66 (counting +0.25)."""
+    """'top-left red circle large ; middle-center blue square small': every object with every attribute,
+    in the prompt's order when its spec is given, else in cell order. The cell is one word and comes first:
+    the GPT tags the words after it with that cell (model.GPTConfig.cell_emb), as it tags the image tokens
+    drawn inside the cell, so an image token finds its colour and shape by matching its own cell."""
     if not scene.objects:
         return EMPTY
     objs = scene.objects if spec is None else plan_order(scene, spec)
-    return " ; ".join(f"{o.colour} {o.shape} {o.size} {CELLS[3 * o.row + o.col]}" for o in objs)
+    return " ; ".join(f"{CELLS[3 * o.row + o.col]} {o.colour} {o.shape} {o.size}" for o in objs)
 
 
 def parse_plan(text):
@@ -574,9 +574,9 @@ def parse_plan(text):
     objs = []
     for part in text.split(";"):
         w = part.split()
-        if len(w) != 4 or w[0] not in COLOURS or w[1] not in SHAPES or w[2] not in SIZES or w[3] not in CELLS:
+        if len(w) != 4 or w[0] not in CELLS or w[1] not in COLOURS or w[2] not in SHAPES or w[3] not in SIZES:
             return None
-        objs.append(Obj(w[1], w[0], w[2], *divmod(CELLS.index(w[3]), 3)))
+        objs.append(Obj(w[2], w[1], w[3], *divmod(CELLS.index(w[0]), 3)))
     if len({(o.row, o.col) for o in objs}) != len(objs) or len(objs) > MAX_OBJECTS:
         return None
     return Scene(tuple(objs))
@@ -743,13 +743,17 @@ def load_tokenizer(path):
     return Tokenizer.from_file(path)
 
 
-def check_world_tokenizer(tokenizer):
-    """Refuse a tokenizer made by a version of nanoloom whose plans named a cell in two words ("top left"):
-    its GPT writes plans this version cannot read."""
+def check_world_run(tokenizer, gpt_config=None):
+    """Refuse a run made by an older nanoloom, whose GPT writes plans this version cannot read: plans that
+    named a cell in two words ("top left": the tokenizer lacks the cell words), or put the cell last ("red
+    circle large top-left": its GPT config, a dict, has no cell_emb)."""
     missing = [w for w in CELLS if tokenizer.token_to_id(w) is None]
     if missing:
         raise ValueError(f"the tokenizer does not know the plan's cell words ({', '.join(missing[:3])}, ...): "
                          f"it was made by an older nanoloom, whose plans named a cell in two words")
+    if gpt_config is not None and "cell_emb" not in gpt_config:
+        raise ValueError("its GPT was trained by an older nanoloom, whose plans named the cell after the object "
+                         "and had no cell embedding")
 
 
 def encode_text(tokenizer, text):
@@ -819,6 +823,14 @@ def build_sequence(fmt, vocab, prompt=(), plan=(), codes=(), caption=(), null=Fa
     # learn what comes after the prompt (<think>, the plan, <boi>) and the image; the prompt itself is given
     target = [0] * (1 + n_prompt) + [1] * (len(ids) - 1 - n_prompt)
     return ids, modality, target
+
+
+def code_cells(n_codes):
+    """The layout cell (index into CELLS) each image code of a sqrt(n_codes)-wide grid lies in, by the
+    lattice position of the code's centre; -1 for codes in the margin."""
+    g = math.isqrt(n_codes)
+    band = lambda i: int((i + 0.5) * LATTICE / g - 1) // 2 if 1 <= (i + 0.5) * LATTICE / g < LATTICE - 1 else -1
+    return tuple(3 * band(r) + band(c) if band(r) >= 0 and band(c) >= 0 else -1 for r in range(g) for c in range(g))
 
 
 def grid_positions(ids, vocab):

@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from data import (BOI, BOS, EOI, EOS, NULL, PAD, THINK, Vocab, check_world_tokenizer, decode_text, encode_text, grid_positions,
+from data import (BOI, BOS, EOI, EOS, NULL, PAD, THINK, Vocab, check_world_run, decode_text, encode_text, grid_positions,
                   load_tokenizer)
 from model import GPT, VQ, GPTConfig, KVCache, VQConfig, load_lora, merge_lora
 
@@ -246,9 +246,9 @@ def load_run(run_dir, device="cpu"):
     tokenizer = load_tokenizer(tok_path)
     if not cfg["train"]["data_dir"]:
         try:
-            check_world_tokenizer(tokenizer)
+            check_world_run(tokenizer, cfg["gpt"])
         except ValueError as e:
-            raise RunError(f"{tok_path}: {e}. Train a new run: `python train.py tiny_configs/shapes_cpu.toml "
+            raise RunError(f"{run_dir}: {e}. Train a new run: `python train.py tiny_configs/shapes_cpu.toml "
                            f"--train.out_dir=<a new directory>`") from None
     vq = load_weights(VQ(VQConfig(**cfg["vq"])).to(device), os.path.join(run_dir, "vq.safetensors")).eval()
     gpt_cfg = GPTConfig(**cfg["gpt"])

@@ -168,6 +168,13 @@ class GPTConfig:
     mlp_hidden: int = 352  # SwiGLU width: about 8/3 * n_embd, rounded to a multiple of 32
     rope_theta: float = 10000.0
     grid_pos_emb: bool = True  # add a learned embedding of each image token's (row, col) cell
+    cell_emb: bool = True  # add one learned vector per layout cell to the plan words of its object and to its image tokens
+    cell_token_ids: tuple = ()  # derived: token id of each layout cell's plan word; () turns cell_emb off (a folder run)
+    attr_token_ids: tuple = ()  # derived: token ids of the attribute words that keep the cell named before them
+    code_cells: tuple = ()  # derived: layout cell (index into cell_token_ids) of each image token, -1 for the margin
+
+
+KEEP_CELL = -2  # token role of an attribute word: it belongs to the cell named before it
 
 
 class RMSNorm(nn.Module):
@@ -203,6 +210,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions written so far
+        self.cell = None  # (batch,) the plan cell left open by the last token fed, for GPT.plan_cells
 
 
 class Attention(nn.Module):
@@ -272,6 +280,18 @@ class GPT(nn.Module):
         # one learned vector per cell of the image grid: RoPE alone only knows the flattened order,
         # this tells an image token which row and column it draws
         self.grid_embed = nn.Embedding(cfg.n_image_tokens, cfg.n_embd) if cfg.grid_pos_emb else None
+        # one learned vector per layout cell, added to the plan words of the object in that cell ("top-left
+        # red circle large") and to the image tokens that draw it: an image token finds its object's colour
+        # and shape by matching a vector it already holds, instead of learning which plan entry goes with
+        # which of its grid positions
+        self.cell_embed = None
+        if cfg.cell_emb and cfg.cell_token_ids:
+            self.cell_embed = nn.Embedding(len(cfg.cell_token_ids), cfg.n_embd)
+            role = torch.full((cfg.vocab_size,), -1, dtype=torch.long)  # -1: ends the current cell's words
+            role[list(cfg.attr_token_ids)] = KEEP_CELL
+            role[list(cfg.cell_token_ids)] = torch.arange(len(cfg.cell_token_ids))  # starts that cell's words
+            self.register_buffer("token_role", role, persistent=False)  # (V,)
+            self.register_buffer("code_cell", torch.tensor(cfg.code_cells, dtype=torch.long), persistent=False)  # (n_image_tokens,)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -291,6 +311,20 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def plan_cells(self, idx, cache=None):
+        """(B, T) ids -> (B, T) the layout cell of each token's plan object, -1 if none: a cell word starts its
+        cell, the attribute words after it keep it, any other token ends it. With a cache, the cell left
+        open by the previous call carries over (the sampler feeds one token at a time)."""
+        B, T = idx.shape
+        role = self.token_role[idx]  # (B, T)
+        t = torch.arange(T, device=idx.device).expand(B, T)
+        last = torch.where(role != KEEP_CELL, t, -1).cummax(dim=1).values  # (B, T) latest token that set or ended a cell
+        before = cache.cell if cache is not None and cache.cell is not None else torch.full((B,), -1, device=idx.device)
+        cell = torch.where(last >= 0, role.gather(1, last.clamp(min=0)), before.unsqueeze(1))
+        if cache is not None:
+            cache.cell = cell[:, -1]
+        return cell
+
     def forward(self, idx, grid=None, pos=None, key_valid=None, cache=None):
         """
         idx:       (B, T) token ids.
@@ -307,6 +341,11 @@ class GPT(nn.Module):
         if self.grid_embed is not None and grid is not None:
             is_img = (grid >= 0).unsqueeze(-1)
             x = x + self.grid_embed(grid.clamp(min=0)) * is_img
+        if self.cell_embed is not None:
+            cell = self.plan_cells(idx, cache)  # (B, T)
+            if grid is not None:
+                cell = torch.where(grid >= 0, self.code_cell[grid.clamp(min=0)], cell)
+            x = x + self.cell_embed(cell.clamp(min=0)) * (cell >= 0).unsqueeze(-1)
         if pos is None:
             pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
         cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (B, 1, T, hd/2)

@@ -102,7 +102,8 @@ class TrainConfig:
 
 SECTIONS = {"train": TrainConfig, "vq": VQConfig, "gpt": GPTConfig, "sample": SampleConfig, "rewards": rewards.RewardsConfig,
             "post": PostConfig}
-DERIVED = {("gpt", "vocab_size"), ("gpt", "image_offset"), ("gpt", "n_image_tokens")}  # set from tokenizer + VQ
+DERIVED = {("gpt", "vocab_size"), ("gpt", "image_offset"), ("gpt", "n_image_tokens"), ("gpt", "cell_token_ids"),
+           ("gpt", "attr_token_ids"), ("gpt", "code_cells")}  # set from tokenizer + VQ
 
 
 # -----------------------------------------------------------------------------
@@ -999,22 +1000,26 @@ def derive_sizes(cfgs, run_dir):
         cfgs["gpt"].image_offset = data.load_tokenizer(path).get_vocab_size()
     cfgs["gpt"].vocab_size = cfgs["gpt"].image_offset + cfgs["vq"].codebook_size
     cfgs["gpt"].n_image_tokens = cfgs["vq"].n_codes
+    if os.path.exists(path) and cfgs["gpt"].cell_emb and not cfgs["train"].data_dir:
+        tokenizer = data.load_tokenizer(path)
+        cfgs["gpt"].cell_token_ids = tuple(tokenizer.token_to_id(c) for c in data.CELLS)
+        cfgs["gpt"].attr_token_ids = tuple(tokenizer.token_to_id(w) for w in (*data.COLOURS, *data.SHAPES, *data.SIZES))
+        cfgs["gpt"].code_cells = data.code_cells(cfgs["vq"].n_codes)
 
 
 def check_run_dir(run_dir, cfg_json, stages=STAGES):
     """Refuse to mix a run directory's finished stages with another config. The [post] keys matter only
     to the post stage (the ablations vary them on purpose)."""
-    tok_path = os.path.join(run_dir, "tokenizer.json")
+    tok_path, path = os.path.join(run_dir, "tokenizer.json"), os.path.join(run_dir, "config.json")
+    old = json.load(open(path)) if os.path.exists(path) else None
     if not cfg_json["train"]["data_dir"] and os.path.exists(tok_path):
+        trained = any(os.path.exists(os.path.join(run_dir, f)) for f in ("gpt.safetensors", CKPT))
         try:
-            data.check_world_tokenizer(data.load_tokenizer(tok_path))
+            data.check_world_run(data.load_tokenizer(tok_path), old["gpt"] if old and trained else None)
         except ValueError as e:
-            raise ConfigError(f"{tok_path}: {e}. Use another --train.out_dir, or delete {run_dir} to start again.") from None
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path):
+            raise ConfigError(f"{run_dir}: {e}. Use another --train.out_dir, or delete {run_dir} to start again.") from None
+    if old is None:
         return
-    with open(path) as f:
-        old = json.load(f)
     # the reward heads come after the GPT: their settings matter only once they are trained
     sections = ("train", "vq", "gpt") + ("rewards",) * os.path.exists(os.path.join(run_dir, rewards.HEADS_FILE))
     diff = config_diff(old, cfg_json, sections)

@@ -81,3 +81,24 @@ def test_run_from_before_one_word_cells_is_refused(tmp_path, micro_run):
     with pytest.raises(SystemExit, match="older nanoloom.*another --train.out_dir"):
         train.main(["tiny_configs/micro.toml", f"--train.out_dir={old}", "--stages=eval"])
     assert sorted(os.listdir(old)) == before
+
+
+def test_run_from_before_cell_first_plans_is_refused(tmp_path, micro_run):
+    """An older run's GPT writes the cell last ('red circle large top-left') and has no cell embedding:
+    say so up front, from both entry points, and change nothing."""
+    import json
+    import shutil
+
+    import train
+    old = tmp_path / "old"
+    shutil.copytree(micro_run, old)
+    cfg = json.load(open(old / "config.json"))
+    for key in ("cell_emb", "cell_token_ids", "attr_token_ids", "code_cells"):
+        del cfg["gpt"][key]
+    (old / "config.json").write_text(json.dumps(cfg))
+    before = {f: (old / f).read_bytes() for f in os.listdir(old) if (old / f).is_file()}
+    with pytest.raises(generate.RunError, match="older nanoloom.*cell after the object.*new run"):
+        generate.load_run(str(old))
+    with pytest.raises(SystemExit, match="older nanoloom.*another --train.out_dir"):
+        train.main(["tiny_configs/micro.toml", f"--train.out_dir={old}", "--stages=eval"])
+    assert {f: (old / f).read_bytes() for f in os.listdir(old) if (old / f).is_file()} == before

@@ -90,10 +90,11 @@ def test_every_generator_scene_satisfies_its_spec_and_plan():
 def test_plan_follows_the_prompt_order_and_rejects_garbage():
     a, b = Obj("square", "blue", "small", 0, 0), Obj("circle", "red", "large", 2, 2)
     spec = Spec((Req("circle", "red"), Req("square", "blue")), total=2)
-    assert data.plan_text(Scene((a, b)), spec) == "red circle large bottom-right ; blue square small top-left"
-    assert data.plan_text(Scene((a, b))) == "blue square small top-left ; red circle large bottom-right"
-    for bad in ["red circle large", "red circle huge top-left", "red circle large top left",  # the old two-word cell
-                "red circle large top-left ; blue square small top-left"]:
+    assert data.plan_text(Scene((a, b)), spec) == "bottom-right red circle large ; top-left blue square small"
+    assert data.plan_text(Scene((a, b))) == "top-left blue square small ; bottom-right red circle large"
+    for bad in ["red circle large", "top-left red circle huge", "top left red circle large",  # the old two-word cell
+                "red circle large top-left",  # the cell last, as before the cell embedding
+                "top-left red circle large ; top-left blue square small"]:
         assert data.parse_plan(bad) is None
 
 
@@ -152,8 +153,8 @@ def test_tokenizer_covers_every_generator_and_refuses_unknown_words(tmp_path):
             assert data.UNK not in ids
             assert data.decode_text(tok, ids) == text.lower()
     # a plan's cell is one token, so an image token matches its cell against one plan position
-    assert len(data.encode_text(tok, "red circle large top-left")) == 4
-    data.check_world_tokenizer(tok)  # knows every cell word
+    assert len(data.encode_text(tok, "top-left red circle large")) == 4
+    data.check_world_run(tok)  # knows every cell word
     with pytest.raises(ValueError, match="'zebra'"):
         data.encode_text(tok, "a zebra circle")
     with pytest.raises(ValueError, match="empty"):
@@ -191,3 +192,18 @@ def test_distinct_examples_skips_repeats_and_excluded_and_stops_short():
     assert [e.prompt for e in out] == [pool[1].prompt, pool[2].prompt]  # the world ran out: fewer than n
     assert len(calls) == 20 and calls[:4] == [0, 1, 2, 2]  # draw is told how many were kept so far
     assert len(data.distinct_examples(draw, 1, 20)) == 1
+
+
+@pytest.mark.parametrize("size,patch", [(32, 4), (64, 4), (64, 8)])
+def test_code_cells_cover_each_object_with_its_own_cell(size, patch):
+    """Every code whose patch holds a pixel of an object lies in that object's cell (the GPT's cell
+    embedding tells an image token which plan word it draws); codes of the margin belong to no cell."""
+    g = size // patch
+    cells = data.code_cells(g * g)
+    for k in range(9):
+        obj = Obj("square", "red", "large", *divmod(k, 3))
+        ink = (data.render(Scene((obj,)), size) != data.BACKGROUND).any(-1)  # (H, W)
+        hit = ink.reshape(g, patch, g, patch).any(axis=(1, 3)).flatten()  # (g*g,) codes touching the square
+        assert hit.any() and all(cells[i] == k for i in np.flatnonzero(hit))
+    assert cells[0] == cells[g - 1] == cells[-1] == -1
+    assert sorted(set(cells)) == list(range(-1, 9))

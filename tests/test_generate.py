@@ -19,8 +19,10 @@ def grammar_model(seed=0, steps=150):
     phase after plans of several lengths. float64, so that padding and batching cannot flip an argmax."""
     torch.manual_seed(seed)
     cfg = GPTConfig(vocab_size=VOCAB.size, image_offset=VOCAB.image_offset, n_image_tokens=N_IMG, block_size=64,
-                    n_layer=2, n_head=4, n_kv_head=2, n_embd=32, mlp_hidden=64)
+                    n_layer=2, n_head=4, n_kv_head=2, n_embd=32, mlp_hidden=64,
+                    cell_token_ids=(9, 10, 11), attr_token_ids=(12, 13), code_cells=(0, 0, 1, 0, 0, 1, 2, 2, -1))  # the cell path too
     model = GPT(cfg)
+    assert model.cell_embed is not None
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(steps):
         seqs = []
