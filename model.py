@@ -5,7 +5,9 @@ The networks of nanoloom, in one file: the VQ image tokenizer, the unified GPT a
   (H/p) * (W/p) integer codes, one per p x p patch; the decoder turns codes back into pixels.
 - GPT: a Llama-style decoder-only transformer (RMSNorm, RoPE, SwiGLU, no biases, SDPA attention)
   over ONE vocabulary: text tokens first, then the image codebook at `image_offset`. A static KV
-  cache (one tensor per layer, written by index) makes sampling cheap.
+  cache (one tensor per layer, written by index) makes sampling cheap. A learned cell embedding, given
+  which token ids name a layout cell and which image codes lie in it, ties each plan object's words to
+  the image tokens that draw it.
 - LoRA: named low-rank adapters on chosen Linear layers (post-training), mixed as an exact output-space
   sum, merged into the weights only by an explicit call.
 

@@ -104,3 +104,26 @@ def test_grid_embedding_changes_only_image_positions():
     a = model(idx, grid=torch.full((1, 6), -1))
     b = model(idx, grid=torch.tensor([[-1, -1, -1, -1, 0, 1]]))
     assert torch.allclose(a[:, :4], b[:, :4]) and not torch.allclose(a[:, 4:], b[:, 4:])
+
+
+def test_plan_cells_open_keep_close_and_carry_through_the_cache():
+    """A cell word opens its cell, attribute words keep it, anything else closes it; fed one token at a
+    time through the KV cache the cells (and so the logits) are the ones of the whole sequence at once."""
+    model = tiny_gpt(cell_token_ids=(10, 11, 12), attr_token_ids=(20, 21), code_cells=(2, 0, 1, -1))
+    #         <s>  attr  cell2  attr attr  ;  cell0 attr  other attr cell1 cell0 attr
+    ids = torch.tensor([[1, 20, 12, 20, 21, 5, 10, 21, 6, 21, 11, 10, 20]])
+    want = [-1, -1, 2, 2, 2, -1, 0, 0, -1, -1, 1, 0, 0]
+    assert model.plan_cells(ids).tolist() == [want]
+    whole = model(ids)
+    cache = KVCache(model.cfg, 1, ids.shape[1], "cpu", torch.float64)
+    steps = [model(ids[:, :3], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(3, ids.shape[1])]
+    assert torch.allclose(torch.cat(steps, 1), whole, atol=1e-10)
+    # the embedding matters: the same ids without it give other logits
+    assert not torch.allclose(tiny_gpt()(ids), whole, atol=1e-3)
+    # an image token takes the cell of its grid position (code_cells); a position outside every cell, none
+    img = torch.tensor([[45]])
+    before = {g: model(img, grid=torch.tensor([[g]])) for g in (0, 3)}
+    with torch.no_grad():
+        model.cell_embed.weight[2] += 1.0  # code_cells[0] == 2
+    assert not torch.allclose(model(img, grid=torch.tensor([[0]])), before[0])
+    assert torch.equal(model(img, grid=torch.tensor([[3]])), before[3])
