@@ -81,7 +81,6 @@ class TrainConfig:
     lm_lr: float = 1.5e-3  # peak; 3e-3 ended at a higher held-out loss (0.175 vs 0.160 at 2,500 steps) and lower GenEval
     lm_min_lr: float = 1.5e-4  # cosine schedule ends here
     lm_warmup: int = 100
-    lm_text_weight: float = 1.0  # loss weight of text targets (plans, captions) against image codes' 1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     p_plan: float = 0.8  # format mix: text->image with a plan ...
@@ -649,9 +648,6 @@ def train_lm(cfgs, run_dir, device, metrics, dist):
         items = batches.pop()
         done += 1
         batch = make_batch(train_ds, items[dist.rank::dist.world], vocab, device)  # this process's share
-        if tc.lm_text_weight != 1:
-            x, y, w, grid, mod = batch
-            batch = (x, y, w * torch.where(mod == data.TEXT, tc.lm_text_weight, 1.0), grid, mod)
         lr = cosine_lr(step, tc)
         for group in opt.param_groups:
             group["lr"] = lr
