@@ -117,8 +117,13 @@ def bench_training(model, device, peak, steps=5, rounds=3, batch=32, T=104, seed
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, model.lm_head.out_features, (batch, T + 1), device=device)
 
+    kw = {}
+    if hasattr(model, "grid_embed"):  # our GPT: random codes get grid (and cell) embeddings, as in training
+        is_code = x[:, :-1] >= model.cfg.image_offset
+        kw["grid"] = torch.where(is_code, torch.arange(T, device=device) % model.cfg.n_image_tokens, -1)
+
     def step():
-        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        loss = F.cross_entropy(model(x[:, :-1], **kw).flatten(0, 1), x[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

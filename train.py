@@ -162,6 +162,11 @@ def validate(cfgs):
         (vc.image_size % vc.patch == 0, f"vq.image_size={vc.image_size} must be a multiple of vq.patch={vc.patch}"),
         (tc.data_dir or vc.image_size % (2 * data.LATTICE) == 0,
          f"vq.image_size={vc.image_size} must be a multiple of {2 * data.LATTICE} (the shapes world's layout lattice)"),
+        # the cell embedding gives each image code the cell its centre lies in: exact only if a lattice unit
+        # is a whole number of codes
+        (tc.data_dir or not cfgs["gpt"].cell_emb or (vc.image_size // vc.patch) % data.LATTICE == 0,
+         f"vq.image_size / vq.patch = {vc.image_size // vc.patch} codes a side must be a multiple of {data.LATTICE} "
+         f"(the shapes world's layout lattice) for gpt.cell_emb; lower vq.patch or set gpt.cell_emb = false"),
         # a folder has captions, not reasoning plans: its text->image sequences are all direct
         (not tc.data_dir or tc.p_plan == 0, "a folder run (train.data_dir) has no reasoning plans: set train.p_plan = 0"),
         (not tc.data_dir or not cfgs["sample"].think, "a folder run (train.data_dir) has no reasoning plans: set sample.think = false"),
@@ -1013,9 +1018,19 @@ def check_run_dir(run_dir, cfg_json, stages=STAGES):
     tok_path, path = os.path.join(run_dir, "tokenizer.json"), os.path.join(run_dir, "config.json")
     old = json.load(open(path)) if os.path.exists(path) else None
     if not cfg_json["train"]["data_dir"] and os.path.exists(tok_path):
-        trained = any(os.path.exists(os.path.join(run_dir, f)) for f in ("gpt.safetensors", CKPT))
+        # the config that trained the GPT: config.json beside a finished one; an interrupted lm stage's own
+        # (config.json is rewritten only when a stage finishes, so it may still be an older version's)
+        gpt_cfg = None
+        if os.path.exists(os.path.join(run_dir, "gpt.safetensors")) and old:
+            gpt_cfg = old["gpt"]
+        elif os.path.exists(os.path.join(run_dir, CKPT)):
+            try:
+                with safe_open(os.path.join(run_dir, CKPT), "pt") as f:
+                    gpt_cfg = json.loads(f.metadata()["config"])["gpt"]
+            except Exception:  # a damaged checkpoint: load_checkpoint says so when the lm stage reaches it
+                pass
         try:
-            data.check_world_run(data.load_tokenizer(tok_path), old["gpt"] if old and trained else None)
+            data.check_world_run(data.load_tokenizer(tok_path), gpt_cfg)
         except ValueError as e:
             raise ConfigError(f"{run_dir}: {e}. Use another --train.out_dir, or delete {run_dir} to start again.") from None
     if old is None:

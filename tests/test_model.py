@@ -1,4 +1,5 @@
 """The networks: VQ shapes and gradients, GPT cache and padding equivalences."""
+import pytest
 import torch
 
 from model import GPT, VQ, GPTConfig, KVCache, VQConfig
@@ -73,9 +74,14 @@ def test_dead_codes_restart_onto_encoder_outputs():
     assert (vq.usage == 0).all()  # counting starts again
 
 
-def test_kv_cache_equals_full_forward():
-    model = tiny_gpt()
+CELLS = dict(cell_token_ids=(10, 11, 12), attr_token_ids=(20, 21), code_cells=(2, 0, 1, -1))  # the cell path on
+
+
+@pytest.mark.parametrize("cells", [{}, CELLS])
+def test_kv_cache_equals_full_forward(cells):
+    model = tiny_gpt(**cells)
     idx = torch.randint(0, 60, (2, 12))
+    idx[:, 5:9] = torch.tensor([11, 20, 21, 12])  # a cell word, then attribute words fed one at a time
     grid = torch.where(idx >= 40, torch.arange(12) % 4, -1)
     full = model(idx, grid=grid)
     cache = KVCache(model.cfg, 2, 12, "cpu", torch.float64)
@@ -86,8 +92,9 @@ def test_kv_cache_equals_full_forward():
     assert cache.length == 12
 
 
-def test_left_padding_with_mask_equals_unpadded():
-    model = tiny_gpt()
+@pytest.mark.parametrize("cells", [{}, CELLS])
+def test_left_padding_with_mask_equals_unpadded(cells):
+    model = tiny_gpt(**cells)
     seq = torch.randint(8, 40, (1, 7))
     want = model(seq)[:, -1]
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), seq], 1)
@@ -109,7 +116,7 @@ def test_grid_embedding_changes_only_image_positions():
 def test_plan_cells_open_keep_close_and_carry_through_the_cache():
     """A cell word opens its cell, attribute words keep it, anything else closes it; fed one token at a
     time through the KV cache the cells (and so the logits) are the ones of the whole sequence at once."""
-    model = tiny_gpt(cell_token_ids=(10, 11, 12), attr_token_ids=(20, 21), code_cells=(2, 0, 1, -1))
+    model = tiny_gpt(**CELLS)
     #         <s>  attr  cell2  attr attr  ;  cell0 attr  other attr cell1 cell0 attr
     ids = torch.tensor([[1, 20, 12, 20, 21, 5, 10, 21, 6, 21, 11, 10, 20]])
     want = [-1, -1, 2, 2, 2, -1, 0, 0, -1, -1, 1, 0, 0]

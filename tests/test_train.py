@@ -50,6 +50,7 @@ def test_file_types_checked(tmp_path):
     ("--post.plan_temperature=-1", "post.plan_temperature must be >= 0"),
     ("--train.ablation_variants=both,nope", "ablation_variants='both,nope'"),
     ("--post.weak_below=0", "post.weak_below must lie in"),
+    ("--vq.patch=8", "4 codes a side must be a multiple of 8"),  # a code would straddle two layout cells
 ])
 def test_values_that_cannot_work_are_refused_before_any_work(override, message):
     with pytest.raises(ConfigError, match=message):
