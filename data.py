@@ -829,8 +829,9 @@ def code_cells(n_codes):
     """The layout cell (index into CELLS) each image code of a sqrt(n_codes)-wide grid lies in, by the
     lattice position of the code's centre; -1 for codes in the margin."""
     g = math.isqrt(n_codes)
-    band = lambda i: int((i + 0.5) * LATTICE / g - 1) // 2 if 1 <= (i + 0.5) * LATTICE / g < LATTICE - 1 else -1
-    return tuple(3 * band(r) + band(c) if band(r) >= 0 and band(c) >= 0 else -1 for r in range(g) for c in range(g))
+    units = [(i + 0.5) * LATTICE / g for i in range(g)]  # each code row's (or column's) centre, in lattice units
+    band = [int(u - 1) // 2 if 1 <= u < LATTICE - 1 else -1 for u in units]  # its cell row (column), -1 in the margin
+    return tuple(3 * band[r] + band[c] if min(band[r], band[c]) >= 0 else -1 for r in range(g) for c in range(g))
 
 
 def grid_positions(ids, vocab):

@@ -1001,12 +1001,12 @@ def resolved_config(cfgs):
 def derive_sizes(cfgs, run_dir):
     """The GPT's vocabulary is the tokenizer's plus the codebook; its image length is the VQ grid."""
     path = os.path.join(run_dir, "tokenizer.json")
-    if os.path.exists(path):
-        cfgs["gpt"].image_offset = data.load_tokenizer(path).get_vocab_size()
+    tokenizer = data.load_tokenizer(path) if os.path.exists(path) else None
+    if tokenizer:
+        cfgs["gpt"].image_offset = tokenizer.get_vocab_size()
     cfgs["gpt"].vocab_size = cfgs["gpt"].image_offset + cfgs["vq"].codebook_size
     cfgs["gpt"].n_image_tokens = cfgs["vq"].n_codes
-    if os.path.exists(path) and cfgs["gpt"].cell_emb and not cfgs["train"].data_dir:
-        tokenizer = data.load_tokenizer(path)
+    if tokenizer and cfgs["gpt"].cell_emb and not cfgs["train"].data_dir:
         cfgs["gpt"].cell_token_ids = tuple(tokenizer.token_to_id(c) for c in data.CELLS)
         cfgs["gpt"].attr_token_ids = tuple(tokenizer.token_to_id(w) for w in (*data.COLOURS, *data.SHAPES, *data.SIZES))
         cfgs["gpt"].code_cells = data.code_cells(cfgs["vq"].n_codes)
