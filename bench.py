@@ -2,7 +2,8 @@
 Performance figures of a trained run on this machine, all measured in the same run:
 - the fp32 matmul peak (a big square matmul, timed), the yardstick of the other figures;
 - training: tokens/s of the run's GPT and of a plain GPT of the same size (nanoGPT's architecture), the
-  model FLOPs utilisation (MFU) of each against that peak, and the peak memory of training;
+  model FLOPs utilisation (MFU) of each against that peak, and the peak memory of training; in float32,
+  and our GPT again under bf16 autocast when the run trained that way (train.dtype);
 - generation: images/s of the slow reference sampler, the KV-cache sampler, and the KV-cache sampler with
   batched classifier-free guidance; the peak memory of generation; and the bound: images/s if every
   decode step ran at the matmul peak, and the fraction of it reached.
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 import data
 from generate import RunError, SampleConfig, generate, generate_reference, load_run
+from train import TrainConfig, use_bf16
 
 # -----------------------------------------------------------------------------
 # yardsticks: the matmul peak, FLOP counts, peak memory
@@ -109,7 +111,7 @@ class PlainGPT(nn.Module):
         return self.lm_head(self.ln_f(self.blocks(x, mask=mask, is_causal=True)))
 
 
-def bench_training(model, device, peak, steps=5, rounds=3, batch=32, T=104, seed=0):
+def bench_training(model, device, peak, steps=5, rounds=3, batch=32, T=104, seed=0, bf16=False):
     """Tokens/s of forward + backward + AdamW step on random tokens (T=104 is about a plan sequence); the
     best of `rounds` rounds of `steps` steps, as the matmul peak is, so that both see the machine at its least busy."""
     torch.manual_seed(seed)
@@ -123,7 +125,9 @@ def bench_training(model, device, peak, steps=5, rounds=3, batch=32, T=104, seed
         kw["grid"] = torch.where(is_code, torch.arange(T, device=device) % model.cfg.n_image_tokens, -1)
 
     def step():
-        loss = F.cross_entropy(model(x[:, :-1], **kw).flatten(0, 1), x[:, 1:].flatten())
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x[:, :-1], **kw)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -238,6 +242,8 @@ def main():
         "training": bench_training(type(gpt)(gc), args.device, peak),
         "training_plain_gpt": bench_training(PlainGPT(gc.vocab_size, gc.block_size, gc.n_layer, gc.n_head, gc.n_embd), args.device, peak),
     }
+    if use_bf16(TrainConfig(dtype=cfg["train"]["dtype"]), args.device):
+        figures["training_bf16"] = bench_training(type(gpt)(gc), args.device, peak, bf16=True)  # MFU still against the fp32 peak
     figures["training_plain_gpt"].pop("memory")  # the process already holds what it needs: reads ~0, says nothing
     t, plain, g = figures["training"], figures["training_plain_gpt"], figures["generation"]
     figures["targets"] = {"cache_guided_at_least_5x_reference": g["speedup_guided"] >= 5,
@@ -250,6 +256,9 @@ def main():
         print(f"training, batch {t['batch']} x T {t['T']}: {t['tokens_per_s']:.0f} tokens/s, MFU {t['mfu']:.1%} ({t['params'] / 1e6:.2f}M params); "
               f"plain GPT of the same size {plain['tokens_per_s']:.0f} tokens/s, MFU {plain['mfu']:.1%} ({plain['params'] / 1e6:.2f}M params); "
               f"peak memory +{t['memory']['above_start_mb']:.0f} MB")
+        if "training_bf16" in figures:
+            print(f"training under bf16 autocast (the run's train.dtype): {figures['training_bf16']['tokens_per_s']:.0f} tokens/s, "
+                  f"{figures['training_bf16']['tokens_per_s'] / t['tokens_per_s']:.2f}x float32")
         print(f"generation, batch {g['batch']}: reference {g['reference_guided']:.1f} img/s, KV cache {g['cache']:.1f}, "
               f"KV cache + guidance {g['cache_guided']:.1f} ({g['speedup_guided']:.1f}x the reference; guidance costs {g['guidance_cost']:.2f}x); "
               f"peak memory +{g['memory']['above_start_mb']:.0f} MB")

@@ -239,13 +239,19 @@ class Attention(nn.Module):
             cache.v[self.layer_idx, :, :, start:start + T] = v
             k = cache.k[self.layer_idx, :, :, :start + T]  # (B, nkv, L, hd)
             v = cache.v[self.layer_idx, :, :, :start + T]
-        gqa = self.n_kv_head != self.n_head
-        if mask is None:  # plain causal attention over the whole sequence: the fused fast path
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):  # bf16 autocast (train.dtype): torch's CPU
+            with torch.autocast("cpu", enabled=False):  # attention backward is 2x slower in bf16 than in float32
+                y = self.attend(q.float(), k.float(), v.float(), mask)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = self.attend(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.o_proj(y)
+
+    def attend(self, q, k, v, mask):
+        gqa = self.n_kv_head != self.n_head
+        if mask is None:  # plain causal attention over the whole sequence: the fused fast path
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 class MLP(nn.Module):

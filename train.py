@@ -62,7 +62,7 @@ class TrainConfig:
     data_dir: str = ""  # a folder of your own captioned images (see data.load_folder); "" = the shapes world
     seed: int = 0  # seeds data generation, initialisation and sampling
     device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "float32"  # float32 | bfloat16 (autocast where the device has it) | auto (bf16 on a GPU that has it)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast where the device has it) | auto (bf16 where it is fast: see use_bf16)
     compile: bool = False  # torch.compile the GPT for training (opt-in: slow to start, helps on GPU)
     threads: int = 0  # torch CPU threads (0 = torch's default)
     tokenizer_corpus: int = 1000  # examples per category in the tokenizer's corpus (every word list is in it too)
@@ -235,12 +235,19 @@ def pick_device(name):
     return name
 
 
+def cpu_has_bf16():
+    """Native bf16 dot products (AVX512-BF16 or AMX): there bf16 matmuls take about half float32's time;
+    on other CPUs they are emulated and slower. (torch.cpu's checks are private: absent ones count as no.)"""
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def use_bf16(cfg, device):
-    """bf16 autocast only where the hardware has it: dtype=bfloat16 on a bf16 GPU or the CPU, dtype=auto on a
-    bf16 GPU only (bf16 matmuls on a CPU are often slower than float32); float32 otherwise."""
+    """bf16 autocast: dtype=bfloat16 on a bf16 GPU or any CPU; dtype=auto only where it is fast (a bf16 GPU, a CPU
+    with native bf16 dot products); float32 otherwise."""
     kind = device.split(":")[0]
     has = kind == "cpu" or kind == "cuda" and torch.cuda.is_bf16_supported()
-    return has and (cfg.dtype == "bfloat16" or cfg.dtype == "auto" and kind == "cuda")
+    fast = kind == "cpu" and cpu_has_bf16() or kind == "cuda" and has
+    return cfg.dtype == "bfloat16" and has or cfg.dtype == "auto" and fast
 
 
 def autocast(cfg, device):

@@ -1,6 +1,7 @@
 """The networks: VQ shapes and gradients, GPT cache and padding equivalences."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import GPT, VQ, GPTConfig, KVCache, VQConfig
 
@@ -103,6 +104,30 @@ def test_left_padding_with_mask_equals_unpadded(cells):
     got = model(padded, pos=pos, key_valid=valid)[:, -1]
     assert torch.allclose(got, want, atol=1e-10)
     assert not torch.isnan(model(padded, pos=pos, key_valid=valid)).any()
+
+
+def test_cpu_bf16_autocast_keeps_attention_in_float32_and_tracks_float32(monkeypatch):
+    """train.dtype=bfloat16 on a CPU: matmuls in bf16, attention in float32 (torch's CPU attention backward is
+    2x slower in bf16); loss and gradients stay close to a float32 step's."""
+    model = tiny_gpt(**CELLS).float().train()
+    idx = torch.randint(0, 60, (4, 16))
+    grid = torch.where(idx >= 40, torch.arange(16) % 4, -1)
+    seen, sdpa = [], F.scaled_dot_product_attention  # autocast would cast attention's inputs below this call
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append((q.dtype, torch.is_autocast_enabled("cpu"))) or sdpa(q, k, v, **kw))
+
+    def loss_and_grads(bf16):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(idx, grid=grid)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), idx.roll(-1, 1).flatten())
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    loss32, grads32 = loss_and_grads(False)
+    loss16, grads16 = loss_and_grads(True)
+    assert seen == [(torch.float32, False)] * 4  # 2 layers, each step
+    assert abs(loss16 - loss32) < 0.01 * loss32
+    assert F.cosine_similarity(grads16, grads32, dim=0) > 0.99
 
 
 def test_grid_embedding_changes_only_image_positions():
