@@ -557,27 +557,31 @@ def plan_order(scene, spec):
 
 
 def plan_text(scene, spec=None):
-    """'top-left red circle large ; middle-center blue square small': every object with every attribute,
-    in the prompt's order when its spec is given, else in cell order. The cell is one word and comes first:
-    the GPT tags the words after it with that cell (model.GPTConfig.cell_emb), as it tags the image tokens
-    drawn inside the cell, so an image token finds its colour and shape by matching its own cell."""
+    """'two top-left red circle large ; middle-center blue square small': how many objects, then every object
+    with every attribute, in the prompt's order when its spec is given, else in cell order. The count comes
+    first so that a prompt like "as many circles as a triangle has corners" is resolved in one word, and the
+    objects are then written against it as for "three circles". The cell is one word and comes first in its
+    object: the GPT tags the words after it with that cell (model.GPTConfig.cell_emb), as it tags the image
+    tokens drawn inside the cell, so an image token finds its colour and shape by matching its own cell."""
     if not scene.objects:
         return EMPTY
     objs = scene.objects if spec is None else plan_order(scene, spec)
-    return " ; ".join(f"{CELLS[3 * o.row + o.col]} {o.colour} {o.shape} {o.size}" for o in objs)
+    return f"{NUMBER_WORDS[len(objs)]} " + " ; ".join(f"{CELLS[3 * o.row + o.col]} {o.colour} {o.shape} {o.size}" for o in objs)
 
 
 def parse_plan(text):
-    """Plan text -> Scene, or None if it is malformed (bad word, wrong length, two objects in a cell)."""
+    """Plan text -> Scene, or None if it is malformed (bad word, wrong length, a count that is not the number
+    of objects, two objects in a cell)."""
     if text.strip() == EMPTY:
         return Scene(())
+    count, _, text = text.strip().partition(" ")
     objs = []
     for part in text.split(";"):
         w = part.split()
         if len(w) != 4 or w[0] not in CELLS or w[1] not in COLOURS or w[2] not in SHAPES or w[3] not in SIZES:
             return None
         objs.append(Obj(w[2], w[1], w[3], *divmod(CELLS.index(w[0]), 3)))
-    if len({(o.row, o.col) for o in objs}) != len(objs) or len(objs) > MAX_OBJECTS:
+    if len({(o.row, o.col) for o in objs}) != len(objs) or len(objs) > MAX_OBJECTS or count != NUMBER_WORDS[len(objs)]:
         return None
     return Scene(tuple(objs))
 
@@ -743,17 +747,24 @@ def load_tokenizer(path):
     return Tokenizer.from_file(path)
 
 
-def check_world_run(tokenizer, gpt_config=None):
+PLAN_VERSION = 3  # config.json's "plan_version": 1 "red circle large top left", 2 the cell first, 3 the count first
+
+
+def check_world_run(tokenizer, config=None):
     """Refuse a run made by an older nanoloom, whose GPT writes plans this version cannot read: plans that
-    named a cell in two words ("top left": the tokenizer lacks the cell words), or put the cell last ("red
-    circle large top-left": its GPT config, a dict, has no cell_emb)."""
+    named a cell in two words ("top left": the tokenizer lacks the cell words), put the cell last ("red
+    circle large top-left": its GPT config has no cell_emb), or did not begin with the count (no
+    plan_version in its config). config: the run's config.json as a dict."""
     missing = [w for w in CELLS if tokenizer.token_to_id(w) is None]
     if missing:
         raise ValueError(f"the tokenizer does not know the plan's cell words ({', '.join(missing[:3])}, ...): "
                          f"it was made by an older nanoloom, whose plans named a cell in two words")
-    if gpt_config is not None and "cell_emb" not in gpt_config:
+    if config is not None and "cell_emb" not in config["gpt"]:
         raise ValueError("its GPT was trained by an older nanoloom, whose plans named the cell after the object "
                          "and had no cell embedding")
+    if config is not None and config.get("plan_version") != PLAN_VERSION:
+        raise ValueError(f"its GPT was trained by an older nanoloom, whose plans did not begin with the number of "
+                         f"objects (plan_version {config.get('plan_version', 2)}, this version reads {PLAN_VERSION})")
 
 
 def encode_text(tokenizer, text):

@@ -246,7 +246,7 @@ def load_run(run_dir, device="cpu"):
     tokenizer = load_tokenizer(tok_path)
     if not cfg["train"]["data_dir"]:
         try:
-            check_world_run(tokenizer, cfg["gpt"])
+            check_world_run(tokenizer, cfg)
         except ValueError as e:
             raise RunError(f"{run_dir}: {e}. Train a new run: `python train.py tiny_configs/shapes_cpu.toml "
                            f"--train.out_dir=<a new directory>`") from None

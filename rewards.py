@@ -312,7 +312,7 @@ class RewardsConfig:
     examples: int = 6000  # rendered training examples of each data set (clip and the vqa probe share one; geometry)
     p_vq: float = 0.5  # share of training images shown after a round trip through the run's VQ, as samples are
     vqa_probe_steps: int = 300  # the vqa image encoder learning to read cells as the parser does
-    vqa_steps: int = 600  # the vqa prompt reader
+    vqa_steps: int = 2000  # the vqa prompt reader (at 600 it read sizes at chance: comparatives could not be judged)
     vqa_prompts: int = 20000  # prompts with their Specs for the vqa prompt reader (text only: cheap)
     clip_steps: int = 300
     aesthetic_steps: int = 300

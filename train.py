@@ -1002,7 +1002,8 @@ def stage_ablations(cfgs, run_dir, device, metrics, report):
 
 
 def resolved_config(cfgs):
-    return {name: asdict(c) for name, c in cfgs.items()}
+    """config.json: every section, and the plan format the GPT learns (data.check_world_run reads it)."""
+    return {**{name: asdict(c) for name, c in cfgs.items()}, "plan_version": data.PLAN_VERSION}
 
 
 def derive_sizes(cfgs, run_dir):
@@ -1027,17 +1028,17 @@ def check_run_dir(run_dir, cfg_json, stages=STAGES):
     if not cfg_json["train"]["data_dir"] and os.path.exists(tok_path):
         # the config that trained the GPT: config.json beside a finished one; an interrupted lm stage's own
         # (config.json is rewritten only when a stage finishes, so it may still be an older version's)
-        gpt_cfg = None
+        gpt_run = None
         if os.path.exists(os.path.join(run_dir, "gpt.safetensors")) and old:
-            gpt_cfg = old["gpt"]
+            gpt_run = old
         elif os.path.exists(os.path.join(run_dir, CKPT)):
             try:
                 with safe_open(os.path.join(run_dir, CKPT), "pt") as f:
-                    gpt_cfg = json.loads(f.metadata()["config"])["gpt"]
+                    gpt_run = json.loads(f.metadata()["config"])
             except Exception:  # a damaged checkpoint: load_checkpoint says so when the lm stage reaches it
                 pass
         try:
-            data.check_world_run(data.load_tokenizer(tok_path), gpt_cfg)
+            data.check_world_run(data.load_tokenizer(tok_path), gpt_run)
         except ValueError as e:
             raise ConfigError(f"{run_dir}: {e}. Use another --train.out_dir, or delete {run_dir} to start again.") from None
     if old is None:

@@ -90,11 +90,13 @@ def test_every_generator_scene_satisfies_its_spec_and_plan():
 def test_plan_follows_the_prompt_order_and_rejects_garbage():
     a, b = Obj("square", "blue", "small", 0, 0), Obj("circle", "red", "large", 2, 2)
     spec = Spec((Req("circle", "red"), Req("square", "blue")), total=2)
-    assert data.plan_text(Scene((a, b)), spec) == "bottom-right red circle large ; top-left blue square small"
-    assert data.plan_text(Scene((a, b))) == "top-left blue square small ; bottom-right red circle large"
-    for bad in ["red circle large", "top-left red circle huge", "top left red circle large",  # the old two-word cell
-                "red circle large top-left",  # the cell last, as before the cell embedding
-                "top-left red circle large ; top-left blue square small"]:
+    assert data.plan_text(Scene((a, b)), spec) == "two bottom-right red circle large ; top-left blue square small"
+    assert data.plan_text(Scene((a, b))) == "two top-left blue square small ; bottom-right red circle large"
+    for bad in ["one red circle large", "one top-left red circle huge", "one top left red circle large",  # the old two-word cell
+                "one red circle large top-left",  # the cell last, as before the cell embedding
+                "top-left red circle large ; bottom-right blue square small",  # no count, as before plan_version 3
+                "three top-left red circle large ; bottom-right blue square small",  # a count that is not the objects'
+                "two top-left red circle large ; top-left blue square small"]:
         assert data.parse_plan(bad) is None
 
 
