@@ -762,6 +762,9 @@ def check_world_run(tokenizer, config=None):
     if config is not None and "cell_emb" not in config["gpt"]:
         raise ValueError("its GPT was trained by an older nanoloom, whose plans named the cell after the object "
                          "and had no cell embedding")
+    if config is not None and config.get("plan_version", 0) > PLAN_VERSION:
+        raise ValueError(f"it was made by a newer nanoloom (plan_version {config['plan_version']}, this version reads "
+                         f"{PLAN_VERSION}): update nanoloom")
     if config is not None and config.get("plan_version") != PLAN_VERSION:
         raise ValueError(f"its GPT was trained by an older nanoloom, whose plans did not begin with the number of "
                          f"objects (plan_version {config.get('plan_version', 2)}, this version reads {PLAN_VERSION})")

@@ -4,12 +4,13 @@ Every training stage of nanoloom behind one command. Stages, in order:
                (or on the captions of your image folder, train.data_dir)
     vq         VQ image tokenizer trained on rendered scenes (or the folder)  -> vq.safetensors
     lm         the unified GPT pretrained on the token-sequence mix           -> gpt.safetensors
+    eval       benchmarks on held-out prompts, sample grids, weakness report  -> report.json, report.md
     rewards    the reward heads (rewards.py) and their calibration            -> rewards.safetensors
-    eval       benchmarks on held-out prompts, sample grid, report            -> report.json, report.md
+    post       post-training on the model's own samples (posttrain.py)        -> lora_post.safetensors
 A finished stage is reused (its output file exists): to redo one, delete its file and run again, or
 name later stages alone with --stages once the earlier ones are done. The eval stage always runs.
 
-    python train.py tiny_configs/shapes_cpu.toml                     # the main job, ~15 minutes
+    python train.py tiny_configs/shapes_cpu.toml                     # the main job, ~12.5 minutes
     python train.py tiny_configs/micro.toml --train.out_dir=out/micro  # seconds; what the tests use
     python train.py tiny_configs/shapes_cpu.toml --stages=eval          # re-score a finished run
     python train.py tiny_configs/shapes_cpu.toml --train.lm_steps=300 --train.out_dir=out/short
@@ -52,7 +53,7 @@ from generate import RunError, SampleConfig, decode_images, generate, load_run, 
 from model import GPT, VQ, GPTConfig, VQConfig, add_lora, lora_state_dict, merge_lora, unmerge_lora
 from posttrain import PostConfig
 
-STAGES = ("tokenizer", "vq", "lm", "rewards", "eval", "post")  # the main job
+STAGES = ("tokenizer", "vq", "lm", "eval", "rewards", "post")  # the main job: the benchmarks first, then what post-training needs
 EXTRA_STAGES = ("ablations",)  # run only when named: --stages=ablations
 
 
@@ -685,6 +686,7 @@ def train_lm(cfgs, run_dir, device, metrics, dist):
             save_checkpoint(ckpt, model, opt, {"step": step + 1, "epoch_rng": epoch_state, "batches_done": done}, resolved_config(cfgs))
     seconds = time.time() - t0
     return model, {"params": model.num_params(), "train_loss": loss.item(), **ev, "tokens_per_s": tokens / seconds,
+                   "bf16": use_bf16(tc, device),  # dtype=auto resolves per machine: say what this run used
                    "steps": tc.lm_steps, "resumed_at": start, "processes": dist.world}
 
 
@@ -1144,9 +1146,12 @@ def main(argv=None):
         report["stages"][stage] = figures
         write_json(report, report_path)
         print(f"[{stage}] done in {figures['seconds']:.0f}s: " + json.dumps({k: v for k, v in figures.items() if not isinstance(v, dict)}))
+        if stage == "eval" and report["benchmarks"]:
+            evaluate.write_report_md(report, os.path.join(run_dir, "report.md"))
+            print(evaluate.table(report["benchmarks"]))
+        if stage == "post" and report.get("post", {}).get("after"):
+            print(evaluate.compare(report["post"]["before"], report["post"]["after"]))
     evaluate.write_report_md(report, os.path.join(run_dir, "report.md"))
-    if report["benchmarks"]:
-        print(evaluate.table(report["benchmarks"]))
     print(f"total {time.time() - t_all:.0f}s; report in {report_path} and {os.path.join(run_dir, 'report.md')}")
     if dist.world > 1:
         torch.distributed.destroy_process_group()

@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+import data
 import generate
 
 
@@ -83,11 +84,12 @@ def test_run_from_before_one_word_cells_is_refused(tmp_path, micro_run):
     assert sorted(os.listdir(old)) == before
 
 
-@pytest.mark.parametrize("version, message", [(1, "cell after the object"), (2, "did not begin with the number")])
+@pytest.mark.parametrize("version, message", [(1, "older nanoloom.*cell after the object"),
+                                              (2, "older nanoloom.*did not begin with the number"), (4, "newer nanoloom")])
 def test_run_from_before_count_first_plans_is_refused(tmp_path, micro_run, version, message):
     """An older run's GPT writes the cell last ('red circle large top-left') and has no cell embedding
-    (version 1), or writes no count before its objects (version 2): say so up front, from both entry points,
-    and change nothing."""
+    (version 1), or writes no count before its objects (version 2); or a newer nanoloom made it: say so up
+    front, from both entry points, and change nothing."""
     import json
     import shutil
 
@@ -95,14 +97,17 @@ def test_run_from_before_count_first_plans_is_refused(tmp_path, micro_run, versi
     old = tmp_path / "old"
     shutil.copytree(micro_run, old)
     cfg = json.load(open(old / "config.json"))
-    del cfg["plan_version"]
+    if version > data.PLAN_VERSION:  # a newer nanoloom's run
+        cfg["plan_version"] = version
+    else:  # older ones wrote no plan_version
+        del cfg["plan_version"]
     if version == 1:
         for key in ("cell_emb", "cell_token_ids", "attr_token_ids", "code_cells"):
             del cfg["gpt"][key]
     (old / "config.json").write_text(json.dumps(cfg))
     before = {f: (old / f).read_bytes() for f in os.listdir(old) if (old / f).is_file()}
-    with pytest.raises(generate.RunError, match=f"older nanoloom.*{message}.*new run"):
+    with pytest.raises(generate.RunError, match=f"{message}.*new run"):
         generate.load_run(str(old))
-    with pytest.raises(SystemExit, match="older nanoloom.*another --train.out_dir"):
+    with pytest.raises(SystemExit, match=f"{message}.*another --train.out_dir"):
         train.main(["tiny_configs/micro.toml", f"--train.out_dir={old}", "--stages=eval"])
     assert {f: (old / f).read_bytes() for f in os.listdir(old) if (old / f).is_file()} == before
