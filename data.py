@@ -513,15 +513,16 @@ def prompt_split(text):
     return "bench" if h < 15 else "dev" if h < 25 else "train"
 
 
-def sample_example(rng, category=None, split="train"):
-    """A random Example whose prompt falls in `split`; category None draws from PRETRAIN_MIX."""
+def sample_example(rng, category=None, split="train", kind=None):
+    """A random Example whose prompt falls in `split`; category None draws from PRETRAIN_MIX; kind picks
+    one kind of knowledge prompt (KNOWLEDGE_KINDS)."""
     assert split in ("train", "dev", "bench"), split
     mix = list(PRETRAIN_MIX)
     p = np.array([PRETRAIN_MIX[m] for m in mix], dtype=float)
     p /= p.sum()
     for _ in range(10_000):
-        cat, kind = (category, None) if category else mix[rng.choice(len(mix), p=p)]
-        ex = gen_knowledge(rng, kind) if kind else GENERATORS[cat](rng)
+        cat, k = (category, kind) if category else mix[rng.choice(len(mix), p=p)]
+        ex = gen_knowledge(rng, k) if k else GENERATORS[cat](rng)
         if prompt_split(ex.prompt) == split:
             return ex
     raise RuntimeError(f"no {split} prompt found for category {category}")

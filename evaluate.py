@@ -65,6 +65,19 @@ def benchmark_prompts(category, n, seed=BENCH_SEED):
     return _distinct(np.random.default_rng([seed, data.CATEGORIES.index(category)]), (category,), n, "bench")
 
 
+def focus_prompts(name, n, seed=BENCH_SEED):
+    """n distinct bench-split examples of a category name as the weakness report writes it ("position",
+    "knowledge/comparative"): one category measured closely (focus_score)."""
+    category, _, kind = name.partition("/")
+    if not kind:
+        return benchmark_prompts(category, n, seed)
+    rng = np.random.default_rng([seed, data.CATEGORIES.index(category), data.KNOWLEDGE_KINDS.index(kind)])
+    out = data.distinct_examples(lambda found: data.sample_example(rng, category, "bench", kind), n, 200 * n)
+    if len(out) < n:
+        raise RuntimeError(f"only {len(out)} distinct bench prompts for {name}; the world has too few phrasings")
+    return out
+
+
 def prompt_sets(n, seed=BENCH_SEED):
     """Every benchmark's fixed prompts: {"geneval/<task>": [...], "dpg": [...], "wise": [...], "oneig": [...]}.
     oneig draws its own prompts, none shared with the other sets."""
@@ -274,9 +287,10 @@ def score_benchmarks(gpt, vq, vocab, tokenizer, sample_cfg, n_prompts=50, n_samp
 
 
 def focus_score(gpt, vq, vocab, tokenizer, sample_cfg, category, n_prompts=150, n_samples=4, seeds=(0, 1), batch=128):
-    """One category measured closely: n_prompts bench prompts x n_samples x len(seeds) sampling seeds.
-    Returns the pass rate (and, for dense prompts, DPG's fact score) with intervals over prompts."""
-    exs = benchmark_prompts(category, n_prompts)
+    """One category ("counting", "knowledge/comparative") measured closely: n_prompts bench prompts x
+    n_samples x len(seeds) sampling seeds. Returns the pass rate (and, for dense prompts, DPG's fact score)
+    with intervals over prompts."""
+    exs = focus_prompts(category, n_prompts)
     recs = [r for s in seeds for r in sample_and_score(gpt, vq, vocab, tokenizer, exs, sample_cfg, n_samples, batch, s)]
     out = {"category": category, "samples": len(recs)}
     out["pass_rate"], out["pass_rate_ci"] = score([per_prompt(recs, lambda r: r["passed"])])
@@ -372,8 +386,13 @@ def post_section(post):
     parts = ["## Post-training", "",
              f"{c['rounds']} rounds x {c['prompts']} `{c['strategy']}` prompts x {c['samples']} samples, reward `{c['reward']}`, "
              f"weighting `{c['weighting']}` (beta {c['beta']}), alpha_text {c['alpha_text']}, alpha_image {c['alpha_image']}, "
-             f"LoRA r {c['lora_r']} on {c['lora_targets']}.", "",
-             "| round | mean reward | verifier (same samples) | verifier, weighted | loss | seconds |", "|---|---|---|---|---|---|"]
+             f"LoRA r {c['lora_r']} on {c['lora_targets']}.", ""]
+    first = post["rounds"][0]
+    if first.get("targets"):
+        again = [f"{n} {m['pass_rate']:.2f} on {m['samples']}" for n, m in first.get("measured_again", {}).items()]
+        parts += [f"Aimed at: {', '.join(first['targets'])}." + (f" Measured again on fresh dev samples (pass rate on all of "
+                                                                 f"a category's dev samples): {', '.join(again)}." if again else ""), ""]
+    parts += ["| round | mean reward | verifier (same samples) | verifier, weighted | loss | seconds |", "|---|---|---|---|---|---|"]
     parts += [f"| {r['round']} | {r['reward']:.3f} | {r['verifier']:.3f} | {r['verifier_weighted']:.3f} | {r['loss']:.3f} | {r['seconds']} |"
               for r in post["rounds"]]
     last = post["rounds"][-1]
@@ -412,7 +431,7 @@ def ablation_summary(results, tables=ABLATION_TABLES):
              for name, runs in results["runs"].items()}
     head = f"| variant | {focus} ({metric}) | change | geneval | dpg | wise | oneig |"
     out = ["# Post-training ablations", "",
-           f"Focus: the base model's weakest dev category, `{focus}`, measured on {base['focus']['samples']} samples "
+           f"Focus: `{focus}`, the base model's weakest dev category that post-training aims at, measured on {base['focus']['samples']} samples "
            f"(bench prompts x 4 samples x 2 sampling seeds). Benchmarks: bench prompts x 1 sample (oneig 2). "
            f"Mean +- std over post-training seeds.", ""]
     for title, names in tables.items():

@@ -801,18 +801,19 @@ def reward_thresholds(run_dir, pc, device):
 
 
 def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix, calibrated=None):
-    """posttrain.choose_targets for the targeted strategy: a weak category whose eval-stage dev samples
-    pass too rarely to calibrate a threshold (about 100 samples: fewer than ~38 pass) gets
-    post.calib_samples fresh dev samples from the base model, the threshold calibrated on those alone.
-    base = (gpt, vq, vocab, tokenizer); calibrated: a dict that keeps those thresholds across calls on one
-    base (the ablations), since the same seed gives the same samples. Raises posttrain.NothingToTarget when
-    no weak category is left."""
+    """posttrain.choose_targets for the targeted strategy. A category whose eval-stage dev samples are
+    too few to judge it (a knowledge kind gets ~24; a weak category's ~100 may hold fewer than the ~38
+    passing ones a threshold needs) gets post.calib_samples fresh dev samples from the base model: its pass
+    rate is pooled with theirs and its threshold calibrated on them alone. base = (gpt, vq, vocab,
+    tokenizer); calibrated: a dict that keeps those measurements across calls on one base (the ablations),
+    since the same seed gives the same samples. Returns (targets, {name: (pooled pass rate, samples)});
+    raises posttrain.NothingToTarget when no weak category is left."""
     tc = cfgs["train"]
     if not weakness:
         raise ConfigError("the targeted strategy needs the eval stage's weakness.json: run --stages=eval first")
     gpt, vq, vocab, tokenizer = base
 
-    def calibrate(name):
+    def measure(name):
         key = (pc.reward, pc.precision, pc.calib_samples, name)
         if calibrated is not None and key in calibrated:
             return calibrated[key]
@@ -824,19 +825,21 @@ def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix, calib
         t = posttrain.calibrate_thresholds(r, passed, [name] * len(recs), pc.precision)[name]
         tqdm.write(f"[{log_prefix}] {name}: {len(recs)} more dev samples, {passed.mean():.2f} pass, threshold "
                    + ("none" if t is None else f"{t:.3f}"))
+        out = (float(passed.mean()), len(recs), t)
         if calibrated is not None:
-            calibrated[key] = t
-        return t
+            calibrated[key] = out
+        return out
 
     min_rate = posttrain.min_passing(pc.precision) / max(1, pc.calib_samples)
-    targets = posttrain.choose_targets(weakness, thresholds, pc.target_top, pc.weak_below, calibrate, min_rate)
+    targets, measured = posttrain.choose_targets(weakness, thresholds, pc.target_top, pc.weak_below, measure, min_rate)
     if not targets:
         raise posttrain.NothingToTarget(
             f"{pc.reward} cannot judge any dev category passed between 5% and {pc.weak_below:.0%} of the time "
-            f"(thresholds: {', '.join(n for n, t in thresholds.items() if t is not None) or 'none'}), so targeted "
-            "post-training would aim at categories the model already draws well; more post.calib_samples, "
-            "another post.reward or a higher post.weak_below change that")
-    return targets
+            f"(thresholds: {', '.join(n for n, t in thresholds.items() if t is not None) or 'none'}"
+            + "".join(f"; {n} measured again: {r:.2f} on {k} samples" for n, (r, k) in measured.items())
+            + "), so targeted post-training would aim at categories the model already draws well; more "
+            "post.calib_samples, another post.reward or a higher post.weak_below change that")
+    return targets, measured
 
 
 def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_prefix="post", check=False, calibrated=None):
@@ -850,9 +853,9 @@ def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_pre
     wpath = os.path.join(run_dir, "weakness.json")
     weakness = json.load(open(wpath)) if os.path.exists(wpath) else None
     thresholds = reward_thresholds(run_dir, pc, device)
-    targets = None  # every category, for the broad and aligned strategies
+    targets, measured = None, {}  # every category, for the broad and aligned strategies
     if pc.strategy == "targeted":
-        targets = aim(cfgs, run_dir, device, pc, weakness, thresholds, (gpt, vq, vocab, tokenizer), log_prefix, calibrated)
+        targets, measured = aim(cfgs, run_dir, device, pc, weakness, thresholds, (gpt, vq, vocab, tokenizer), log_prefix, calibrated)
         tqdm.write(f"[{log_prefix}] targeted at {', '.join(targets)}")
     elif pc.weighting == "threshold" and all(t is None for t in thresholds.values()):
         tqdm.write(f"[{log_prefix}] warning: {pc.reward} cannot judge any dev category (too few dev samples pass, or it cannot "
@@ -891,7 +894,8 @@ def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_pre
                 "verifier_weighted": float((w * v).sum() / max(w.sum(), 1e-9)),  # what the fine-tune imitates
                 "categories": {c: float(np.mean([v[j] for j, i in enumerate(samples["example"]) if examples[i].category == c]))
                                for c in sorted({ex.category for ex in examples})},
-                **fit, "thresholds": thresholds, "targets": targets, "seconds": round(time.time() - t0, 1)}
+                **fit, "thresholds": thresholds, "targets": targets,
+                "measured_again": {n: {"pass_rate": r, "samples": m} for n, (r, m) in measured.items()}, "seconds": round(time.time() - t0, 1)}
         rounds.append(figs)
         metrics.log(stage=log_prefix, **{key: val for key, val in figs.items() if key not in ("categories", "thresholds")})
         tqdm.write(f"[{log_prefix}] round {k}: reward {figs['reward']:.3f}, verifier {figs['verifier']:.3f} "
@@ -952,15 +956,13 @@ ABLATIONS = {  # variant -> [post] overrides of the run's config; each post-trai
 
 
 def focus_category(weakness, floor=0.05):
-    """The weakest dev category (knowledge kinds merged) that the base model passes at least `floor` of
-    the time. One it never passes is left out: reward-weighted self-training has no good sample of it
-    to imitate, so it cannot test the method (it is still in the benchmark tables)."""
-    rates = {}
-    for c in weakness["categories"]:
-        rates.setdefault(c["name"].split("/")[0], []).append((c["pass_rate"], c["n"]))
-    merged = {k: sum(r * n for r, n in v) / sum(n for _, n in v) for k, v in rates.items()}
-    live = {k: r for k, r in merged.items() if r >= floor}
-    return min(live or merged, key=(live or merged).get)
+    """The weakest dev category (a knowledge kind on its own) that the base model passes at least `floor`
+    of the time: what the ablations measure when the run's post-training is not `targeted`. One it never
+    passes is left out: reward-weighted self-training has no good sample of it to imitate, so it cannot
+    test the method (it is still in the benchmark tables)."""
+    rates = {c["name"]: c["pass_rate"] for c in weakness["categories"]}
+    live = {k: r for k, r in rates.items() if r >= floor}
+    return min(live or rates, key=(live or rates).get)
 
 
 def stage_ablations(cfgs, run_dir, device, metrics, report):
@@ -972,13 +974,20 @@ def stage_ablations(cfgs, run_dir, device, metrics, report):
     weak = report.get("weakness")
     if not weak:
         raise ConfigError("ablations need the eval stage's weakness report: run --stages=eval first")
-    focus = focus_category(weak)
     _, tokenizer, vocab, vq, base = load_run(run_dir, device)
+    calibrated = {}  # aim's fresh dev samples: the same for every variant and seed with the same reward
+    focus = focus_category(weak)
+    if cfgs["post"].strategy == "targeted":  # the category the run's post-training aims at first
+        pc = cfgs["post"]
+        try:
+            focus = aim(cfgs, run_dir, device, pc, weak, reward_thresholds(run_dir, pc, device), (base, vq, vocab, tokenizer),
+                        "ablations", calibrated)[0][0]
+        except posttrain.NothingToTarget as e:
+            raise ConfigError(f"no weakness to post-train on, so nothing for the ablations to compare: {e}") from None
     measure = lambda gpt: {
         "focus": evaluate.focus_score(gpt, vq, vocab, tokenizer, cfgs["sample"], focus, tc.focus_prompts, batch=tc.eval_batch),
         "benchmarks": evaluate.score_benchmarks(gpt, vq, vocab, tokenizer, cfgs["sample"], tc.bench_prompts, 1, tc.eval_batch, tc.seed)[0]}
     results = {"focus_category": focus, "base": measure(base), "runs": {}}
-    calibrated = {}  # aim's fresh-sample thresholds: the same for every variant and seed with the same reward
     chosen = list(ABLATIONS) if tc.ablation_variants == "all" else tc.ablation_variants.split(",")
     for seed in range(tc.ablation_first_seed, tc.ablation_first_seed + tc.ablation_seeds):
         for name in (n for n in ABLATIONS if n in chosen):  # ABLATIONS' order, whatever the order given
