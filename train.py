@@ -833,11 +833,15 @@ def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix, calib
     min_rate = posttrain.min_passing(pc.precision) / max(1, pc.calib_samples)
     targets, measured = posttrain.choose_targets(weakness, thresholds, pc.target_top, pc.weak_below, measure, min_rate)
     if not targets:
+        rates = {c["name"]: measured.get(c["name"], (c["pass_rate"], c["n"])) for c in weakness["categories"]}
+        weakest = ", ".join(f"{n} {r:.2f} on {k} samples" for n, (r, k) in sorted(rates.items(), key=lambda x: x[1][0])[:3])
+        if any(0.05 <= r < pc.weak_below for r, _ in rates.values()):
+            why = (f"{pc.reward} cannot judge any dev category passed between 5% and {pc.weak_below:.0%} of the time (thresholds: "
+                   f"{', '.join(n for n, t in thresholds.items() if t is not None) or 'none'}; weakest: {weakest})")
+        else:
+            why = f"no dev category is passed between 5% and {pc.weak_below:.0%} of the time (weakest: {weakest})"
         raise posttrain.NothingToTarget(
-            f"{pc.reward} cannot judge any dev category passed between 5% and {pc.weak_below:.0%} of the time "
-            f"(thresholds: {', '.join(n for n, t in thresholds.items() if t is not None) or 'none'}"
-            + "".join(f"; {n} measured again: {r:.2f} on {k} samples" for n, (r, k) in measured.items())
-            + "), so targeted post-training would aim at categories the model already draws well; more "
+            f"{why}, so targeted post-training would aim at categories the model already draws well; more "
             "post.calib_samples, another post.reward or a higher post.weak_below change that")
     return targets, measured
 
