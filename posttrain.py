@@ -77,8 +77,8 @@ class PostConfig:
     #                          judge none of them, post-training is skipped (0.7 skipped a base whose comparatives
     #                          passed 0.75: aimed at them, 0.744 -> 0.964; with an older reward, aimed at GenEval
     #                          categories passed 0.76-0.79, it had cost counting 9 points and raised nothing)
-    calib_samples: int = 400  # fresh dev samples drawn for a weak category whose eval-stage dev samples (~100) pass too
-    #                           rarely to calibrate a threshold (choose_targets); about 6 s per category on 2 cores
+    calib_samples: int = 400  # fresh dev samples for a category the eval stage's dev samples cannot settle: too few to call
+    #                           it strong, or too few passing ones to calibrate a threshold (choose_targets); ~6 s each
     eval_samples: int = 4  # after post-training: samples per benchmark prompt (as train.bench_samples)
 
 
@@ -161,31 +161,43 @@ def choose_targets(weakness, thresholds, top, below, measure, min_rate=0.0, floo
       its 95% interval lies below `below`): the eval stage draws ~24 of each knowledge kind, and a kind that
       passed 22 of 24 passed 0.69 on the benchmark;
     - that is a candidate without a threshold and passes at least `min_rate` of the time.
-    Its rate is then pooled with the fresh one and its threshold is the fresh samples' (`thresholds` is
-    updated in place). Returns (targets, {name: (pass rate, samples)} of the measured categories); no
-    targets means: nothing to target."""
+    Its rate is then pooled with the fresh one and the fresh samples' threshold, when they set one, is its
+    threshold (`thresholds` is updated in place); the walk goes on from the weakest category by the rates
+    as they now stand. Returns (targets, {name: (pooled pass rate, samples)} of the measured categories);
+    no targets means: nothing to target."""
     rates = {c["name"]: (c["pass_rate"], c["n"]) for c in weakness["categories"]}
     measured = {}
 
     def remeasure(name):
         (rate, n), (fresh, m, threshold) = rates[name], measure(name)
         rates[name] = measured[name] = ((rate * n + fresh * m) / max(1, n + m), n + m)
-        thresholds[name] = threshold
+        if threshold is not None or thresholds.get(name) is None:  # keep the dev threshold the fresh samples could not set
+            thresholds[name] = threshold
 
     for name, (rate, n) in list(rates.items()):
         if rate >= below and wilson_low(rate, n) < below:
             remeasure(name)
-    targets = []
-    for name in sorted(rates, key=lambda k: rates[k][0]):
-        if top and len(targets) == top:
+    targets, seen = [], set()
+    while not top or len(targets) < top:
+        left = [k for k in rates if k not in seen and floor <= rates[k][0] < below]
+        if not left:
             break
-        if not floor <= rates[name][0] < below:
-            continue
+        name = min(left, key=lambda k: rates[k][0])
         if thresholds.get(name) is None and rates[name][0] >= min_rate and name not in measured:
-            remeasure(name)
-        if floor <= rates[name][0] < below and thresholds.get(name) is not None:
+            remeasure(name)  # its pooled rate may now rank it elsewhere, or out of range: pick again
+            continue
+        seen.add(name)
+        if thresholds.get(name) is not None:
             targets.append(name)
-    return targets, measured
+    return sorted(targets, key=lambda k: rates[k][0]), measured
+
+
+def with_rates(weakness, measured):
+    """A copy of the weakness report whose measured categories carry their pooled pass rate and sample
+    count (choose_targets), so that target_shares weighs them by what was measured last."""
+    cats = [{**c, "pass_rate": measured[c["name"]][0], "n": measured[c["name"]][1]} if c["name"] in measured else c
+            for c in weakness["categories"]]
+    return {**weakness, "categories": cats}
 
 
 def draw_prompts(strategy, n, rng, weakness=None, focus=0.5, top_attributes=5, top_categories=0, judged=None):

@@ -860,6 +860,7 @@ def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_pre
     targets, measured = None, {}  # every category, for the broad and aligned strategies
     if pc.strategy == "targeted":
         targets, measured = aim(cfgs, run_dir, device, pc, weakness, thresholds, (gpt, vq, vocab, tokenizer), log_prefix, calibrated)
+        weakness = posttrain.with_rates(weakness, measured)  # prompt shares by the pooled rates
         tqdm.write(f"[{log_prefix}] targeted at {', '.join(targets)}")
     elif pc.weighting == "threshold" and all(t is None for t in thresholds.values()):
         tqdm.write(f"[{log_prefix}] warning: {pc.reward} cannot judge any dev category (too few dev samples pass, or it cannot "
@@ -971,9 +972,10 @@ def focus_category(weakness, floor=0.05):
 
 def stage_ablations(cfgs, run_dir, device, metrics, report):
     """Every variant of ABLATIONS x train.ablation_seeds post-training seeds, from the same pretrained
-    base. Each is measured on the base's weakest dev category (focus_score: focus_prompts x 4 samples
-    x 2 sampling seeds = 1,200 samples) and on the four benchmarks (bench_prompts x 1 sample, 2 for oneig):
-    about 2 minutes a run on 2 CPU cores, 7 variants x 3 seeds."""
+    base. Each is measured on the category the run's post-training aims at first (aim; with a [post]
+    strategy other than targeted, focus_category), by focus_score: focus_prompts x 4 samples x 2 sampling
+    seeds = 1,200 samples, and on the four benchmarks (bench_prompts x 1 sample, 2 for oneig): about 2
+    minutes a run on 2 CPU cores, 7 variants x 3 seeds. A base with nothing weak to aim at is refused."""
     tc = cfgs["train"]
     weak = report.get("weakness")
     if not weak:

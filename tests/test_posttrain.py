@@ -1,5 +1,9 @@
 """Post-training pieces: weighting schemes on hand-made rewards, prompt strategies that never produce a
 benchmark or dev prompt, and the weighted two-modality loss."""
+import json
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +11,8 @@ import torch
 import data
 import evaluate
 import posttrain
+import train
+from conftest import MICRO
 
 GROUP = np.array([0, 0, 0, 1, 1, 1])
 R = np.array([0.9, 0.1, 0.5, 0.2, 0.2, 0.8])
@@ -155,6 +161,30 @@ def test_a_category_seen_on_too_few_dev_samples_is_measured_again_before_it_is_c
     assert posttrain.wilson_low(0.5, 0) == 0.0
 
 
+def test_targets_follow_the_rates_measured_again():
+    weakness = {"categories": [{"name": "a", "pass_rate": 0.3, "n": 100}, {"name": "b", "pass_rate": 0.4, "n": 100},
+                               {"name": "c", "pass_rate": 0.5, "n": 100}]}
+    fresh = {"b": (0.1, 400, 0.2), "a": (0.7, 400, 0.3)}
+    measure = lambda name: fresh[name]
+    # b looked weaker than c and stronger than a; measured again it is the weakest of all: first
+    out, again = posttrain.choose_targets(weakness, {"a": 0.1, "b": None, "c": 0.1}, 2, 0.8, measure)
+    assert out == ["b", "a"] and again["b"] == (pytest.approx(0.16), 500)
+    # a, measured again, passes 0.62: c (0.5) is weaker and takes the second place
+    out, again = posttrain.choose_targets(weakness, {"a": None, "b": 0.1, "c": 0.1}, 2, 0.8, measure)
+    assert out == ["b", "c"] and again["a"] == (pytest.approx(0.62), 500)
+    # fresh samples that set no threshold leave the dev one standing
+    t = {"a": 0.1, "b": 0.1, "c": 0.1}
+    weakness["categories"][0].update(pass_rate=22 / 24, n=24)
+    out, _ = posttrain.choose_targets(weakness, t, 0, 0.8, lambda name: (0.5, 400, None))
+    assert t["a"] == 0.1 and out == ["b", "c", "a"]
+    # prompt shares follow the pooled rate: a passed 22 of 24 on dev, 0.5 measured again, so it gets more
+    # prompts than b (0.4), not fewer (pass * (1 - pass) is largest at 0.5)
+    pooled = posttrain.with_rates(weakness, {"a": (0.5, 424)})
+    assert pooled["categories"][0] == {"name": "a", "pass_rate": 0.5, "n": 424} and weakness["categories"][0]["n"] == 24
+    before, after = posttrain.target_shares(weakness, judged={"a", "b"}), posttrain.target_shares(pooled, judged={"a", "b"})
+    assert before["a"] < before["b"] and after["a"] > after["b"]
+
+
 def test_calibration_prompts_are_dev_prompts_of_the_category():
     bench = {e.prompt for exs in evaluate.prompt_sets(50).values() for e in exs}
     for name in ("position", "knowledge/comparative"):
@@ -202,14 +232,8 @@ def test_weighted_loss_is_the_weighted_sum_of_both_modalities():
 
 
 def test_micro_post_training_round_changes_only_the_adapter(micro_run, tmp_path):
-    import json
-    import os
-    import shutil
-
     from safetensors.torch import load_file
 
-    import train
-    from conftest import MICRO
     run = str(tmp_path / "run")
     shutil.copytree(micro_run, run)
     report = json.load(open(os.path.join(run, "report.json")))
@@ -231,12 +255,6 @@ def test_micro_post_training_round_changes_only_the_adapter(micro_run, tmp_path)
 
 
 def test_ablations_stage_writes_tables_and_claims(micro_run, tmp_path, capsys):
-    import json
-    import os
-    import shutil
-
-    import train
-    from conftest import MICRO
     run = str(tmp_path / "run")
     shutil.copytree(micro_run, run)
     train.main([MICRO, f"--train.out_dir={run}", "--stages=ablations", "--train.ablation_variants=both,uniform"])
@@ -247,8 +265,18 @@ def test_ablations_stage_writes_tables_and_claims(micro_run, tmp_path, capsys):
     assert json.load(open(os.path.join(run, "report.json")))["stages"]["ablations"]["variants"] == 2
 
 
+def test_ablations_refuse_a_base_with_nothing_weak_to_aim_at(micro_run, tmp_path):
+    # with the targeted strategy the ablations focus on what post-training aims at; the micro model passes
+    # nothing, so there is no such category: a clear error before any variant runs, nothing written
+    run = str(tmp_path / "run")
+    shutil.copytree(micro_run, run)
+    with pytest.raises(SystemExit, match="no weakness to post-train on, so nothing for the ablations to compare"):
+        train.main([MICRO, f"--train.out_dir={run}", "--stages=ablations", "--post.strategy=targeted",
+                    "--train.ablation_variants=both"])
+    assert not os.path.exists(os.path.join(run, "ablations"))
+
+
 def test_focus_category_is_the_weakest_the_model_sometimes_passes():
-    import train
     weakness = {"categories": [{"name": "dense", "pass_rate": 0.0, "n": 20}, {"name": "knowledge/comparative", "pass_rate": 0.1, "n": 10},
                                {"name": "position", "pass_rate": 0.3, "n": 20}, {"name": "knowledge/number", "pass_rate": 0.9, "n": 30}]}
     assert train.focus_category(weakness) == "knowledge/comparative"  # a kind on its own; dense never passes
@@ -258,10 +286,6 @@ def test_focus_category_is_the_weakest_the_model_sometimes_passes():
 
 
 def test_another_post_config_is_refused_by_the_post_stage_only(micro_run, tmp_path):
-    import shutil
-
-    import train
-    from conftest import MICRO
     run = str(tmp_path / "run")
     shutil.copytree(micro_run, run)
     with pytest.raises(SystemExit, match=r"another \[post\] config \(post.prompts: 4 -> 5\)"):
@@ -272,7 +296,6 @@ def test_another_post_config_is_refused_by_the_post_stage_only(micro_run, tmp_pa
 
 
 def test_split_ablation_sweeps_merge(capsys, tmp_path):
-    import json
     base = {"focus": {"pass_rate": 0.3, "samples": 16}, "benchmarks": {b: {"overall": 0.5} for b in ("geneval", "dpg", "wise", "oneig")}}
     run = lambda x: {"focus": {"pass_rate": x}, "benchmarks": base["benchmarks"]}
     parts = [{"focus_category": "position", "base": base, "runs": {"both": [run(0.4)], "uniform": [run(0.3)]}},
@@ -293,13 +316,9 @@ def test_split_ablation_sweeps_merge(capsys, tmp_path):
 def test_self_generated_plans_use_the_post_plan_temperature(micro_run, tmp_path):
     """post.plan_temperature, not sample.text_temperature, draws the round's plans: at 0 every sample of a
     prompt has the same (greedy) plan; at 1 they differ."""
-    import os
-    import shutil
 
     from safetensors.torch import load_file
 
-    import train
-    from conftest import MICRO
     run = str(tmp_path / "run")
     shutil.copytree(micro_run, run)
     distinct = {}
@@ -318,11 +337,6 @@ def test_self_generated_plans_use_the_post_plan_temperature(micro_run, tmp_path)
 
 
 def test_post_stage_without_dev_samples_says_what_to_run(micro_run, tmp_path):
-    import os
-    import shutil
-
-    import train
-    from conftest import MICRO
     run = str(tmp_path / "run")
     shutil.copytree(micro_run, run)
     os.remove(os.path.join(run, "lora_post.safetensors"))
@@ -334,7 +348,6 @@ def test_post_stage_without_dev_samples_says_what_to_run(micro_run, tmp_path):
 
 
 def test_reward_hacking_is_flagged_when_the_verifier_does_not_follow_the_reward():
-    import train
     rnd = lambda **kw: {"reward": 0.3, "verifier": 0.5, "reward_after_se": 0.01, **kw}
     assert train.hacking([rnd(reward_after=0.4, verifier_after=0.5)]) is True
     assert train.hacking([rnd(reward_after=0.4, verifier_after=0.6)]) is False
@@ -346,13 +359,9 @@ def test_reward_hacking_is_flagged_when_the_verifier_does_not_follow_the_reward(
 def test_each_sample_is_weighted_by_its_own_category_threshold(micro_run, tmp_path, monkeypatch):
     """The calibrated thresholds reach the weights: a category at threshold 0 keeps every sample it drew,
     one the reward cannot judge (None) keeps none and gets no targeted prompts."""
-    import os
-    import shutil
 
     from safetensors.torch import load_file
 
-    import train
-    from conftest import MICRO
     run = str(tmp_path / "run")
     shutil.copytree(micro_run, run)
     cfgs = train.load_config(MICRO, [f"--train.out_dir={run}", "--post.steps=1", "--post.prompts=12", "--post.strategy=broad"])
@@ -361,7 +370,6 @@ def test_each_sample_is_weighted_by_its_own_category_threshold(micro_run, tmp_pa
     monkeypatch.setattr(train, "reward_thresholds", lambda *a: {c: (0.0 if c in judged else None) for c in data.CATEGORIES})
     _, *_, rounds = train.post_train(cfgs, run, "cpu", train.Metrics(os.path.join(run, "m.jsonl")), cfgs["post"], seed=2, log_prefix="thr")
     t = load_file(os.path.join(run, "thr_round0.safetensors"))
-    import json
     exs = json.load(open(os.path.join(run, "thr_round0.json")))
     cats = [exs[i]["category"] for i in t["example"].tolist()]
     kept = (t["weight"] > 0).tolist()
@@ -372,12 +380,7 @@ def test_each_sample_is_weighted_by_its_own_category_threshold(micro_run, tmp_pa
 def test_post_stage_is_skipped_when_no_weak_category_is_passed_sometimes(micro_run, tmp_path):
     """The micro model passes nothing on dev: targeted post-training has nothing to aim at. The stage says
     so in the report, writes no adapter, and the other stages' results stay as they were."""
-    import json
-    import os
-    import shutil
 
-    import train
-    from conftest import MICRO
     run = str(tmp_path / "run")
     shutil.copytree(micro_run, run)
     for f in ("lora_post.safetensors", "lora_post.json"):
@@ -392,12 +395,6 @@ def test_post_stage_is_skipped_when_no_weak_category_is_passed_sometimes(micro_r
 
 
 def test_a_weak_category_without_threshold_is_calibrated_on_fresh_dev_samples(micro_run, tmp_path, capsys):
-    import json
-    import os
-    import shutil
-
-    import train
-    from conftest import MICRO
     run = str(tmp_path / "run")
     shutil.copytree(micro_run, run)
     weakness = {"categories": [{"name": "position", "pass_rate": 0.5, "n": 1}, {"name": "colors", "pass_rate": 0.9, "n": 1000},
