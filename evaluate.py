@@ -65,6 +65,9 @@ def benchmark_prompts(category, n, seed=BENCH_SEED):
     return _distinct(np.random.default_rng([seed, data.CATEGORIES.index(category)]), (category,), n, "bench")
 
 
+FOCUS_NAMES = [c for c in data.CATEGORIES if c != "knowledge"] + [f"knowledge/{k}" for k in data.KNOWLEDGE_KINDS]
+
+
 def focus_prompts(name, n, seed=BENCH_SEED):
     """n distinct bench-split examples of a category name as the weakness report writes it ("position",
     "knowledge/comparative"): one category measured closely (focus_score)."""
@@ -490,12 +493,23 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=None, help="samples per prompt (default: the run's train.bench_samples)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's; the prompts are fixed)")
     p.add_argument("--adapter", default=None, help="score the model with a post-training adapter, e.g. post")
+    p.add_argument("--focus", default=None, metavar="NAMES",
+                   help="instead: measure categories closely, e.g. knowledge/comparative,single_object: --prompts bench "
+                        "prompts (default 150) x --samples (default 4) x sampling seeds 0 and 1, as the ablations do")
     args = p.parse_args(argv)
     if args.ablations:
         print(ablation_summary(merge_ablations([json.load(open(f)) for f in args.ablations])))
         return
     if not args.run_dir:
         p.error("give a run directory (or --ablations)")
+    focus = [n.strip() for n in args.focus.split(",") if n.strip()] if args.focus is not None else []
+    if args.focus is not None and (not focus or set(focus) - set(FOCUS_NAMES)):
+        p.error(f"--focus takes category names separated by commas, from: {', '.join(FOCUS_NAMES)}")
+    for name in focus:  # before any sampling: the bench split of some categories holds fewer than 150 prompts
+        try:
+            focus_prompts(name, args.prompts or 150)
+        except RuntimeError as e:
+            p.error(f"--focus {name}: {e}; give fewer --prompts and more --samples")
     for name in ("prompts", "samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
@@ -509,8 +523,16 @@ def main(argv=None):
         raise SystemExit(f"the benchmarks need the shapes world's parser, which cannot read the images of a folder run; see "
                          f"{os.path.join(args.run_dir, 'samples_folder.png')}, or draw with `python generate.py {args.run_dir} \"a caption\"`")
     tc = cfg["train"]  # the run's own settings, so the scores match its report.json
+    sample_cfg = SampleConfig(**cfg.get("sample", {}))
+    if focus:
+        res = {name: focus_score(gpt, vq, vocab, tokenizer, sample_cfg, name, args.prompts or 150, args.samples or 4,
+                                 batch=tc["eval_batch"]) for name in focus}
+        print(json.dumps(res, indent=2) if args.json else "\n".join(
+            f"{name:24s} {r['pass_rate']:.3f} [{r['pass_rate_ci'][0]:.3f}, {r['pass_rate_ci'][1]:.3f}] on {r['samples']} samples"
+            for name, r in res.items()))
+        return
     pick = lambda given, key: tc[key] if given is None else given
-    res = run_all(gpt, vq, vocab, tokenizer, SampleConfig(**cfg.get("sample", {})), args.run_dir,
+    res = run_all(gpt, vq, vocab, tokenizer, sample_cfg, args.run_dir,
                   n_prompts=pick(args.prompts, "bench_prompts"), n_samples=pick(args.samples, "bench_samples"),
                   batch=tc["eval_batch"], seed=pick(args.seed, "seed"), prefix=f"{args.adapter}_" if args.adapter else "")
     if args.json:

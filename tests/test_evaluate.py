@@ -144,3 +144,19 @@ def test_run_all_json_shape(micro_run, capsys):
         assert lo <= b["overall"] + 1e-9 and b["overall"] - 1e-9 <= hi
     for name in ("geneval", "dpg", "wise", "oneig"):
         assert os.path.exists(os.path.join(micro_run, f"samples_{name}.png")), name
+
+
+def test_focus_measures_named_categories_closely(micro_run, capsys):
+    evaluate.main([micro_run, "--focus", "position,knowledge/comparative", "--prompts", "2", "--samples", "1", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert list(out) == ["position", "knowledge/comparative"]
+    for name, r in out.items():
+        assert r["category"] == name and r["samples"] == 2 * 1 * 2  # prompts x samples x two sampling seeds
+        assert r["pass_rate_ci"][0] <= r["pass_rate"] <= r["pass_rate_ci"][1]
+    for bad in ("postion", "knowledge/colours", ","):
+        with pytest.raises(SystemExit):
+            evaluate.main([micro_run, "--focus", bad])
+        assert "--focus takes category names" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the world has 90 bench prompts of two objects: said before any sampling
+        evaluate.main([micro_run, "--focus", "position,two_objects"])
+    assert "only 90 distinct bench prompts" in capsys.readouterr().err
