@@ -26,6 +26,7 @@ can aim at it without seeing benchmark prompts.
 
     python evaluate.py out/shapes_cpu          # table with intervals, weakness report; PNG grid per benchmark
     python evaluate.py out/shapes_cpu --json   # the `benchmarks` part of report.json
+    python evaluate.py out/shapes_cpu --focus knowledge/comparative --adapter post   # one category, 1,200 samples
 """
 
 import argparse
@@ -56,7 +57,7 @@ def _distinct(rng, categories, n, split, exclude=()):
     draw = lambda found: data.sample_example(rng, category=categories[found % len(categories)], split=split)
     out = data.distinct_examples(draw, n, 200 * n, exclude)
     if len(out) < n:
-        raise RuntimeError(f"only {len(out)} distinct {split} prompts for {categories}; the world has too few phrasings")
+        raise RuntimeError(f"only {len(out)} distinct {split} prompts of {', '.join(categories)}; the world has too few phrasings")
     return out
 
 
@@ -77,7 +78,7 @@ def focus_prompts(name, n, seed=BENCH_SEED):
     rng = np.random.default_rng([seed, data.CATEGORIES.index(category), data.KNOWLEDGE_KINDS.index(kind)])
     out = data.distinct_examples(lambda found: data.sample_example(rng, category, "bench", kind), n, 200 * n)
     if len(out) < n:
-        raise RuntimeError(f"only {len(out)} distinct bench prompts for {name}; the world has too few phrasings")
+        raise RuntimeError(f"only {len(out)} distinct bench prompts of {name}; the world has too few phrasings")
     return out
 
 
@@ -486,33 +487,30 @@ def write_report_md(report, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Score a trained run on the four benchmarks.")
     p.add_argument("run_dir", nargs="?")
-    p.add_argument("--json", action="store_true", help="print the `benchmarks` part of report.json")
+    p.add_argument("--json", action="store_true", help="print the `benchmarks` part of report.json (with --focus: its figures)")
     p.add_argument("--ablations", nargs="+", metavar="JSON",
                    help="instead: print the tables of ablations.json files (one sweep split by train.ablation_first_seed)")
-    p.add_argument("--prompts", type=int, default=None, help="prompts per set (default: the run's train.bench_prompts)")
-    p.add_argument("--samples", type=int, default=None, help="samples per prompt (default: the run's train.bench_samples)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's; the prompts are fixed)")
+    p.add_argument("--prompts", type=int, default=None,
+                   help="prompts per set (default: the run's train.bench_prompts; with --focus, train.focus_prompts)")
+    p.add_argument("--samples", type=int, default=None, help="samples per prompt (default: the run's train.bench_samples; with --focus, 4)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed (default: the run's; with --focus, 0, and the next one too); the prompts are fixed")
     p.add_argument("--adapter", default=None, help="score the model with a post-training adapter, e.g. post")
     p.add_argument("--focus", default=None, metavar="NAMES",
                    help="instead: measure categories closely, e.g. knowledge/comparative,single_object: --prompts bench "
-                        "prompts (default 150) x --samples (default 4) x sampling seeds 0 and 1, as the ablations do")
+                        "prompts x --samples x two sampling seeds (by default as the ablations: 150 x 4 x 2)")
     args = p.parse_args(argv)
     if args.ablations:
         print(ablation_summary(merge_ablations([json.load(open(f)) for f in args.ablations])))
         return
     if not args.run_dir:
         p.error("give a run directory (or --ablations)")
-    focus = [n.strip() for n in args.focus.split(",") if n.strip()] if args.focus is not None else []
-    if args.focus is not None and (not focus or set(focus) - set(FOCUS_NAMES)):
-        p.error(f"--focus takes category names separated by commas, from: {', '.join(FOCUS_NAMES)}")
-    for name in focus:  # before any sampling: the bench split of some categories holds fewer than 150 prompts
-        try:
-            focus_prompts(name, args.prompts or 150)
-        except RuntimeError as e:
-            p.error(f"--focus {name}: {e}; give fewer --prompts and more --samples")
     for name in ("prompts", "samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
+    focus = [n.strip() for n in args.focus.split(",") if n.strip()] if args.focus is not None else []
+    if args.focus is not None and (not focus or set(focus) - set(FOCUS_NAMES)):
+        p.error(f"--focus takes category names separated by commas, from: {', '.join(FOCUS_NAMES)}")
     try:
         cfg, tokenizer, vocab, vq, gpt = load_run(args.run_dir)
         if args.adapter:
@@ -525,8 +523,14 @@ def main(argv=None):
     tc = cfg["train"]  # the run's own settings, so the scores match its report.json
     sample_cfg = SampleConfig(**cfg.get("sample", {}))
     if focus:
-        res = {name: focus_score(gpt, vq, vocab, tokenizer, sample_cfg, name, args.prompts or 150, args.samples or 4,
-                                 batch=tc["eval_batch"]) for name in focus}
+        n_prompts, seed = args.prompts or tc.get("focus_prompts", 150), args.seed or 0
+        for name in focus:  # before any sampling: the bench split of some categories holds fewer prompts
+            try:
+                focus_prompts(name, n_prompts)
+            except RuntimeError as e:
+                p.error(f"--focus {name}: {e}: give --prompts at most that many, and more --samples")
+        res = {name: focus_score(gpt, vq, vocab, tokenizer, sample_cfg, name, n_prompts, args.samples or 4, (seed, seed + 1),
+                                 tc["eval_batch"]) for name in focus}
         print(json.dumps(res, indent=2) if args.json else "\n".join(
             f"{name:24s} {r['pass_rate']:.3f} [{r['pass_rate_ci'][0]:.3f}, {r['pass_rate_ci'][1]:.3f}] on {r['samples']} samples"
             for name, r in res.items()))

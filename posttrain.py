@@ -151,7 +151,7 @@ def wilson_low(rate, n, z=1.96):
     return (centre - half) / (1 + z * z / n)
 
 
-def choose_targets(weakness, thresholds, top, below, measure, min_rate=0.0, floor=0.05):
+def choose_targets(weakness, thresholds, top, below, measure, min_rate=0.0, floor=0.05, min_hits=0):
     """The categories targeted prompts aim at, weakest first: dev categories passed at least `floor` of
     the time (one never passed has no good sample to imitate) and less than `below` (one passed more
     often has little to gain, and aiming at it cost other categories points) whose reward threshold
@@ -161,9 +161,10 @@ def choose_targets(weakness, thresholds, top, below, measure, min_rate=0.0, floo
       its 95% interval lies below `below`): the eval stage draws ~24 of each knowledge kind, and a kind that
       passed 22 of 24 passed 0.69 on the benchmark;
     - that is a candidate without a threshold and passes at least `min_rate` of the time.
-    Its rate is then pooled with the fresh one and the fresh samples' threshold, when they set one, is its
-    threshold (`thresholds` is updated in place); the walk goes on from the weakest category by the rates
-    as they now stand. Returns (targets, {name: (pooled pass rate, samples)} of the measured categories);
+    Its rate is then pooled with the fresh one and its threshold is the fresh samples' (`thresholds` is
+    updated in place), unless they set none for want of passing samples (fewer than `min_hits`): then the
+    dev threshold stands (with enough of them and none set, the reward cannot judge the category). The
+    walk goes on from the weakest category by the rates as they now stand. Returns (targets, {name: (pooled pass rate, samples)} of the measured categories);
     no targets means: nothing to target."""
     rates = {c["name"]: (c["pass_rate"], c["n"]) for c in weakness["categories"]}
     measured = {}
@@ -171,7 +172,7 @@ def choose_targets(weakness, thresholds, top, below, measure, min_rate=0.0, floo
     def remeasure(name):
         (rate, n), (fresh, m, threshold) = rates[name], measure(name)
         rates[name] = measured[name] = ((rate * n + fresh * m) / max(1, n + m), n + m)
-        if threshold is not None or thresholds.get(name) is None:  # keep the dev threshold the fresh samples could not set
+        if threshold is not None or round(fresh * m) >= min_hits:
             thresholds[name] = threshold
 
     for name, (rate, n) in list(rates.items()):

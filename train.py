@@ -804,7 +804,7 @@ def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix, calib
     """posttrain.choose_targets for the targeted strategy. A category whose eval-stage dev samples are
     too few to judge it (a knowledge kind gets ~24; a weak category's ~100 may hold fewer than the ~38
     passing ones a threshold needs) gets post.calib_samples fresh dev samples from the base model: its pass
-    rate is pooled with theirs and its threshold calibrated on them alone. base = (gpt, vq, vocab,
+    rate is pooled with theirs and its threshold calibrated on them (choose_targets says when the dev one stands). base = (gpt, vq, vocab,
     tokenizer); calibrated: a dict that keeps those measurements across calls on one base (the ablations),
     since the same seed gives the same samples. Returns (targets, {name: (pooled pass rate, samples)});
     raises posttrain.NothingToTarget when no weak category is left."""
@@ -823,7 +823,7 @@ def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix, calib
         r = rewards_of(reward_fn, [x["image"] for x in recs], [x["prompt"] for x in recs], device)
         passed = np.array([x["passed"] for x in recs], dtype=float)
         t = posttrain.calibrate_thresholds(r, passed, [name] * len(recs), pc.precision)[name]
-        tqdm.write(f"[{log_prefix}] {name}: {len(recs)} more dev samples, {passed.mean():.2f} pass, threshold "
+        tqdm.write(f"[{log_prefix}] {name}: {len(recs)} more dev samples, {passed.mean():.2f} pass, threshold on them "
                    + ("none" if t is None else f"{t:.3f}"))
         out = (float(passed.mean()), len(recs), t)
         if calibrated is not None:
@@ -831,7 +831,8 @@ def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix, calib
         return out
 
     min_rate = posttrain.min_passing(pc.precision) / max(1, pc.calib_samples)
-    targets, measured = posttrain.choose_targets(weakness, thresholds, pc.target_top, pc.weak_below, measure, min_rate)
+    targets, measured = posttrain.choose_targets(weakness, thresholds, pc.target_top, pc.weak_below, measure, min_rate,
+                                                 min_hits=posttrain.min_passing(pc.precision))
     if not targets:
         rates = {c["name"]: measured.get(c["name"], (c["pass_rate"], c["n"])) for c in weakness["categories"]}
         weakest = ", ".join(f"{n} {r:.2f} on {k} samples" for n, (r, k) in sorted(rates.items(), key=lambda x: x[1][0])[:3])

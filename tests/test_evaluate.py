@@ -146,17 +146,22 @@ def test_run_all_json_shape(micro_run, capsys):
         assert os.path.exists(os.path.join(micro_run, f"samples_{name}.png")), name
 
 
-def test_focus_measures_named_categories_closely(micro_run, capsys):
-    evaluate.main([micro_run, "--focus", "position,knowledge/comparative", "--prompts", "2", "--samples", "1", "--json"])
+def test_focus_measures_named_categories_closely(micro_run, capsys, monkeypatch):
+    evaluate.main([micro_run, "--focus", "position,knowledge/comparative", "--samples", "1", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert list(out) == ["position", "knowledge/comparative"]
-    for name, r in out.items():
-        assert r["category"] == name and r["samples"] == 2 * 1 * 2  # prompts x samples x two sampling seeds
+    for name, r in out.items():  # the micro run's train.focus_prompts (2) x samples x two sampling seeds
+        assert r["category"] == name and r["samples"] == 2 * 1 * 2
         assert r["pass_rate_ci"][0] <= r["pass_rate"] <= r["pass_rate_ci"][1]
     for bad in ("postion", "knowledge/colours", ","):
         with pytest.raises(SystemExit):
             evaluate.main([micro_run, "--focus", bad])
         assert "--focus takes category names" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # the world has 90 bench prompts of two objects: said before any sampling
-        evaluate.main([micro_run, "--focus", "position,two_objects"])
-    assert "only 90 distinct bench prompts" in capsys.readouterr().err
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before every category's prompts were checked")
+    monkeypatch.setattr(evaluate, "focus_score", no_sampling)
+    with pytest.raises(SystemExit):  # the world has fewer bench prompts of two objects than 150
+        evaluate.main([micro_run, "--focus", "position,two_objects", "--prompts", "150"])
+    err = capsys.readouterr().err
+    assert "--focus two_objects: only" in err and "distinct bench prompts of two_objects" in err and "--prompts at most" in err

@@ -7,12 +7,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import data
 import evaluate
 import posttrain
 import train
 from conftest import MICRO
+from model import GPT, GPTConfig
 
 GROUP = np.array([0, 0, 0, 1, 1, 1])
 R = np.array([0.9, 0.1, 0.5, 0.2, 0.2, 0.8])
@@ -164,19 +166,24 @@ def test_a_category_seen_on_too_few_dev_samples_is_measured_again_before_it_is_c
 def test_targets_follow_the_rates_measured_again():
     weakness = {"categories": [{"name": "a", "pass_rate": 0.3, "n": 100}, {"name": "b", "pass_rate": 0.4, "n": 100},
                                {"name": "c", "pass_rate": 0.5, "n": 100}]}
-    fresh = {"b": (0.1, 400, 0.2), "a": (0.7, 400, 0.3)}
-    measure = lambda name: fresh[name]
+    fresh, calls = {"b": (0.1, 400, 0.2), "a": (0.7, 400, 0.3)}, []
+    measure = lambda name: calls.append(name) or fresh[name]
     # b looked weaker than c and stronger than a; measured again it is the weakest of all: first
     out, again = posttrain.choose_targets(weakness, {"a": 0.1, "b": None, "c": 0.1}, 2, 0.8, measure)
-    assert out == ["b", "a"] and again["b"] == (pytest.approx(0.16), 500)
+    assert out == ["b", "a"] and again["b"] == (pytest.approx(0.16), 500) and calls == ["b"]
     # a, measured again, passes 0.62: c (0.5) is weaker and takes the second place
+    calls.clear()
     out, again = posttrain.choose_targets(weakness, {"a": None, "b": 0.1, "c": 0.1}, 2, 0.8, measure)
-    assert out == ["b", "c"] and again["a"] == (pytest.approx(0.62), 500)
-    # fresh samples that set no threshold leave the dev one standing
-    t = {"a": 0.1, "b": 0.1, "c": 0.1}
+    assert out == ["b", "c"] and again["a"] == (pytest.approx(0.62), 500) and calls == ["a"]
+    # a passed 22 of 24 on dev: measured again. Fresh samples too rarely passing to set a threshold (20 of
+    # 400, fewer than min_hits) leave the dev one standing; 200 passing and still none: the reward cannot judge a
     weakness["categories"][0].update(pass_rate=22 / 24, n=24)
-    out, _ = posttrain.choose_targets(weakness, t, 0, 0.8, lambda name: (0.5, 400, None))
-    assert t["a"] == 0.1 and out == ["b", "c", "a"]
+    t = {"a": 0.1, "b": 0.1, "c": 0.1}
+    out, _ = posttrain.choose_targets(weakness, t, 0, 0.8, lambda name: (0.05, 400, None), min_hits=38)
+    assert t["a"] == 0.1 and out == ["a", "b", "c"]
+    t = {"a": 0.1, "b": 0.1, "c": 0.1}
+    out, _ = posttrain.choose_targets(weakness, t, 0, 0.8, lambda name: (0.5, 400, None), min_hits=38)
+    assert t["a"] is None and out == ["b", "c"]
     # prompt shares follow the pooled rate: a passed 22 of 24 on dev, 0.5 measured again, so it gets more
     # prompts than b (0.4), not fewer (pass * (1 - pass) is largest at 0.5)
     pooled = posttrain.with_rates(weakness, {"a": (0.5, 424)})
@@ -209,7 +216,6 @@ def test_targeted_needs_a_weakness_report():
 
 
 def test_weighted_loss_is_the_weighted_sum_of_both_modalities():
-    from model import GPT, GPTConfig
     vocab = data.Vocab(text_size=20, codebook_size=8)
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(vocab_size=vocab.size, image_offset=vocab.image_offset, n_image_tokens=4, block_size=32,
@@ -232,7 +238,6 @@ def test_weighted_loss_is_the_weighted_sum_of_both_modalities():
 
 
 def test_micro_post_training_round_changes_only_the_adapter(micro_run, tmp_path):
-    from safetensors.torch import load_file
 
     run = str(tmp_path / "run")
     shutil.copytree(micro_run, run)
@@ -316,9 +321,6 @@ def test_split_ablation_sweeps_merge(capsys, tmp_path):
 def test_self_generated_plans_use_the_post_plan_temperature(micro_run, tmp_path):
     """post.plan_temperature, not sample.text_temperature, draws the round's plans: at 0 every sample of a
     prompt has the same (greedy) plan; at 1 they differ."""
-
-    from safetensors.torch import load_file
-
     run = str(tmp_path / "run")
     shutil.copytree(micro_run, run)
     distinct = {}
@@ -359,9 +361,6 @@ def test_reward_hacking_is_flagged_when_the_verifier_does_not_follow_the_reward(
 def test_each_sample_is_weighted_by_its_own_category_threshold(micro_run, tmp_path, monkeypatch):
     """The calibrated thresholds reach the weights: a category at threshold 0 keeps every sample it drew,
     one the reward cannot judge (None) keeps none and gets no targeted prompts."""
-
-    from safetensors.torch import load_file
-
     run = str(tmp_path / "run")
     shutil.copytree(micro_run, run)
     cfgs = train.load_config(MICRO, [f"--train.out_dir={run}", "--post.steps=1", "--post.prompts=12", "--post.strategy=broad"])
@@ -409,6 +408,6 @@ def test_a_weak_category_without_threshold_is_calibrated_on_fresh_dev_samples(mi
             train.post_train(cfgs, run, "cpu", train.Metrics(None), cfgs["post"], seed=0, log_prefix="aim", calibrated=calibrated)
         assert "single_object 0.13 on 7 samples" in str(e.value)  # 0.9 on one dev sample proved nothing
     out = capsys.readouterr()
-    assert "position: 6 more dev samples, 0.00 pass, threshold none" in out.out + out.err
+    assert "position: 6 more dev samples, 0.00 pass, threshold on them none" in out.out + out.err
     assert (out.out + out.err).count("more dev samples") == 2, "colors (surely above weak_below) is not sampled, the others once"
     assert calibrated == {("vqa", 0.5, 6, name): (0.0, 6, None) for name in ("position", "single_object")}
