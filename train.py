@@ -177,7 +177,7 @@ def validate(cfgs):
         (0 <= rc.p_vq <= 1, "rewards.p_vq must lie in [0, 1]"),
         (pc.strategy in posttrain.STRATEGIES, f"post.strategy={pc.strategy!r}: expected one of {', '.join(posttrain.STRATEGIES)}"),
         (pc.weighting in posttrain.WEIGHTINGS, f"post.weighting={pc.weighting!r}: expected one of {', '.join(posttrain.WEIGHTINGS)}"),
-        (0 <= pc.null_prob <= 1, "post.null_prob must lie in [0, 1]"),
+        (0 <= pc.null_prob <= 1 and 0 <= pc.focus <= 1 and 0 <= pc.anchor < 1, "post.null_prob and post.focus must lie in [0, 1], post.anchor in [0, 1)"),
         (pc.plan_temperature >= 0, "post.plan_temperature must be >= 0 (0 = greedy plans)"),
         (0 < pc.precision < 1, "post.precision must lie in (0, 1)"),
         (pc.target_top >= 0, "post.target_top must be >= 0 (0 = every category)"),
@@ -886,7 +886,8 @@ def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_pre
     rounds = []
     for k in range(pc.rounds):
         t0 = time.time()
-        examples = posttrain.draw_prompts(pc.strategy, pc.prompts, rng, weakness, pc.focus, top_categories=pc.target_top, judged=targets)
+        examples = posttrain.draw_prompts(pc.strategy, pc.prompts, rng, weakness, pc.focus, top_categories=pc.target_top,
+                                          judged=targets, anchor=pc.anchor)
         samples, r, v = scored_samples(examples, seed * 1000 + k * 100_000)
         cut = np.array([np.inf if t is None else t for t in
                         (thresholds.get(evaluate.category_name(examples[i].category, examples[i].kind)) for i in samples["example"])])

@@ -83,6 +83,18 @@ def test_targeted_top_keeps_only_the_weakest_categories_the_model_sometimes_pass
         posttrain.target_shares(weakness, top=2, judged=set())
 
 
+def test_an_anchor_share_of_targeted_prompts_comes_from_every_benchmark_category():
+    weakness = {"categories": [{"name": "knowledge/comparative", "pass_rate": 0.2}, {"name": "colors", "pass_rate": 1.0}],
+                "attributes": []}
+    draw = lambda **kw: posttrain.draw_prompts("targeted", 400, np.random.default_rng(0), weakness, top_categories=1, **kw)
+    assert [e.prompt for e in draw(anchor=0.0)] == [e.prompt for e in draw()], "anchor 0 draws what it drew before"
+    exs = draw(anchor=0.25)
+    other = [e for e in exs if e.kind != "comparative"]
+    assert 0.18 < len(other) / len(exs) < 0.32 and {e.category for e in other} >= set(evaluate.GENEVAL_TASKS)
+    bench = {e.prompt for exs in evaluate.prompt_sets(50).values() for e in exs} | {e.prompt for e in evaluate.dev_prompts(25)}
+    assert not {e.prompt for e in exs} & bench and all(data.prompt_split(e.prompt) == "train" for e in exs)
+
+
 def test_thresholds_are_calibrated_per_category_on_dev_samples():
     rng = np.random.default_rng(0)
     # "a": 100 samples, passing ones score 0.5-0.7, failing ones 0-0.2 -> with 51 passing (this seed) and two prior
