@@ -169,8 +169,8 @@ def choose_targets(weakness, thresholds, top, below, measure, min_rate=0.0, floo
     Its rate is then pooled with the fresh one and its threshold is the fresh samples' (`thresholds` is
     updated in place), unless they set none for want of passing samples (fewer than `min_hits`): then the
     dev threshold stands (with enough of them and none set, the reward cannot judge the category). The
-    walk goes on from the weakest category by the rates as they now stand. Returns (targets, {name: (pooled pass rate, samples)} of the measured categories);
-    no targets means: nothing to target."""
+    walk goes on from the weakest category by the rates as they now stand. Returns (targets, {name:
+    (pooled pass rate, samples)} of the measured categories); no targets means: nothing to target."""
     rates = {c["name"]: (c["pass_rate"], c["n"]) for c in weakness["categories"]}
     measured = {}
 
