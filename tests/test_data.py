@@ -1,9 +1,12 @@
 """The shapes world: renderer <-> parser, the checker's clauses, plans, splits, tokenizer, sequences."""
+import hashlib
+
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
 import data
+import evaluate
 from data import Obj, Req, Scene, Spec
 
 
@@ -119,9 +122,15 @@ def test_pretraining_mix_weights_knowledge_kinds_and_leaves_benchmark_prompts_al
     share = lambda cat, kind=None: np.mean([e.category == cat and e.kind == kind for e in exs])
     total = sum(data.PRETRAIN_MIX.values())
     for (cat, kind), w in data.PRETRAIN_MIX.items():  # ~ +-0.006 (2 binomial SDs at 6,000 draws)
-        assert abs(share(cat, kind) - w / total) < 0.015, (cat, kind, share(cat, kind), w / total)
+        if cat != "single_object":
+            assert abs(share(cat, kind) - w / total) < 0.015, (cat, kind, share(cat, kind), w / total)
+    # single objects: the mix's "sized" ones always name the size, the others as often as benchmark prompts do
+    plain, sized = data.PRETRAIN_MIX[("single_object", None)], data.PRETRAIN_MIX[("single_object", "sized")]
+    single = [e for e in exs if e.category == "single_object"]
+    assert abs(len(single) / len(exs) - (plain + sized) / total) < 0.015
+    named = np.mean([e.spec.reqs[0].size is not None for e in single])
+    assert abs(named - (sized + data.SINGLE_SIZED * plain) / (plain + sized)) < 0.05, named
     # benchmark and dev prompts are drawn per category: a different pretraining mix leaves them unchanged
-    import evaluate
     held_out = lambda: [e.prompt for s in evaluate.prompt_sets(20).values() for e in s] + [e.prompt for e in evaluate.dev_prompts(5)]
     before = held_out()
     monkeypatch.setattr(data, "PRETRAIN_MIX", {("knowledge", "number"): 1.0})
@@ -130,6 +139,25 @@ def test_pretraining_mix_weights_knowledge_kinds_and_leaves_benchmark_prompts_al
 
 
 FIXED_SPLITS = {"a red circle": "train", "draw a green triangle": "dev", "an orange circle": "bench"}
+
+
+def test_a_sized_single_object_names_its_size_and_plans_it():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        ex = data.gen_single_object(rng, "sized")
+        o = ex.scene.objects[0]
+        assert ex.spec.reqs[0].size == o.size and set(ex.prompt.split()) & set(data.SIZE_WORDS[o.size]), ex.prompt
+        assert data.plan_text(ex.scene, ex.spec).endswith(o.size)
+
+
+BENCH_DIGEST = "210f4fa0d6684f91"  # sha256 of the BENCH_VERSION 2 prompt sets (50 per set), as every run scored them
+
+
+def test_benchmark_prompts_are_the_ones_every_run_was_scored_on():
+    """A generator that draws its random numbers differently changes the benchmark without a word: pin it."""
+    sets = evaluate.prompt_sets(50)
+    text = "\n".join(f"{k}:{e.prompt}" for k in sorted(sets) for e in sets[k])
+    assert hashlib.sha256(text.encode()).hexdigest()[:16] == BENCH_DIGEST
 
 
 def test_splits_are_stable_and_training_never_sees_bench_or_dev():
