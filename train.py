@@ -10,7 +10,7 @@ Every training stage of nanoloom behind one command. Stages, in order:
 A finished stage is reused (its output file exists): to redo one, delete its file and run again, or
 name later stages alone with --stages once the earlier ones are done. The eval stage always runs.
 
-    python train.py tiny_configs/shapes_cpu.toml                     # the main job, 12-14 minutes
+    python train.py tiny_configs/shapes_cpu.toml                     # the main job, 9-14 minutes
     python train.py tiny_configs/micro.toml --train.out_dir=out/micro  # seconds; what the tests use
     python train.py tiny_configs/shapes_cpu.toml --stages=eval          # re-score a finished run
     python train.py tiny_configs/shapes_cpu.toml --train.lm_steps=300 --train.out_dir=out/short
