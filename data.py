@@ -495,17 +495,18 @@ CATEGORIES = tuple(GENERATORS)
 KNOWLEDGE_KINDS = ("colour", "number", "shape", "comparative")
 # pretraining mix over (category, kind): one-object prompts are easy and have few distinct scenes, so
 # counting, relations, dense layouts and knowledge (the skills the benchmarks probe hardest) get twice their
-# weight (knowledge 2.5). A plan's size word is the one attribute most prompts leave open (drawn at random), so copying a
-# size the prompt names was learnt late or never: one base wrote "large" for "a small red circle" half the
-# time (teacher-forced p(right size) 0.52; single objects 0.83, comparatives 0.11). Single objects that
-# always name their size ("sized", pretraining only) fix it (2026-12-04, one tokenizer and VQ, seeds 0 and
-# 1: p 0.99, single objects 1.000, plan accuracy 0.995-1.000). Within knowledge, comparatives (whose sizes
-# come from "bigger than") get the most weight; colour and shape knowledge, always right, the least (with
-# the sized single objects this raised comparatives' teacher-forced p from 0.81-0.91 to 0.96-0.99 for the
-# second object). Pretraining draws from this mix, and so do the reward heads' training prompts and `broad`
-# post-training; benchmark and dev prompts are drawn per category with the kinds uniform.
-PRETRAIN_MIX = {("single_object", None): 1, ("single_object", "sized"): 1, ("two_objects", None): 1, ("counting", None): 2,
-                ("colors", None): 1, ("position", None): 2, ("color_attr", None): 1.5, ("dense", None): 2,
+# weight (knowledge 2.5). A plan's size word is the one attribute most prompts leave open (drawn at random),
+# so copying a size the prompt names was learnt late or never: one base wrote "large" for "a small red
+# circle" half the time (teacher-forced p(right size) 0.52; single objects 0.83, comparatives 0.11). Single
+# objects that always name their size ("sized", pretraining only) fix it (2026-12-04, one tokenizer and VQ,
+# seeds 0 and 1: p 0.99, single objects 1.000, plan accuracy 0.995-1.000). Within knowledge, comparatives
+# (whose sizes come from "bigger than") get the most weight; colour and shape knowledge, always right, the
+# least (with the sized single objects this raised comparatives' teacher-forced p from 0.81-0.91 to
+# 0.96-0.99 for the second object). Pretraining draws from this mix, and so do the reward heads' training
+# prompts and `broad` post-training; benchmark and dev prompts are drawn per category with the kinds uniform.
+PRETRAIN_MIX = {("single_object", None): 1, ("single_object", "sized"): 1, ("two_objects", None): 1,
+                ("counting", None): 2, ("colors", None): 1, ("position", None): 2, ("color_attr", None): 1.5,
+                ("dense", None): 2,
                 ("knowledge", "colour"): 0.125, ("knowledge", "shape"): 0.125,
                 ("knowledge", "number"): 0.75, ("knowledge", "comparative"): 1.5}
 

@@ -805,8 +805,8 @@ def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix, calib
     too few to judge it (a knowledge kind gets ~24; a weak category's ~100 may hold fewer than the ~38
     passing ones a threshold needs) gets post.calib_samples fresh dev samples from the base model: its pass
     rate is pooled with theirs and its threshold calibrated on them (choose_targets says when the dev one
-    stands). base = (gpt, vq, vocab, tokenizer); calibrated: a dict that keeps those measurements across calls on one base (the ablations),
-    since the same seed gives the same samples. Returns (targets, {name: (pooled pass rate, samples)});
+    stands). base = (gpt, vq, vocab, tokenizer); calibrated: a dict that keeps those measurements across
+    calls on one base (the ablations), since the same seed gives the same samples. Returns (targets, {name: (pooled pass rate, samples)});
     raises posttrain.NothingToTarget when no weak category is left."""
     tc = cfgs["train"]
     if not weakness:

@@ -1,6 +1,4 @@
 """The shapes world: renderer <-> parser, the checker's clauses, plans, splits, tokenizer, sequences."""
-import hashlib
-
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
@@ -149,16 +147,6 @@ def test_a_sized_single_object_names_its_size_and_plans_it():
         o = ex.scene.objects[0]
         assert ex.spec.reqs[0].size == o.size and set(ex.prompt.split()) & set(data.SIZE_WORDS[o.size]), ex.prompt
         assert data.plan_text(ex.scene, ex.spec).endswith(o.size)
-
-
-BENCH_DIGEST = "210f4fa0d6684f91"  # sha256 of the BENCH_VERSION 2 prompt sets (50 per set), as every run scored them
-
-
-def test_benchmark_prompts_are_the_ones_every_run_was_scored_on():
-    """A generator that draws its random numbers differently changes the benchmark without a word: pin it."""
-    sets = evaluate.prompt_sets(50)
-    text = "\n".join(f"{k}:{e.prompt}" for k in sorted(sets) for e in sets[k])
-    assert hashlib.sha256(text.encode()).hexdigest()[:16] == BENCH_DIGEST
 
 
 def test_splits_are_stable_and_training_never_sees_bench_or_dev():

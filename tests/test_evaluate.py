@@ -1,5 +1,6 @@
 """The benchmarks: exact on ground truth, failing exactly the wrong clause, fixed prompt sets kept apart
 from everything training sees, intervals, the weakness report and the JSON shape."""
+import hashlib
 import json
 import os
 
@@ -34,6 +35,16 @@ def test_prompt_sets_are_fixed_distinct_and_from_the_bench_split(sets):
     assert len(prompts) == len(set(prompts)), "a prompt is shared between benchmark sets"
     assert all(data.prompt_split(p) == "bench" for p in prompts)
     assert {e.category for e in sets["oneig"]} == set(evaluate.ONEIG_CATEGORIES)
+
+
+BENCH_DIGEST = "210f4fa0d6684f91"  # sha256 of the BENCH_VERSION 2 prompt sets (50 per set), as every run scored them
+
+
+def test_benchmark_prompts_are_the_ones_every_run_was_scored_on():
+    """A generator that draws its random numbers differently changes the benchmark without a word: pin it."""
+    sets = evaluate.prompt_sets(50)
+    text = "\n".join(f"{k}:{e.prompt}" for k in sorted(sets) for e in sets[k])
+    assert hashlib.sha256(text.encode()).hexdigest()[:16] == BENCH_DIGEST
 
 
 def test_no_training_or_dev_prompt_is_a_benchmark_prompt():
