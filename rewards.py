@@ -32,8 +32,10 @@ The built-in rewards, and what each stands in for (heads are trained on rendered
                blocking, colour bleeding and VQ code errors. In [0, 1].
     geometry   a shape well-formedness model: P(well formed) against objects stretched, skewed, cut in
                two or merged with a copy of themselves. In [0, 1].
-    verifier   the oracle: 1 if the exact parser (data.parse) finds a scene that satisfies the prompt's
-               Spec, else 0. Needs the Specs: load_reward(..., specs={prompt: Spec}). Not differentiable.
+    verifier   the oracle: the share of the prompt's Spec clauses (data.check) that the scene the exact
+               parser (data.parse) finds satisfies; 1 exactly when the sample passes, and graded below, so
+               that it ranks dense samples, which almost never pass. Needs the Specs: load_reward(...,
+               specs={prompt: Spec}). Not differentiable.
     self       the unified GPT's own belief: the per-token geometric mean of p(prompt | image), the image
                read through the VQ encoder (image-to-text format). In [0, 1]. Not differentiable (the VQ
                encoder picks codes by argmax).
@@ -764,7 +766,7 @@ for _name in ("vqa", "clip", "aesthetic", "quality", "geometry"):
 
 @register("verifier", from_run=True)
 def verifier(run_dir, device, specs):
-    """1.0 where the parsed image satisfies the prompt's Spec, else 0.0. specs: {prompt: data.Spec}."""
+    """The share of the prompt's Spec clauses the parsed image satisfies (1.0: it passes). specs: {prompt: data.Spec}."""
     specs = specs or {}
 
     def reward(images, prompts):
@@ -773,7 +775,8 @@ def verifier(run_dir, device, specs):
             raise KeyError(f"no Spec for prompt {missing[0]!r}: pass load_reward(..., specs={{prompt: spec}}), "
                            f"e.g. {{ex.prompt: ex.spec for ex in examples}}")
         scenes = data.parse_batch(to_u8(images.detach()))
-        return torch.tensor([float(data.passes(s, specs[p])) for s, p in zip(scenes, prompts)], device=images.device)
+        return torch.tensor([float(np.mean(list(data.check(s, specs[p]).values()))) for s, p in zip(scenes, prompts)],
+                            device=images.device)
     return reward
 
 

@@ -834,7 +834,7 @@ def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix, calib
     targets, measured = posttrain.choose_targets(weakness, thresholds, pc.target_top, pc.weak_below, measure, min_rate,
                                                  min_hits=posttrain.min_passing(pc.precision))
     if not targets:
-        rates = {c["name"]: measured.get(c["name"], (c["pass_rate"], c["n"])) for c in weakness["categories"]}
+        rates = {c["name"]: measured.get(c["name"], (evaluate.category_score(c), c["n"])) for c in weakness["categories"]}
         weakest = ", ".join(f"{n} {r:.2f} on {k} samples" for n, (r, k) in sorted(rates.items(), key=lambda x: x[1][0])[:3])
         if any(0.05 <= r < pc.weak_below for r, _ in rates.values()):
             why = (f"{pc.reward} cannot judge any dev category passed between 5% and {pc.weak_below:.0%} of the time (thresholds: "
@@ -859,6 +859,7 @@ def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_pre
     weakness = json.load(open(wpath)) if os.path.exists(wpath) else None
     thresholds = reward_thresholds(run_dir, pc, device)
     targets, measured = None, {}  # every category, for the broad and aligned strategies
+    graded_names = {c["name"] for c in weakness["categories"] if "facts" in c} if weakness else set()  # dense: best of K
     if pc.strategy == "targeted":
         targets, measured = aim(cfgs, run_dir, device, pc, weakness, thresholds, (gpt, vq, vocab, tokenizer), log_prefix, calibrated)
         weakness = posttrain.with_rates(weakness, measured)  # prompt shares by the pooled rates
@@ -891,7 +892,8 @@ def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_pre
         samples, r, v = scored_samples(examples, seed * 1000 + k * 100_000)
         cut = np.array([np.inf if t is None else t for t in
                         (thresholds.get(evaluate.category_name(examples[i].category, examples[i].kind)) for i in samples["example"])])
-        w = posttrain.sample_weights(r, samples["example"], pc.weighting, pc.beta, cut)
+        graded = [evaluate.category_name(examples[i].category, examples[i].kind) in graded_names for i in samples["example"]]
+        w = posttrain.sample_weights(r, samples["example"], pc.weighting, pc.beta, cut, graded)
         os.makedirs(os.path.dirname(os.path.join(run_dir, log_prefix)), exist_ok=True)
         save_round(samples, {"reward": r, "verifier": v, "weight": w}, os.path.join(run_dir, f"{log_prefix}_round{k}.safetensors"))
         write_json([{"prompt": ex.prompt, "category": ex.category, "kind": ex.kind} for ex in examples],
@@ -963,11 +965,11 @@ ABLATIONS = {  # variant -> [post] overrides of the run's config; each post-trai
 
 
 def focus_category(weakness, floor=0.05):
-    """The weakest dev category (a knowledge kind on its own) that the base model passes at least `floor`
-    of the time: what the ablations measure when the run's post-training is not `targeted`. One it never
-    passes is left out: reward-weighted self-training has no good sample of it to imitate, so it cannot
-    test the method (it is still in the benchmark tables)."""
-    rates = {c["name"]: c["pass_rate"] for c in weakness["categories"]}
+    """The weakest dev category (a knowledge kind on its own; dense by its share of facts) that the base
+    model passes at least `floor` of the time: what the ablations measure when the run's post-training is
+    not `targeted`. One it never passes is left out: reward-weighted self-training has no good sample of it
+    to imitate, so it cannot test the method (it is still in the benchmark tables)."""
+    rates = {c["name"]: evaluate.category_score(c) for c in weakness["categories"]}
     live = {k: r for k, r in rates.items() if r >= floor}
     return min(live or rates, key=(live or rates).get)
 

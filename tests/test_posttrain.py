@@ -27,6 +27,11 @@ def test_weighting_schemes_on_hand_made_rewards():
     assert w.tolist() == [1, 0, 0, 0, 0, 1]
     w = posttrain.sample_weights(R, GROUP, "threshold", threshold=0.5)
     assert w.tolist() == [1, 0, 1, 0, 0, 1]
+    # graded samples (dense prompts: no threshold exists) keep their prompt's best instead
+    assert posttrain.sample_weights(R, GROUP, "threshold", threshold=0.85).tolist() == [1, 0, 0, 0, 0, 0]
+    graded = [False] * 3 + [True] * 3
+    assert posttrain.sample_weights(R, GROUP, "threshold", threshold=0.85, graded=graded).tolist() == [1, 0, 0, 0, 0, 1]
+    assert posttrain.sample_weights(R, GROUP, "threshold", threshold=np.inf, graded=graded).tolist() == [0, 0, 0, 0, 0, 1]
     w = posttrain.sample_weights(R, GROUP, "rwr", beta=0.1)
     e = np.exp(R / 0.1)
     soft = np.concatenate([e[:3] / e[:3].sum(), e[3:] / e[3:].sum()])
@@ -149,6 +154,23 @@ def test_targets_are_weak_categories_the_reward_can_judge_else_nothing():
     t = {"knowledge/comparative": 0.1, "color_attr": 0.2, "position": None}
     assert posttrain.choose_targets(weakness, t, 2, 0.7, measure({})) == (["knowledge/comparative", "color_attr"], {}) and calls == []
     assert posttrain.choose_targets(weakness, {"color_attr": 0.2, "position": 0.1}, 0, 1.0, measure({}))[0] == ["color_attr", "position"]
+
+
+def test_dense_prompts_are_aimed_at_by_their_share_of_facts_without_a_threshold():
+    """A strong base whose only weakness is dense layouts (almost none right outright, half their facts
+    right): dense is a target, ranked by its facts, with no threshold and no fresh samples."""
+    cats = [{"name": "dense", "pass_rate": 0.03, "n": 100, "facts": 0.55}, {"name": "counting", "pass_rate": 0.97, "n": 100},
+            {"name": "knowledge/comparative", "pass_rate": 0.6, "n": 400}]
+    calls = []
+    measure = lambda name: calls.append(name) or (0.5, 400, None)
+    assert posttrain.choose_targets({"categories": cats}, {"counting": 0.2}, 1, 0.8, measure) == (["dense"], {}) and calls == []
+    assert posttrain.choose_targets({"categories": cats}, {"counting": 0.2, "knowledge/comparative": 0.3}, 2, 0.8, measure)[0] == \
+        ["dense", "knowledge/comparative"]
+    assert posttrain.target_shares({"categories": cats}, top=1) == {"dense": 1.0}
+    cats[0]["facts"] = 0.02  # below the floor: nothing right to imitate
+    assert posttrain.choose_targets({"categories": cats}, {"counting": 0.2}, 2, 0.8, measure)[0] == []
+    del cats[0]["facts"]  # a report without facts: dense by its pass rate, below the floor, and no threshold
+    assert posttrain.choose_targets({"categories": cats}, {"counting": 0.2}, 2, 0.8, measure)[0] == []
 
 
 def test_a_category_seen_on_too_few_dev_samples_is_measured_again_before_it_is_called_strong():
@@ -300,6 +322,8 @@ def test_focus_category_is_the_weakest_the_model_sometimes_passes():
     weakness["categories"][1]["pass_rate"] = 0.01
     assert train.focus_category(weakness) == "position"
     assert train.focus_category({"categories": [{"name": "dense", "pass_rate": 0.0, "n": 5}]}) == "dense"
+    weakness["categories"][0]["facts"] = 0.2  # dense by its share of facts: now the weakest it sometimes gets right
+    assert train.focus_category(weakness) == "dense"
 
 
 def test_another_post_config_is_refused_by_the_post_stage_only(micro_run, tmp_path):
@@ -372,7 +396,8 @@ def test_reward_hacking_is_flagged_when_the_verifier_does_not_follow_the_reward(
 
 def test_each_sample_is_weighted_by_its_own_category_threshold(micro_run, tmp_path, monkeypatch):
     """The calibrated thresholds reach the weights: a category at threshold 0 keeps every sample it drew,
-    one the reward cannot judge (None) keeps none and gets no targeted prompts."""
+    one the reward cannot judge (None) keeps none and gets no targeted prompts; dense prompts, graded by
+    their share of facts, keep one sample each (their best)."""
     run = str(tmp_path / "run")
     shutil.copytree(micro_run, run)
     cfgs = train.load_config(MICRO, [f"--train.out_dir={run}", "--post.steps=1", "--post.prompts=12", "--post.strategy=broad"])
@@ -384,7 +409,10 @@ def test_each_sample_is_weighted_by_its_own_category_threshold(micro_run, tmp_pa
     exs = json.load(open(os.path.join(run, "thr_round0.json")))
     cats = [exs[i]["category"] for i in t["example"].tolist()]
     kept = (t["weight"] > 0).tolist()
-    assert kept == [c in judged for c in cats] and any(kept) and not all(kept), "broad prompts: judged categories kept, the rest not"
+    assert [k for k, c in zip(kept, cats) if c != "dense"] == [c in judged for c in cats if c != "dense"], "judged kept, the rest not"
+    assert any(kept) and not all(kept) and "dense" in cats
+    dense = [i for i, c in zip(t["example"].tolist(), cats) if c == "dense"]
+    assert sum(k for k, c in zip(kept, cats) if c == "dense") == len(set(dense)), "one dense sample per prompt"
     assert rounds[0]["thresholds"]["colors"] == 0.0 and rounds[0]["thresholds"]["position"] is None
 
 
