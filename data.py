@@ -304,6 +304,12 @@ def passes(scene, spec):
     return all(check(scene, spec).values())
 
 
+def clause_share(scene, spec):
+    """The share of the spec's clauses the scene satisfies: 1.0 exactly when it passes, graded below (the
+    exact verifier's score, so that it still ranks dense samples, which almost never pass outright)."""
+    return float(np.mean(list(check(scene, spec).values())))
+
+
 # -----------------------------------------------------------------------------
 # Words. Every word a generator can write lives in these constants (the tokenizer corpus lists them).
 

@@ -41,6 +41,7 @@ import data
 from generate import RunError, SampleConfig, decode_images, generate, load_adapter, load_run, save_grid
 
 GENEVAL_TASKS = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
+GRADED = ("dense",)  # scored by their share of facts (category_score); post-training keeps each prompt's best sample
 ONEIG_CATEGORIES = GENEVAL_TASKS + ("knowledge",)  # oneig's mix: every category with something left open
 BENCH_SEED = 2026  # fixes the benchmark prompt sets; change it only with BENCH_VERSION
 BENCH_VERSION = 2  # 1: geneval + wise; 2: + dpg, oneig, intervals
@@ -268,8 +269,8 @@ def weakness(records, min_n=8):
     cats, facts = defaultdict(list), defaultdict(list)
     for r in records:
         cats[category_name(r["category"], r["kind"])].append(r["passed"])
-        if r["category"] == "dense":  # also DPG's share of facts (0 without an image)
-            facts[r["category"]].append(np.mean(list(r["facts"].values())) if r["facts"] else 0.0)
+        if r["category"] in GRADED:  # also DPG's share of facts (0 without an image)
+            facts[category_name(r["category"], r["kind"])].append(np.mean(list(r["facts"].values())) if r["facts"] else 0.0)
     attrs = defaultdict(list)
     for r in records:
         spec, clauses = r["example"].spec, r["clauses"]
@@ -284,8 +285,11 @@ def weakness(records, min_n=8):
         for i, rel, j in spec.relations:
             attrs[("relation", rel)].append(clauses.get(f"relation:{i} {rel} {j}", False))
         attrs[("total", str(spec.total))].append(clauses.get("total", False))
-    categories = sorted(({"name": c, "pass_rate": float(np.mean(v)), "n": len(v), **({"facts": float(np.mean(facts[c]))} if c in facts else {})}
-                         for c, v in cats.items()), key=category_score)
+    categories = [{"name": c, "pass_rate": float(np.mean(v)), "n": len(v)} for c, v in cats.items()]
+    for c in categories:
+        if c["name"] in facts:
+            c["facts"] = float(np.mean(facts[c["name"]]))
+    categories.sort(key=category_score)
     attributes = sorted(({"attribute": a, "value": v, "fail_rate": 1 - float(np.mean(oks)), "n": len(oks)}
                          for (a, v), oks in attrs.items() if len(oks) >= min_n), key=lambda d: -d["fail_rate"])
     return {"split": "dev", "seed": DEV_SEED, "samples": len(records), "categories": categories, "attributes": attributes}
@@ -368,7 +372,8 @@ def table(benchmarks):
 
 def weakness_table(w, top=8):
     lines = [f"weakness report ({w['samples']} samples of {w['split']} prompts, seed {w['seed']})",
-             "  categories, weakest first: " + ", ".join(f"{c['name']} {c['pass_rate']:.2f}" for c in w["categories"]),
+             "  categories, weakest first: " + ", ".join(
+                 f"{c['name']} {c['pass_rate']:.2f}" + (f" (facts {c['facts']:.2f})" if "facts" in c else "") for c in w["categories"]),
              "  attributes, most failed first: " + ", ".join(f"{a['attribute']}={a['value']} {a['fail_rate']:.2f} (n={a['n']})"
                                                            for a in w["attributes"][:top])]
     return "\n".join(lines)
@@ -406,7 +411,8 @@ def post_section(post):
         parts += [f"Aimed at: {', '.join(first['targets'])}." + (f" Measured again on fresh dev samples (pass rate on all of "
                                                                  f"a category's dev samples): {', '.join(again)}." if again else ""), ""]
     parts += ["The verifier's figure is the share of each prompt's clauses the parsed image satisfies (1 when it passes).", "",
-              "| round | mean reward | verifier (same samples) | verifier, weighted | loss | seconds |", "|---|---|---|---|---|---|"]
+              "| round | mean reward | verifier (same samples) | verifier, weighted | loss | seconds |",
+              "|---|---|---|---|---|---|"]
     parts += [f"| {r['round']} | {r['reward']:.3f} | {r['verifier']:.3f} | {r['verifier_weighted']:.3f} | {r['loss']:.3f} | {r['seconds']} |"
               for r in post["rounds"]]
     last = post["rounds"][-1]
@@ -438,7 +444,7 @@ def ablation_summary(results, tables=ABLATION_TABLES):
     """ablations.json -> markdown: per table, mean +- std over seeds of the focus category and the four
     benchmarks, and the paper's claims checked against the figures."""
     focus = results["focus_category"]
-    metric = "facts" if focus == "dense" else "pass_rate"  # dense is scored by DPG's fact fraction
+    metric = "facts" if focus in GRADED else "pass_rate"  # dense is scored by DPG's fact fraction
     base = results["base"]
     get = lambda res: [res["focus"][metric]] + [res["benchmarks"][b]["overall"] for b in ("geneval", "dpg", "wise", "oneig")]
     stats = {name: (np.mean([get(r) for r in runs], 0), np.std([get(r) for r in runs], 0), len(runs))

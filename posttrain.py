@@ -5,13 +5,14 @@ Post-training on the model's own samples ("multimodal RWR", PAPERS.md section 1)
 One round:
   1. prompts from a strategy: `broad` (the pretraining mix), `aligned` (the benchmarks' categories in
      the benchmarks' proportions), or `targeted` (aimed by the weakness report on dev prompts at the
-     categories the model passes sometimes but not reliably and its reward can judge, and at the
-     attribute values that fail most; skipped when there is no such category); always from the
-     "train" split of the prompt hash, so never a benchmark (or dev) prompt;
+     categories the model passes sometimes but not reliably and its reward can judge, dense prompts by
+     their share of facts, and at the attribute values that fail most; skipped when there is no such
+     category); always from the "train" split of the prompt hash, so never a benchmark (or dev) prompt;
   2. K samples per prompt from the current model (plan text, then the image it draws by itself);
   3. a reward per sample (default `vqa`), and the exact verifier beside it to watch for reward hacking;
   4. weights w_i from the rewards (`threshold`, the default: per category, calibrated on the base model's
-     dev samples; `rwr`, `exp`, `best`, or `uniform` = plain self-training);
+     dev samples, and each dense prompt's best sample; `rwr`, `exp`, `best`, or `uniform` = plain
+     self-training);
   5. LoRA fine-tuning on those samples with
         loss_i = alpha_text * CE(plan tokens of sample i) + alpha_image * CE(image tokens of sample i),
         loss   = mean over a mini-batch of w_i * loss_i      (w normalised to mean 1 over the kept samples)
@@ -124,7 +125,8 @@ def target_shares(weakness, top=0, floor=0.05, judged=None):
     self-training learns only from prompts whose K samples differ in reward: a category the model always
     passes teaches nothing, and so does one it never passes (measured, when dense prompts were judged by
     all-or-nothing thresholds: a third of the prompts on dense scenes, passed 0% of the time, gave no gain
-    there and less everywhere else). pass * (1 - pass) is the variance of a pass/fail reward.
+    there and less everywhere else). pass * (1 - pass) is the variance of a pass/fail reward (for dense's
+    share of facts, an upper bound of its variance).
     top > 0 keeps only the `top` weakest categories passed at least `floor` of the time: the budget then
     buys enough good samples of each to move it (measured, vqa reward, threshold weights: the weakest
     category, color_attr, 0.326 -> 0.376 spread over every category, -> 0.498 with top = 2). judged: the
@@ -163,8 +165,8 @@ def choose_targets(weakness, thresholds, top, below, measure, min_rate=0.0, floo
     """The categories targeted prompts aim at, weakest first: dev categories passed at least `floor` of
     the time (one never passed has no good sample to imitate) and less than `below` (one passed more
     often has little to gain, and aiming at it cost other categories points) whose reward threshold
-    exists, or that is graded (dense prompts, by their share of facts: evaluate.category_score; no
-    threshold needed), up to `top` of them (0 = all). measure(name) -> (pass rate, samples, threshold or None) on
+    exists, or that is graded (evaluate.GRADED: dense prompts, by their share of facts; no threshold
+    needed), up to `top` of them (0 = all). measure(name) -> (pass rate, samples, threshold or None) on
     fresh dev samples (train.py draws post.calib_samples) is called for a category
     - whose dev samples are too few to tell that it passes at least `below` of the time (the lower end of
       its 95% interval lies below `below`): the eval stage draws ~24 of each knowledge kind, and a kind that
@@ -176,7 +178,7 @@ def choose_targets(weakness, thresholds, top, below, measure, min_rate=0.0, floo
     walk goes on from the weakest category by the rates as they now stand. Returns (targets, {name:
     (pooled pass rate, samples)} of the measured categories); no targets means: nothing to target."""
     rates = {c["name"]: (evaluate.category_score(c), c["n"]) for c in weakness["categories"]}
-    graded = {c["name"] for c in weakness["categories"] if "facts" in c}
+    graded = set(evaluate.GRADED)
     measured = {}
 
     def remeasure(name):
@@ -272,11 +274,10 @@ def self_generate(gpt, vq, vocab, tokenizer, examples, k, sample_cfg: SampleConf
 
 
 def verifier_scores(images, examples, example_index):
-    """The exact verifier on each sample: the share of its prompt's clauses (data.check) that the parsed
-    image satisfies, 1.0 exactly when it passes. Graded, so that a round on dense prompts, which almost
-    never pass outright, still shows whether its samples got better."""
+    """The exact verifier on each sample: data.clause_share of the parsed image, 1.0 exactly when it passes;
+    graded, so that a round on dense prompts still shows whether its samples got better."""
     scenes = data.parse_batch(np.stack(images))
-    return np.array([np.mean(list(data.check(s, examples[i].spec).values())) for s, i in zip(scenes, example_index)])
+    return np.array([data.clause_share(s, examples[i].spec) for s, i in zip(scenes, example_index)])
 
 
 # -----------------------------------------------------------------------------

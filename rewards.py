@@ -32,10 +32,10 @@ The built-in rewards, and what each stands in for (heads are trained on rendered
                blocking, colour bleeding and VQ code errors. In [0, 1].
     geometry   a shape well-formedness model: P(well formed) against objects stretched, skewed, cut in
                two or merged with a copy of themselves. In [0, 1].
-    verifier   the oracle: the share of the prompt's Spec clauses (data.check) that the scene the exact
-               parser (data.parse) finds satisfies; 1 exactly when the sample passes, and graded below, so
-               that it ranks dense samples, which almost never pass. Needs the Specs: load_reward(...,
-               specs={prompt: Spec}). Not differentiable.
+    verifier   the oracle: the share of the prompt's Spec clauses that the scene the exact parser
+               (data.parse) finds satisfies (data.clause_share): 1 exactly when the sample passes, graded
+               below, so that it ranks dense samples, which almost never pass. Needs the Specs:
+               load_reward(..., specs={prompt: Spec}). Not differentiable.
     self       the unified GPT's own belief: the per-token geometric mean of p(prompt | image), the image
                read through the VQ encoder (image-to-text format). In [0, 1]. Not differentiable (the VQ
                encoder picks codes by argmax).
@@ -775,8 +775,7 @@ def verifier(run_dir, device, specs):
             raise KeyError(f"no Spec for prompt {missing[0]!r}: pass load_reward(..., specs={{prompt: spec}}), "
                            f"e.g. {{ex.prompt: ex.spec for ex in examples}}")
         scenes = data.parse_batch(to_u8(images.detach()))
-        return torch.tensor([float(np.mean(list(data.check(s, specs[p]).values()))) for s, p in zip(scenes, prompts)],
-                            device=images.device)
+        return torch.tensor([data.clause_share(s, specs[p]) for s, p in zip(scenes, prompts)], device=images.device)
     return reward
 
 

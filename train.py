@@ -786,6 +786,12 @@ def rewards_of(reward_fn, images, prompts, device):
                           for i in range(0, len(prompts), 256)]).numpy()
 
 
+def oracle_verdict(pc, r, passed):
+    """The rewards a threshold is calibrated on: the exact verifier's own verdict when it is the reward (its
+    graded share of clauses would let a few near misses of a strong category in at 95% precision), else r."""
+    return np.asarray(passed, dtype=np.float64) if pc.reward.strip() == "verifier" else r
+
+
 def reward_thresholds(run_dir, pc, device):
     """calibrate_thresholds of the post reward on the base model's dev samples (written by the eval stage)."""
     path = os.path.join(run_dir, DEV_FILE)
@@ -797,7 +803,7 @@ def reward_thresholds(run_dir, pc, device):
     per_category = int(meta.get("per_category", len(set(prompts)) // len(data.CATEGORIES)))  # evaluate.dev_prompts(per_category)
     reward_fn = rewards.load_reward(run_dir, pc.reward, device, {ex.prompt: ex.spec for ex in evaluate.dev_prompts(per_category)})
     r = rewards_of(reward_fn, list(images.numpy()), prompts, device)
-    return posttrain.calibrate_thresholds(r, passed.numpy(), names, pc.precision)
+    return posttrain.calibrate_thresholds(oracle_verdict(pc, r, passed.numpy()), passed.numpy(), names, pc.precision)
 
 
 def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix, calibrated=None):
@@ -822,7 +828,7 @@ def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix, calib
         reward_fn = rewards.load_reward(run_dir, pc.reward, device, {ex.prompt: ex.spec for ex in examples})
         r = rewards_of(reward_fn, [x["image"] for x in recs], [x["prompt"] for x in recs], device)
         passed = np.array([x["passed"] for x in recs], dtype=float)
-        t = posttrain.calibrate_thresholds(r, passed, [name] * len(recs), pc.precision)[name]
+        t = posttrain.calibrate_thresholds(oracle_verdict(pc, r, passed), passed, [name] * len(recs), pc.precision)[name]
         tqdm.write(f"[{log_prefix}] {name}: {len(recs)} more dev samples, {passed.mean():.2f} pass, threshold on them "
                    + ("none" if t is None else f"{t:.3f}"))
         out = (float(passed.mean()), len(recs), t)
@@ -859,7 +865,6 @@ def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_pre
     weakness = json.load(open(wpath)) if os.path.exists(wpath) else None
     thresholds = reward_thresholds(run_dir, pc, device)
     targets, measured = None, {}  # every category, for the broad and aligned strategies
-    graded_names = {c["name"] for c in weakness["categories"] if "facts" in c} if weakness else set()  # dense: best of K
     if pc.strategy == "targeted":
         targets, measured = aim(cfgs, run_dir, device, pc, weakness, thresholds, (gpt, vq, vocab, tokenizer), log_prefix, calibrated)
         weakness = posttrain.with_rates(weakness, measured)  # prompt shares by the pooled rates
@@ -892,7 +897,7 @@ def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_pre
         samples, r, v = scored_samples(examples, seed * 1000 + k * 100_000)
         cut = np.array([np.inf if t is None else t for t in
                         (thresholds.get(evaluate.category_name(examples[i].category, examples[i].kind)) for i in samples["example"])])
-        graded = [evaluate.category_name(examples[i].category, examples[i].kind) in graded_names for i in samples["example"]]
+        graded = [examples[i].category in evaluate.GRADED for i in samples["example"]]  # dense: each prompt's best
         w = posttrain.sample_weights(r, samples["example"], pc.weighting, pc.beta, cut, graded)
         os.makedirs(os.path.dirname(os.path.join(run_dir, log_prefix)), exist_ok=True)
         save_round(samples, {"reward": r, "verifier": v, "weight": w}, os.path.join(run_dir, f"{log_prefix}_round{k}.safetensors"))
@@ -1008,8 +1013,9 @@ def stage_ablations(cfgs, run_dir, device, metrics, report):
             merge_lora(gpt)
             res = {**measure(gpt), "rounds": rounds, "seconds": round(time.time() - t0, 1)}
             results["runs"].setdefault(name, []).append(res)
-            print(f"[ablations] {name} seed {seed}: {focus} {res['focus']['pass_rate']:.3f} "
-                  f"(base {results['base']['focus']['pass_rate']:.3f}), {res['seconds']:.0f}s")
+            metric = "facts" if focus in evaluate.GRADED else "pass_rate"
+            print(f"[ablations] {name} seed {seed}: {focus} {metric} {res['focus'][metric]:.3f} "
+                  f"(base {results['base']['focus'][metric]:.3f}), {res['seconds']:.0f}s")
             write_json(results, os.path.join(run_dir, "ablations", "ablations.json"))  # after every run: an interrupted sweep keeps its results
     summary = evaluate.ablation_summary(results)
     with open(os.path.join(run_dir, "ablations", "ablations.md"), "w") as f:

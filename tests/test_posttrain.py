@@ -156,6 +156,24 @@ def test_targets_are_weak_categories_the_reward_can_judge_else_nothing():
     assert posttrain.choose_targets(weakness, {"color_attr": 0.2, "position": 0.1}, 0, 1.0, measure({}))[0] == ["color_attr", "position"]
 
 
+def test_the_verifier_scores_the_share_of_clauses_and_the_oracle_threshold_is_its_verdict():
+    rng = np.random.default_rng(3)
+    exs = [data.sample_example(rng, "dense") for _ in range(6)]
+    wrong = [data.Scene(ex.scene.objects[1:]) for ex in exs]  # the first object left out
+    images = [data.render(s) for s in [ex.scene for ex in exs] + wrong]
+    v = posttrain.verifier_scores(images, exs, list(range(6)) * 2)
+    assert v[:6].tolist() == [1.0] * 6
+    assert v[6:] == pytest.approx([np.mean(list(data.check(s, ex.spec).values())) for s, ex in zip(wrong, exs)])
+    assert all(0 < x < 1 for x in v[6:])
+    # calibrated on graded verifier scores, a strong category's threshold would let near misses in; the oracle's
+    # threshold is calibrated on its verdict instead, so it keeps exactly the passing samples
+    r, passed = np.r_[np.ones(100), [0.9] * 3, np.zeros(10)], np.r_[np.ones(100), np.zeros(13)]
+    pc = posttrain.PostConfig(reward="verifier")
+    assert posttrain.calibrate_thresholds(r, passed, ["x"] * len(r))["x"] == 0.9
+    assert posttrain.calibrate_thresholds(train.oracle_verdict(pc, r, passed), passed, ["x"] * len(r))["x"] == 1.0
+    assert train.oracle_verdict(posttrain.PostConfig(reward="vqa"), r, passed) is r
+
+
 def test_dense_prompts_are_aimed_at_by_their_share_of_facts_without_a_threshold():
     """A strong base whose only weakness is dense layouts (almost none right outright, half their facts
     right): dense is a target, ranked by its facts, with no threshold and no fresh samples."""
@@ -164,8 +182,8 @@ def test_dense_prompts_are_aimed_at_by_their_share_of_facts_without_a_threshold(
     calls = []
     measure = lambda name: calls.append(name) or (0.5, 400, None)
     assert posttrain.choose_targets({"categories": cats}, {"counting": 0.2}, 1, 0.8, measure) == (["dense"], {}) and calls == []
-    assert posttrain.choose_targets({"categories": cats}, {"counting": 0.2, "knowledge/comparative": 0.3}, 2, 0.8, measure)[0] == \
-        ["dense", "knowledge/comparative"]
+    judged = {"counting": 0.2, "knowledge/comparative": 0.3}
+    assert posttrain.choose_targets({"categories": cats}, judged, 2, 0.8, measure)[0] == ["dense", "knowledge/comparative"]
     assert posttrain.target_shares({"categories": cats}, top=1) == {"dense": 1.0}
     cats[0]["facts"] = 0.02  # below the floor: nothing right to imitate
     assert posttrain.choose_targets({"categories": cats}, {"counting": 0.2}, 2, 0.8, measure)[0] == []
@@ -409,7 +427,8 @@ def test_each_sample_is_weighted_by_its_own_category_threshold(micro_run, tmp_pa
     exs = json.load(open(os.path.join(run, "thr_round0.json")))
     cats = [exs[i]["category"] for i in t["example"].tolist()]
     kept = (t["weight"] > 0).tolist()
-    assert [k for k, c in zip(kept, cats) if c != "dense"] == [c in judged for c in cats if c != "dense"], "judged kept, the rest not"
+    others = [(k, c) for k, c in zip(kept, cats) if c != "dense"]
+    assert [k for k, _ in others] == [c in judged for _, c in others], "judged categories kept, the rest not"
     assert any(kept) and not all(kept) and "dense" in cats
     dense = [i for i, c in zip(t["example"].tolist(), cats) if c == "dense"]
     assert sum(k for k, c in zip(kept, cats) if c == "dense") == len(set(dense)), "one dense sample per prompt"
