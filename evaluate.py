@@ -207,8 +207,13 @@ def geneval(by_task):
     return out
 
 
+def fact_share(record):
+    """A dense sample's share of DPG facts that hold (0 when it drew no image)."""
+    return float(np.mean(list(record["facts"].values()))) if record["facts"] else 0.0
+
+
 def dpg(records):
-    facts = per_prompt(records, lambda r: np.mean(list(r["facts"].values())) if r["facts"] else 0.0)
+    facts = per_prompt(records, fact_share)
     every = per_prompt(records, lambda r: bool(r["facts"]) and all(r["facts"].values()))
     (overall, ci), (all_rate, all_ci) = score([facts]), score([every])
     return {"overall": overall, "all_facts": all_rate, "ci": {"overall": ci, "all_facts": all_ci}}
@@ -268,9 +273,10 @@ def weakness(records, min_n=8):
     failure rate of the clauses that name them. Values named by fewer than min_n clauses are left out."""
     cats, facts = defaultdict(list), defaultdict(list)
     for r in records:
-        cats[category_name(r["category"], r["kind"])].append(r["passed"])
-        if r["category"] in GRADED:  # also DPG's share of facts (0 without an image)
-            facts[category_name(r["category"], r["kind"])].append(np.mean(list(r["facts"].values())) if r["facts"] else 0.0)
+        name = category_name(r["category"], r["kind"])
+        cats[name].append(r["passed"])
+        if r["category"] in GRADED:  # also DPG's share of facts
+            facts[name].append(fact_share(r))
     attrs = defaultdict(list)
     for r in records:
         spec, clauses = r["example"].spec, r["clauses"]
@@ -312,7 +318,7 @@ def focus_score(gpt, vq, vocab, tokenizer, sample_cfg, category, n_prompts=150, 
     out = {"category": category, "samples": len(recs)}
     out["pass_rate"], out["pass_rate_ci"] = score([per_prompt(recs, lambda r: r["passed"])])
     if category == "dense":
-        out["facts"], out["facts_ci"] = score([per_prompt(recs, lambda r: np.mean(list(r["facts"].values())) if r["facts"] else 0.0)])
+        out["facts"], out["facts_ci"] = score([per_prompt(recs, fact_share)])
     return out
 
 
