@@ -408,6 +408,8 @@ def test_reward_hacking_is_flagged_when_the_verifier_does_not_follow_the_reward(
     assert train.hacking([rnd(reward_after=0.4, verifier_after=0.5)]) is True
     assert train.hacking([rnd(reward_after=0.4, verifier_after=0.6)]) is False
     assert train.hacking([rnd(reward_after=0.31, verifier_after=0.45)]) is False, "a rise within 2 standard errors is noise"
+    assert train.hacking([rnd(reward_after=0.4, verifier_after=0.51, verifier_after_se=0.01)]) is True, "a flat verifier"
+    assert train.hacking([rnd(reward_after=0.4, verifier_after=0.53, verifier_after_se=0.01)]) is False, "beyond 2 SE: it rose"
     assert train.hacking([rnd()]) is None, "one round and no check: nothing to compare"
     assert train.hacking([rnd(), rnd(reward=0.4, verifier=0.45)]) is True
 
