@@ -453,13 +453,13 @@ def ablation_summary(results, tables=ABLATION_TABLES):
     metric = "facts" if focus in GRADED else "pass_rate"  # dense is scored by DPG's fact fraction
     base = results["base"]
     get = lambda res: [res["focus"][metric]] + [res["benchmarks"][b]["overall"] for b in ("geneval", "dpg", "wise", "oneig")]
-    stats = {name: (np.mean([get(r) for r in runs], 0), np.std([get(r) for r in runs], 0), len(runs))
+    stats = {name: (np.mean([get(r) for r in runs], 0), np.std([get(r) for r in runs], 0, ddof=min(len(runs) - 1, 1)), len(runs))
              for name, runs in results["runs"].items()}
     head = f"| variant | {focus} ({metric}) | change | geneval | dpg | wise | oneig |"
     out = ["# Post-training ablations", "",
            f"Focus: `{focus}`, the base model's weakest dev category that post-training aims at, measured on {base['focus']['samples']} samples "
            f"(bench prompts x 4 samples x 2 sampling seeds). Benchmarks: bench prompts x 1 sample (oneig 2). "
-           f"Mean +- std over post-training seeds.", ""]
+           f"Mean +- sample std over post-training seeds.", ""]
     for title, names in tables.items():
         out += [f"## {title}", "", head, "|---|---|---|---|---|---|---|",
                 "| base (no post-training) | " + " | ".join([f"{get(base)[0]:.3f}", "-"] + [f"{v:.3f}" for v in get(base)[1:]]) + " |"]
@@ -472,14 +472,23 @@ def ablation_summary(results, tables=ABLATION_TABLES):
         out.append("")
     claims = []
     se = lambda n: stats[n][1][0] / np.sqrt(max(stats[n][2], 1))
+
+    def verdict(claimed, rivals, label):
+        """Whether `claimed` beats every rival beyond the standard error of their difference; a lead
+        smaller than that is no verdict either way (one seed's noise would decide it)."""
+        best = max((claimed, *rivals), key=lambda n: stats[n][0][0])
+        other = max(rivals, key=lambda n: stats[n][0][0]) if best == claimed else claimed  # the comparison that decides
+        gap, err = stats[best][0][0] - stats[other][0][0], float(np.hypot(se(best), se(other)))
+        if gap <= err:
+            return f"**not settled**: {label(best)} leads {label(other)} by {gap:+.3f}, within the standard error {err:.3f}"
+        return (f"**{'reproduces' if best == claimed else 'does not reproduce'}** (best: {label(best)}, "
+                f"{gap:+.3f} over {label(other)}, standard error {err:.3f})")
     if {"both", "text_only", "image_only"} <= stats.keys():
-        best = max(("both", "text_only", "image_only"), key=lambda n: stats[n][0][0])
         claims.append(f"- Weighting both modalities beats text only and image only on {focus}: "
-                      f"**{'reproduces' if best == 'both' else 'does not reproduce'}** (best: {best}).")
+                      + verdict("both", ("text_only", "image_only"), lambda n: n) + ".")
     if {"broad", "aligned", "both"} <= stats.keys():
-        best = max(("broad", "aligned", "both"), key=lambda n: stats[n][0][0])
         claims.append(f"- Targeted prompts beat broad and benchmark-aligned ones on {focus}: "
-                      f"**{'reproduces' if best == 'both' else 'does not reproduce'}** (best: {'targeted' if best == 'both' else best}).")
+                      + verdict("both", ("broad", "aligned"), lambda n: "targeted" if n == "both" else n) + ".")
     if {"both", "uniform"} <= stats.keys():
         gain = stats["both"][0][0] - stats["uniform"][0][0]
         err = float(np.hypot(se("both"), se("uniform")))

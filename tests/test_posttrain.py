@@ -365,11 +365,25 @@ def test_split_ablation_sweeps_merge(capsys, tmp_path):
         json.dump(p, open(paths[-1], "w"))
     evaluate.main(["--ablations", *paths])
     out = capsys.readouterr().out
-    assert "| both = targeted, the default (n=2) | 0.450 +- 0.050 | +0.150" in out
+    assert "| both = targeted, the default (n=2) | 0.450 +- 0.071 | +0.150" in out  # the sample std (ddof 1)
     assert "beats plain self-training (uniform) by +0.150" in out and "beyond its standard error" in out
     other = dict(parts[1], base={**base, "focus": {"pass_rate": 0.1, "samples": 16}})
     with pytest.raises(SystemExit, match="different base"):
         evaluate.merge_ablations([parts[0], other])
+
+
+def test_ablation_claims_need_a_lead_beyond_the_standard_error():
+    base = {"focus": {"pass_rate": 0.3, "samples": 16}, "benchmarks": {b: {"overall": 0.5} for b in ("geneval", "dpg", "wise", "oneig")}}
+    runs = lambda *xs: [{"focus": {"pass_rate": x}, "benchmarks": base["benchmarks"]} for x in xs]
+    res = lambda **v: {"focus_category": "position", "base": base, "runs": {k: runs(*x) for k, x in v.items()}}
+    # image only ahead by 0.001 with seeds spread by 0.01: no verdict either way
+    md = evaluate.ablation_summary(res(both=(0.40, 0.41, 0.42), text_only=(0.30, 0.31, 0.32), image_only=(0.401, 0.411, 0.421)))
+    assert "both modalities beats text only and image only on position: **not settled**: image_only leads both by +0.001" in md
+    # a rival clearly ahead of the claimed variant: the claim does not reproduce, however close the rest
+    md = evaluate.ablation_summary(res(both=(0.40, 0.41, 0.42), broad=(0.50, 0.51, 0.52), aligned=(0.495, 0.505, 0.515)))
+    assert "**does not reproduce** (best: broad, +0.100 over targeted" in md
+    md = evaluate.ablation_summary(res(both=(0.50, 0.51, 0.52), text_only=(0.40, 0.41, 0.42), image_only=(0.30, 0.31, 0.32)))
+    assert "**reproduces** (best: both, +0.100 over text_only" in md
 
 
 def test_self_generated_plans_use_the_post_plan_temperature(micro_run, tmp_path):
