@@ -8,7 +8,8 @@ Shapes-world analogues of the benchmarks the post-training paper measures:
            every clause holds; overall = mean of the six task accuracies.
 - dpg      dense prompts (3-4 objects with colour, shape, size and region, plus one or two relations),
            broken into atomic facts (see `dpg_facts`); score = mean fraction of facts that hold, and
-           the rate at which all of them hold.
+           the rate at which all of them hold; also each kind of fact alone (entity, colour, size,
+           region, relation, count) and the plan's own share of facts, to say where a layout goes wrong.
 - wise     prompts that need knowledge or reasoning to resolve (colour knowledge, counting words and
            small arithmetic, shape descriptions, comparatives), scored on the resolved scene; also the
            plan alone (text modality) and the image score when the plan was right vs wrong.
@@ -125,6 +126,14 @@ def dpg_facts(scene, spec):
     return facts
 
 
+FACT_KINDS = ("entity", "colour", "size", "region", "relation", "count")
+
+
+def fact_kind(name):
+    """A dpg_facts key -> its kind: "2:region top left" -> "region", "relation:0 above 1" -> "relation"."""
+    return name.split(":")[0] if not name[0].isdigit() else name.split(":")[1].split()[0]
+
+
 def render_agreement(images, scenes):
     """Colour-matched foreground IoU between each image and a clean re-render of its parsed scene:
     1 when the image is exactly clean shapes, falling with blur, speckle, fragments and distortions."""
@@ -159,6 +168,8 @@ def sample_and_score(gpt, vq, vocab, tokenizer, examples, sample_cfg, n_samples,
             "plan": plan_text, "emitted_boi": s["emitted_boi"], "image": img, "scene": scene,
             "passed": all(clauses.values()), "clauses": clauses, "quality": float(q) if has_image else 0.0,
             "facts": dpg_facts(scene, ex.spec) if ex.category == "dense" and has_image else None,
+            # the plan judged as a scene: a malformed plan has no facts right
+            "plan_facts": (dpg_facts(plan_scene or data.Scene(()), ex.spec) if ex.category == "dense" else None),
             "plan_correct": plan_scene is not None and all(data.check(plan_scene, ex.spec).values()),
         })
     return records
@@ -216,7 +227,15 @@ def dpg(records):
     facts = per_prompt(records, fact_share)
     every = per_prompt(records, lambda r: bool(r["facts"]) and all(r["facts"].values()))
     (overall, ci), (all_rate, all_ci) = score([facts]), score([every])
-    return {"overall": overall, "all_facts": all_rate, "ci": {"overall": ci, "all_facts": all_ci}}
+    out = {"overall": overall, "all_facts": all_rate}
+    # the plan first (a wrong plan dooms its image), then each kind of fact in the image, pooled over samples
+    out["plan_facts"] = float(np.mean([np.mean(list(r["plan_facts"].values())) for r in records]))
+    for kind in FACT_KINDS:
+        held = [v for r in records for k, v in (r["facts"] or {}).items() if fact_kind(k) == kind]
+        if held:
+            out[f"facts_{kind}"] = float(np.mean(held))
+    out["ci"] = {"overall": ci, "all_facts": all_ci}
+    return out
 
 
 def wise(records):

@@ -79,6 +79,24 @@ def test_dpg_facts_fail_exactly_the_wrong_fact():
     assert failed_facts(c, s, t, Obj("circle", "yellow", "small", 1, 1)) == ["count"]
 
 
+def test_dpg_splits_its_facts_by_kind_and_scores_the_plan_apart_from_the_image():
+    c, s, t = GOOD
+    moved = Scene((c, Obj("square", "blue", "small", 2, 1), t))  # one region wrong in the image
+    ex = data.Example("a dense prompt", "dense", DENSE, Scene(GOOD))
+    record = lambda scene, plan: {"prompt": ex.prompt, "facts": evaluate.dpg_facts(scene, DENSE),
+                                  "plan_facts": evaluate.dpg_facts(plan, DENSE)}
+    # two samples: a right plan drawn with one region wrong, and a malformed plan (no facts) drawn right
+    out = evaluate.dpg([record(moved, Scene(GOOD)), record(Scene(GOOD), Scene(()))])
+    assert [evaluate.fact_kind(k) for k in evaluate.dpg_facts(Scene(GOOD), DENSE)] == [
+        "entity", "colour", "size", "region"] * 3 + ["relation", "relation", "count"]
+    assert out["facts_region"] == pytest.approx(5 / 6)
+    assert all(out[f"facts_{k}"] == 1.0 for k in evaluate.FACT_KINDS if k != "region")
+    n = len(evaluate.dpg_facts(Scene(GOOD), DENSE))
+    assert out["overall"] == pytest.approx(((n - 1) / n + 1) / 2)
+    # the malformed plan is judged as an empty scene: none of its facts hold
+    assert out["plan_facts"] == pytest.approx(0.5)
+
+
 def test_position_margin_and_counting_exclusion_on_pixels():
     """Judged on rendered images, not specs: objects in one column are neither left nor right of each
     other however their pixels fall; N+1 objects fail a count of N."""

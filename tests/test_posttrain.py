@@ -322,11 +322,25 @@ def test_ablations_stage_writes_tables_and_claims(micro_run, tmp_path, capsys):
     assert json.load(open(os.path.join(run, "report.json")))["stages"]["ablations"]["variants"] == 2
 
 
+def passes_nothing(run):
+    """Make a copy of the micro run's weakness report say it passes nothing on dev (the micro model gets
+    about a tenth of a dense layout's facts right by chance, which could count as "sometimes")."""
+    for name in ("report.json", "weakness.json"):
+        with open(os.path.join(run, name)) as f:
+            doc = json.load(f)
+        for c in (doc["weakness"] if name == "report.json" else doc)["categories"]:
+            c["pass_rate"] = 0.0
+            c.pop("facts", None)
+        with open(os.path.join(run, name), "w") as f:
+            json.dump(doc, f)
+
+
 def test_ablations_refuse_a_base_with_nothing_weak_to_aim_at(micro_run, tmp_path):
-    # with the targeted strategy the ablations focus on what post-training aims at; the micro model passes
-    # nothing, so there is no such category: a clear error before any variant runs, nothing written
+    # with the targeted strategy the ablations focus on what post-training aims at; a base that passes
+    # nothing has no such category: a clear error before any variant runs, nothing written
     run = str(tmp_path / "run")
     shutil.copytree(micro_run, run)
+    passes_nothing(run)
     with pytest.raises(SystemExit, match="no weakness to post-train on, so nothing for the ablations to compare"):
         train.main([MICRO, f"--train.out_dir={run}", "--stages=ablations", "--post.strategy=targeted",
                     "--train.ablation_variants=both"])
@@ -452,11 +466,11 @@ def test_each_sample_is_weighted_by_its_own_category_threshold(micro_run, tmp_pa
 
 
 def test_post_stage_is_skipped_when_no_weak_category_is_passed_sometimes(micro_run, tmp_path):
-    """The micro model passes nothing on dev: targeted post-training has nothing to aim at. The stage says
-    so in the report, writes no adapter, and the other stages' results stay as they were."""
-
+    """A base that passes nothing on dev: targeted post-training has nothing to aim at. The stage says so in
+    the report, writes no adapter, and the other stages' results stay as they were."""
     run = str(tmp_path / "run")
     shutil.copytree(micro_run, run)
+    passes_nothing(run)
     for f in ("lora_post.safetensors", "lora_post.json"):
         os.remove(os.path.join(run, f))
     before = json.load(open(os.path.join(run, "report.json")))
