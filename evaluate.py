@@ -583,6 +583,7 @@ def main(argv=None):
                                  tc["eval_batch"]) for name in focus}
         print(json.dumps(res, indent=2) if args.json else "\n".join(
             f"{name:24s} {r['pass_rate']:.3f} [{r['pass_rate_ci'][0]:.3f}, {r['pass_rate_ci'][1]:.3f}] on {r['samples']} samples"
+            + (f"; share of facts {r['facts']:.3f} [{r['facts_ci'][0]:.3f}, {r['facts_ci'][1]:.3f}]" if "facts" in r else "")
             for name, r in res.items()))
         return
     pick = lambda given, key: tc[key] if given is None else given

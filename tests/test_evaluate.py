@@ -193,6 +193,10 @@ def test_focus_measures_named_categories_closely(micro_run, capsys, monkeypatch)
     for name, r in out.items():  # the micro run's train.focus_prompts (2) x samples x two sampling seeds
         assert r["category"] == name and r["samples"] == 2 * 1 * 2
         assert r["pass_rate_ci"][0] <= r["pass_rate"] <= r["pass_rate_ci"][1]
+    # dense is scored by its share of facts: the plain-text lines say it too, position has none
+    evaluate.main([micro_run, "--focus", "dense,position", "--samples", "1"])
+    dense, position = capsys.readouterr().out.strip().splitlines()
+    assert dense.startswith("dense") and "share of facts" in dense and "share of facts" not in position
     for bad in ("postion", "knowledge/colours", ","):
         with pytest.raises(SystemExit):
             evaluate.main([micro_run, "--focus", bad])
