@@ -228,7 +228,8 @@ def dpg(records):
     every = per_prompt(records, lambda r: bool(r["facts"]) and all(r["facts"].values()))
     (overall, ci), (all_rate, all_ci) = score([facts]), score([every])
     out = {"overall": overall, "all_facts": all_rate}
-    # the plan first (a wrong plan dooms its image), then each kind of fact in the image, pooled over samples
+    # the plan first (a wrong plan dooms its image), then each kind of fact in the image, pooled over the
+    # samples that drew one (overall counts a sample without an image as 0; all of them draw, in practice)
     out["plan_facts"] = float(np.mean([np.mean(list(r["plan_facts"].values())) for r in records]))
     for kind in FACT_KINDS:
         held = [v for r in records for k, v in (r["facts"] or {}).items() if fact_kind(k) == kind]

@@ -82,19 +82,20 @@ def test_dpg_facts_fail_exactly_the_wrong_fact():
 def test_dpg_splits_its_facts_by_kind_and_scores_the_plan_apart_from_the_image():
     c, s, t = GOOD
     moved = Scene((c, Obj("square", "blue", "small", 2, 1), t))  # one region wrong in the image
-    ex = data.Example("a dense prompt", "dense", DENSE, Scene(GOOD))
-    record = lambda scene, plan: {"prompt": ex.prompt, "facts": evaluate.dpg_facts(scene, DENSE),
+    record = lambda scene, plan: {"prompt": "a dense prompt", "facts": evaluate.dpg_facts(scene, DENSE),
                                   "plan_facts": evaluate.dpg_facts(plan, DENSE)}
-    # two samples: a right plan drawn with one region wrong, and a malformed plan (no facts) drawn right
-    out = evaluate.dpg([record(moved, Scene(GOOD)), record(Scene(GOOD), Scene(()))])
+    # two samples: a right plan drawn with one region wrong, and a malformed plan (no facts) drawn right;
+    # a third wrote a right plan and no image: 0 for overall, no facts of any kind
+    no_image = {"prompt": "a dense prompt", "facts": None, "plan_facts": evaluate.dpg_facts(Scene(GOOD), DENSE)}
+    out = evaluate.dpg([record(moved, Scene(GOOD)), record(Scene(GOOD), Scene(())), no_image])
     assert [evaluate.fact_kind(k) for k in evaluate.dpg_facts(Scene(GOOD), DENSE)] == [
         "entity", "colour", "size", "region"] * 3 + ["relation", "relation", "count"]
     assert out["facts_region"] == pytest.approx(5 / 6)
     assert all(out[f"facts_{k}"] == 1.0 for k in evaluate.FACT_KINDS if k != "region")
     n = len(evaluate.dpg_facts(Scene(GOOD), DENSE))
-    assert out["overall"] == pytest.approx(((n - 1) / n + 1) / 2)
+    assert out["overall"] == pytest.approx(((n - 1) / n + 1 + 0) / 3)
     # the malformed plan is judged as an empty scene: none of its facts hold
-    assert out["plan_facts"] == pytest.approx(0.5)
+    assert out["plan_facts"] == pytest.approx(2 / 3)
 
 
 def test_position_margin_and_counting_exclusion_on_pixels():
@@ -176,7 +177,8 @@ def test_run_all_json_shape(micro_run, capsys):
     assert set(out) == {"geneval", "dpg", "wise", "oneig"}
     assert set(out["geneval"]["tasks"]) == set(evaluate.GENEVAL_TASKS)
     assert set(out["oneig"]) >= {"overall", "alignment", "reasoning", "diversity", "quality", "ci"}
-    assert set(out["dpg"]) >= {"overall", "all_facts", "ci"}
+    assert set(out["dpg"]) >= {"overall", "all_facts", "plan_facts", "ci"}  # plan_facts: every sample's plan, parsed or not
+    assert 0 <= out["dpg"]["plan_facts"] <= 1
     assert set(out["wise"]) >= {"overall", "plan_accuracy", "ci"}
     for b in out.values():
         assert 0 <= b["overall"] <= 1
