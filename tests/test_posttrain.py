@@ -176,7 +176,8 @@ def test_the_verifier_scores_the_share_of_clauses_and_the_oracle_threshold_is_it
 
 def test_dense_prompts_are_aimed_at_by_their_share_of_facts_without_a_threshold():
     """A strong base whose only weakness is dense layouts (almost none right outright, half their facts
-    right): dense is a target, ranked by its facts, with no threshold and no fresh samples."""
+    right): dense is a target, ranked by its facts, with no threshold and no fresh samples. It stays one
+    while fewer than `below` of its layouts have every fact right, however many of their facts hold."""
     cats = [{"name": "dense", "pass_rate": 0.03, "n": 100, "facts": 0.55}, {"name": "counting", "pass_rate": 0.97, "n": 100},
             {"name": "knowledge/comparative", "pass_rate": 0.6, "n": 400}]
     calls = []
@@ -185,6 +186,10 @@ def test_dense_prompts_are_aimed_at_by_their_share_of_facts_without_a_threshold(
     judged = {"counting": 0.2, "knowledge/comparative": 0.3}
     assert posttrain.choose_targets({"categories": cats}, judged, 2, 0.8, measure)[0] == ["dense", "knowledge/comparative"]
     assert posttrain.target_shares({"categories": cats}, top=1) == {"dense": 1.0}
+    strong = [{**cats[0], "pass_rate": 0.5, "facts": 0.92}, cats[1]]  # most facts right, half the layouts not all right
+    assert posttrain.choose_targets({"categories": strong}, {"counting": 0.2}, 2, 0.8, measure) == (["dense"], {}) and calls == []
+    strong[0].update(pass_rate=0.85, facts=0.97)  # all facts right in most layouts: nothing weak
+    assert posttrain.choose_targets({"categories": strong}, {"counting": 0.2}, 2, 0.8, measure)[0] == []
     cats[0]["facts"] = 0.02  # below the floor: nothing right to imitate
     assert posttrain.choose_targets({"categories": cats}, {"counting": 0.2}, 2, 0.8, measure)[0] == []
     del cats[0]["facts"]  # a report without facts: dense by its pass rate, below the floor, and no threshold
