@@ -161,6 +161,13 @@ def wilson_low(rate, n, z=1.96):
     return (centre - half) / (1 + z * z / n)
 
 
+def is_weak(name, score, passed, below, floor=0.05):
+    """A category worth aiming at: its score (evaluate.category_score) at least `floor`, so there are good
+    samples to imitate, and passed less often than `below`. A graded category's prompt passes when all
+    its facts hold (`passed`); any other's score is its pass rate (pooled, once measured again)."""
+    return floor <= score and (passed if name in evaluate.GRADED else score) < below
+
+
 def choose_targets(weakness, thresholds, top, below, measure, min_rate=0.0, floor=0.05, min_hits=0):
     """The categories targeted prompts aim at, weakest first: dev categories passed at least `floor` of
     the time (one never passed has no good sample to imitate) and less than `below` (one passed more
@@ -181,11 +188,8 @@ def choose_targets(weakness, thresholds, top, below, measure, min_rate=0.0, floo
     (pooled pass rate, samples)} of the measured categories); no targets means: nothing to target."""
     rates = {c["name"]: (evaluate.category_score(c), c["n"]) for c in weakness["categories"]}
     graded = set(evaluate.GRADED)
-    outright = {c["name"]: c["pass_rate"] for c in weakness["categories"]}  # a graded prompt passes when all its facts hold
+    outright = {c["name"]: c["pass_rate"] for c in weakness["categories"]}
     measured = {}
-
-    def weak(name):  # a graded category has something to imitate by its facts and is weak by its outright passes
-        return floor <= rates[name][0] and (outright[name] if name in graded else rates[name][0]) < below
 
     def remeasure(name):
         (rate, n), (fresh, m, threshold) = rates[name], measure(name)
@@ -198,7 +202,7 @@ def choose_targets(weakness, thresholds, top, below, measure, min_rate=0.0, floo
             remeasure(name)
     targets, seen = [], set()
     while not top or len(targets) < top:
-        left = [k for k in rates if k not in seen and weak(k)]
+        left = [k for k in rates if k not in seen and is_weak(k, rates[k][0], outright[k], below, floor)]
         if not left:
             break
         name = min(left, key=lambda k: rates[k][0])

@@ -844,7 +844,7 @@ def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix, calib
         outright = {c["name"]: c["pass_rate"] for c in weakness["categories"] if c["name"] in evaluate.GRADED}
         weakest = ", ".join(f"{n} {r:.2f}" + (f" of facts ({outright[n]:.2f} all right)" if n in outright else "") + f" on {k} samples"
                             for n, (r, k) in sorted(rates.items(), key=lambda x: x[1][0])[:3])
-        if any(0.05 <= r < pc.weak_below for n, (r, _) in rates.items() if n not in outright):
+        if any(posttrain.is_weak(n, r, outright.get(n, r), pc.weak_below) for n, (r, _) in rates.items()):
             why = (f"{pc.reward} cannot judge any dev category passed between 5% and {pc.weak_below:.0%} of the time (thresholds: "
                    f"{', '.join(n for n, t in thresholds.items() if t is not None) or 'none'}; weakest: {weakest})")
         else:
