@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import world
 from generate import RunError, SampleConfig, generate, generate_reference, load_run
 from train import TrainConfig, use_bf16
 
@@ -197,7 +198,7 @@ def bench_prompts(cfg, tokenizer, n, seed=0):
         folder = data.load_folder(cfg["train"]["data_dir"], cfg["vq"]["image_size"])
         return [data.encode_text(tokenizer, folder.captions[i % len(folder.captions)]) for i in range(n)]
     rng = np.random.default_rng(seed)
-    return [data.encode_text(tokenizer, data.sample_example(rng, split="dev").prompt) for _ in range(n)]
+    return [data.encode_text(tokenizer, world.sample_example(rng, split="dev").prompt) for _ in range(n)]
 
 
 # -----------------------------------------------------------------------------

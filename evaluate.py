@@ -20,7 +20,7 @@ Shapes-world analogues of the benchmarks the post-training paper measures:
 Every score carries a 95% interval from a bootstrap over prompts (`bootstrap_ci`).
 
 Prompt sets (version BENCH_VERSION) are fixed: drawn with BENCH_SEED from the "bench" split of the
-prompt hash (data.prompt_split), which no training or post-training generator ever emits; n prompts
+prompt hash (world.prompt_split), which no training or post-training generator ever emits; n prompts
 per set (the run's train.bench_prompts, 50 by default), n samples each (train.bench_samples, 4).
 The weakness report is computed on the separate "dev" split, never on the benchmark, so post-training
 can aim at it without seeing benchmark prompts.
@@ -39,6 +39,7 @@ from collections import defaultdict
 import numpy as np
 
 import data
+import world
 from generate import RunError, SampleConfig, decode_images, generate, load_adapter, load_run, save_grid
 
 GENEVAL_TASKS = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
@@ -56,8 +57,8 @@ BOOTSTRAP = 1000  # bootstrap resamples per interval
 
 def _distinct(rng, categories, n, split, exclude=()):
     """n distinct examples of `split`, cycling through categories; prompts in `exclude` are skipped."""
-    draw = lambda found: data.sample_example(rng, category=categories[found % len(categories)], split=split)
-    out = data.distinct_examples(draw, n, 200 * n, exclude)
+    draw = lambda found: world.sample_example(rng, category=categories[found % len(categories)], split=split)
+    out = world.distinct_examples(draw, n, 200 * n, exclude)
     if len(out) < n:
         raise RuntimeError(f"only {len(out)} distinct {split} prompts of {', '.join(categories)}; the world has too few phrasings")
     return out
@@ -65,10 +66,10 @@ def _distinct(rng, categories, n, split, exclude=()):
 
 def benchmark_prompts(category, n, seed=BENCH_SEED):
     """n distinct bench-split examples of one category, the same on every machine and every run."""
-    return _distinct(np.random.default_rng([seed, data.CATEGORIES.index(category)]), (category,), n, "bench")
+    return _distinct(np.random.default_rng([seed, world.CATEGORIES.index(category)]), (category,), n, "bench")
 
 
-FOCUS_NAMES = [c for c in data.CATEGORIES if c != "knowledge"] + [f"knowledge/{k}" for k in data.KNOWLEDGE_KINDS]
+FOCUS_NAMES = [c for c in world.CATEGORIES if c != "knowledge"] + [f"knowledge/{k}" for k in world.KNOWLEDGE_KINDS]
 
 
 def focus_prompts(name, n, seed=BENCH_SEED):
@@ -77,8 +78,8 @@ def focus_prompts(name, n, seed=BENCH_SEED):
     category, _, kind = name.partition("/")
     if not kind:
         return benchmark_prompts(category, n, seed)
-    rng = np.random.default_rng([seed, data.CATEGORIES.index(category), data.KNOWLEDGE_KINDS.index(kind)])
-    out = data.distinct_examples(lambda found: data.sample_example(rng, category, "bench", kind), n, 200 * n)
+    rng = np.random.default_rng([seed, world.CATEGORIES.index(category), world.KNOWLEDGE_KINDS.index(kind)])
+    out = world.distinct_examples(lambda found: world.sample_example(rng, category, "bench", kind), n, 200 * n)
     if len(out) < n:
         raise RuntimeError(f"only {len(out)} distinct bench prompts of {name}; the world has too few phrasings")
     return out
@@ -98,8 +99,8 @@ def prompt_sets(n, seed=BENCH_SEED):
 
 def dev_prompts(n_per_category, seed=DEV_SEED):
     """Dev-split prompts of every category, for the weakness report (never the benchmark's)."""
-    return [ex for c in data.CATEGORIES
-            for ex in _distinct(np.random.default_rng([seed, data.CATEGORIES.index(c)]), (c,), n_per_category, "dev")]
+    return [ex for c in world.CATEGORIES
+            for ex in _distinct(np.random.default_rng([seed, world.CATEGORIES.index(c)]), (c,), n_per_category, "dev")]
 
 
 # -----------------------------------------------------------------------------
@@ -118,10 +119,10 @@ def dpg_facts(scene, spec):
         facts[f"{i}:entity {r.shape}"] = bool(has(shape=r.shape))
         facts[f"{i}:colour {r.colour}"] = bool(has(shape=r.shape, colour=r.colour))
         facts[f"{i}:size {r.size}"] = bool(has(shape=r.shape, colour=r.colour, size=r.size))
-        facts[f"{i}:region {data.ROWS[r.row]} {data.COLS[r.col]}"] = bool(has(shape=r.shape, colour=r.colour, row=r.row, col=r.col))
+        facts[f"{i}:region {world.ROWS[r.row]} {world.COLS[r.col]}"] = bool(has(shape=r.shape, colour=r.colour, row=r.row, col=r.col))
     for i, rel, j in spec.relations:
         a, b = (has(shape=spec.reqs[k].shape, colour=spec.reqs[k].colour) for k in (i, j))
-        facts[f"relation:{i} {rel} {j}"] = any(data.holds(x, rel, y) for x in a for y in b)
+        facts[f"relation:{i} {rel} {j}"] = any(world.holds(x, rel, y) for x in a for y in b)
     facts["count"] = len(scene.objects) == spec.total
     return facts
 
@@ -138,8 +139,8 @@ def render_agreement(images, scenes):
     """Colour-matched foreground IoU between each image and a clean re-render of its parsed scene:
     1 when the image is exactly clean shapes, falling with blur, speckle, fragments and distortions."""
     size = images[0].shape[0]
-    got = data.palette_map(np.stack(images))
-    clean = data.palette_map(np.stack([data.render(s, size) for s in scenes]))
+    got = world.palette_map(np.stack(images))
+    clean = world.palette_map(np.stack([world.render(s, size) for s in scenes]))
     inter = ((got == clean) & (got >= 0)).sum((1, 2))
     union = ((got >= 0) | (clean >= 0)).sum((1, 2))
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
@@ -155,22 +156,22 @@ def sample_and_score(gpt, vq, vocab, tokenizer, examples, sample_cfg, n_samples,
         chunk = generate(gpt, vocab, [ids[ex.prompt] for ex, _ in jobs[start:start + batch]], sample_cfg, seed=seed + start)
         samples += chunk
         images += decode_images(vq, chunk, vocab)
-    scenes = data.parse_batch(np.stack(images))
+    scenes = world.parse_batch(np.stack(images))
     quality = render_agreement(images, scenes)
     records = []
     for (ex, _), s, img, scene, q in zip(jobs, samples, images, scenes, quality):
         plan_text = data.decode_text(tokenizer, s["plan"])
-        plan_scene = data.parse_plan(plan_text)
+        plan_scene = world.parse_plan(plan_text)
         has_image = s["codes"] is not None
-        clauses = data.check(scene, ex.spec) if has_image else {"image": False}
+        clauses = world.check(scene, ex.spec) if has_image else {"image": False}
         records.append({
             "example": ex, "prompt": ex.prompt, "category": ex.category, "kind": ex.kind,
             "plan": plan_text, "emitted_boi": s["emitted_boi"], "image": img, "scene": scene,
             "passed": all(clauses.values()), "clauses": clauses, "quality": float(q) if has_image else 0.0,
             "facts": dpg_facts(scene, ex.spec) if ex.category == "dense" and has_image else None,
             # the plan judged as a scene: a malformed plan has no facts right
-            "plan_facts": (dpg_facts(plan_scene or data.Scene(()), ex.spec) if ex.category == "dense" else None),
-            "plan_correct": plan_scene is not None and all(data.check(plan_scene, ex.spec).values()),
+            "plan_facts": (dpg_facts(plan_scene or world.Scene(()), ex.spec) if ex.category == "dense" else None),
+            "plan_correct": plan_scene is not None and all(world.check(plan_scene, ex.spec).values()),
         })
     return records
 
@@ -304,7 +305,7 @@ def weakness(records, min_n=8):
             ok = clauses.get(f"count:{req.describe()}", False)
             named = [("shape", req.shape), ("colour", req.colour), ("size", req.size), ("count", req.count)]
             if req.row is not None:
-                named.append(("region", f"{data.ROWS[req.row]} {data.COLS[req.col]}"))
+                named.append(("region", f"{world.ROWS[req.row]} {world.COLS[req.col]}"))
             for a, v in named:
                 if v is not None:
                     attrs[(a, str(v))].append(ok)

@@ -27,8 +27,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from data import (BOI, BOS, EOI, EOS, NULL, PAD, THINK, Vocab, check_world_run, decode_text, encode_text, grid_positions,
-                  load_tokenizer)
+from data import BOI, BOS, EOI, EOS, NULL, PAD, THINK, Vocab, check_world_run, decode_text, encode_text, grid_positions, load_tokenizer
 from model import GPT, VQ, GPTConfig, KVCache, VQConfig, load_lora, merge_lora
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import world
 import evaluate
 from data import Vocab, build_sequence, grid_positions
 from generate import SampleConfig, decode_images, generate
@@ -97,14 +98,14 @@ def draw_example(rng, name, split="train"):
     """An Example of a category name as the weakness report writes it ("position",
     "knowledge/comparative"), its prompt from `split`."""
     category, _, kind = name.partition("/")
-    return data.sample_example(rng, category, split, kind or None)
+    return world.sample_example(rng, category, split, kind or None)
 
 
 def dev_examples(name, n, seed=evaluate.DEV_SEED):
     """n dev-split Examples of a category name, to calibrate a reward on (choose_targets): distinct
     prompts while the world has them, then repeats."""
     rng = np.random.default_rng([seed, *name.encode()])  # one stream per category name
-    out = data.distinct_examples(lambda found: draw_example(rng, name, "dev"), n, 50 * n)
+    out = world.distinct_examples(lambda found: draw_example(rng, name, "dev"), n, 50 * n)
     return [out[i % len(out)] for i in range(n)]
 
 
@@ -114,7 +115,7 @@ def names(ex):
     for r in ex.spec.reqs:
         out |= {("shape", r.shape), ("colour", r.colour), ("size", r.size), ("count", str(r.count))}
         if r.row is not None:
-            out.add(("region", f"{data.ROWS[r.row]} {data.COLS[r.col]}"))
+            out.add(("region", f"{world.ROWS[r.row]} {world.COLS[r.col]}"))
     out |= {("relation", rel) for _, rel, _ in ex.spec.relations}
     return {(a, str(v)) for a, v in out if v is not None} | {("total", str(ex.spec.total))}
 
@@ -243,11 +244,11 @@ def draw_prompts(strategy, n, rng, weakness=None, focus=0.5, top_attributes=5, t
 
     def draw(found):
         if strategy == "broad":
-            return data.sample_example(rng, split="train")
+            return world.sample_example(rng, split="train")
         if strategy == "aligned":
-            return data.sample_example(rng, ALIGNED_CATEGORIES[found % len(ALIGNED_CATEGORIES)], split="train")
+            return world.sample_example(rng, ALIGNED_CATEGORIES[found % len(ALIGNED_CATEGORIES)], split="train")
         if anchor and rng.random() < anchor:
-            return data.sample_example(rng, ALIGNED_CATEGORIES[rng.integers(len(ALIGNED_CATEGORIES))], split="train")
+            return world.sample_example(rng, ALIGNED_CATEGORIES[rng.integers(len(ALIGNED_CATEGORIES))], split="train")
         name = cats[rng.choice(len(cats), p=p)]
         for _ in range(50 if rng.random() < focus else 1):  # a few tries for a prompt naming a weak value
             ex = draw_example(rng, name)
@@ -255,7 +256,7 @@ def draw_prompts(strategy, n, rng, weakness=None, focus=0.5, top_attributes=5, t
                 break
         return ex
 
-    out = data.distinct_examples(draw, n, 100 * n)
+    out = world.distinct_examples(draw, n, 100 * n)
     if len(out) == n:
         return out
     raise RuntimeError(f"only {len(out)} distinct prompts for strategy {strategy}")
@@ -284,10 +285,10 @@ def self_generate(gpt, vq, vocab, tokenizer, examples, k, sample_cfg: SampleConf
 
 
 def verifier_scores(images, examples, example_index):
-    """The exact verifier on each sample: data.clause_share of the parsed image, 1.0 exactly when it passes;
+    """The exact verifier on each sample: world.clause_share of the parsed image, 1.0 exactly when it passes;
     graded, so that a round on dense prompts still shows whether its samples got better."""
-    scenes = data.parse_batch(np.stack(images))
-    return np.array([data.clause_share(s, examples[i].spec) for s, i in zip(scenes, example_index)])
+    scenes = world.parse_batch(np.stack(images))
+    return np.array([world.clause_share(s, examples[i].spec) for s, i in zip(scenes, example_index)])
 
 
 # -----------------------------------------------------------------------------

@@ -33,7 +33,7 @@ The built-in rewards, and what each stands in for (heads are trained on rendered
     geometry   a shape well-formedness model: P(well formed) against objects stretched, skewed, cut in
                two or merged with a copy of themselves. In [0, 1].
     verifier   the oracle: the share of the prompt's Spec clauses that the scene the exact parser
-               (data.parse) finds satisfies (data.clause_share): 1 exactly when the sample passes, graded
+               (world.parse) finds satisfies (world.clause_share): 1 exactly when the sample passes, graded
                below, so that it ranks dense samples, which almost never pass. Needs the Specs:
                load_reward(..., specs={prompt: Spec}). Not differentiable.
     self       the unified GPT's own belief: the per-token geometric mean of p(prompt | image), the image
@@ -64,6 +64,7 @@ from PIL import Image, ImageDraw
 from safetensors import safe_open
 
 import data
+import world
 from data import PAD
 from generate import RunError, SampleConfig, decode_images, generate, load_run, load_weights
 
@@ -149,7 +150,7 @@ def checked(name, fn):
 
 def load_reward(run_dir, spec=DEFAULT, device="cpu", specs=None):
     """A reward spec -> one checked callable reward(images, prompts) -> (B,), the weighted sum of its terms.
-    Trained heads come from RUN_DIR/rewards.safetensors; specs ({prompt: data.Spec}) feeds the verifier."""
+    Trained heads come from RUN_DIR/rewards.safetensors; specs ({prompt: world.Spec}) feeds the verifier."""
     terms = []
     for weight, name in parse_spec(spec):
         fn = REWARDS[name]
@@ -186,23 +187,23 @@ def _edit(scene, rng):
     objs = list(scene.objects)
     free = [c for c in range(9) if c not in {3 * o.row + o.col for o in objs}]
     kinds = ["colour", "shape", "size"] if objs else []
-    kinds += ["move"] * bool(objs and free) + ["add"] * bool(free and len(objs) < data.MAX_OBJECTS)
+    kinds += ["move"] * bool(objs and free) + ["add"] * bool(free and len(objs) < world.MAX_OBJECTS)
     kinds += ["remove", "swap_cells", "swap_colours"] * (len(objs) >= 2)
     kind = kinds[rng.integers(len(kinds))] if kinds else "add"
     i, j = (rng.permutation(len(objs))[:2].tolist() + [0, 0])[:2]
     other = lambda seq, cur: [v for v in seq if v != cur][rng.integers(len(seq) - 1)]
     if kind == "colour":
-        objs[i] = dataclasses.replace(objs[i], colour=other(tuple(data.COLOURS), objs[i].colour))
+        objs[i] = dataclasses.replace(objs[i], colour=other(tuple(world.COLOURS), objs[i].colour))
     elif kind == "shape":
-        objs[i] = dataclasses.replace(objs[i], shape=other(data.SHAPES, objs[i].shape))
+        objs[i] = dataclasses.replace(objs[i], shape=other(world.SHAPES, objs[i].shape))
     elif kind == "size":
-        objs[i] = dataclasses.replace(objs[i], size=other(data.SIZES, objs[i].size))
+        objs[i] = dataclasses.replace(objs[i], size=other(world.SIZES, objs[i].size))
     elif kind == "move":
         cell = free[rng.integers(len(free))]
         objs[i] = dataclasses.replace(objs[i], row=cell // 3, col=cell % 3)
     elif kind == "add":  # a copy of an object (a count one too high) or a random one
         cell = divmod(free[rng.integers(len(free))], 3)
-        base = objs[i] if objs and rng.random() < 0.6 else data.random_scene(rng, 1).objects[0]
+        base = objs[i] if objs and rng.random() < 0.6 else world.random_scene(rng, 1).objects[0]
         objs.append(dataclasses.replace(base, row=cell[0], col=cell[1]))
     elif kind == "remove":
         objs.pop(i)
@@ -211,28 +212,28 @@ def _edit(scene, rng):
                             dataclasses.replace(objs[j], row=objs[i].row, col=objs[i].col))
     else:
         objs[i], objs[j] = dataclasses.replace(objs[i], colour=objs[j].colour), dataclasses.replace(objs[j], colour=objs[i].colour)
-    return data.Scene(tuple(objs))
+    return world.Scene(tuple(objs))
 
 
 def render_malformed(scene, rng, image_size):
     """uint8 (H, W, 3): the scene with one object drawn wrong: stretched or squashed, skewed (a corner or
     the apex moved), cut in two by a background line, or merged with an overlapping copy of itself."""
-    img = Image.fromarray(data.render(scene, image_size))
+    img = Image.fromarray(world.render(scene, image_size))
     draw = ImageDraw.Draw(img)
     o = scene.objects[rng.integers(len(scene.objects))]
-    x0, y0, x1, y1 = data.object_box(o, image_size)
-    e, fill = x1 - x0 + 1, data.COLOURS[o.colour]
+    x0, y0, x1, y1 = world.object_box(o, image_size)
+    e, fill = x1 - x0 + 1, world.COLOURS[o.colour]
     d = max(1, round(e * rng.uniform(0.35, 0.6)))  # every edit moves something by a third to a half of the object
     kind = ("stretch", "skew", "cut", "merge")[rng.integers(4)]
     if kind == "stretch":
-        draw.rectangle([x0, y0, x1, y1], fill=data.BACKGROUND)
+        draw.rectangle([x0, y0, x1, y1], fill=world.BACKGROUND)
         box = [x0, y0, x1, y1]
         k = int(rng.integers(4))  # grow or shrink, horizontally or vertically
         box[k % 2] += (-d // 2 if k < 2 else d // 2)
         box[2 + k % 2] += (d - d // 2 if k < 2 else -(d - d // 2))
-        data.draw_shape(draw, o.shape, box, fill)
+        world.draw_shape(draw, o.shape, box, fill)
     elif kind == "skew":
-        draw.rectangle([x0, y0, x1, y1], fill=data.BACKGROUND)
+        draw.rectangle([x0, y0, x1, y1], fill=world.BACKGROUND)
         pts = {"square": [(x0, y0), (x1, y0), (x1, y1), (x0, y1)], "triangle": [(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)],
                "circle": [(x0 + e / 2, y0), (x1, y0 + e / 2), (x0 + e / 2, y1), (x0, y0 + e / 2)]}[o.shape]
         v = int(rng.integers(len(pts)))
@@ -240,10 +241,10 @@ def render_malformed(scene, rng, image_size):
         draw.polygon(pts, fill=fill)
     elif kind == "cut":
         c = int(rng.integers(1, e - 1)) if e > 2 else 1
-        draw.line([x0 + c, y0 - 1, x0 + c, y1 + 1] if rng.random() < 0.5 else [x0 - 1, y0 + c, x1 + 1, y0 + c], fill=data.BACKGROUND)
+        draw.line([x0 + c, y0 - 1, x0 + c, y1 + 1] if rng.random() < 0.5 else [x0 - 1, y0 + c, x1 + 1, y0 + c], fill=world.BACKGROUND)
     else:
         dx, dy = d * rng.choice([-1, 1]), d * rng.choice([-1, 0, 1])
-        data.draw_shape(draw, o.shape, [x0 + dx, y0 + dy, x1 + dx, y1 + dy], fill)
+        world.draw_shape(draw, o.shape, [x0 + dx, y0 + dy, x1 + dx, y1 + dy], fill)
     return np.asarray(img)
 
 
@@ -290,7 +291,7 @@ def composition(scene):
     objs = scene.objects
     if not objs:
         return 0.0
-    w = np.array([data.SIZE_UNITS[o.size] ** 2 for o in objs])
+    w = np.array([world.SIZE_UNITS[o.size] ** 2 for o in objs])
     cy, cx = (np.array([o.row for o in objs]) * w).sum() / w.sum(), (np.array([o.col for o in objs]) * w).sum() / w.sum()
     balance = 1 - math.hypot(cy - 1, cx - 1) / math.sqrt(2)
     pairs = [(a, b) for k, a in enumerate(objs) for b in objs[k + 1:]]
@@ -340,17 +341,17 @@ class ImageEncoder(nn.Module):
 
     def __init__(self, dim, image_size):
         super().__init__()
-        unit = image_size // data.LATTICE
+        unit = image_size // world.LATTICE
         self.units = nn.Sequential(
             nn.Conv2d(3, dim, unit, stride=unit), nn.GELU(),
             nn.Conv2d(dim, dim, 3, padding=1), nn.GELU(),
             nn.Conv2d(dim, dim, 3, padding=1), nn.GELU())
         self.cells = nn.Conv2d(dim, dim, 2, stride=2)
-        self.pos = nn.Parameter(torch.zeros(1, (data.LATTICE // 2 + 1) ** 2, dim))
+        self.pos = nn.Parameter(torch.zeros(1, (world.LATTICE // 2 + 1) ** 2, dim))
         # training only: reads each cell's shape, colour and size (or empty) off its token. This dense,
         # free supervision makes the tokens mean something within a few hundred steps; without it the
         # vqa fusion learned far slower from its one bit per pair
-        self.probe = nn.Linear(dim, len(data.SHAPES) + len(data.COLOURS) + len(data.SIZES) + 3)
+        self.probe = nn.Linear(dim, len(world.SHAPES) + len(world.COLOURS) + len(world.SIZES) + 3)
 
     def forward(self, x):
         f = self.units(x * 2 - 1)  # (B, D, 8, 8): one feature per lattice unit
@@ -371,7 +372,7 @@ class ImageEncoder(nn.Module):
 
 
 CELL_TOKENS = [6, 7, 8, 11, 12, 13, 16, 17, 18]  # the 3x3 cells inside the 5x5 tokens
-CELL_ATTRS = (len(data.SHAPES) + 1, len(data.COLOURS) + 1, len(data.SIZES) + 1)  # each attribute or "empty"
+CELL_ATTRS = (len(world.SHAPES) + 1, len(world.COLOURS) + 1, len(world.SIZES) + 1)  # each attribute or "empty"
 
 
 def cell_targets(scenes):
@@ -379,7 +380,7 @@ def cell_targets(scenes):
     t = np.zeros((len(scenes), 9, 3), np.int64)
     for n, s in enumerate(scenes):
         for o in s.objects:
-            t[n, 3 * o.row + o.col] = (data.SHAPES.index(o.shape) + 1, tuple(data.COLOURS).index(o.colour) + 1, data.SIZES.index(o.size) + 1)
+            t[n, 3 * o.row + o.col] = (world.SHAPES.index(o.shape) + 1, tuple(world.COLOURS).index(o.colour) + 1, world.SIZES.index(o.size) + 1)
     return torch.from_numpy(t)
 
 
@@ -400,9 +401,9 @@ class TextEmbed(nn.Module):
         return self.tok(ids) + self.pos[:, :ids.shape[1]]
 
 
-SLOT_ATTRS = (len(data.SHAPES) + 1, len(data.COLOURS) + 1, len(data.SIZES) + 1, 4, 4, data.MAX_OBJECTS + 1)  # 0 = any / unused
-RELATE = torch.tensor([[[data.holds(data.Obj("circle", "red", "small", k // 3, k % 3), rel, data.Obj("circle", "red", "small", l // 3, l % 3))
-                         for l in range(9)] for k in range(9)] for rel in data.RELATIONS]).float()  # (4, 9, 9): rel holds from cell k to l
+SLOT_ATTRS = (len(world.SHAPES) + 1, len(world.COLOURS) + 1, len(world.SIZES) + 1, 4, 4, world.MAX_OBJECTS + 1)  # 0 = any / unused
+RELATE = torch.tensor([[[world.holds(world.Obj("circle", "red", "small", k // 3, k % 3), rel, world.Obj("circle", "red", "small", l // 3, l % 3))
+                         for l in range(9)] for k in range(9)] for rel in world.RELATIONS]).float()  # (4, 9, 9): rel holds from cell k to l
 
 
 class VQAHead(nn.Module):
@@ -418,11 +419,11 @@ class VQAHead(nn.Module):
     def __init__(self, cfg, vocab_size, image_size):
         super().__init__()
         self.image, self.text = ImageEncoder(cfg.dim, image_size), TextEmbed(vocab_size, cfg.dim, cfg.max_text)
-        self.queries = nn.Parameter(0.02 * torch.randn(1, data.MAX_OBJECTS + 1, cfg.dim))  # the slots, then the scene
+        self.queries = nn.Parameter(0.02 * torch.randn(1, world.MAX_OBJECTS + 1, cfg.dim))  # the slots, then the scene
         self.reader, self.norm = _transformer(cfg.dim, cfg.layers), nn.LayerNorm(cfg.dim)
         self.slot_out = nn.Linear(cfg.dim, sum(SLOT_ATTRS))
-        n_rel = data.MAX_OBJECTS ** 2 * len(data.RELATIONS)
-        self.scene_out = nn.Linear(cfg.dim, data.MAX_OBJECTS + 1 + n_rel)  # the total, then each (i, j, rel) yes/no
+        n_rel = world.MAX_OBJECTS ** 2 * len(world.RELATIONS)
+        self.scene_out = nn.Linear(cfg.dim, world.MAX_OBJECTS + 1 + n_rel)  # the total, then each (i, j, rel) yes/no
         self.register_buffer("relate", RELATE, persistent=False)
 
     def forward(self, images, ids):
@@ -434,12 +435,12 @@ class VQAHead(nn.Module):
 
     def read(self, ids):
         """ids (B, L) -> slot logits (B, S, 4+7+3+4+4+5), total logits (B, 5), relation logits (B, S, S, 4)."""
-        B, S = len(ids), data.MAX_OBJECTS
+        B, S = len(ids), world.MAX_OBJECTS
         x = torch.cat([self.queries.expand(B, -1, -1), self.text(ids)], 1)  # (B, S + 1 + L, D)
         pad = torch.cat([torch.zeros(B, S + 1, dtype=torch.bool, device=ids.device), ids == PAD], 1)
         h = self.norm(self.reader(x, src_key_padding_mask=pad))
         scene = self.scene_out(h[:, S])
-        return self.slot_out(h[:, :S]), scene[:, :S + 1], scene[:, S + 1:].view(B, S, S, len(data.RELATIONS))
+        return self.slot_out(h[:, :S]), scene[:, :S + 1], scene[:, S + 1:].view(B, S, S, len(world.RELATIONS))
 
     def execute(self, cells, slots, total, relations):
         """cells (B, 9, 14) from ImageEncoder.cell_probs; the outputs of read -> P(the program holds) (B,)."""
@@ -476,15 +477,15 @@ def _counts(p):
 def program_targets(specs):
     """data.Specs -> what VQAHead.read predicts: slots (B, S, 6) long (0 = any / unused), total (B,) long,
     relations (B, S, S, 4) float."""
-    S = data.MAX_OBJECTS
-    slots, rel = np.zeros((len(specs), S, 6), np.int64), np.zeros((len(specs), S, S, len(data.RELATIONS)), np.float32)
+    S = world.MAX_OBJECTS
+    slots, rel = np.zeros((len(specs), S, 6), np.int64), np.zeros((len(specs), S, S, len(world.RELATIONS)), np.float32)
     index = lambda seq, v: 0 if v is None else seq.index(v) + 1
     for b, spec in enumerate(specs):
         for r, q in enumerate(spec.reqs):
-            slots[b, r] = (index(data.SHAPES, q.shape), index(tuple(data.COLOURS), q.colour), index(data.SIZES, q.size),
+            slots[b, r] = (index(world.SHAPES, q.shape), index(tuple(world.COLOURS), q.colour), index(world.SIZES, q.size),
                            0 if q.row is None else q.row + 1, 0 if q.col is None else q.col + 1, q.count)
         for i, r, j in spec.relations:
-            rel[b, i, j, data.RELATIONS.index(r)] = 1
+            rel[b, i, j, world.RELATIONS.index(r)] = 1
     return torch.from_numpy(slots), torch.tensor([s.total for s in specs]), torch.from_numpy(rel)
 
 
@@ -585,24 +586,24 @@ def vq_round_trip(vq, u8, mask):
 def vqa_pairs(n, rng, vq, split, p_vq):
     """n (image, example, label, scene drawn) for vqa: the example's own scene (40%) or an edit of it, rendered, shown
     through the VQ a p_vq share of the time, and labelled by the exact verifier on the image shown."""
-    exs = [data.sample_example(rng, split=split) for _ in range(n)]
+    exs = [world.sample_example(rng, split=split) for _ in range(n)]
     scenes = [e.scene if rng.random() < 0.4 else perturb(e.scene, rng) for e in exs]
-    imgs = vq_round_trip(vq, np.stack([data.render(s, vq.cfg.image_size) for s in scenes]), rng.random(n) < p_vq)
-    labels = np.array([data.passes(s, e.spec) for s, e in zip(data.parse_batch(imgs), exs)])
+    imgs = vq_round_trip(vq, np.stack([world.render(s, vq.cfg.image_size) for s in scenes]), rng.random(n) < p_vq)
+    labels = np.array([world.passes(s, e.spec) for s, e in zip(world.parse_batch(imgs), exs)])
     return imgs, exs, labels, scenes
 
 
 def caption_pairs(n, rng, vq, split, p_vq):
     """n (image, scene, caption, hard-negative caption): the caption of an edit of the scene."""
-    scenes = [data.sample_example(rng, split=split).scene for _ in range(n)]
-    imgs = vq_round_trip(vq, np.stack([data.render(s, vq.cfg.image_size) for s in scenes]), rng.random(n) < p_vq)
-    return imgs, scenes, [data.caption_text(s, rng) for s in scenes], [data.caption_text(perturb(s, rng), rng) for s in scenes]
+    scenes = [world.sample_example(rng, split=split).scene for _ in range(n)]
+    imgs = vq_round_trip(vq, np.stack([world.render(s, vq.cfg.image_size) for s in scenes]), rng.random(n) < p_vq)
+    return imgs, scenes, [world.caption_text(s, rng) for s in scenes], [world.caption_text(perturb(s, rng), rng) for s in scenes]
 
 
 def geometry_pairs(n, rng, vq, p_vq):
     """n clean renders of non-empty scenes, then n malformed renders of the same scenes; labels 1 then 0."""
-    scenes = [data.random_scene(rng) for _ in range(n)]
-    clean = np.stack([data.render(s, vq.cfg.image_size) for s in scenes])
+    scenes = [world.random_scene(rng) for _ in range(n)]
+    clean = np.stack([world.render(s, vq.cfg.image_size) for s in scenes])
     bad = np.stack([render_malformed(s, rng, vq.cfg.image_size) for s in scenes])
     imgs = vq_round_trip(vq, np.concatenate([clean, bad]), rng.random(2 * n) < p_vq)
     return imgs, np.r_[np.ones(n), np.zeros(n)]
@@ -648,7 +649,7 @@ def train_vqa(heads, cfg, tokenizer, x, parsed, rng, g, device, log):
         return vqa.image.cell_loss(vqa.image(x[i].to(device)), parsed[i].to(device))
     figures = {"vqa_probe_loss": _fit("vqa_probe", vqa.image.parameters(), probe_loss, cfg.vqa_probe_steps, cfg, log)}
 
-    exs = [data.sample_example(rng, split="train") for _ in range(cfg.vqa_prompts)]
+    exs = [world.sample_example(rng, split="train") for _ in range(cfg.vqa_prompts)]
     ids = encode_prompts(tokenizer, [e.prompt for e in exs], cfg.max_text)
     slots, total, rel = program_targets([e.spec for e in exs])
     order = torch.argsort((ids != PAD).sum(1))  # batches of neighbours in length: prompts run from 5 to ~70 tokens
@@ -674,7 +675,7 @@ def train_heads(cfg, tokenizer, vq, seed, device, log=lambda **kv: None):
     figures, t0 = {}, time.time()
 
     imgs, scenes, caps, negs = caption_pairs(n, rng, vq, "train", cfg.p_vq)
-    xc, cells = to_float(imgs), cell_targets(data.parse_batch(imgs))  # each cell as the exact parser reads it
+    xc, cells = to_float(imgs), cell_targets(world.parse_batch(imgs))  # each cell as the exact parser reads it
     cap_ids, neg_ids = encode_prompts(tokenizer, caps, cfg.max_text), encode_prompts(tokenizer, negs, cfg.max_text)
 
     def clip_loss(step):
@@ -701,7 +702,7 @@ def train_heads(cfg, tokenizer, vq, seed, device, log=lambda **kv: None):
     # vqa draws from its own stream so that its prompt count leaves the later heads' data unchanged
     figures.update(train_vqa(heads, cfg, tokenizer, xc, cells, np.random.default_rng([seed, 4, 1]), g, device, log))
 
-    clean = np.stack([data.render(data.random_scene(rng), S) for _ in range(n)])
+    clean = np.stack([world.render(world.random_scene(rng), S) for _ in range(n)])
 
     def quality_loss(step):
         xq, yq = quality_batch(clean[pick(n)], vq, g, device)
@@ -766,7 +767,7 @@ for _name in ("vqa", "clip", "aesthetic", "quality", "geometry"):
 
 @register("verifier", from_run=True)
 def verifier(run_dir, device, specs):
-    """The share of the prompt's Spec clauses the parsed image satisfies (1.0: it passes). specs: {prompt: data.Spec}."""
+    """The share of the prompt's Spec clauses the parsed image satisfies (1.0: it passes). specs: {prompt: world.Spec}."""
     specs = specs or {}
 
     def reward(images, prompts):
@@ -774,8 +775,8 @@ def verifier(run_dir, device, specs):
         if missing:
             raise KeyError(f"no Spec for prompt {missing[0]!r}: pass load_reward(..., specs={{prompt: spec}}), "
                            f"e.g. {{ex.prompt: ex.spec for ex in examples}}")
-        scenes = data.parse_batch(to_u8(images.detach()))
-        return torch.tensor([data.clause_share(s, specs[p]) for s, p in zip(scenes, prompts)], device=images.device)
+        scenes = world.parse_batch(to_u8(images.detach()))
+        return torch.tensor([world.clause_share(s, specs[p]) for s, p in zip(scenes, prompts)], device=images.device)
     return reward
 
 
@@ -833,12 +834,12 @@ def calibrate(run_dir, device="cpu", n_examples=600, n_samples=256, seed=0):
     imgs, exs, labels, _ = vqa_pairs(n_examples, rng, vq, "dev", 0.5)
     cap_imgs, scenes, caps, negs = caption_pairs(n_examples, rng, vq, "dev", 0.5)
     geo_imgs, geo_labels = geometry_pairs(n_examples // 2, rng, vq, 0.5)
-    clean = np.stack([data.render(data.random_scene(rng), vq.cfg.image_size) for _ in range(n_examples)])
+    clean = np.stack([world.render(world.random_scene(rng), vq.cfg.image_size) for _ in range(n_examples)])
     q_imgs, q_labels = zip(*[quality_batch(clean[i:i + 64], vq, g, device) for i in range(0, n_examples, 64)])
     q_imgs, q_labels = to_u8(torch.cat(q_imgs)), torch.cat(q_labels).cpu().numpy()
 
     # the model's own samples of dev prompts, judged by the verifier
-    sample_exs = [data.sample_example(rng, split="dev") for _ in range(n_samples)]
+    sample_exs = [world.sample_example(rng, split="dev") for _ in range(n_samples)]
     sample_cfg = SampleConfig(**cfg.get("sample", {}))
     samples = []
     for i in range(0, n_samples, 128):
@@ -846,8 +847,8 @@ def calibrate(run_dir, device="cpu", n_examples=600, n_samples=256, seed=0):
         samples += generate(gpt, vocab, [data.encode_text(tok, e.prompt) for e in chunk], sample_cfg, seed=seed + i)
     s_imgs = np.stack(decode_images(vq, samples, vocab))
     s_prompts = [e.prompt for e in sample_exs]
-    s_scenes = data.parse_batch(s_imgs)
-    s_pass = np.array([data.passes(s, e.spec) for s, e in zip(s_scenes, sample_exs)])
+    s_scenes = world.parse_batch(s_imgs)
+    s_pass = np.array([world.passes(s, e.spec) for s, e in zip(s_scenes, sample_exs)])
 
     specs = {e.prompt: e.spec for e in exs + sample_exs}
     R = {name: load_reward(run_dir, name, device, specs) for name in ("vqa", "clip", "aesthetic", "quality", "geometry", "verifier", "self")}

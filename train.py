@@ -45,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
+import world
 import evaluate
 import posttrain
 import rewards
@@ -161,12 +162,12 @@ def validate(cfgs):
         (0 <= tc.p_plan and 0 <= tc.p_direct and tc.p_plan + tc.p_direct <= 1, "train.p_plan + train.p_direct must lie in [0, 1] (the rest are captions)"),
         (0 <= tc.null_prob <= 1, "train.null_prob must lie in [0, 1]"),
         (vc.image_size % vc.patch == 0, f"vq.image_size={vc.image_size} must be a multiple of vq.patch={vc.patch}"),
-        (tc.data_dir or vc.image_size % (2 * data.LATTICE) == 0,
-         f"vq.image_size={vc.image_size} must be a multiple of {2 * data.LATTICE} (the shapes world's layout lattice)"),
+        (tc.data_dir or vc.image_size % (2 * world.LATTICE) == 0,
+         f"vq.image_size={vc.image_size} must be a multiple of {2 * world.LATTICE} (the shapes world's layout lattice)"),
         # the cell embedding gives each image code the cell its centre lies in: exact only if a lattice unit
         # is a whole number of codes
-        (tc.data_dir or not cfgs["gpt"].cell_emb or (vc.image_size // vc.patch) % data.LATTICE == 0,
-         f"vq.image_size / vq.patch = {vc.image_size // vc.patch} codes a side must be a multiple of {data.LATTICE} "
+        (tc.data_dir or not cfgs["gpt"].cell_emb or (vc.image_size // vc.patch) % world.LATTICE == 0,
+         f"vq.image_size / vq.patch = {vc.image_size // vc.patch} codes a side must be a multiple of {world.LATTICE} "
          f"(the shapes world's layout lattice) for gpt.cell_emb; lower vq.patch or set gpt.cell_emb = false"),
         # a folder has captions, not reasoning plans: its text->image sequences are all direct
         (not tc.data_dir or tc.p_plan == 0, "a folder run (train.data_dir) has no reasoning plans: set train.p_plan = 0"),
@@ -435,7 +436,7 @@ def stage_tokenizer(cfgs, run_dir):
 
 def scene_images(n, seed, image_size, split):
     rng = np.random.default_rng(seed)
-    return np.stack([data.render(data.sample_example(rng, split=split).scene, image_size) for _ in range(n)])
+    return np.stack([world.render(world.sample_example(rng, split=split).scene, image_size) for _ in range(n)])
 
 
 def vq_round_trip(vq, images, device):
@@ -453,7 +454,7 @@ def parser_agreement(images, recon):
     same objects (shape and colour of each, so also how many) as the original, which is what the
     benchmarks need the VQ to keep; and the fraction that parses to exactly the same scene (sizes and cells too)."""
     objects = lambda scene: sorted((o.shape, o.colour) for o in scene.objects)
-    pairs = list(zip(data.parse_batch(images), data.parse_batch(recon)))
+    pairs = list(zip(world.parse_batch(images), world.parse_batch(recon)))
     return float(np.mean([objects(a) == objects(b) for a, b in pairs])), float(np.mean([a == b for a, b in pairs]))
 
 
@@ -536,13 +537,13 @@ def vq_codes(vq, images, device):
 def world_data(n, seed, split, tokenizer, vq, device):
     """n examples of the shapes world: prompt, plan, a random caption and the scene's image codes."""
     rng = np.random.default_rng(seed)
-    examples = [data.sample_example(rng, split=split) for _ in tqdm(range(n), desc=f"{split} examples", mininterval=2)]
+    examples = [world.sample_example(rng, split=split) for _ in tqdm(range(n), desc=f"{split} examples", mininterval=2)]
     enc = lambda s: data.encode_text(tokenizer, s)
     prompt = [enc(e.prompt) for e in examples]
-    plan = [enc(data.plan_text(e.scene, e.spec)) for e in examples]
-    caption = [enc(data.caption_text(e.scene, rng)) for e in examples]
+    plan = [enc(world.plan_text(e.scene, e.spec)) for e in examples]
+    caption = [enc(world.caption_text(e.scene, rng)) for e in examples]
     codes = [c for i in range(0, n, 512)  # rendered in chunks: all of them at once can be gigabytes at 64 x 64
-             for c in vq_codes(vq, np.stack([data.render(e.scene, vq.cfg.image_size) for e in examples[i:i + 512]]), device)]
+             for c in vq_codes(vq, np.stack([world.render(e.scene, vq.cfg.image_size) for e in examples[i:i + 512]]), device)]
     return LMData(prompt, plan, caption, codes)
 
 
@@ -800,7 +801,7 @@ def reward_thresholds(run_dir, pc, device):
     with safe_open(path, "pt") as f:
         meta, images, passed = f.metadata(), f.get_tensor("image"), f.get_tensor("passed")
     prompts, names = json.loads(meta["prompt"]), json.loads(meta["name"])
-    per_category = int(meta.get("per_category", len(set(prompts)) // len(data.CATEGORIES)))  # evaluate.dev_prompts(per_category)
+    per_category = int(meta.get("per_category", len(set(prompts)) // len(world.CATEGORIES)))  # evaluate.dev_prompts(per_category)
     reward_fn = rewards.load_reward(run_dir, pc.reward, device, {ex.prompt: ex.spec for ex in evaluate.dev_prompts(per_category)})
     r = rewards_of(reward_fn, list(images.numpy()), prompts, device)
     return posttrain.calibrate_thresholds(oracle_verdict(pc, r, passed.numpy()), passed.numpy(), names, pc.precision)
@@ -1047,8 +1048,8 @@ def derive_sizes(cfgs, run_dir):
     cfgs["gpt"].vocab_size = cfgs["gpt"].image_offset + cfgs["vq"].codebook_size
     cfgs["gpt"].n_image_tokens = cfgs["vq"].n_codes
     if tokenizer and cfgs["gpt"].cell_emb and not cfgs["train"].data_dir:
-        cfgs["gpt"].cell_token_ids = tuple(tokenizer.token_to_id(c) for c in data.CELLS)
-        cfgs["gpt"].attr_token_ids = tuple(tokenizer.token_to_id(w) for w in (*data.COLOURS, *data.SHAPES, *data.SIZES))
+        cfgs["gpt"].cell_token_ids = tuple(tokenizer.token_to_id(c) for c in world.CELLS)
+        cfgs["gpt"].attr_token_ids = tuple(tokenizer.token_to_id(w) for w in (*world.COLOURS, *world.SHAPES, *world.SIZES))
         cfgs["gpt"].code_cells = data.code_cells(cfgs["vq"].n_codes)
 
 

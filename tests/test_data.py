@@ -4,55 +4,56 @@ import pytest
 from PIL import Image, ImageFilter
 
 import data
+import world
 import evaluate
-from data import Obj, Req, Scene, Spec
+from world import Obj, Req, Scene, Spec
 
 
 def scenes(n, seed=0):
     rng = np.random.default_rng(seed)
-    return [data.random_scene(rng) for _ in range(n)]
+    return [world.random_scene(rng) for _ in range(n)]
 
 
 @pytest.mark.parametrize("size", [32, 64])
 def test_render_parse_round_trip_is_exact(size):
     batch = scenes(400)
-    assert data.parse_batch(np.stack([data.render(s, size) for s in batch])) == batch
+    assert world.parse_batch(np.stack([world.render(s, size) for s in batch])) == batch
     # every shape, colour, size and cell at least once
-    every = [Scene((Obj(sh, c, z, r, k),)) for sh in data.SHAPES for c in data.COLOURS for z in data.SIZES
+    every = [Scene((Obj(sh, c, z, r, k),)) for sh in world.SHAPES for c in world.COLOURS for z in world.SIZES
              for r in range(3) for k in range(3)]
-    assert [data.parse(data.render(s, size)) for s in every] == every
+    assert [world.parse(world.render(s, size)) for s in every] == every
 
 
 def test_parse_survives_blur_noise_and_colour_speckle():
     rng = np.random.default_rng(1)
     batch, ok = scenes(300, seed=2), 0
     for s in batch:
-        img = Image.fromarray(data.render(s, 32)).filter(ImageFilter.GaussianBlur(0.6))
+        img = Image.fromarray(world.render(s, 32)).filter(ImageFilter.GaussianBlur(0.6))
         x = np.asarray(img).astype(float) + rng.normal(0, 8, (32, 32, 3))
-        ok += data.parse(np.clip(x, 0, 255).astype(np.uint8)) == s
+        ok += world.parse(np.clip(x, 0, 255).astype(np.uint8)) == s
     assert ok / len(batch) >= 0.95, f"blurred round trip {ok / len(batch):.3f} < 0.95"
     # a yellow circle speckled with orange pixels stays one yellow circle
     s = Scene((Obj("circle", "yellow", "large", 1, 1),))
-    img = data.render(s, 32).copy()
-    img[15, 14] = data.COLOURS["orange"]
-    assert data.parse(img) == s
+    img = world.render(s, 32).copy()
+    img[15, 14] = world.COLOURS["orange"]
+    assert world.parse(img) == s
 
 
 def test_parse_ignores_specks_and_accepts_floats():
-    img = data.render(Scene(()), 32).copy()
-    img[3, 3] = data.COLOURS["red"]
-    assert data.parse(img) == Scene(())
+    img = world.render(Scene(()), 32).copy()
+    img[3, 3] = world.COLOURS["red"]
+    assert world.parse(img) == Scene(())
     s = scenes(1)[0]
-    assert data.parse(data.render(s, 32) / 255.0) == s
+    assert world.parse(world.render(s, 32) / 255.0) == s
     with pytest.raises(ValueError, match="square images"):
-        data.parse_batch(np.zeros((2, 32, 16, 3)))
+        world.parse_batch(np.zeros((2, 32, 16, 3)))
 
 
 def test_checker_fails_exactly_the_wrong_clause():
     a, b = Obj("circle", "red", "large", 0, 0), Obj("square", "blue", "small", 2, 2)
     spec = Spec((Req("circle", "red"), Req("square", "blue")), ((0, "left of", 1),), total=2)
-    assert all(data.check(Scene((a, b)), spec).values())
-    failed = lambda scene: sorted(k for k, v in data.check(scene, spec).items() if not v)
+    assert all(world.check(Scene((a, b)), spec).values())
+    failed = lambda scene: sorted(k for k, v in world.check(scene, spec).items() if not v)
     wrong_colour = Scene((Obj("circle", "green", "large", 0, 0), b))
     assert failed(wrong_colour) == ["count:red circle", "relation:0 left of 1"]
     wrong_place = Scene((Obj("circle", "red", "large", 0, 2), Obj("square", "blue", "small", 2, 0)))
@@ -65,47 +66,47 @@ def test_counting_is_exact():
     spec = Spec((Req("circle", count=3),), total=3)
     three = Scene(tuple(Obj("circle", "red", "small", 0, c) for c in range(3)))
     four = Scene(three.objects + (Obj("circle", "red", "small", 1, 0),))
-    assert data.passes(three, spec) and not data.passes(four, spec)
-    assert data.check(four, spec) == {"count:circle": False, "total": False}
+    assert world.passes(three, spec) and not world.passes(four, spec)
+    assert world.check(four, spec) == {"count:circle": False, "total": False}
 
 
 def test_relations_judged_on_cells():
     a, b = Obj("circle", "red", "large", 0, 1), Obj("square", "blue", "large", 1, 1)  # same column
     spec = Spec((Req("circle", "red"), Req("square", "blue")), ((0, "above", 1),), total=2)
-    assert data.passes(Scene((a, b)), spec)
-    assert not data.passes(Scene((a, b)), Spec(spec.reqs, ((0, "left of", 1),), 2))
+    assert world.passes(Scene((a, b)), spec)
+    assert not world.passes(Scene((a, b)), Spec(spec.reqs, ((0, "left of", 1),), 2))
 
 
 def test_every_generator_scene_satisfies_its_spec_and_plan():
     rng = np.random.default_rng(0)
-    for cat in data.CATEGORIES:
+    for cat in world.CATEGORIES:
         for _ in range(100):
-            ex = data.sample_example(rng, cat)
-            assert data.passes(ex.scene, ex.spec), (cat, ex.prompt)
-            plan = data.plan_text(ex.scene, ex.spec)
-            assert data.parse_plan(plan) == ex.scene
+            ex = world.sample_example(rng, cat)
+            assert world.passes(ex.scene, ex.spec), (cat, ex.prompt)
+            plan = world.plan_text(ex.scene, ex.spec)
+            assert world.parse_plan(plan) == ex.scene
             # the renders of the example's scene pass too: the benchmark is exact on ground truth
-            assert data.passes(data.parse(data.render(ex.scene)), ex.spec)
+            assert world.passes(world.parse(world.render(ex.scene)), ex.spec)
 
 
 def test_plan_follows_the_prompt_order_and_rejects_garbage():
     a, b = Obj("square", "blue", "small", 0, 0), Obj("circle", "red", "large", 2, 2)
     spec = Spec((Req("circle", "red"), Req("square", "blue")), total=2)
-    assert data.plan_text(Scene((a, b)), spec) == "two bottom-right red circle large ; top-left blue square small"
-    assert data.plan_text(Scene((a, b))) == "two top-left blue square small ; bottom-right red circle large"
+    assert world.plan_text(Scene((a, b)), spec) == "two bottom-right red circle large ; top-left blue square small"
+    assert world.plan_text(Scene((a, b))) == "two top-left blue square small ; bottom-right red circle large"
     for bad in ["one red circle large", "one top-left red circle huge", "one top left red circle large",  # the old two-word cell
                 "one red circle large top-left",  # the cell last, as before the cell embedding
                 "top-left red circle large ; bottom-right blue square small",  # no count, as before plan_version 3
                 "three top-left red circle large ; bottom-right blue square small",  # a count that is not the objects'
                 "two top-left red circle large ; top-left blue square small"]:
-        assert data.parse_plan(bad) is None
+        assert world.parse_plan(bad) is None
 
 
 def test_knowledge_prompts_resolve():
     rng = np.random.default_rng(3)
     kinds = set()
     for _ in range(200):
-        ex = data.sample_example(rng, "knowledge")
+        ex = world.sample_example(rng, "knowledge")
         kinds.add(ex.kind)
         if "colour of grass" in ex.prompt:
             assert ex.spec.reqs[0].colour == "green"
@@ -116,24 +117,24 @@ def test_knowledge_prompts_resolve():
 
 def test_pretraining_mix_weights_knowledge_kinds_and_leaves_benchmark_prompts_alone(monkeypatch):
     rng = np.random.default_rng(0)
-    exs = [data.sample_example(rng) for _ in range(6000)]
+    exs = [world.sample_example(rng) for _ in range(6000)]
     share = lambda cat, kind=None: np.mean([e.category == cat and e.kind == kind for e in exs])
-    total = sum(data.PRETRAIN_MIX.values())
-    for (cat, kind), w in data.PRETRAIN_MIX.items():
+    total = sum(world.PRETRAIN_MIX.values())
+    for (cat, kind), w in world.PRETRAIN_MIX.items():
         if cat != "single_object":  # within 4 binomial SDs at 6,000 draws: a weight of 0.125 left out still fails
             p = w / total
             assert abs(share(cat, kind) - p) < 4 * np.sqrt(p * (1 - p) / len(exs)), (cat, kind, share(cat, kind), p)
     # single objects: the mix's "sized" ones always name the size, the others as often as benchmark prompts do
-    plain, sized = data.PRETRAIN_MIX[("single_object", None)], data.PRETRAIN_MIX[("single_object", "sized")]
+    plain, sized = world.PRETRAIN_MIX[("single_object", None)], world.PRETRAIN_MIX[("single_object", "sized")]
     single = [e for e in exs if e.category == "single_object"]
     assert abs(len(single) / len(exs) - (plain + sized) / total) < 0.015
     named = np.mean([e.spec.reqs[0].size is not None for e in single])
-    assert abs(named - (sized + data.SINGLE_SIZED * plain) / (plain + sized)) < 0.05, named
+    assert abs(named - (sized + world.SINGLE_SIZED * plain) / (plain + sized)) < 0.05, named
     # benchmark and dev prompts are drawn per category: a different pretraining mix leaves them unchanged
     held_out = lambda: [e.prompt for s in evaluate.prompt_sets(20).values() for e in s] + [e.prompt for e in evaluate.dev_prompts(5)]
     before = held_out()
-    monkeypatch.setattr(data, "PRETRAIN_MIX", {("knowledge", "number"): 1.0})
-    assert {data.sample_example(rng).kind for _ in range(20)} == {"number"}
+    monkeypatch.setattr(world, "PRETRAIN_MIX", {("knowledge", "number"): 1.0})
+    assert {world.sample_example(rng).kind for _ in range(20)} == {"number"}
     assert held_out() == before
 
 
@@ -143,20 +144,20 @@ FIXED_SPLITS = {"a red circle": "train", "draw a green triangle": "dev", "an ora
 def test_a_sized_single_object_names_its_size_and_plans_it():
     rng = np.random.default_rng(0)
     for _ in range(200):
-        ex = data.gen_single_object(rng, "sized")
+        ex = world.gen_single_object(rng, "sized")
         o = ex.scene.objects[0]
-        assert ex.spec.reqs[0].size == o.size and set(ex.prompt.split()) & set(data.SIZE_WORDS[o.size]), ex.prompt
-        assert data.plan_text(ex.scene, ex.spec).endswith(o.size)
+        assert ex.spec.reqs[0].size == o.size and set(ex.prompt.split()) & set(world.SIZE_WORDS[o.size]), ex.prompt
+        assert world.plan_text(ex.scene, ex.spec).endswith(o.size)
 
 
 def test_splits_are_stable_and_training_never_sees_bench_or_dev():
     # fixed values: a salted hash (python's hash()) would move prompts between splits from run to run
-    fixed = {p: data.prompt_split(p) for p in ("a red circle", "draw a green triangle", "an orange circle")}
+    fixed = {p: world.prompt_split(p) for p in ("a red circle", "draw a green triangle", "an orange circle")}
     assert fixed == FIXED_SPLITS, fixed
     rng = np.random.default_rng(0)
-    prompts = [data.sample_example(rng).prompt for _ in range(2000)]
-    assert all(data.prompt_split(p) == "train" for p in prompts)
-    shares = np.mean([data.prompt_split(f"prompt {i}") == "bench" for i in range(5000)])
+    prompts = [world.sample_example(rng).prompt for _ in range(2000)]
+    assert all(world.prompt_split(p) == "train" for p in prompts)
+    shares = np.mean([world.prompt_split(f"prompt {i}") == "bench" for i in range(5000)])
     assert 0.12 < shares < 0.18, f"bench share {shares}"
 
 
@@ -166,8 +167,8 @@ def test_tokenizer_covers_every_generator_and_refuses_unknown_words(tmp_path):
     assert [tok.token_to_id(t) for t in data.SPECIAL_TOKENS] == list(range(8))
     rng = np.random.default_rng(5)
     for _ in range(300):  # a tokenizer trained on 20 examples per category still knows every word
-        ex = data.sample_example(rng, split=["train", "dev", "bench"][int(rng.integers(3))])
-        for text in (ex.prompt, data.plan_text(ex.scene, ex.spec), data.caption_text(ex.scene, rng)):
+        ex = world.sample_example(rng, split=["train", "dev", "bench"][int(rng.integers(3))])
+        for text in (ex.prompt, world.plan_text(ex.scene, ex.spec), world.caption_text(ex.scene, rng)):
             ids = data.encode_text(tok, text)
             assert data.UNK not in ids
             assert data.decode_text(tok, ids) == text.lower()
@@ -200,17 +201,17 @@ def test_sequence_formats_modality_and_targets():
 
 
 def test_distinct_examples_skips_repeats_and_excluded_and_stops_short():
-    pool = [data.sample_example(np.random.default_rng(i), "single_object") for i in range(3)]
+    pool = [world.sample_example(np.random.default_rng(i), "single_object") for i in range(3)]
     calls = []
 
     def draw(found):
         calls.append(found)
         return pool[len(calls) % 3]
 
-    out = data.distinct_examples(draw, 5, 20, exclude={pool[0].prompt})
+    out = world.distinct_examples(draw, 5, 20, exclude={pool[0].prompt})
     assert [e.prompt for e in out] == [pool[1].prompt, pool[2].prompt]  # the world ran out: fewer than n
     assert len(calls) == 20 and calls[:4] == [0, 1, 2, 2]  # draw is told how many were kept so far
-    assert len(data.distinct_examples(draw, 1, 20)) == 1
+    assert len(world.distinct_examples(draw, 1, 20)) == 1
 
 
 @pytest.mark.parametrize("size,patch", [(32, 4), (64, 4), (64, 8)])
@@ -221,7 +222,7 @@ def test_code_cells_cover_each_object_with_its_own_cell(size, patch):
     cells = data.code_cells(g * g)
     for k in range(9):
         obj = Obj("square", "red", "large", *divmod(k, 3))
-        ink = (data.render(Scene((obj,)), size) != data.BACKGROUND).any(-1)  # (H, W)
+        ink = (world.render(Scene((obj,)), size) != world.BACKGROUND).any(-1)  # (H, W)
         hit = ink.reshape(g, patch, g, patch).any(axis=(1, 3)).flatten()  # (g*g,) codes touching the square
         assert hit.any() and all(cells[i] == k for i in np.flatnonzero(hit))
     assert cells[0] == cells[g - 1] == cells[-1] == -1

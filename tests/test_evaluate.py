@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-import data
+import world
 import evaluate
-from data import Obj, Req, Scene, Spec
+from world import Obj, Req, Scene, Spec
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +19,10 @@ def sets():
 
 def test_ground_truth_renders_pass_every_benchmark(sets):
     for name, exs in sets.items():
-        images = [data.render(ex.scene) for ex in exs]
-        scenes = data.parse_batch(np.stack(images))
+        images = [world.render(ex.scene) for ex in exs]
+        scenes = world.parse_batch(np.stack(images))
         for ex, scene in zip(exs, scenes):
-            assert data.passes(scene, ex.spec), (name, ex.prompt)
+            assert world.passes(scene, ex.spec), (name, ex.prompt)
             if ex.category == "dense":
                 assert all(evaluate.dpg_facts(scene, ex.spec).values()), ex.prompt
         assert np.allclose(evaluate.render_agreement(images, scenes), 1.0), name
@@ -33,7 +33,7 @@ def test_prompt_sets_are_fixed_distinct_and_from_the_bench_split(sets):
     assert {k: [e.prompt for e in v] for k, v in sets.items()} == {k: [e.prompt for e in v] for k, v in again.items()}
     prompts = [e.prompt for exs in sets.values() for e in exs]
     assert len(prompts) == len(set(prompts)), "a prompt is shared between benchmark sets"
-    assert all(data.prompt_split(p) == "bench" for p in prompts)
+    assert all(world.prompt_split(p) == "bench" for p in prompts)
     assert {e.category for e in sets["oneig"]} == set(evaluate.ONEIG_CATEGORIES)
 
 
@@ -54,7 +54,7 @@ def test_no_training_or_dev_prompt_is_a_benchmark_prompt():
     # what pretraining draws for the shipped seeds (train.LMData uses sample_example(rng, split="train"))
     for seed in (0, 1):
         rng = np.random.default_rng(seed)
-        assert not bench & {data.sample_example(rng, split="train").prompt for _ in range(3000)}
+        assert not bench & {world.sample_example(rng, split="train").prompt for _ in range(3000)}
 
 
 DENSE = Spec((Req("circle", "red", "large", 1, 0, 0), Req("square", "blue", "small", 1, 2, 2),
@@ -105,20 +105,20 @@ def test_position_margin_and_counting_exclusion_on_pixels():
     cases = {(0, 1): True, (0, 2): True, (1, 1): False, (2, 1): False}
     for (ca, cb), want in cases.items():
         scene = Scene((Obj("circle", "red", "large", 0, ca), Obj("square", "blue", "small", 2, cb)))
-        assert data.passes(data.parse(data.render(scene)), spec) == want, (ca, cb)
+        assert world.passes(world.parse(world.render(scene)), spec) == want, (ca, cb)
     count = Spec((Req("triangle", "orange", count=2),), total=2)
     three = Scene(tuple(Obj("triangle", "orange", "small", r, 1) for r in range(3)))
-    assert data.check(data.parse(data.render(three)), count) == {"count:orange triangle": False, "total": False}
+    assert world.check(world.parse(world.render(three)), count) == {"count:orange triangle": False, "total": False}
 
 
 def test_render_agreement_falls_on_unclean_images():
     scene = Scene(GOOD)
-    clean = data.render(scene)
+    clean = world.render(scene)
     noisy = np.clip(clean + np.random.default_rng(0).normal(0, 60, clean.shape), 0, 255).astype(np.uint8)
     half = clean.copy()
     half[:, :7] = 255  # a circle cut in half is a fragment, not a clean shape
     imgs = [clean, noisy, half]
-    q = evaluate.render_agreement(imgs, data.parse_batch(np.stack(imgs)))
+    q = evaluate.render_agreement(imgs, world.parse_batch(np.stack(imgs)))
     assert q[0] == 1.0 and q[1] < 0.9 and q[2] < 1.0, q
 
 
@@ -146,11 +146,11 @@ def test_diversity_counts_distinct_correct_scenes():
 def test_weakness_ranks_categories_and_attributes():
     records = []
     for ex in evaluate.dev_prompts(20):
-        assert data.prompt_split(ex.prompt) == "dev"
+        assert world.prompt_split(ex.prompt) == "dev"
         # a model that always draws every purple object green, and is otherwise perfect
         scene = Scene(tuple(Obj(o.shape, "green" if o.colour == "purple" else o.colour, o.size, o.row, o.col)
                             for o in ex.scene.objects))
-        clauses = data.check(scene, ex.spec)
+        clauses = world.check(scene, ex.spec)
         facts = evaluate.dpg_facts(scene, ex.spec) if ex.category == "dense" else None
         records.append({"example": ex, "category": ex.category, "kind": ex.kind, "clauses": clauses,
                         "passed": all(clauses.values()), "facts": facts})

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import world
 import evaluate
 import posttrain
 import train
@@ -60,7 +61,7 @@ def test_post_training_prompts_never_equal_benchmark_or_dev_prompts(strategy):
     prompts = [e.prompt for e in exs]
     assert len(set(prompts)) == 400
     assert not set(prompts) & (bench | dev)
-    assert all(data.prompt_split(p) == "train" for p in prompts)
+    assert all(world.prompt_split(p) == "train" for p in prompts)
     cats = [e.category + (f"/{e.kind}" if e.category == "knowledge" else "") for e in exs]
     if strategy == "aligned":
         assert set(cats) >= set(evaluate.GENEVAL_TASKS) | {"dense"}
@@ -97,7 +98,7 @@ def test_an_anchor_share_of_targeted_prompts_comes_from_every_benchmark_category
     other = [e for e in exs if e.kind != "comparative"]
     assert 0.18 < len(other) / len(exs) < 0.32 and {e.category for e in other} >= set(evaluate.GENEVAL_TASKS)
     bench = {e.prompt for exs in evaluate.prompt_sets(50).values() for e in exs} | {e.prompt for e in evaluate.dev_prompts(25)}
-    assert not {e.prompt for e in exs} & bench and all(data.prompt_split(e.prompt) == "train" for e in exs)
+    assert not {e.prompt for e in exs} & bench and all(world.prompt_split(e.prompt) == "train" for e in exs)
 
 
 def test_thresholds_are_calibrated_per_category_on_dev_samples():
@@ -158,12 +159,12 @@ def test_targets_are_weak_categories_the_reward_can_judge_else_nothing():
 
 def test_the_verifier_scores_the_share_of_clauses_and_the_oracle_threshold_is_its_verdict():
     rng = np.random.default_rng(3)
-    exs = [data.sample_example(rng, "dense") for _ in range(6)]
-    wrong = [data.Scene(ex.scene.objects[1:]) for ex in exs]  # the first object left out
-    images = [data.render(s) for s in [ex.scene for ex in exs] + wrong]
+    exs = [world.sample_example(rng, "dense") for _ in range(6)]
+    wrong = [world.Scene(ex.scene.objects[1:]) for ex in exs]  # the first object left out
+    images = [world.render(s) for s in [ex.scene for ex in exs] + wrong]
     v = posttrain.verifier_scores(images, exs, list(range(6)) * 2)
     assert v[:6].tolist() == [1.0] * 6
-    assert v[6:] == pytest.approx([np.mean(list(data.check(s, ex.spec).values())) for s, ex in zip(wrong, exs)])
+    assert v[6:] == pytest.approx([np.mean(list(world.check(s, ex.spec).values())) for s, ex in zip(wrong, exs)])
     assert all(0 < x < 1 for x in v[6:])
     # calibrated on graded verifier scores, a strong category's threshold would let near misses in; the oracle's
     # threshold is calibrated on its verdict instead, so it keeps exactly the passing samples
@@ -254,14 +255,14 @@ def test_calibration_prompts_are_dev_prompts_of_the_category():
     for name in ("position", "knowledge/comparative"):
         exs = posttrain.dev_examples(name, 100)
         assert len(exs) == 100 and len({e.prompt for e in exs}) == 100
-        assert all(data.prompt_split(e.prompt) == "dev" for e in exs) and not {e.prompt for e in exs} & bench
+        assert all(world.prompt_split(e.prompt) == "dev" for e in exs) and not {e.prompt for e in exs} & bench
         assert {evaluate.category_name(e.category, e.kind) for e in exs} == {name}
 
 
 def test_focus_prompts_are_fixed_bench_prompts_of_one_category_or_knowledge_kind():
     for name in ("counting", "knowledge/comparative", "knowledge/number"):
         exs = evaluate.focus_prompts(name, 150)
-        assert len({e.prompt for e in exs}) == 150 and all(data.prompt_split(e.prompt) == "bench" for e in exs)
+        assert len({e.prompt for e in exs}) == 150 and all(world.prompt_split(e.prompt) == "bench" for e in exs)
         assert {evaluate.category_name(e.category, e.kind) for e in exs} == {name}
         assert [e.prompt for e in exs] == [e.prompt for e in evaluate.focus_prompts(name, 150)], "the same on every run"
     assert evaluate.focus_prompts("counting", 50) == evaluate.benchmark_prompts("counting", 50)
@@ -455,8 +456,8 @@ def test_each_sample_is_weighted_by_its_own_category_threshold(micro_run, tmp_pa
     shutil.copytree(micro_run, run)
     cfgs = train.load_config(MICRO, [f"--train.out_dir={run}", "--post.steps=1", "--post.prompts=12", "--post.strategy=broad"])
     train.derive_sizes(cfgs, run)
-    judged = set(data.CATEGORIES) - {"position", "dense", "knowledge"}
-    monkeypatch.setattr(train, "reward_thresholds", lambda *a: {c: (0.0 if c in judged else None) for c in data.CATEGORIES})
+    judged = set(world.CATEGORIES) - {"position", "dense", "knowledge"}
+    monkeypatch.setattr(train, "reward_thresholds", lambda *a: {c: (0.0 if c in judged else None) for c in world.CATEGORIES})
     _, *_, rounds = train.post_train(cfgs, run, "cpu", train.Metrics(os.path.join(run, "m.jsonl")), cfgs["post"], seed=2, log_prefix="thr")
     t = load_file(os.path.join(run, "thr_round0.safetensors"))
     exs = json.load(open(os.path.join(run, "thr_round0.json")))

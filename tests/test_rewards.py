@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import data
+import world
 import rewards
 import train
 from rewards import RewardError, load_reward, parse_spec
@@ -76,15 +76,15 @@ def test_heads_shapes_ranges_and_gradients(micro_run):
 
 def test_verifier_is_one_on_ground_truth_and_the_share_of_clauses_that_hold_on_another_scene():
     rng = np.random.default_rng(0)
-    exs = [data.sample_example(rng, category=c) for c in data.CATEGORIES]
-    others = [next(s for s in (data.random_scene(rng) for _ in range(100)) if not data.passes(s, e.spec)) for e in exs]
+    exs = [world.sample_example(rng, category=c) for c in world.CATEGORIES]
+    others = [next(s for s in (world.random_scene(rng) for _ in range(100)) if not world.passes(s, e.spec)) for e in exs]
     specs = {e.prompt: e.spec for e in exs}
     verifier = load_reward(None, "verifier", specs=specs)
     prompts = [e.prompt for e in exs]
-    truth = rewards.to_float(np.stack([data.render(e.scene) for e in exs]))
+    truth = rewards.to_float(np.stack([world.render(e.scene) for e in exs]))
     assert verifier(truth, prompts).tolist() == [1.0] * len(exs)
-    got = verifier(rewards.to_float(np.stack([data.render(s) for s in others])), prompts).tolist()
-    want = [np.mean(list(data.check(s, e.spec).values())) for s, e in zip(others, exs)]  # the share of clauses that hold
+    got = verifier(rewards.to_float(np.stack([world.render(s) for s in others])), prompts).tolist()
+    want = [np.mean(list(world.check(s, e.spec).values())) for s, e in zip(others, exs)]  # the share of clauses that hold
     assert got == pytest.approx(want) and all(0 <= g < 1 for g in got) and any(g > 0 for g in got)
     with pytest.raises(RewardError, match="no Spec for prompt 'a blue square'"):
         verifier(truth[:1], ["a blue square"])
@@ -93,9 +93,9 @@ def test_verifier_is_one_on_ground_truth_and_the_share_of_clauses_that_hold_on_a
 def test_perturb_and_malformed_change_the_picture():
     rng = np.random.default_rng(1)
     for _ in range(200):
-        scene = data.random_scene(rng)
+        scene = world.random_scene(rng)
         assert rewards.perturb(scene, rng) != scene
-        assert not np.array_equal(rewards.render_malformed(scene, rng, 32), data.render(scene, 32))
+        assert not np.array_equal(rewards.render_malformed(scene, rng, 32), world.render(scene, 32))
         assert 0.0 <= rewards.composition(scene) <= 1.0
 
 
@@ -144,7 +144,7 @@ def test_changed_reward_settings_name_the_heads_file(micro_run):
 
 def test_readme_example_runs(micro_run, monkeypatch, capsys):
     text = open(README).read()
-    code = re.search(r"## Add your own reward.*?```python\n(.*?)```", text, re.S).group(1)
+    code = re.search(r"### Rewards.*?```python\n(.*?)```", text, re.S).group(1)
     assert len(code.strip().splitlines()) < 15
     monkeypatch.setattr(rewards, "REWARDS", dict(rewards.REWARDS))  # the example registers a name: keep it local
     exec(code.replace("out/shapes_cpu", micro_run), {})
@@ -153,15 +153,15 @@ def test_readme_example_runs(micro_run, monkeypatch, capsys):
 
 def test_vqa_executor_on_exact_cells_and_programs_is_the_verifier():
     # the soft executor, fed certain cells (one-hot scenes) and certain programs (the Specs as near-infinite
-    # logits), must agree with data.passes on true scenes and on their edits
+    # logits), must agree with world.passes on true scenes and on their edits
     rng = np.random.default_rng(3)
-    exs = [data.sample_example(rng) for _ in range(300)]
+    exs = [world.sample_example(rng) for _ in range(300)]
     scenes = [e.scene if k % 2 else rewards.perturb(e.scene, rng) for k, e in enumerate(exs)]
     slots, total, rel = rewards.program_targets([e.spec for e in exs])
     sure = lambda t, n: 50.0 * torch.nn.functional.one_hot(t, n).float()
     slot_logits = torch.cat([sure(slots[..., k], n) for k, n in enumerate(rewards.SLOT_ATTRS)], -1)
     head = rewards.VQAHead(rewards.RewardsConfig(dim=8, layers=1), 100, 32)
-    p = head.execute(rewards.one_hot_cells(rewards.cell_targets(scenes)), slot_logits, sure(total, data.MAX_OBJECTS + 1), 50.0 * (2 * rel - 1))
-    want = np.array([data.passes(s, e.spec) for s, e in zip(scenes, exs)])
+    p = head.execute(rewards.one_hot_cells(rewards.cell_targets(scenes)), slot_logits, sure(total, world.MAX_OBJECTS + 1), 50.0 * (2 * rel - 1))
+    want = np.array([world.passes(s, e.spec) for s, e in zip(scenes, exs)])
     assert 0.2 < want.mean() < 0.8
     assert np.array_equal(p.numpy() > 0.5, want), [e.prompt for e, a, b in zip(exs, p.numpy() > 0.5, want) if a != b][:3]
