@@ -452,74 +452,6 @@ def post_section(post):
     return parts
 
 
-ABLATION_TABLES = {"modality weighting": ["both", "text_only", "image_only", "uniform"],
-                   "data strategy": ["broad", "aligned", "both"], "reward": ["both", "oracle", "uniform"]}
-
-
-def merge_ablations(parts):
-    """Several ablations.json of one sweep (same base, other seeds) -> one, the runs of each variant joined."""
-    if len({json.dumps(p["base"], sort_keys=True) for p in parts}) != 1:
-        raise SystemExit("these ablation files come from different base runs: they cannot be merged")
-    merged = {**parts[0], "runs": {}}
-    for p in parts:
-        for name, runs in p["runs"].items():
-            merged["runs"].setdefault(name, []).extend(runs)
-    return merged
-
-
-def ablation_summary(results, tables=ABLATION_TABLES):
-    """ablations.json -> markdown: per table, mean +- std over seeds of the focus category and the four
-    benchmarks, and the paper's claims checked against the figures."""
-    focus = results["focus_category"]
-    metric = "facts" if focus in GRADED else "pass_rate"  # dense is scored by DPG's fact fraction
-    base = results["base"]
-    get = lambda res: [res["focus"][metric]] + [res["benchmarks"][b]["overall"] for b in ("geneval", "dpg", "wise", "oneig")]
-    stats = {name: (np.mean([get(r) for r in runs], 0), np.std([get(r) for r in runs], 0, ddof=min(len(runs) - 1, 1)), len(runs))
-             for name, runs in results["runs"].items()}
-    head = f"| variant | {focus} ({metric}) | change | geneval | dpg | wise | oneig |"
-    out = ["# Post-training ablations", "",
-           f"Focus: `{focus}`, the base model's weakest dev category that post-training aims at, measured on {base['focus']['samples']} samples "
-           f"(bench prompts x 4 samples x 2 sampling seeds). Benchmarks: bench prompts x 1 sample (oneig 2). "
-           f"Mean +- sample std over post-training seeds.", ""]
-    for title, names in tables.items():
-        out += [f"## {title}", "", head, "|---|---|---|---|---|---|---|",
-                "| base (no post-training) | " + " | ".join([f"{get(base)[0]:.3f}", "-"] + [f"{v:.3f}" for v in get(base)[1:]]) + " |"]
-        for n in names:
-            if n in stats:
-                m, sd, k = stats[n]
-                cells = [f"{m[0]:.3f} +- {sd[0]:.3f}", f"{m[0] - get(base)[0]:+.3f}"] + [f"{a:.3f} +- {b:.3f}" for a, b in zip(m[1:], sd[1:])]
-                label = f"{n} = targeted, the default" if n == "both" else n  # the run's [post] config
-                out.append(f"| {label} (n={k}) | " + " | ".join(cells) + " |")
-        out.append("")
-    claims = []
-    se = lambda n: stats[n][1][0] / np.sqrt(max(stats[n][2], 1))
-
-    def verdict(claimed, rivals, label):
-        """Whether `claimed` beats every rival beyond the standard error of their difference; a lead
-        smaller than that is no verdict either way (one seed's noise would decide it)."""
-        best = max((claimed, *rivals), key=lambda n: stats[n][0][0])
-        other = max(rivals, key=lambda n: stats[n][0][0]) if best == claimed else claimed  # the comparison that decides
-        gap, err = stats[best][0][0] - stats[other][0][0], float(np.hypot(se(best), se(other)))
-        if gap <= err:
-            return f"**not settled**: {label(best)} leads {label(other)} by {gap:+.3f}, within the standard error {err:.3f}"
-        return (f"**{'reproduces' if best == claimed else 'does not reproduce'}** (best: {label(best)}, "
-                f"{gap:+.3f} over {label(other)}, standard error {err:.3f})")
-    if {"both", "text_only", "image_only"} <= stats.keys():
-        claims.append(f"- Weighting both modalities beats text only and image only on {focus}: "
-                      + verdict("both", ("text_only", "image_only"), lambda n: n) + ".")
-    if {"broad", "aligned", "both"} <= stats.keys():
-        claims.append(f"- Targeted prompts beat broad and benchmark-aligned ones on {focus}: "
-                      + verdict("both", ("broad", "aligned"), lambda n: "targeted" if n == "both" else n) + ".")
-    if {"both", "uniform"} <= stats.keys():
-        gain = stats["both"][0][0] - stats["uniform"][0][0]
-        err = float(np.hypot(se("both"), se("uniform")))
-        claims.append(f"- Reward weighting beats plain self-training (uniform) by {gain:+.3f} on {focus}, standard error "
-                      f"{err:.3f}: **{'beyond' if gain > err else 'within'} its standard error**.")
-    if {"both", "oracle"} <= stats.keys():
-        claims.append(f"- Learned reward vs the exact verifier as reward (meant as the upper bound): {stats['both'][0][0]:.3f} vs {stats['oracle'][0][0]:.3f}.")
-    return "\n".join(out + ["## The paper's claims at our scale", ""] + claims)
-
-
 def write_report_md(report, path):
     parts = ["# nanoloom run report", "", "## Benchmarks", "",
              "Scores with 95% bootstrap intervals over prompts (fixed bench prompt sets).", "",
@@ -538,12 +470,10 @@ def write_report_md(report, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Score a trained run on the four benchmarks.")
-    p.add_argument("run_dir", nargs="?")
+    p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="print the `benchmarks` part of report.json (with --focus: its figures)")
-    p.add_argument("--ablations", nargs="+", metavar="JSON",
-                   help="instead: print the tables of ablations.json files (one sweep split by train.ablation_first_seed)")
     p.add_argument("--prompts", type=int, default=None,
-                   help="prompts per set (default: the run's train.bench_prompts; with --focus, train.focus_prompts)")
+                   help="prompts per set (default: the run's train.bench_prompts; with --focus, ablations.focus_prompts)")
     p.add_argument("--samples", type=int, default=None, help="samples per prompt (default: the run's train.bench_samples; with --focus, 4)")
     p.add_argument("--seed", type=int, default=None,
                    help="sampling seed (default: the run's; with --focus, 0, and the next one too); the prompts are fixed")
@@ -552,11 +482,6 @@ def main(argv=None):
                    help="instead: measure categories closely, e.g. knowledge/comparative,single_object: --prompts bench "
                         "prompts x --samples x two sampling seeds (by default as the ablations: 150 x 4 x 2)")
     args = p.parse_args(argv)
-    if args.ablations:
-        print(ablation_summary(merge_ablations([json.load(open(f)) for f in args.ablations])))
-        return
-    if not args.run_dir:
-        p.error("give a run directory (or --ablations)")
     for name in ("prompts", "samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
@@ -575,7 +500,7 @@ def main(argv=None):
     tc = cfg["train"]  # the run's own settings, so the scores match its report.json
     sample_cfg = SampleConfig(**cfg.get("sample", {}))
     if focus:
-        n_prompts, seed = args.prompts or tc.get("focus_prompts", 150), args.seed or 0
+        n_prompts, seed = args.prompts or cfg.get("ablations", {}).get("focus_prompts", 150), args.seed or 0
         for name in focus:  # before any sampling: the bench split of some categories holds fewer prompts
             try:
                 focus_prompts(name, n_prompts)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from data import BOI, BOS, EOI, EOS, NULL, PAD, THINK, Vocab, check_world_run, decode_text, encode_text, grid_positions, load_tokenizer
 from model import GPT, VQ, GPTConfig, KVCache, VQConfig, load_lora, merge_lora
@@ -216,6 +216,21 @@ def generate(model, vocab, prompts_ids, cfg: SampleConfig, seed=0):
 
 class RunError(Exception):
     """A run directory that is missing, half-written, or from another config."""
+
+
+def save_atomic(tensors, path, metadata=None):
+    """safetensors write via a temporary file and a rename: a kill mid-write never leaves a corrupt file
+    (os.replace is atomic; a kill before it leaves the old file and a stray .tmp)."""
+    tmp = path + ".tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def write_json(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
 
 
 def load_weights(module, path):

@@ -1,13 +1,13 @@
 """
-Post-training on the model's own samples ("multimodal RWR", PAPERS.md section 1), the algorithm; the
-`post` stage of train.py runs it round after round, caches every round on disk and reports.
+The post stage: post-training on the model's own samples ("multimodal RWR", docs/papers.md), from a
+trained run to a LoRA adapter and the benchmarks before and after. Entry point: `run`.
 
 One round:
   1. prompts from a strategy: `broad` (the pretraining mix), `aligned` (the benchmarks' categories in
      the benchmarks' proportions), or `targeted` (aimed by the weakness report on dev prompts at the
      categories the model passes sometimes but not reliably and its reward can judge, dense prompts by
      their share of facts, and at the attribute values that fail most; skipped when there is no such
-     category); always from the "train" split of the prompt hash, so never a benchmark (or dev) prompt;
+     category); always from the "train" split, so never a benchmark (or dev) prompt;
   2. K samples per prompt from the current model (plan text, then the image it draws by itself);
   3. a reward per sample (default `vqa`), and the exact verifier beside it to watch for reward hacking;
   4. weights w_i from the rewards (`threshold`, the default: per category, calibrated on the base model's
@@ -22,18 +22,26 @@ One round:
     python train.py tiny_configs/shapes_cpu.toml --stages=post --post.weighting=uniform --train.out_dir=...
 """
 
+import dataclasses
+import json
 import math
-from dataclasses import dataclass
+import os
+import time
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from tqdm import tqdm
 
 import data
-import world
 import evaluate
+import rewards
+import world
 from data import Vocab, build_sequence, grid_positions
-from generate import SampleConfig, decode_images, generate
+from generate import RunError, SampleConfig, decode_images, generate, load_run, save_atomic, write_json
+from model import add_lora, lora_state_dict, merge_lora, unmerge_lora
 
 STRATEGIES = ("broad", "aligned", "targeted")
 WEIGHTINGS = ("rwr", "exp", "best", "threshold", "uniform")
@@ -42,51 +50,43 @@ ALIGNED_CATEGORIES = evaluate.GENEVAL_TASKS + ("dense", "knowledge")  # what the
 
 @dataclass
 class PostConfig:
-    rounds: int = 1  # generate -> score -> fine-tune cycles; each round samples from the updated model (measured,
-    #                  one base: a second round added 2 points on the targeted category and cost 3.5 on counting)
+    rounds: int = 1  # generate -> score -> fine-tune cycles; each round samples from the updated model
     prompts: int = 256  # prompts per round
-    samples: int = 8  # K samples per prompt (dense prompts keep each prompt's best: measured on one base, DPG 0.545 ->
-    #                   0.584 with 4, -> 0.624 with 8)
+    samples: int = 8  # K samples per prompt: more give a dense prompt's best sample a better chance to be right
     plan_temperature: float = 1.0  # plan tokens of the self-generated samples (sample.text_temperature is for
-    #                                evaluation): reward-weighting samples drawn from pi gives pi * w, but from a
-    #                                sharpened pi^(1/T) it also collapses what the prompt leaves open (layout, size)
+    #                                evaluation): weighting samples of a sharpened pi^(1/T) would also collapse
+    #                                what the prompt leaves open (layout, size)
     strategy: str = "targeted"  # broad | aligned | targeted
     reward: str = "vqa"  # reward name or weighted sum, e.g. "vqa + 0.5*aesthetic" (see rewards.py)
-    weighting: str = "threshold"  # rwr | exp | best | threshold | uniform (see sample_weights; why threshold: below)
+    weighting: str = "threshold"  # rwr | exp | best | threshold | uniform (see sample_weights)
     beta: float = 0.1  # temperature of rwr and exp: smaller trusts the reward's ranking more
-    precision: float = 0.95  # `threshold` keeps, per category, samples at or above the lowest reward from which this share
-    #                          of the base model's dev samples pass, counting two extra failures so that a few
-    #                          lucky dev samples do not pass (calibrate_thresholds): one fixed threshold does not
-    #                          fit, since vqa scores passing samples 0.15-0.65 depending on the category
+    precision: float = 0.95  # `threshold` keeps, per category, samples at or above the lowest reward from which this
+    #                          share of the base model's dev samples pass (calibrate_thresholds): one fixed
+    #                          threshold does not fit, since a reward's scale differs between categories
     alpha_text: float = 1.0  # weight of the plan (text) tokens' loss
     alpha_image: float = 1.0  # weight of the image tokens' loss
-    pretrain_weight: float = 1.0  # weight of a loss on pretraining data, against drift (0 = off): without it,
-    #                              categories the round's prompts rarely name (counting) were forgotten
-    null_prob: float = 0.1  # samples trained with the null condition: the adapter also moves the unguided
-    #                         branch, and guidance amplifies any gap that opens between the two (measured
-    #                         without it: single objects, colours and counting fell 0.1-0.3 at cfg_scale 1.5,
-    #                         mostly recovered at cfg_scale 1.0)
+    pretrain_weight: float = 1.0  # weight of a loss on pretraining data, against drift (0 = off): without it the
+    #                              categories a round's prompts rarely name are forgotten
+    null_prob: float = 0.1  # samples trained with the null condition, so that the adapter also moves the unguided
+    #                         branch: guidance amplifies any gap that opens between the two
     steps: int = 60  # fine-tuning steps per round
     batch: int = 32  # samples per fine-tuning step
-    lr: float = 1e-3  # adapter learning rate (constant after a short warm-up)
+    lr: float = 1e-3  # adapter learning rate (constant after the warm-up)
+    warmup: int = 10  # steps of linear learning-rate warm-up
+    grad_clip: float = 1.0  # gradient norm clip of the adapter
     lora_r: int = 8  # adapter rank
     lora_alpha: float = 16.0  # adapter scaling is lora_alpha / lora_r
     lora_dropout: float = 0.0  # dropout on the adapter branch only
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # Linear layers that get adapters
     focus: float = 0.5  # targeted: share of prompts that must name one of the most-failed attribute values
-    anchor: float = 0.25  # targeted: share of prompts drawn from every benchmark category (as `aligned`), so that
-    #                       the round also imitates the model's right samples of what it already draws well. Measured
-    #                       (one base, post seeds 0-2, 1,200 samples each): with 0, comparatives +0.29 to +0.71 but
-    #                       single objects -9.6 and -8.8 on two seeds ("a small circle" planned large); with 0.25,
-    #                       comparatives +0.19 to +0.30, single objects and position within -2.6
-    target_top: int = 2  # targeted: aim only at this many weakest categories the model passes sometimes (0 = all);
-    #                      spread over all seven, the weakest got ~50 good samples a round and did not move
-    weak_below: float = 0.8  # targeted: aim only at categories passed less often than this on dev; when the reward can
-    #                          judge none of them, post-training is skipped (0.7 skipped a base whose comparatives
-    #                          passed 0.75: aimed at them, 0.744 -> 0.964; with an older reward, aimed at GenEval
-    #                          categories passed 0.76-0.79, it had cost counting 9 points and raised nothing)
-    calib_samples: int = 400  # fresh dev samples for a category the eval stage's dev samples cannot settle: too few to call
-    #                           it strong, or too few passing ones to calibrate a threshold (choose_targets); ~6 s each
+    anchor: float = 0.25  # targeted: share of prompts drawn from every benchmark category (as `aligned`), so that a
+    #                       round also imitates the model's right samples of what it already draws well
+    target_top: int = 2  # targeted: aim only at this many weakest categories the model passes sometimes (0 = all):
+    #                      spread over all of them, each gets too few good samples a round to move
+    weak_below: float = 0.8  # targeted: aim only at categories passed less often than this on dev; when the reward
+    #                          can judge none of them, post-training is skipped
+    calib_samples: int = 400  # fresh dev samples for a category the eval stage's dev samples cannot settle: too few to
+    #                           call it strong, or too few passing ones to calibrate a threshold (choose_targets)
     eval_samples: int = 4  # after post-training: samples per benchmark prompt (as train.bench_samples)
 
 
@@ -410,9 +410,16 @@ def weighted_loss(model, batch, w, alpha_text, alpha_image):
     return loss, {"text": text.mean().item(), "image": image.mean().item()}
 
 
-def finetune(model, params, samples, weights, pc: PostConfig, vocab, device, rng, drift_batch=None, drift_loss=None):
+def mean_token_loss(model, batch):
+    """The pretraining loss of a batch: mean cross-entropy over its target tokens (the anti-drift term)."""
+    x, y, tgt, grid, _ = batch
+    ce = F.cross_entropy(model(x, grid=grid).float().flatten(0, 1), y.flatten(), reduction="none").view_as(tgt)  # (B, T)
+    return (ce * tgt).sum() / tgt.sum()
+
+
+def finetune(model, params, samples, weights, pc: PostConfig, vocab, device, rng, drift_batch=None):
     """pc.steps AdamW steps on the LoRA parameters over the samples with weight > 0 (drawn without
-    replacement, reshuffled each pass). drift_batch() / drift_loss(model, batch) give the optional
+    replacement, reshuffled each pass). drift_batch() gives the batches of the
     pretraining term. Returns the mean loss figures."""
     rows = [i for i in np.nonzero(np.asarray(weights) > 0)[0] if samples["codes"][i] is not None]
     if not rows:
@@ -426,16 +433,231 @@ def finetune(model, params, samples, weights, pc: PostConfig, vocab, device, rng
             order += list(rng.permutation(rows))
         pick, order = order[:pc.batch], order[pc.batch:]
         for group in opt.param_groups:
-            group["lr"] = pc.lr * min(1.0, (step + 1) / 10)  # 10 warm-up steps
+            group["lr"] = pc.lr * min(1.0, (step + 1) / pc.warmup)
         nulls = rng.random(len(pick)) < pc.null_prob
         loss, parts = weighted_loss(model, sample_batch(samples, pick, vocab, device, nulls), w_all[pick], pc.alpha_text, pc.alpha_image)
         if pc.pretrain_weight > 0:
-            loss = loss + pc.pretrain_weight * drift_loss(model, drift_batch())
+            loss = loss + pc.pretrain_weight * mean_token_loss(model, drift_batch())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, pc.grad_clip)
         opt.step()
         logs.append((loss.item(), parts["text"], parts["image"]))
     model.eval()
     mean = np.mean(logs, axis=0)
     return {"loss": float(mean[0]), "text": float(mean[1]), "image": float(mean[2]), "kept": len(rows)}
+
+# -----------------------------------------------------------------------------
+# the stage: a trained run in, an adapter and the benchmarks before and after out
+
+DEV_FILE = "dev_samples.safetensors"  # the eval stage's dev samples, on which the post stage calibrates its reward
+
+
+def save_round(samples, scores, path):
+    """One round's self-generated samples and their scores, as safetensors (-1 pads the id lists;
+    codes are all -1 where no image was drawn) plus a JSON of the prompts: cached for inspection and
+    for re-weighting them under another reward without sampling again."""
+    def pad(lists):
+        width = max([len(x) for x in lists if x is not None] + [1])
+        out = torch.full((len(lists), width), -1, dtype=torch.long)
+        for i, x in enumerate(lists):
+            if x:
+                out[i, :len(x)] = torch.tensor(x)
+        return out
+    tensors = {"example": torch.tensor(samples["example"]), "prompt": pad(samples["prompt"]), "plan": pad(samples["plan"]),
+               "codes": pad(samples["codes"]), "image": torch.from_numpy(np.stack(samples["image"])),
+               **{k: torch.tensor(np.asarray(v), dtype=torch.float32) for k, v in scores.items()}}
+    save_atomic(tensors, path)
+
+
+def pretraining_batches(tc, batch, seed, rng, tokenizer, vq, vocab, device):
+    """A function returning one pretraining batch per call (a small world_data set, reshuffled each
+    pass): the data of the anti-drift term."""
+    ds = data.world_data(min(tc.lm_examples, 50 * batch), seed, "train", tokenizer, vq, device)
+    queue = []
+
+    def next_batch():
+        if not queue:
+            queue.extend(data.epoch_batches(ds, rng, tc, batch))
+        return data.make_batch(ds, queue.pop(), vocab, device)
+    return next_batch
+
+
+def save_dev_samples(dev, run_dir):
+    """The eval stage's dev samples (evaluate.dev_samples): what the post stage calibrates its reward on."""
+    save_atomic({"image": torch.from_numpy(dev["image"]), "passed": torch.tensor(dev["passed"])}, os.path.join(run_dir, DEV_FILE),
+                {"prompt": json.dumps(dev["prompt"]), "name": json.dumps(dev["name"]), "per_category": str(dev["per_category"])})
+
+
+def oracle_verdict(pc, r, passed):
+    """The rewards a threshold is calibrated on: the exact verifier's own verdict when it is the reward (its
+    graded share of clauses would let a few near misses of a strong category in at 95% precision), else r."""
+    return np.asarray(passed, dtype=np.float64) if pc.reward.strip() == "verifier" else r
+
+
+def reward_thresholds(run_dir, pc, device):
+    """calibrate_thresholds of the post reward on the base model's dev samples (written by the eval stage)."""
+    path = os.path.join(run_dir, DEV_FILE)
+    if not os.path.exists(path):
+        raise RunError(f"{path} is missing (the eval stage writes it): run --stages=eval again")
+    with safe_open(path, "pt") as f:
+        meta, images, passed = f.metadata(), f.get_tensor("image"), f.get_tensor("passed")
+    prompts, names = json.loads(meta["prompt"]), json.loads(meta["name"])
+    per_category = int(meta.get("per_category", len(set(prompts)) // len(world.CATEGORIES)))  # evaluate.dev_prompts(per_category)
+    reward_fn = rewards.load_reward(run_dir, pc.reward, device, {ex.prompt: ex.spec for ex in evaluate.dev_prompts(per_category)})
+    r = rewards.score(reward_fn, list(images.numpy()), prompts, device)
+    return calibrate_thresholds(oracle_verdict(pc, r, passed.numpy()), passed.numpy(), names, pc.precision)
+
+
+def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix, calibrated=None):
+    """choose_targets for the targeted strategy. A category whose eval-stage dev samples are
+    too few to judge it (a knowledge kind gets ~24; a weak category's ~100 may hold fewer than the ~38
+    passing ones a threshold needs) gets post.calib_samples fresh dev samples from the base model: its pass
+    rate is pooled with theirs and its threshold calibrated on them (choose_targets says when the dev one
+    stands). base = (gpt, vq, vocab, tokenizer); calibrated: a dict that keeps those measurements across
+    calls on one base (the ablations), since the same seed gives the same samples. Returns (targets, {name: (pooled pass rate, samples)});
+    raises NothingToTarget when no weak category is left."""
+    tc = cfgs["train"]
+    if not weakness:
+        raise RunError("the targeted strategy needs the eval stage's weakness.json: run --stages=eval first")
+    gpt, vq, vocab, tokenizer = base
+
+    def measure(name):
+        key = (pc.reward, pc.precision, pc.calib_samples, name)
+        if calibrated is not None and key in calibrated:
+            return calibrated[key]
+        examples = dev_examples(name, max(1, pc.calib_samples // tc.bench_samples))
+        recs = evaluate.sample_and_score(gpt, vq, vocab, tokenizer, examples, cfgs["sample"], tc.bench_samples, tc.eval_batch, tc.seed)
+        reward_fn = rewards.load_reward(run_dir, pc.reward, device, {ex.prompt: ex.spec for ex in examples})
+        r = rewards.score(reward_fn, [x["image"] for x in recs], [x["prompt"] for x in recs], device)
+        passed = np.array([x["passed"] for x in recs], dtype=float)
+        t = calibrate_thresholds(oracle_verdict(pc, r, passed), passed, [name] * len(recs), pc.precision)[name]
+        tqdm.write(f"[{log_prefix}] {name}: {len(recs)} more dev samples, {passed.mean():.2f} pass, threshold on them "
+                   + ("none" if t is None else f"{t:.3f}"))
+        out = (float(passed.mean()), len(recs), t)
+        if calibrated is not None:
+            calibrated[key] = out
+        return out
+
+    min_rate = min_passing(pc.precision) / max(1, pc.calib_samples)
+    targets, measured = choose_targets(weakness, thresholds, pc.target_top, pc.weak_below, measure, min_rate,
+                                                 min_hits=min_passing(pc.precision))
+    if not targets:
+        rates = {c["name"]: measured.get(c["name"], (evaluate.category_score(c), c["n"])) for c in weakness["categories"]}
+        outright = {c["name"]: c["pass_rate"] for c in weakness["categories"] if c["name"] in evaluate.GRADED}
+        weakest = ", ".join(f"{n} {r:.2f}" + (f" of facts ({outright[n]:.2f} all right)" if n in outright else "") + f" on {k} samples"
+                            for n, (r, k) in sorted(rates.items(), key=lambda x: x[1][0])[:3])
+        if any(is_weak(n, r, outright.get(n, r), pc.weak_below) for n, (r, _) in rates.items()):
+            why = (f"{pc.reward} cannot judge any dev category passed between 5% and {pc.weak_below:.0%} of the time (thresholds: "
+                   f"{', '.join(n for n, t in thresholds.items() if t is not None) or 'none'}; weakest: {weakest})")
+        else:
+            why = f"no dev category is passed between 5% and {pc.weak_below:.0%} of the time (weakest: {weakest})"
+        raise NothingToTarget(
+            f"{why}, so targeted post-training would aim at categories the model already draws well; more "
+            "post.calib_samples, another post.reward or a higher post.weak_below change that")
+    return targets, measured
+
+
+def post_train(cfgs, run_dir, device, log, pc, seed, adapter="post", log_prefix="post", check=False, calibrated=None):
+    """Rounds of generate -> score -> weight -> fine-tune a fresh LoRA adapter on the run's GPT. Returns
+    the run's (gpt with the adapter enabled, tokenizer, vocab, vq), the adapter's parameters and the
+    per-round figures. check: sample the last round's prompts again with the trained adapter, so that the
+    last round's figures hold the reward and the verifier on the same prompts before and after.
+    calibrated: thresholds from fresh dev samples to reuse (see aim)."""
+    tc = cfgs["train"]
+    _, tokenizer, vocab, vq, gpt = load_run(run_dir, device)
+    wpath = os.path.join(run_dir, "weakness.json")
+    weakness = json.load(open(wpath)) if os.path.exists(wpath) else None
+    thresholds = reward_thresholds(run_dir, pc, device)
+    targets, measured = None, {}  # every category, for the broad and aligned strategies
+    if pc.strategy == "targeted":
+        targets, measured = aim(cfgs, run_dir, device, pc, weakness, thresholds, (gpt, vq, vocab, tokenizer), log_prefix, calibrated)
+        weakness = with_rates(weakness, measured)  # prompt shares by the pooled rates
+        tqdm.write(f"[{log_prefix}] targeted at {', '.join(targets)}")
+    elif pc.weighting == "threshold" and all(t is None for t in thresholds.values()):
+        tqdm.write(f"[{log_prefix}] warning: {pc.reward} cannot judge any dev category (too few dev samples pass, or it cannot "
+                   f"tell them from the failing ones): threshold weights keep nothing")
+    tqdm.write(f"[{log_prefix}] {pc.reward} thresholds on dev samples: "
+               + ", ".join(f"{n} {'-' if t is None else f'{t:.3f}'}" for n, t in thresholds.items()))
+    params = add_lora(gpt, adapter, tuple(pc.lora_targets.split(",")), pc.lora_r, pc.lora_alpha, pc.lora_dropout)
+    rng = np.random.default_rng([seed, 1])
+    torch.manual_seed(seed)
+    drift_batch = pretraining_batches(tc, pc.batch, seed, rng, tokenizer, vq, vocab, device) if pc.pretrain_weight > 0 else None
+    sample_cfg = dataclasses.replace(cfgs["sample"], text_temperature=pc.plan_temperature)
+
+    def scored_samples(examples, sample_seed):
+        """K samples of every example from the current model, their rewards and verifier scores."""
+        reward_fn = rewards.load_reward(run_dir, pc.reward, device, specs={ex.prompt: ex.spec for ex in examples})
+        merge_lora(gpt)  # sample with the adapter folded into the weights: same outputs, fewer matmuls
+        samples = self_generate(gpt, vq, vocab, tokenizer, examples, pc.samples, sample_cfg, sample_seed, tc.eval_batch)
+        unmerge_lora(gpt)
+        r = rewards.score(reward_fn, samples["image"], [examples[i].prompt for i in samples["example"]], device)
+        return samples, r, verifier_scores(samples["image"], examples, samples["example"])
+
+    rounds = []
+    for k in range(pc.rounds):
+        t0 = time.time()
+        examples = draw_prompts(pc.strategy, pc.prompts, rng, weakness, pc.focus, top_categories=pc.target_top,
+                                judged=targets, anchor=pc.anchor)
+        samples, r, v = scored_samples(examples, seed * 1000 + k * 100_000)
+        cut = np.array([np.inf if t is None else t for t in
+                        (thresholds.get(evaluate.category_name(examples[i].category, examples[i].kind)) for i in samples["example"])])
+        graded = [examples[i].category in evaluate.GRADED for i in samples["example"]]  # dense: each prompt's best
+        w = sample_weights(r, samples["example"], pc.weighting, pc.beta, cut, graded)
+        os.makedirs(os.path.dirname(os.path.join(run_dir, log_prefix)), exist_ok=True)
+        save_round(samples, {"reward": r, "verifier": v, "weight": w}, os.path.join(run_dir, f"{log_prefix}_round{k}.safetensors"))
+        write_json([{"prompt": ex.prompt, "category": ex.category, "kind": ex.kind} for ex in examples],
+                   os.path.join(run_dir, f"{log_prefix}_round{k}.json"))
+        fit = finetune(gpt, params, samples, w, pc, vocab, device, rng, drift_batch)
+        figs = {"round": k, "reward": float(r.mean()), "verifier": float(v.mean()),
+                "verifier_weighted": float((w * v).sum() / max(w.sum(), 1e-9)),  # what the fine-tune imitates
+                "categories": {c: float(np.mean([v[j] for j, i in enumerate(samples["example"]) if examples[i].category == c]))
+                               for c in sorted({ex.category for ex in examples})},
+                **fit, "thresholds": thresholds, "targets": targets,
+                "measured_again": {n: {"pass_rate": r, "samples": m} for n, (r, m) in measured.items()}, "seconds": round(time.time() - t0, 1)}
+        rounds.append(figs)
+        log(stage=log_prefix, **{key: val for key, val in figs.items() if key not in ("categories", "thresholds")})
+        tqdm.write(f"[{log_prefix}] round {k}: reward {figs['reward']:.3f}, verifier {figs['verifier']:.3f} "
+                   f"(weighted {figs['verifier_weighted']:.3f}), loss {fit['loss']:.3f}, {figs['seconds']:.0f}s")
+    if check:
+        _, r, v = scored_samples(examples, seed * 1000 + pc.rounds * 100_000)
+        rounds[-1].update(reward_after=float(r.mean()), verifier_after=float(v.mean()), reward_after_se=float(r.std() / np.sqrt(len(r))),
+                          verifier_after_se=float(v.std() / np.sqrt(len(v))))
+        tqdm.write(f"[{log_prefix}] the last round's prompts after fine-tuning: reward {r.mean():.3f}, verifier {v.mean():.3f}")
+    return gpt, tokenizer, vocab, vq, params, rounds
+
+
+def hacking(rounds):
+    """A proxy reward that rises while the exact verifier stays flat or falls: on the last round's prompts
+    before and after fine-tuning (post_train's check), else from the first round to the last; None
+    with one round and no check."""
+    last = rounds[-1]
+    if "reward_after" in last:  # a rise within twice its standard error is sampling noise, not a rise: for the
+        #                         reward that makes it no rise, for the verifier "flat" (older reports lack its SE)
+        rose = lambda key: last[f"{key}_after"] - last[key] > 2 * last.get(f"{key}_after_se", 0.0)
+        return rose("reward") and not rose("verifier")
+    if len(rounds) < 2:
+        return None
+    return last["reward"] > rounds[0]["reward"] and last["verifier"] <= rounds[0]["verifier"]
+
+
+def run(cfgs, run_dir, device, log, report):
+    tc, pc = cfgs["train"], cfgs["post"]
+    if tc.data_dir:
+        print("post-training skipped: its prompts, verifier and benchmarks belong to the shapes world")
+        return {"skipped": "post-training (it needs the shapes world)"}, None
+    if not report.get("benchmarks"):
+        raise RunError("the post stage compares against the eval stage's benchmarks: run --stages=eval first")
+    try:
+        gpt, tokenizer, vocab, vq, _, rounds = post_train(cfgs, run_dir, device, log, pc, tc.seed, check=True)
+    except NothingToTarget as e:  # the report says so; no adapter is written, the base model stands
+        print(f"[post] skipped: {e}")
+        return {"skipped": str(e)}, {"config": asdict(pc), "skipped": str(e), "before": report["benchmarks"]}
+    save_atomic(lora_state_dict(gpt, "post"), os.path.join(run_dir, "lora_post.safetensors"))
+    write_json(asdict(pc), os.path.join(run_dir, "lora_post.json"))
+    merge_lora(gpt)
+    after = evaluate.run_all(gpt, vq, vocab, tokenizer, cfgs["sample"], run_dir, n_prompts=tc.bench_prompts,
+                             n_samples=pc.eval_samples, batch=tc.eval_batch, seed=tc.seed, prefix="post_", dev=False)
+    post = {"config": asdict(pc), "rounds": rounds, "reward_hacking": hacking(rounds),
+            "before": report["benchmarks"], "after": after["benchmarks"]}
+    return {"rounds": len(rounds), "final_reward": rounds[-1]["reward"], "final_verifier": rounds[-1]["verifier"]}, post

@@ -820,10 +820,11 @@ def _corr(a, b):
     return None if a.std() == 0 or b.std() == 0 else float(np.corrcoef(a, b)[0, 1])
 
 
-def _score(fn, u8, prompts, device, batch=256):
+def score(fn, images, prompts, device, batch=256):
+    """A reward on uint8 images (N, H, W, 3), an array or a list, and their prompts -> (N,) numpy, in chunks."""
     with torch.no_grad():
-        return np.concatenate([fn(to_float(u8[i:i + batch]).to(device), prompts[i:i + batch]).cpu().numpy()
-                               for i in range(0, len(u8), batch)])
+        return np.concatenate([fn(to_float(np.stack(images[i:i + batch])).to(device), prompts[i:i + batch]).cpu().numpy()
+                               for i in range(0, len(prompts), batch)])
 
 
 def calibrate(run_dir, device="cpu", n_examples=600, n_samples=256, seed=0):
@@ -855,18 +856,18 @@ def calibrate(run_dir, device="cpu", n_examples=600, n_samples=256, seed=0):
     prompts = [e.prompt for e in exs]
     held = {}
     for name in ("vqa", "clip", "verifier", "self"):
-        held[name] = {"auc_vs_verifier": auc(_score(R[name], imgs, prompts, device), labels)}
+        held[name] = {"auc_vs_verifier": auc(score(R[name], imgs, prompts, device), labels)}
     n = len(caps)
-    pos, neg = _score(R["clip"], np.concatenate([cap_imgs, cap_imgs]), caps + negs, device).reshape(2, n)
+    pos, neg = score(R["clip"], np.concatenate([cap_imgs, cap_imgs]), caps + negs, device).reshape(2, n)
     held["clip"]["caption_vs_hard_negative"] = float((pos > neg).mean())
-    aest = _score(R["aesthetic"], cap_imgs, caps, device)
+    aest = score(R["aesthetic"], cap_imgs, caps, device)
     held["aesthetic"] = {"corr_with_composition": _corr(aest, [composition(s) for s in scenes])}
-    held["quality"] = {"auc_clean_vs_degraded": auc(_score(R["quality"], q_imgs, [""] * len(q_imgs), device), q_labels)}
-    held["geometry"] = {"auc_clean_vs_malformed": auc(_score(R["geometry"], geo_imgs, [""] * len(geo_imgs), device), geo_labels)}
+    held["quality"] = {"auc_clean_vs_degraded": auc(score(R["quality"], q_imgs, [""] * len(q_imgs), device), q_labels)}
+    held["geometry"] = {"auc_clean_vs_malformed": auc(score(R["geometry"], geo_imgs, [""] * len(geo_imgs), device), geo_labels)}
 
     on_samples = {"n": n_samples, "verifier_pass_rate": float(s_pass.mean())}
     for name, fn in R.items():
-        scores = _score(fn, s_imgs, s_prompts, device)
+        scores = score(fn, s_imgs, s_prompts, device)
         on_samples[name] = {"auc_vs_verifier": auc(scores, s_pass), "mean": float(scores.mean())}
         if name == "aesthetic":  # its own target, on the scene the parser reads from each sample
             on_samples[name]["corr_with_composition"] = _corr(scores, [composition(s) for s in s_scenes])

@@ -40,18 +40,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
 import world
+import ablations
 import evaluate
 import posttrain
 import rewards
 from data import FORMATS, Vocab, build_sequence
-from generate import RunError, SampleConfig, decode_images, generate, load_run, load_weights, save_grid
-from model import GPT, VQ, GPTConfig, VQConfig, add_lora, lora_state_dict, merge_lora, unmerge_lora
+from generate import (RunError, SampleConfig, decode_images, generate, load_run, load_weights, save_atomic, save_grid,
+                      write_json)
+from model import GPT, VQ, GPTConfig, VQConfig
+from ablations import AblationConfig
 from posttrain import PostConfig
 
 STAGES = ("tokenizer", "vq", "lm", "eval", "rewards", "post")  # the main job: the benchmarks first, then what post-training needs
@@ -96,14 +98,10 @@ class TrainConfig:
     bench_prompts: int = 50  # prompts per benchmark task
     bench_samples: int = 4  # samples per prompt
     eval_batch: int = 128  # prompts sampled together
-    ablation_seeds: int = 3  # post-training seeds per variant in --stages=ablations
-    ablation_first_seed: int = 0  # first of those seeds (to split one sweep across processes or machines)
-    ablation_variants: str = "all"  # comma-separated names of ABLATIONS to run, e.g. "both,uniform" (all = every one)
-    focus_prompts: int = 150  # ablations: bench prompts of the weakest category, x 4 samples x 2 seeds
 
 
 SECTIONS = {"train": TrainConfig, "vq": VQConfig, "gpt": GPTConfig, "sample": SampleConfig, "rewards": rewards.RewardsConfig,
-            "post": PostConfig}
+            "post": PostConfig, "ablations": AblationConfig}
 DERIVED = {("gpt", "vocab_size"), ("gpt", "image_offset"), ("gpt", "n_image_tokens"), ("gpt", "cell_token_ids"),
            ("gpt", "attr_token_ids"), ("gpt", "code_cells")}  # set from tokenizer + VQ
 
@@ -151,7 +149,7 @@ def _set(cfgs, section, key, value, from_cli):
 
 def validate(cfgs):
     """Values that type-check but cannot work, refused before any work is done."""
-    tc, vc, rc, pc = cfgs["train"], cfgs["vq"], cfgs["rewards"], cfgs["post"]
+    tc, vc, rc, pc, ac = cfgs["train"], cfgs["vq"], cfgs["rewards"], cfgs["post"], cfgs["ablations"]
     rules = [
         (tc.device in ("auto", "cpu", "cuda", "mps"), f"train.device={tc.device!r}: expected auto, cpu, cuda or mps"),
         (tc.dtype in ("float32", "bfloat16", "auto"), f"train.dtype={tc.dtype!r}: expected float32, bfloat16 or auto"),
@@ -183,10 +181,10 @@ def validate(cfgs):
         (0 < pc.precision < 1, "post.precision must lie in (0, 1)"),
         (pc.target_top >= 0, "post.target_top must be >= 0 (0 = every category)"),
         (0 < pc.weak_below <= 1 and pc.calib_samples >= 0, "post.weak_below must lie in (0, 1], post.calib_samples >= 0"),
-        (min(tc.ablation_seeds, tc.focus_prompts) >= 1 and tc.ablation_first_seed >= 0,
-         "train.ablation_seeds and train.focus_prompts must be >= 1, train.ablation_first_seed >= 0"),
-        (tc.ablation_variants == "all" or set(tc.ablation_variants.split(",")) <= set(ABLATIONS),
-         f"train.ablation_variants={tc.ablation_variants!r}: expected all or a comma-separated subset of {','.join(ABLATIONS)}"),
+        (min(ac.seeds, ac.focus_prompts) >= 1 and ac.first_seed >= 0,
+         "ablations.seeds and ablations.focus_prompts must be >= 1, ablations.first_seed >= 0"),
+        (ac.variants == "all" or set(ac.variants.split(",")) <= set(ablations.ABLATIONS),
+         f"ablations.variants={ac.variants!r}: expected all or a comma-separated subset of {','.join(ablations.ABLATIONS)}"),
         (min(pc.rounds, pc.prompts, pc.samples, pc.steps, pc.batch, pc.lora_r, pc.eval_samples) >= 1,
          "post.rounds, prompts, samples, steps, batch, lora_r and eval_samples must be >= 1"),
         (pc.beta > 0 and pc.lr > 0 and min(pc.alpha_text, pc.alpha_image, pc.pretrain_weight) >= 0 and pc.alpha_text + pc.alpha_image > 0,
@@ -255,21 +253,6 @@ def use_bf16(cfg, device):
 def autocast(cfg, device):
     kind = device.split(":")[0]  # "cuda:1" -> "cuda"
     return torch.autocast(device_type=kind, dtype=torch.bfloat16, enabled=use_bf16(cfg, device))
-
-
-def save_atomic(tensors, path, metadata=None):
-    """safetensors write via a temporary file and a rename: a kill mid-write never leaves a corrupt file
-    (os.replace is atomic; a kill before it leaves the old file and a stray .tmp)."""
-    tmp = path + ".tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
-
-
-def write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def cosine_lr(step, cfg):
@@ -364,10 +347,8 @@ def dist_mean(x, dist):
 # resumable checkpoints of the lm stage
 
 CKPT = "lm_ckpt.safetensors"
-DEV_FILE = "dev_samples.safetensors"  # the eval stage's dev samples, on which the post stage calibrates its reward
 FREE_KEYS = ("out_dir", "bench_prompts", "bench_samples", "eval_batch", "threads", "device", "eval_every", "log_every",
-             "ckpt_every", "compile", "calib_examples", "calib_samples", "ablation_seeds", "ablation_first_seed", "ablation_variants",
-             "focus_prompts", "eval_samples")  # may change between runs of one directory: the weights do not depend on them
+             "ckpt_every", "compile", "calib_examples", "calib_samples", "eval_samples")  # may change between runs of one directory: the weights do not depend on them
 
 
 def config_diff(old, new, sections=("train", "vq", "gpt")):
@@ -737,300 +718,6 @@ def stage_eval(cfgs, run_dir, device):
 
 
 # -----------------------------------------------------------------------------
-# stage: post (the algorithm is in posttrain.py)
-
-
-def images_tensor(images, device):
-    return to_tensor_images(np.stack(images)).to(device)
-
-
-def save_round(samples, scores, path):
-    """One round's self-generated samples and their scores, as safetensors (-1 pads the id lists;
-    codes are all -1 where no image was drawn) plus a JSON of the prompts: cached for inspection and
-    for re-weighting them under another reward without sampling again."""
-    def pad(lists):
-        width = max([len(x) for x in lists if x is not None] + [1])
-        out = torch.full((len(lists), width), -1, dtype=torch.long)
-        for i, x in enumerate(lists):
-            if x:
-                out[i, :len(x)] = torch.tensor(x)
-        return out
-    tensors = {"example": torch.tensor(samples["example"]), "prompt": pad(samples["prompt"]), "plan": pad(samples["plan"]),
-               "codes": pad(samples["codes"]), "image": torch.from_numpy(np.stack(samples["image"])),
-               **{k: torch.tensor(np.asarray(v), dtype=torch.float32) for k, v in scores.items()}}
-    save_atomic(tensors, path)
-
-
-def pretraining_batches(tc, batch, seed, rng, tokenizer, vq, vocab, device):
-    """A function returning one pretraining batch per call (a small world_data set, reshuffled each
-    pass): the data of the anti-drift term."""
-    ds = world_data(min(tc.lm_examples, 50 * batch), seed, "train", tokenizer, vq, device)
-    queue = []
-
-    def next_batch():
-        if not queue:
-            queue.extend(epoch_batches(ds, rng, tc, batch))
-        return make_batch(ds, queue.pop(), vocab, device)
-    return next_batch
-
-
-def save_dev_samples(dev, path):
-    """The eval stage's dev samples (evaluate.dev_samples): what the post stage calibrates its reward on."""
-    save_atomic({"image": torch.from_numpy(dev["image"]), "passed": torch.tensor(dev["passed"])}, path,
-                {"prompt": json.dumps(dev["prompt"]), "name": json.dumps(dev["name"]), "per_category": str(dev["per_category"])})
-
-
-def rewards_of(reward_fn, images, prompts, device):
-    """A reward on a list of images (H, W, 3) uint8 and their prompts -> (N,) numpy, in chunks of 256."""
-    with torch.no_grad():
-        return torch.cat([reward_fn(images_tensor(images[i:i + 256], device), prompts[i:i + 256]).cpu()
-                          for i in range(0, len(prompts), 256)]).numpy()
-
-
-def oracle_verdict(pc, r, passed):
-    """The rewards a threshold is calibrated on: the exact verifier's own verdict when it is the reward (its
-    graded share of clauses would let a few near misses of a strong category in at 95% precision), else r."""
-    return np.asarray(passed, dtype=np.float64) if pc.reward.strip() == "verifier" else r
-
-
-def reward_thresholds(run_dir, pc, device):
-    """calibrate_thresholds of the post reward on the base model's dev samples (written by the eval stage)."""
-    path = os.path.join(run_dir, DEV_FILE)
-    if not os.path.exists(path):
-        raise ConfigError(f"{path} is missing (the eval stage writes it since 2026-12-01): run --stages=eval again")
-    with safe_open(path, "pt") as f:
-        meta, images, passed = f.metadata(), f.get_tensor("image"), f.get_tensor("passed")
-    prompts, names = json.loads(meta["prompt"]), json.loads(meta["name"])
-    per_category = int(meta.get("per_category", len(set(prompts)) // len(world.CATEGORIES)))  # evaluate.dev_prompts(per_category)
-    reward_fn = rewards.load_reward(run_dir, pc.reward, device, {ex.prompt: ex.spec for ex in evaluate.dev_prompts(per_category)})
-    r = rewards_of(reward_fn, list(images.numpy()), prompts, device)
-    return posttrain.calibrate_thresholds(oracle_verdict(pc, r, passed.numpy()), passed.numpy(), names, pc.precision)
-
-
-def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix, calibrated=None):
-    """posttrain.choose_targets for the targeted strategy. A category whose eval-stage dev samples are
-    too few to judge it (a knowledge kind gets ~24; a weak category's ~100 may hold fewer than the ~38
-    passing ones a threshold needs) gets post.calib_samples fresh dev samples from the base model: its pass
-    rate is pooled with theirs and its threshold calibrated on them (choose_targets says when the dev one
-    stands). base = (gpt, vq, vocab, tokenizer); calibrated: a dict that keeps those measurements across
-    calls on one base (the ablations), since the same seed gives the same samples. Returns (targets, {name: (pooled pass rate, samples)});
-    raises posttrain.NothingToTarget when no weak category is left."""
-    tc = cfgs["train"]
-    if not weakness:
-        raise ConfigError("the targeted strategy needs the eval stage's weakness.json: run --stages=eval first")
-    gpt, vq, vocab, tokenizer = base
-
-    def measure(name):
-        key = (pc.reward, pc.precision, pc.calib_samples, name)
-        if calibrated is not None and key in calibrated:
-            return calibrated[key]
-        examples = posttrain.dev_examples(name, max(1, pc.calib_samples // tc.bench_samples))
-        recs = evaluate.sample_and_score(gpt, vq, vocab, tokenizer, examples, cfgs["sample"], tc.bench_samples, tc.eval_batch, tc.seed)
-        reward_fn = rewards.load_reward(run_dir, pc.reward, device, {ex.prompt: ex.spec for ex in examples})
-        r = rewards_of(reward_fn, [x["image"] for x in recs], [x["prompt"] for x in recs], device)
-        passed = np.array([x["passed"] for x in recs], dtype=float)
-        t = posttrain.calibrate_thresholds(oracle_verdict(pc, r, passed), passed, [name] * len(recs), pc.precision)[name]
-        tqdm.write(f"[{log_prefix}] {name}: {len(recs)} more dev samples, {passed.mean():.2f} pass, threshold on them "
-                   + ("none" if t is None else f"{t:.3f}"))
-        out = (float(passed.mean()), len(recs), t)
-        if calibrated is not None:
-            calibrated[key] = out
-        return out
-
-    min_rate = posttrain.min_passing(pc.precision) / max(1, pc.calib_samples)
-    targets, measured = posttrain.choose_targets(weakness, thresholds, pc.target_top, pc.weak_below, measure, min_rate,
-                                                 min_hits=posttrain.min_passing(pc.precision))
-    if not targets:
-        rates = {c["name"]: measured.get(c["name"], (evaluate.category_score(c), c["n"])) for c in weakness["categories"]}
-        outright = {c["name"]: c["pass_rate"] for c in weakness["categories"] if c["name"] in evaluate.GRADED}
-        weakest = ", ".join(f"{n} {r:.2f}" + (f" of facts ({outright[n]:.2f} all right)" if n in outright else "") + f" on {k} samples"
-                            for n, (r, k) in sorted(rates.items(), key=lambda x: x[1][0])[:3])
-        if any(posttrain.is_weak(n, r, outright.get(n, r), pc.weak_below) for n, (r, _) in rates.items()):
-            why = (f"{pc.reward} cannot judge any dev category passed between 5% and {pc.weak_below:.0%} of the time (thresholds: "
-                   f"{', '.join(n for n, t in thresholds.items() if t is not None) or 'none'}; weakest: {weakest})")
-        else:
-            why = f"no dev category is passed between 5% and {pc.weak_below:.0%} of the time (weakest: {weakest})"
-        raise posttrain.NothingToTarget(
-            f"{why}, so targeted post-training would aim at categories the model already draws well; more "
-            "post.calib_samples, another post.reward or a higher post.weak_below change that")
-    return targets, measured
-
-
-def post_train(cfgs, run_dir, device, metrics, pc, seed, adapter="post", log_prefix="post", check=False, calibrated=None):
-    """Rounds of generate -> score -> weight -> fine-tune a fresh LoRA adapter on the run's GPT. Returns
-    the run's (gpt with the adapter enabled, tokenizer, vocab, vq), the adapter's parameters and the
-    per-round figures. check: sample the last round's prompts again with the trained adapter, so that the
-    last round's figures hold the reward and the verifier on the same prompts before and after.
-    calibrated: thresholds from fresh dev samples to reuse (see aim)."""
-    tc = cfgs["train"]
-    _, tokenizer, vocab, vq, gpt = load_run(run_dir, device)
-    wpath = os.path.join(run_dir, "weakness.json")
-    weakness = json.load(open(wpath)) if os.path.exists(wpath) else None
-    thresholds = reward_thresholds(run_dir, pc, device)
-    targets, measured = None, {}  # every category, for the broad and aligned strategies
-    if pc.strategy == "targeted":
-        targets, measured = aim(cfgs, run_dir, device, pc, weakness, thresholds, (gpt, vq, vocab, tokenizer), log_prefix, calibrated)
-        weakness = posttrain.with_rates(weakness, measured)  # prompt shares by the pooled rates
-        tqdm.write(f"[{log_prefix}] targeted at {', '.join(targets)}")
-    elif pc.weighting == "threshold" and all(t is None for t in thresholds.values()):
-        tqdm.write(f"[{log_prefix}] warning: {pc.reward} cannot judge any dev category (too few dev samples pass, or it cannot "
-                   f"tell them from the failing ones): threshold weights keep nothing")
-    tqdm.write(f"[{log_prefix}] {pc.reward} thresholds on dev samples: "
-               + ", ".join(f"{n} {'-' if t is None else f'{t:.3f}'}" for n, t in thresholds.items()))
-    params = add_lora(gpt, adapter, tuple(pc.lora_targets.split(",")), pc.lora_r, pc.lora_alpha, pc.lora_dropout)
-    rng = np.random.default_rng([seed, 1])
-    torch.manual_seed(seed)
-    drift_batch = pretraining_batches(tc, pc.batch, seed, rng, tokenizer, vq, vocab, device) if pc.pretrain_weight > 0 else None
-    sample_cfg = dataclasses.replace(cfgs["sample"], text_temperature=pc.plan_temperature)
-
-    def scored_samples(examples, sample_seed):
-        """K samples of every example from the current model, their rewards and verifier scores."""
-        reward_fn = rewards.load_reward(run_dir, pc.reward, device, specs={ex.prompt: ex.spec for ex in examples})
-        merge_lora(gpt)  # sample with the adapter folded into the weights: same outputs, fewer matmuls
-        samples = posttrain.self_generate(gpt, vq, vocab, tokenizer, examples, pc.samples, sample_cfg, sample_seed, tc.eval_batch)
-        unmerge_lora(gpt)
-        r = rewards_of(reward_fn, samples["image"], [examples[i].prompt for i in samples["example"]], device)
-        return samples, r, posttrain.verifier_scores(samples["image"], examples, samples["example"])
-
-    rounds = []
-    for k in range(pc.rounds):
-        t0 = time.time()
-        examples = posttrain.draw_prompts(pc.strategy, pc.prompts, rng, weakness, pc.focus, top_categories=pc.target_top,
-                                          judged=targets, anchor=pc.anchor)
-        samples, r, v = scored_samples(examples, seed * 1000 + k * 100_000)
-        cut = np.array([np.inf if t is None else t for t in
-                        (thresholds.get(evaluate.category_name(examples[i].category, examples[i].kind)) for i in samples["example"])])
-        graded = [examples[i].category in evaluate.GRADED for i in samples["example"]]  # dense: each prompt's best
-        w = posttrain.sample_weights(r, samples["example"], pc.weighting, pc.beta, cut, graded)
-        os.makedirs(os.path.dirname(os.path.join(run_dir, log_prefix)), exist_ok=True)
-        save_round(samples, {"reward": r, "verifier": v, "weight": w}, os.path.join(run_dir, f"{log_prefix}_round{k}.safetensors"))
-        write_json([{"prompt": ex.prompt, "category": ex.category, "kind": ex.kind} for ex in examples],
-                   os.path.join(run_dir, f"{log_prefix}_round{k}.json"))
-        fit = posttrain.finetune(gpt, params, samples, w, pc, vocab, device, rng, drift_batch, lambda m, b: lm_loss(m, b)[0])
-        figs = {"round": k, "reward": float(r.mean()), "verifier": float(v.mean()),
-                "verifier_weighted": float((w * v).sum() / max(w.sum(), 1e-9)),  # what the fine-tune imitates
-                "categories": {c: float(np.mean([v[j] for j, i in enumerate(samples["example"]) if examples[i].category == c]))
-                               for c in sorted({ex.category for ex in examples})},
-                **fit, "thresholds": thresholds, "targets": targets,
-                "measured_again": {n: {"pass_rate": r, "samples": m} for n, (r, m) in measured.items()}, "seconds": round(time.time() - t0, 1)}
-        rounds.append(figs)
-        metrics.log(stage=log_prefix, **{key: val for key, val in figs.items() if key not in ("categories", "thresholds")})
-        tqdm.write(f"[{log_prefix}] round {k}: reward {figs['reward']:.3f}, verifier {figs['verifier']:.3f} "
-                   f"(weighted {figs['verifier_weighted']:.3f}), loss {fit['loss']:.3f}, {figs['seconds']:.0f}s")
-    if check:
-        _, r, v = scored_samples(examples, seed * 1000 + pc.rounds * 100_000)
-        rounds[-1].update(reward_after=float(r.mean()), verifier_after=float(v.mean()), reward_after_se=float(r.std() / np.sqrt(len(r))),
-                          verifier_after_se=float(v.std() / np.sqrt(len(v))))
-        tqdm.write(f"[{log_prefix}] the last round's prompts after fine-tuning: reward {r.mean():.3f}, verifier {v.mean():.3f}")
-    return gpt, tokenizer, vocab, vq, params, rounds
-
-
-def hacking(rounds):
-    """A proxy reward that rises while the exact verifier stays flat or falls: on the last round's prompts
-    before and after fine-tuning (post_train's check), else from the first round to the last; None
-    with one round and no check."""
-    last = rounds[-1]
-    if "reward_after" in last:  # a rise within twice its standard error is sampling noise, not a rise: for the
-        #                         reward that makes it no rise, for the verifier "flat" (older reports lack its SE)
-        rose = lambda key: last[f"{key}_after"] - last[key] > 2 * last.get(f"{key}_after_se", 0.0)
-        return rose("reward") and not rose("verifier")
-    if len(rounds) < 2:
-        return None
-    return last["reward"] > rounds[0]["reward"] and last["verifier"] <= rounds[0]["verifier"]
-
-
-def stage_post(cfgs, run_dir, device, metrics, report):
-    tc, pc = cfgs["train"], cfgs["post"]
-    if tc.data_dir:
-        print("post-training skipped: its prompts, verifier and benchmarks belong to the shapes world")
-        return {"skipped": "post-training (it needs the shapes world)"}, None
-    if not report.get("benchmarks"):
-        raise ConfigError("the post stage compares against the eval stage's benchmarks: run --stages=eval first")
-    try:
-        gpt, tokenizer, vocab, vq, _, rounds = post_train(cfgs, run_dir, device, metrics, pc, tc.seed, check=True)
-    except posttrain.NothingToTarget as e:  # the report says so; no adapter is written, the base model stands
-        print(f"[post] skipped: {e}")
-        return {"skipped": str(e)}, {"config": asdict(pc), "skipped": str(e), "before": report["benchmarks"]}
-    save_atomic(lora_state_dict(gpt, "post"), os.path.join(run_dir, "lora_post.safetensors"))
-    write_json(asdict(pc), os.path.join(run_dir, "lora_post.json"))
-    merge_lora(gpt)
-    after = evaluate.run_all(gpt, vq, vocab, tokenizer, cfgs["sample"], run_dir, n_prompts=tc.bench_prompts,
-                             n_samples=pc.eval_samples, batch=tc.eval_batch, seed=tc.seed, prefix="post_", dev=False)
-    post = {"config": asdict(pc), "rounds": rounds, "reward_hacking": hacking(rounds),
-            "before": report["benchmarks"], "after": after["benchmarks"]}
-    return {"rounds": len(rounds), "final_reward": rounds[-1]["reward"], "final_verifier": rounds[-1]["verifier"]}, post
-
-
-# -----------------------------------------------------------------------------
-# extra stage: ablations (not part of the main job)
-
-ABLATIONS = {  # variant -> [post] overrides of the run's config; each post-trains a fresh adapter from the base
-    "both": {},  # the run's [post] config (default: targeted prompts, threshold weights, both modalities, vqa reward)
-    "uniform": {"weighting": "uniform"},  # plain self-training on the same kind of samples: the control
-    "oracle": {"reward": "verifier"},  # the exact verifier as reward: the upper bound of a learned reward
-    "text_only": {"alpha_image": 0.0},
-    "image_only": {"alpha_text": 0.0},
-    "aligned": {"strategy": "aligned"},
-    "broad": {"strategy": "broad"},
-}
-
-
-def focus_category(weakness, floor=0.05):
-    """The weakest dev category (a knowledge kind on its own; dense by its share of facts) that the base
-    model passes at least `floor` of the time: what the ablations measure when the run's post-training is
-    not `targeted`. One it never passes is left out: reward-weighted self-training has no good sample of it
-    to imitate, so it cannot test the method (it is still in the benchmark tables)."""
-    rates = {c["name"]: evaluate.category_score(c) for c in weakness["categories"]}
-    live = {k: r for k, r in rates.items() if r >= floor}
-    return min(live or rates, key=(live or rates).get)
-
-
-def stage_ablations(cfgs, run_dir, device, metrics, report):
-    """Every variant of ABLATIONS x train.ablation_seeds post-training seeds, from the same pretrained
-    base. Each is measured on the category the run's post-training aims at first (aim; with a [post]
-    strategy other than targeted, focus_category), by focus_score: focus_prompts x 4 samples x 2 sampling
-    seeds = 1,200 samples, and on the four benchmarks (bench_prompts x 1 sample, 2 for oneig): about 2
-    minutes a run on 2 CPU cores, 7 variants x 3 seeds. A base with nothing weak to aim at is refused."""
-    tc = cfgs["train"]
-    weak = report.get("weakness")
-    if not weak:
-        raise ConfigError("ablations need the eval stage's weakness report: run --stages=eval first")
-    _, tokenizer, vocab, vq, base = load_run(run_dir, device)
-    calibrated = {}  # aim's fresh dev samples: the same for every variant and seed with the same reward
-    focus = focus_category(weak)
-    if cfgs["post"].strategy == "targeted":  # the category the run's post-training aims at first
-        pc = cfgs["post"]
-        try:
-            focus = aim(cfgs, run_dir, device, pc, weak, reward_thresholds(run_dir, pc, device), (base, vq, vocab, tokenizer),
-                        "ablations", calibrated)[0][0]
-        except posttrain.NothingToTarget as e:
-            raise ConfigError(f"no weakness to post-train on, so nothing for the ablations to compare: {e}") from None
-    measure = lambda gpt: {
-        "focus": evaluate.focus_score(gpt, vq, vocab, tokenizer, cfgs["sample"], focus, tc.focus_prompts, batch=tc.eval_batch),
-        "benchmarks": evaluate.score_benchmarks(gpt, vq, vocab, tokenizer, cfgs["sample"], tc.bench_prompts, 1, tc.eval_batch, tc.seed)[0]}
-    results = {"focus_category": focus, "base": measure(base), "runs": {}}
-    chosen = list(ABLATIONS) if tc.ablation_variants == "all" else tc.ablation_variants.split(",")
-    for seed in range(tc.ablation_first_seed, tc.ablation_first_seed + tc.ablation_seeds):
-        for name in (n for n in ABLATIONS if n in chosen):  # ABLATIONS' order, whatever the order given
-            t0 = time.time()
-            pc = dataclasses.replace(cfgs["post"], **ABLATIONS[name])
-            gpt, *_, rounds = post_train(cfgs, run_dir, device, metrics, pc, seed=1000 + seed, log_prefix=f"ablations/{name}_s{seed}",
-                                         calibrated=calibrated)
-            merge_lora(gpt)
-            res = {**measure(gpt), "rounds": rounds, "seconds": round(time.time() - t0, 1)}
-            results["runs"].setdefault(name, []).append(res)
-            metric = "facts" if focus in evaluate.GRADED else "pass_rate"
-            print(f"[ablations] {name} seed {seed}: {focus} {metric} {res['focus'][metric]:.3f} "
-                  f"(base {results['base']['focus'][metric]:.3f}), {res['seconds']:.0f}s")
-            write_json(results, os.path.join(run_dir, "ablations", "ablations.json"))  # after every run: an interrupted sweep keeps its results
-    summary = evaluate.ablation_summary(results)
-    with open(os.path.join(run_dir, "ablations", "ablations.md"), "w") as f:
-        f.write(summary + "\n")
-    print(summary)
-    return {"variants": len(results["runs"]), "seeds": tc.ablation_seeds, "focus_category": focus}
-
-
-# -----------------------------------------------------------------------------
 # driver
 
 
@@ -1150,16 +837,16 @@ def main(argv=None):
             elif stage == "rewards":
                 figures = stage_rewards(cfgs, run_dir, device, metrics)
             elif stage == "ablations":
-                figures = stage_ablations(cfgs, run_dir, device, metrics, report)
+                figures = ablations.run(cfgs, run_dir, device, metrics.log, report)
             elif stage == "post":
-                figures, post = stage_post(cfgs, run_dir, device, metrics, report)
+                figures, post = posttrain.run(cfgs, run_dir, device, metrics.log, report)
                 if post:
                     report["post"] = post
             else:
                 figures = stage_eval(cfgs, run_dir, device)
                 report["benchmarks"] = figures.pop("benchmarks")
                 if "dev_samples" in figures:
-                    save_dev_samples(figures.pop("dev_samples"), os.path.join(run_dir, DEV_FILE))
+                    posttrain.save_dev_samples(figures.pop("dev_samples"), run_dir)
                 if "weakness" in figures:  # a folder run has no shapes world to find weaknesses in
                     report["weakness"] = figures.pop("weakness")
                     write_json(report["weakness"], os.path.join(run_dir, "weakness.json"))

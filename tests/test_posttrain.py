@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import ablations
 import data
 import world
 import evaluate
@@ -171,8 +172,8 @@ def test_the_verifier_scores_the_share_of_clauses_and_the_oracle_threshold_is_it
     r, passed = np.r_[np.ones(100), [0.9] * 3, np.zeros(10)], np.r_[np.ones(100), np.zeros(13)]
     pc = posttrain.PostConfig(reward="verifier")
     assert posttrain.calibrate_thresholds(r, passed, ["x"] * len(r))["x"] == 0.9
-    assert posttrain.calibrate_thresholds(train.oracle_verdict(pc, r, passed), passed, ["x"] * len(r))["x"] == 1.0
-    assert train.oracle_verdict(posttrain.PostConfig(reward="vqa"), r, passed) is r
+    assert posttrain.calibrate_thresholds(posttrain.oracle_verdict(pc, r, passed), passed, ["x"] * len(r))["x"] == 1.0
+    assert posttrain.oracle_verdict(posttrain.PostConfig(reward="vqa"), r, passed) is r
 
 
 def test_dense_prompts_are_aimed_at_by_their_share_of_facts_without_a_threshold():
@@ -308,7 +309,7 @@ def test_micro_post_training_round_changes_only_the_adapter(micro_run, tmp_path)
     cfgs = train.load_config(MICRO, [f"--train.out_dir={run}", "--post.steps=3", "--post.weighting=uniform"])
     train.derive_sizes(cfgs, run)
     base = load_file(os.path.join(run, "gpt.safetensors"))
-    gpt, *_, rounds = train.post_train(cfgs, run, "cpu", train.Metrics(os.path.join(run, "m.jsonl")), cfgs["post"], seed=5, adapter="t")
+    gpt, *_, rounds = posttrain.post_train(cfgs, run, "cpu", train.Metrics(os.path.join(run, "m.jsonl")).log, cfgs["post"], seed=5, adapter="t")
     state = gpt.state_dict()
     for k, v in base.items():
         key = k.replace("_proj.weight", "_proj.base.weight") if k.replace("_proj.weight", "_proj.base.weight") in state else k
@@ -320,7 +321,7 @@ def test_micro_post_training_round_changes_only_the_adapter(micro_run, tmp_path)
 def test_ablations_stage_writes_tables_and_claims(micro_run, tmp_path, capsys):
     run = str(tmp_path / "run")
     shutil.copytree(micro_run, run)
-    train.main([MICRO, f"--train.out_dir={run}", "--stages=ablations", "--train.ablation_variants=both,uniform"])
+    train.main([MICRO, f"--train.out_dir={run}", "--stages=ablations", "--ablations.variants=both,uniform"])
     res = json.load(open(os.path.join(run, "ablations", "ablations.json")))
     assert set(res["runs"]) == {"both", "uniform"} and res["base"]["focus"]["samples"] == 2 * 4 * 2
     md = open(os.path.join(run, "ablations", "ablations.md")).read()
@@ -349,19 +350,19 @@ def test_ablations_refuse_a_base_with_nothing_weak_to_aim_at(micro_run, tmp_path
     passes_nothing(run)
     with pytest.raises(SystemExit, match="no weakness to post-train on, so nothing for the ablations to compare"):
         train.main([MICRO, f"--train.out_dir={run}", "--stages=ablations", "--post.strategy=targeted",
-                    "--train.ablation_variants=both"])
+                    "--ablations.variants=both"])
     assert not os.path.exists(os.path.join(run, "ablations"))
 
 
 def test_focus_category_is_the_weakest_the_model_sometimes_passes():
     weakness = {"categories": [{"name": "dense", "pass_rate": 0.0, "n": 20}, {"name": "knowledge/comparative", "pass_rate": 0.1, "n": 10},
                                {"name": "position", "pass_rate": 0.3, "n": 20}, {"name": "knowledge/number", "pass_rate": 0.9, "n": 30}]}
-    assert train.focus_category(weakness) == "knowledge/comparative"  # a kind on its own; dense never passes
+    assert ablations.focus_category(weakness) == "knowledge/comparative"  # a kind on its own; dense never passes
     weakness["categories"][1]["pass_rate"] = 0.01
-    assert train.focus_category(weakness) == "position"
-    assert train.focus_category({"categories": [{"name": "dense", "pass_rate": 0.0, "n": 5}]}) == "dense"
+    assert ablations.focus_category(weakness) == "position"
+    assert ablations.focus_category({"categories": [{"name": "dense", "pass_rate": 0.0, "n": 5}]}) == "dense"
     weakness["categories"][0]["facts"] = 0.2  # dense by its share of facts: now the weakest it sometimes gets right
-    assert train.focus_category(weakness) == "dense"
+    assert ablations.focus_category(weakness) == "dense"
 
 
 def test_another_post_config_is_refused_by_the_post_stage_only(micro_run, tmp_path):
@@ -383,13 +384,13 @@ def test_split_ablation_sweeps_merge(capsys, tmp_path):
     for i, p in enumerate(parts):
         paths.append(str(tmp_path / f"a{i}.json"))
         json.dump(p, open(paths[-1], "w"))
-    evaluate.main(["--ablations", *paths])
+    ablations.main(paths)
     out = capsys.readouterr().out
     assert "| both = targeted, the default (n=2) | 0.450 +- 0.071 | +0.150" in out  # the sample std (ddof 1)
     assert "beats plain self-training (uniform) by +0.150" in out and "beyond its standard error" in out
     other = dict(parts[1], base={**base, "focus": {"pass_rate": 0.1, "samples": 16}})
     with pytest.raises(SystemExit, match="different base"):
-        evaluate.merge_ablations([parts[0], other])
+        ablations.merge([parts[0], other])
 
 
 def test_ablation_claims_need_a_lead_beyond_the_standard_error():
@@ -397,12 +398,12 @@ def test_ablation_claims_need_a_lead_beyond_the_standard_error():
     runs = lambda *xs: [{"focus": {"pass_rate": x}, "benchmarks": base["benchmarks"]} for x in xs]
     res = lambda **v: {"focus_category": "position", "base": base, "runs": {k: runs(*x) for k, x in v.items()}}
     # image only ahead by 0.001 with seeds spread by 0.01: no verdict either way
-    md = evaluate.ablation_summary(res(both=(0.40, 0.41, 0.42), text_only=(0.30, 0.31, 0.32), image_only=(0.401, 0.411, 0.421)))
+    md = ablations.summary_table(res(both=(0.40, 0.41, 0.42), text_only=(0.30, 0.31, 0.32), image_only=(0.401, 0.411, 0.421)))
     assert "both modalities beats text only and image only on position: **not settled**: image_only leads both by +0.001" in md
     # a rival clearly ahead of the claimed variant: the claim does not reproduce, however close the rest
-    md = evaluate.ablation_summary(res(both=(0.40, 0.41, 0.42), broad=(0.50, 0.51, 0.52), aligned=(0.495, 0.505, 0.515)))
+    md = ablations.summary_table(res(both=(0.40, 0.41, 0.42), broad=(0.50, 0.51, 0.52), aligned=(0.495, 0.505, 0.515)))
     assert "**does not reproduce** (best: broad, +0.100 over targeted" in md
-    md = evaluate.ablation_summary(res(both=(0.50, 0.51, 0.52), text_only=(0.40, 0.41, 0.42), image_only=(0.30, 0.31, 0.32)))
+    md = ablations.summary_table(res(both=(0.50, 0.51, 0.52), text_only=(0.40, 0.41, 0.42), image_only=(0.30, 0.31, 0.32)))
     assert "**reproduces** (best: both, +0.100 over text_only" in md
 
 
@@ -416,7 +417,7 @@ def test_self_generated_plans_use_the_post_plan_temperature(micro_run, tmp_path)
         cfgs = train.load_config(MICRO, [f"--train.out_dir={run}", "--post.steps=1", "--post.rounds=1", "--post.samples=4",
                                          f"--post.plan_temperature={temp}", "--sample.text_temperature=0.5"])
         train.derive_sizes(cfgs, run)
-        train.post_train(cfgs, run, "cpu", train.Metrics(os.path.join(run, "m.jsonl")), cfgs["post"], seed=3, log_prefix=f"t{temp}")
+        posttrain.post_train(cfgs, run, "cpu", train.Metrics(os.path.join(run, "m.jsonl")).log, cfgs["post"], seed=3, log_prefix=f"t{temp}")
         t = load_file(os.path.join(run, f"t{temp}_round0.safetensors"))
         plans = {}
         for i, plan in zip(t["example"].tolist(), t["plan"].tolist()):
@@ -431,7 +432,7 @@ def test_post_stage_without_dev_samples_says_what_to_run(micro_run, tmp_path):
     shutil.copytree(micro_run, run)
     os.remove(os.path.join(run, "lora_post.safetensors"))
     os.remove(os.path.join(run, "lora_post.json"))
-    os.remove(os.path.join(run, train.DEV_FILE))
+    os.remove(os.path.join(run, posttrain.DEV_FILE))
     with pytest.raises(SystemExit, match="dev_samples.safetensors is missing.*--stages=eval"):
         train.main([MICRO, f"--train.out_dir={run}", "--stages=post"])
     assert not os.path.exists(os.path.join(run, "lora_post.safetensors")), "nothing written"
@@ -439,13 +440,13 @@ def test_post_stage_without_dev_samples_says_what_to_run(micro_run, tmp_path):
 
 def test_reward_hacking_is_flagged_when_the_verifier_does_not_follow_the_reward():
     rnd = lambda **kw: {"reward": 0.3, "verifier": 0.5, "reward_after_se": 0.01, **kw}
-    assert train.hacking([rnd(reward_after=0.4, verifier_after=0.5)]) is True
-    assert train.hacking([rnd(reward_after=0.4, verifier_after=0.6)]) is False
-    assert train.hacking([rnd(reward_after=0.31, verifier_after=0.45)]) is False, "a rise within 2 standard errors is noise"
-    assert train.hacking([rnd(reward_after=0.4, verifier_after=0.51, verifier_after_se=0.01)]) is True, "a flat verifier"
-    assert train.hacking([rnd(reward_after=0.4, verifier_after=0.53, verifier_after_se=0.01)]) is False, "beyond 2 SE: it rose"
-    assert train.hacking([rnd()]) is None, "one round and no check: nothing to compare"
-    assert train.hacking([rnd(), rnd(reward=0.4, verifier=0.45)]) is True
+    assert posttrain.hacking([rnd(reward_after=0.4, verifier_after=0.5)]) is True
+    assert posttrain.hacking([rnd(reward_after=0.4, verifier_after=0.6)]) is False
+    assert posttrain.hacking([rnd(reward_after=0.31, verifier_after=0.45)]) is False, "a rise within 2 standard errors is noise"
+    assert posttrain.hacking([rnd(reward_after=0.4, verifier_after=0.51, verifier_after_se=0.01)]) is True, "a flat verifier"
+    assert posttrain.hacking([rnd(reward_after=0.4, verifier_after=0.53, verifier_after_se=0.01)]) is False, "beyond 2 SE: it rose"
+    assert posttrain.hacking([rnd()]) is None, "one round and no check: nothing to compare"
+    assert posttrain.hacking([rnd(), rnd(reward=0.4, verifier=0.45)]) is True
 
 
 def test_each_sample_is_weighted_by_its_own_category_threshold(micro_run, tmp_path, monkeypatch):
@@ -457,8 +458,8 @@ def test_each_sample_is_weighted_by_its_own_category_threshold(micro_run, tmp_pa
     cfgs = train.load_config(MICRO, [f"--train.out_dir={run}", "--post.steps=1", "--post.prompts=12", "--post.strategy=broad"])
     train.derive_sizes(cfgs, run)
     judged = set(world.CATEGORIES) - {"position", "dense", "knowledge"}
-    monkeypatch.setattr(train, "reward_thresholds", lambda *a: {c: (0.0 if c in judged else None) for c in world.CATEGORIES})
-    _, *_, rounds = train.post_train(cfgs, run, "cpu", train.Metrics(os.path.join(run, "m.jsonl")), cfgs["post"], seed=2, log_prefix="thr")
+    monkeypatch.setattr(posttrain, "reward_thresholds", lambda *a: {c: (0.0 if c in judged else None) for c in world.CATEGORIES})
+    _, *_, rounds = posttrain.post_train(cfgs, run, "cpu", train.Metrics(os.path.join(run, "m.jsonl")).log, cfgs["post"], seed=2, log_prefix="thr")
     t = load_file(os.path.join(run, "thr_round0.safetensors"))
     exs = json.load(open(os.path.join(run, "thr_round0.json")))
     cats = [exs[i]["category"] for i in t["example"].tolist()]
@@ -500,7 +501,7 @@ def test_a_weak_category_without_threshold_is_calibrated_on_fresh_dev_samples(mi
     calibrated = {}
     for _ in range(2):  # the second call (as the ablations' next variant) reuses the first one's calibration
         with pytest.raises(posttrain.NothingToTarget, match="cannot judge") as e:  # the micro model draws noise: none pass
-            train.post_train(cfgs, run, "cpu", train.Metrics(None), cfgs["post"], seed=0, log_prefix="aim", calibrated=calibrated)
+            posttrain.post_train(cfgs, run, "cpu", train.Metrics(None).log, cfgs["post"], seed=0, log_prefix="aim", calibrated=calibrated)
         assert "single_object 0.13 on 7 samples" in str(e.value)  # 0.9 on one dev sample proved nothing
     out = capsys.readouterr()
     assert "position: 6 more dev samples, 0.00 pass, threshold on them none" in out.out + out.err

@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import data
+import generate
 import train
 
 MICRO = os.path.join(os.path.dirname(__file__), "..", "tiny_configs", "micro.toml")
@@ -139,7 +140,7 @@ def _lm_worker(rank, world, run_dir, port, overrides):
     train.derive_sizes(cfgs, run_dir)
     metrics = train.Metrics(os.path.join(run_dir, "metrics.jsonl") if dist.master else None)
     model, _ = train.train_lm(cfgs, run_dir, device, metrics, dist)
-    train.save_atomic(model.state_dict(), os.path.join(run_dir, f"rank{rank}.safetensors"))
+    generate.save_atomic(model.state_dict(), os.path.join(run_dir, f"rank{rank}.safetensors"))
     if world > 1:
         torch.distributed.destroy_process_group()
 
@@ -202,7 +203,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, micro_run, monkeypatch, capsy
 WRITER = """
 import sys, time, torch
 sys.path.insert(0, {root!r})
-import train
+import generate
 from safetensors.torch import save
 
 def slow_disk(tensors, path, metadata=None):  # writes half the file, then stalls: the kill lands here
@@ -214,9 +215,9 @@ def slow_disk(tensors, path, metadata=None):  # writes half the file, then stall
         time.sleep(60)
         f.write(blob[len(blob) // 2:])
 
-train.save_atomic({{"w": torch.full((100_000,), 1.0)}}, {path!r})
-train.save_file = slow_disk
-train.save_atomic({{"w": torch.full((100_000,), 2.0)}}, {path!r})
+generate.save_atomic({{"w": torch.full((100_000,), 1.0)}}, {path!r})
+generate.save_file = slow_disk
+generate.save_atomic({{"w": torch.full((100_000,), 2.0)}}, {path!r})
 """
 
 

@@ -48,7 +48,7 @@ def test_file_types_checked(tmp_path):
     ("--vq.image_size=40", "multiple of"),
     ("--train.dtype=float16", "expected float32, bfloat16 or auto"),
     ("--post.plan_temperature=-1", "post.plan_temperature must be >= 0"),
-    ("--train.ablation_variants=both,nope", "ablation_variants='both,nope'"),
+    ("--ablations.variants=both,nope", "ablations.variants='both,nope'"),
     ("--post.weak_below=0", "post.weak_below must lie in"),
     ("--vq.patch=8", "4 codes a side must be a multiple of 8"),  # a code would straddle two layout cells
 ])
