@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import data
 import world
-from generate import RunError, SampleConfig, generate, generate_reference, load_run
+from generate import RunError, generate, generate_reference, load_run, sample_config
 from train import TrainConfig, use_bf16
 
 # -----------------------------------------------------------------------------
@@ -233,7 +233,7 @@ def main():
         cfg, tokenizer, vocab, vq, gpt = load_run(args.run_dir, args.device)
     except RunError as e:
         raise SystemExit(f"error: {e}")
-    sample_cfg = SampleConfig(**cfg["sample"])
+    sample_cfg = sample_config(cfg)
     prompts = bench_prompts(cfg, tokenizer, args.batch)
     peak = matmul_peak(args.device)
     gc = gpt.cfg

@@ -142,7 +142,11 @@ def load_tokenizer(path):
     from tokenizers import Tokenizer
     if not os.path.exists(path):
         raise FileNotFoundError(f"no text tokenizer at {path}: make one with data.train_tokenizer('{path}')")
-    return Tokenizer.from_file(path)
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # the tokenizers library raises its own error types for a damaged file
+        raise ValueError(f"{path} is damaged ({e}): delete it and run `python train.py` with this run's config "
+                         f"again (a new tokenizer means a new run: use a new --train.out_dir)") from None
 
 
 PLAN_VERSION = 3  # config.json's "plan_version": 1 "red circle large top left", 2 the cell first, 3 the count first

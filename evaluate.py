@@ -40,7 +40,7 @@ import numpy as np
 
 import data
 import world
-from generate import RunError, SampleConfig, decode_images, generate, load_adapter, load_run, save_grid
+from generate import RunError, decode_images, generate, load_adapter, load_run, sample_config, save_grid
 
 GENEVAL_TASKS = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
 GRADED = ("dense",)  # scored by their share of facts (category_score); post-training keeps each prompt's best sample
@@ -155,7 +155,7 @@ def sample_and_score(gpt, vq, vocab, tokenizer, examples, sample_cfg, n_samples,
     for start in range(0, len(jobs), batch):
         chunk = generate(gpt, vocab, [ids[ex.prompt] for ex, _ in jobs[start:start + batch]], sample_cfg, seed=seed + start)
         samples += chunk
-        images += decode_images(vq, chunk, vocab)
+        images += decode_images(vq, chunk)
     scenes = world.parse_batch(np.stack(images))
     quality = render_agreement(images, scenes)
     records = []
@@ -498,7 +498,7 @@ def main(argv=None):
         raise SystemExit(f"the benchmarks need the shapes world's parser, which cannot read the images of a folder run; see "
                          f"{os.path.join(args.run_dir, 'samples_folder.png')}, or draw with `python generate.py {args.run_dir} \"a caption\"`")
     tc = cfg["train"]  # the run's own settings, so the scores match its report.json
-    sample_cfg = SampleConfig(**cfg.get("sample", {}))
+    sample_cfg = sample_config(cfg)
     if focus:
         n_prompts, seed = args.prompts or cfg.get("ablations", {}).get("focus_prompts", 150), args.seed or 0
         for name in focus:  # before any sampling: the bench split of some categories holds fewer prompts

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from data import BOI, BOS, EOI, EOS, NULL, PAD, THINK, Vocab, check_world_run, decode_text, encode_text, grid_positions, load_tokenizer
@@ -34,9 +35,8 @@ from model import GPT, VQ, GPTConfig, KVCache, VQConfig, load_lora, merge_lora
 @dataclass
 class SampleConfig:
     temperature: float = 0.7  # image tokens; 0 = greedy
-    text_temperature: float = 0.3  # plan tokens: lower, since a wrong word in the plan dooms the image (measured on
-    #                                800 knowledge samples: plans right 0.897 at 0.5, 0.926 at 0.3, 0.960 at 0 but
-    #                                then every sample of a prompt has one layout: OneIG diversity 0.58 -> 0.09)
+    text_temperature: float = 0.3  # plan tokens: lower, since a wrong word in the plan dooms the image; not 0,
+    #                                which would give every sample of a prompt the same layout
     top_k: int = 20  # keep the k most likely tokens (0 = all), applied after guidance
     top_p: float = 1.0  # nucleus sampling on what top_k kept (1.0 = off)
     cfg_scale: float = 1.5  # classifier-free guidance on image tokens; 1.0 = off and no doubled batch
@@ -238,12 +238,27 @@ def load_weights(module, path):
     if not os.path.exists(path):
         raise RunError(f"missing {path}: run `python train.py` for this run first (or check the path)")
     try:
-        module.load_state_dict(load_file(path, device=str(next(module.parameters()).device)))
+        tensors = load_file(path, device=str(next(module.parameters()).device))
+    except SafetensorError as e:  # truncated by a full disk or a copy cut short, or not safetensors at all
+        raise RunError(f"{path} is damaged ({e}): delete it and run `python train.py` with this run's config "
+                       f"again; the stage that writes it runs again and the finished ones are reused") from None
+    try:
+        module.load_state_dict(tensors)
     except RuntimeError as e:
         first = str(e).splitlines()[1:3]
         raise RunError(f"{path} does not fit this model's config (was it trained with another config?): "
                        + " ".join(s.strip() for s in first)) from None
     return module
+
+
+def read_json(path):
+    """A JSON file of a run, with a message that names it when it is damaged."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise RunError(f"{path} is damaged (not valid JSON: {e}): delete it and run `python train.py` with this "
+                       f"run's config again; it is written anew and the finished stages are reused") from None
 
 
 def load_run(run_dir, device="cpu"):
@@ -252,12 +267,14 @@ def load_run(run_dir, device="cpu"):
     if not os.path.exists(cfg_path):
         raise RunError(f"{run_dir} is not a run directory (no config.json): train one with "
                        f"`python train.py tiny_configs/shapes_cpu.toml`")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    cfg = read_json(cfg_path)
     tok_path = os.path.join(run_dir, "tokenizer.json")
     if not os.path.exists(tok_path):
         raise RunError(f"missing {tok_path}: run `python train.py` for this run first (or check the path)")
-    tokenizer = load_tokenizer(tok_path)
+    try:
+        tokenizer = load_tokenizer(tok_path)
+    except ValueError as e:
+        raise RunError(str(e)) from None
     if not cfg["train"]["data_dir"]:
         try:
             check_world_run(tokenizer, cfg)
@@ -277,8 +294,7 @@ def load_adapter(gpt, run_dir, name="post"):
     path = os.path.join(run_dir, f"lora_{name}.safetensors")
     if not os.path.exists(path):
         raise RunError(f"no adapter {path}: run the post stage first (python train.py CONFIG --stages=post)")
-    with open(os.path.join(run_dir, f"lora_{name}.json")) as f:
-        pc = json.load(f)
+    pc = read_json(os.path.join(run_dir, f"lora_{name}.json"))
     try:
         load_lora(gpt, name, load_file(path), tuple(pc["lora_targets"].split(",")), pc["lora_r"], pc["lora_alpha"])
     except ValueError as e:
@@ -287,8 +303,13 @@ def load_adapter(gpt, run_dir, name="post"):
     return gpt
 
 
+def sample_config(cfg):
+    """The sampling settings a run was trained and scored with (its config.json's [sample])."""
+    return SampleConfig(**cfg.get("sample", {}))
+
+
 @torch.no_grad()
-def decode_images(vq, samples, vocab):
+def decode_images(vq, samples):
     """Samples -> uint8 images (H, W, 3) as numpy; a sample without an image becomes a grey square."""
     S = vq.cfg.image_size
     out = [np.full((S, S, 3), 128, np.uint8) for _ in samples]
@@ -346,7 +367,7 @@ def main(argv=None):
         cfg, tokenizer, vocab, vq, gpt = load_run(args.run_dir)
         if args.adapter:
             load_adapter(gpt, args.run_dir, args.adapter)
-        sample_cfg = SampleConfig(**cfg.get("sample", {}))
+        sample_cfg = sample_config(cfg)
         for f in fields(SampleConfig):
             if getattr(args, f.name) is not None:
                 setattr(sample_cfg, f.name, getattr(args, f.name))
@@ -355,7 +376,7 @@ def main(argv=None):
         samples = generate(gpt, vocab, batch, sample_cfg, seed=args.seed)
     except (RunError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    images = decode_images(vq, samples, vocab)
+    images = decode_images(vq, samples)
     captions = []
     for i, s in enumerate(samples):
         plan = decode_text(tokenizer, s["plan"])

@@ -40,7 +40,7 @@ import evaluate
 import rewards
 import world
 from data import Vocab, build_sequence, grid_positions
-from generate import RunError, SampleConfig, decode_images, generate, load_run, save_atomic, write_json
+from generate import RunError, SampleConfig, decode_images, generate, load_run, read_json, save_atomic, write_json
 from model import add_lora, lora_state_dict, merge_lora, unmerge_lora
 
 STRATEGIES = ("broad", "aligned", "targeted")
@@ -124,14 +124,11 @@ def target_shares(weakness, top=0, floor=0.05, judged=None):
     """Category -> share of targeted prompts, in proportion to pass * (1 - pass) on dev prompts (pass:
     evaluate.category_score; plus 0.01, so that with top = 0 no category is dropped entirely). Reward-weighted
     self-training learns only from prompts whose K samples differ in reward: a category the model always
-    passes teaches nothing, and so does one it never passes (measured, when dense prompts were judged by
-    all-or-nothing thresholds: a third of the prompts on dense scenes, passed 0% of the time, gave no gain
-    there and less everywhere else). pass * (1 - pass) is the variance of a pass/fail reward (for dense's
-    share of facts, an upper bound of its variance).
+    passes teaches nothing, and so does one it never passes. pass * (1 - pass) is the variance of a
+    pass/fail reward (for dense's share of facts, an upper bound of its variance).
     top > 0 keeps only the `top` weakest categories passed at least `floor` of the time: the budget then
-    buys enough good samples of each to move it (measured, vqa reward, threshold weights: the weakest
-    category, color_attr, 0.326 -> 0.376 spread over every category, -> 0.498 with top = 2). judged: the
-    category names the reward can judge (calibrate_thresholds); the others get no prompts."""
+    buys enough good samples of each to move it. judged: the category names the reward can judge
+    (calibrate_thresholds); the others get no prompts."""
     cats = [c for c in weakness["categories"] if judged is None or c["name"] in judged]
     if not cats:
         raise ValueError("the reward cannot judge any dev category (see calibrate_thresholds): nothing to target")
@@ -275,7 +272,7 @@ def self_generate(gpt, vq, vocab, tokenizer, examples, k, sample_cfg: SampleConf
     for start in range(0, len(jobs), batch):
         chunk = jobs[start:start + batch]
         samples = generate(gpt, vocab, [ids[i] for i, _ in chunk], sample_cfg, seed=seed + start)
-        for (i, _), s, img in zip(chunk, samples, decode_images(vq, samples, vocab)):
+        for (i, _), s, img in zip(chunk, samples, decode_images(vq, samples)):
             out["example"].append(i)
             out["prompt"].append(ids[i])
             out["plan"].append(s["plan"])
@@ -302,10 +299,7 @@ def calibrate_thresholds(rewards, passed, names, precision=0.95, prior_failures=
     small to show that it can (the prior failures need >= 38 passing samples at precision 0.95: with 100
     dev samples per category, one passed less than ~38% of the time cannot qualify, even for the verifier).
     The dev samples have the evaluation's plan temperature, the rounds' a higher one: expect somewhat lower
-    precision on the rounds (measured: 96% of the kept samples passed in the main job of 2026-12-01).
-    Measured, vqa on one base: colour attribution t = 0.175, position 0.094, counting 0.211; knowledge
-    kinds (about 25 dev samples each) none, and on that base's round samples vqa read counting words no
-    better than chance (AUC 0.45-0.62) and kept comparatives at 81-92% precision."""
+    precision on the rounds."""
     rewards, passed, names = np.asarray(rewards, dtype=np.float64), np.asarray(passed, dtype=np.float64), np.asarray(names)
     out = {}
     for name in sorted(set(names.tolist())):
@@ -567,7 +561,7 @@ def post_train(cfgs, run_dir, device, log, pc, seed, adapter="post", log_prefix=
     tc = cfgs["train"]
     _, tokenizer, vocab, vq, gpt = load_run(run_dir, device)
     wpath = os.path.join(run_dir, "weakness.json")
-    weakness = json.load(open(wpath)) if os.path.exists(wpath) else None
+    weakness = read_json(wpath) if os.path.exists(wpath) else None
     thresholds = reward_thresholds(run_dir, pc, device)
     targets, measured = None, {}  # every category, for the broad and aligned strategies
     if pc.strategy == "targeted":

@@ -20,10 +20,8 @@ The built-in rewards, and what each stands in for (heads are trained on rendered
                prompt reader writes the prompt as a program (object slots, counts, total, relations), and a
                fixed soft executor scores the program on the cells. The probe learns from renders labelled
                cell by cell by the exact parser (half through the run's VQ), the reader from prompts and
-               their Specs; neither sees the model's samples. The DEFAULT post-training reward. Measured on
-               shapes_cpu (seed 0): AUC 0.993 vs the verifier on the model's own samples of dev prompts,
-               0.869 on held-out renders, where long dense prompts are its weak spot (the reader, 600
-               steps, still misreads 4-object layouts; there every slot must be read right).
+               their Specs; neither sees the model's samples. The DEFAULT post-training reward; long dense
+               prompts are its weak spot (every slot of a 4-object layout must be read right).
     clip       CLIPScore: a dual encoder trained contrastively with hard-negative captions; the reward is
                the cosine of the image and text embeddings, in [-1, 1].
     aesthetic  the LAION aesthetic predictor: an MLP on the clip image embedding regressing `composition`
@@ -66,7 +64,7 @@ from safetensors import safe_open
 import data
 import world
 from data import PAD
-from generate import RunError, SampleConfig, decode_images, generate, load_run, load_weights
+from generate import RunError, decode_images, generate, load_run, load_weights, sample_config
 
 DEFAULT = "vqa"  # the post-training reward unless a config names another
 HEADS_FILE = "rewards.safetensors"  # every trained head, one file, architecture config in its metadata
@@ -313,15 +311,15 @@ class RewardsConfig:
     batch: int = 64  # training batch of every head
     lr: float = 2e-3  # AdamW, cosine to a tenth
     examples: int = 6000  # rendered training examples of each data set (clip and the vqa probe share one; geometry)
-    p_vq: float = 0.5  # share of training images shown after a round trip through the run's VQ, as samples are
+    p_vq: float = 0.5  # share of training images shown after a round trip through the run's VQ, as samples are drawn
     vqa_probe_steps: int = 300  # the vqa image encoder learning to read cells as the parser does
-    vqa_steps: int = 2000  # the vqa prompt reader (at 600 it read sizes at chance: comparatives could not be judged)
+    vqa_steps: int = 2000  # the vqa prompt reader: with far fewer it reads sizes at chance
     vqa_prompts: int = 20000  # prompts with their Specs for the vqa prompt reader (text only: cheap)
-    clip_steps: int = 300
-    aesthetic_steps: int = 300
-    quality_steps: int = 150
+    clip_steps: int = 300  # the clip dual encoder, contrastive with hard-negative captions
+    aesthetic_steps: int = 300  # the aesthetic MLP on clip's image embedding
+    quality_steps: int = 150  # the clean-vs-degraded classifier
     geometry_steps: int = 600  # from clip's image encoder
-    geometry_lr: float = 4e-3  # after a warm-up over a tenth of its steps; at lr (2e-3) it ended at loss 0.16-0.47, here ~0.2
+    geometry_lr: float = 4e-3  # after a warm-up over a tenth of its steps; at rewards.lr it ends far less settled
     calib_examples: int = 600  # held-out (dev split) renders for the calibration table
     calib_samples: int = 256  # the model's own samples of dev prompts for the calibration table
 
@@ -841,12 +839,12 @@ def calibrate(run_dir, device="cpu", n_examples=600, n_samples=256, seed=0):
 
     # the model's own samples of dev prompts, judged by the verifier
     sample_exs = [world.sample_example(rng, split="dev") for _ in range(n_samples)]
-    sample_cfg = SampleConfig(**cfg.get("sample", {}))
+    sample_cfg = sample_config(cfg)
     samples = []
     for i in range(0, n_samples, 128):
         chunk = sample_exs[i:i + 128]
         samples += generate(gpt, vocab, [data.encode_text(tok, e.prompt) for e in chunk], sample_cfg, seed=seed + i)
-    s_imgs = np.stack(decode_images(vq, samples, vocab))
+    s_imgs = np.stack(decode_images(vq, samples))
     s_prompts = [e.prompt for e in sample_exs]
     s_scenes = world.parse_batch(s_imgs)
     s_pass = np.array([world.passes(s, e.spec) for s, e in zip(s_scenes, sample_exs)])

@@ -50,8 +50,8 @@ import evaluate
 import posttrain
 import rewards
 from data import FORMATS, Vocab, build_sequence
-from generate import (RunError, SampleConfig, decode_images, generate, load_run, load_weights, save_atomic, save_grid,
-                      write_json)
+from generate import (RunError, SampleConfig, decode_images, generate, load_run, load_weights, read_json, save_atomic,
+                      save_grid, write_json)
 from model import GPT, VQ, GPTConfig, VQConfig
 from ablations import AblationConfig
 from posttrain import PostConfig
@@ -72,21 +72,24 @@ class TrainConfig:
     tokenizer_corpus: int = 1000  # examples per category in the tokenizer's corpus (every word list is in it too)
     # VQ stage
     vq_images: int = 20000  # rendered training scenes (a folder run uses all its images)
-    vq_steps: int = 1500
-    vq_batch: int = 64
-    vq_lr: float = 3e-3
+    vq_steps: int = 1500  # optimiser steps of the VQ stage
+    vq_batch: int = 64  # images per VQ step
+    vq_lr: float = 3e-3  # Adam learning rate of the encoder and decoder
+    vq_codebook_lr: float = 3e-4  # the codebook's, lower: codes that move as fast as the networks keep swapping patches
     vq_warmup: int = 200  # steps as a plain autoencoder; then the codebook starts from its encodings
+    vq_init_images: int = 512  # images whose encodings the codebook is initialised from (farthest-point)
     vq_restart_every: int = 25  # steps between dead-code restarts (0 = never)
+    vq_restart_until: float = 0.8  # no restarts in the last 20% of the steps, so the codebook settles before it is used
     vq_eval_scenes: int = 500  # held-out scenes for the parser round-trip figure
     # LM stage
     lm_examples: int = 30000  # pretraining examples (prompt, plan, caption, image codes); a folder run uses all its images
-    lm_steps: int = 2500
-    lm_batch: int = 32
-    lm_lr: float = 1.5e-3  # peak; 3e-3 ended at a higher held-out loss (0.175 vs 0.160 at 2,500 steps) and lower GenEval
+    lm_steps: int = 2500  # optimiser steps of the lm stage
+    lm_batch: int = 32  # sequences per step (the global batch, shared among data-parallel processes)
+    lm_lr: float = 1.5e-3  # peak learning rate (AdamW); twice that ends at a higher held-out loss
     lm_min_lr: float = 1.5e-4  # cosine schedule ends here
-    lm_warmup: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    lm_warmup: int = 100  # steps of linear warm-up
+    weight_decay: float = 0.1  # AdamW decay of the matrices (not of norms and gains)
+    grad_clip: float = 1.0  # gradient norm clip
     p_plan: float = 0.8  # format mix: text->image with a plan ...
     p_direct: float = 0.1  # ... text->image without a plan; the rest is image->text captions
     null_prob: float = 0.1  # text->image sequences whose condition becomes <null> (for guidance)
@@ -159,6 +162,8 @@ def validate(cfgs):
         (tc.lm_examples >= tc.lm_batch and tc.eval_examples >= tc.lm_batch, "train.lm_examples and train.eval_examples must be >= train.lm_batch"),
         (0 <= tc.p_plan and 0 <= tc.p_direct and tc.p_plan + tc.p_direct <= 1, "train.p_plan + train.p_direct must lie in [0, 1] (the rest are captions)"),
         (0 <= tc.null_prob <= 1, "train.null_prob must lie in [0, 1]"),
+        (tc.vq_init_images >= vc.codebook_size, f"train.vq_init_images={tc.vq_init_images} must be at least vq.codebook_size="
+                                                f"{vc.codebook_size}: the codebook starts from that many distinct encodings"),
         (vc.image_size % vc.patch == 0, f"vq.image_size={vc.image_size} must be a multiple of vq.patch={vc.patch}"),
         (tc.data_dir or vc.image_size % (2 * world.LATTICE) == 0,
          f"vq.image_size={vc.image_size} must be a multiple of {2 * world.LATTICE} (the shapes world's layout lattice)"),
@@ -449,11 +454,10 @@ def stage_vq(cfgs, run_dir, device, metrics):
         train_imgs = to_tensor_images(scene_images(tc.vq_images, tc.seed, vc.image_size, "train"))
         held_out = scene_images(tc.vq_eval_scenes, tc.seed + 1, vc.image_size, "dev")
     vq = VQ(vc).to(device)
-    # the codebook learns 10x slower than the networks: Adam moves every parameter at about the learning
-    # rate whatever its gradient, and codes that drift that fast keep swapping their patches
+    # Adam moves every parameter at about its learning rate whatever the gradient: the codebook gets its own
     book = [vq.codebook.weight]
     nets = [p for n, p in vq.named_parameters() if n != "codebook.weight"]
-    opt = torch.optim.Adam([{"params": nets, "lr": tc.vq_lr}, {"params": book, "lr": 0.1 * tc.vq_lr}])
+    opt = torch.optim.Adam([{"params": nets, "lr": tc.vq_lr}, {"params": book, "lr": tc.vq_codebook_lr}])
     g = torch.Generator().manual_seed(tc.seed)
     encodings = lambda x: F.normalize(vq.encoder(x * 2 - 1), dim=1).permute(0, 2, 3, 1).reshape(-1, vc.code_dim)
     vq.train()
@@ -463,7 +467,7 @@ def stage_vq(cfgs, run_dir, device, metrics):
             # a codebook drawn at random, before the encoder means anything, collapses onto the white
             # background; one spread over a warmed-up encoder's outputs does not
             with torch.no_grad():
-                sample = train_imgs[torch.randint(0, len(train_imgs), (512,), generator=g)].to(device)
+                sample = train_imgs[torch.randint(0, len(train_imgs), (tc.vq_init_images,), generator=g)].to(device)
                 vq.init_codebook(encodings(sample))
             vq.usage.zero_()
         recon, losses, _ = vq(x, quantize=step >= tc.vq_warmup)
@@ -471,7 +475,8 @@ def stage_vq(cfgs, run_dir, device, metrics):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step > tc.vq_warmup and tc.vq_restart_every and (step + 1) % tc.vq_restart_every == 0 and step + 1 < tc.vq_steps * 0.8:
+        restart = tc.vq_restart_every and (step + 1) % tc.vq_restart_every == 0
+        if restart and tc.vq_warmup < step and step + 1 < tc.vq_steps * tc.vq_restart_until:
             with torch.no_grad():
                 restarted = vq.restart_dead_codes(encodings(x))
             metrics.log(stage="vq", step=step + 1, restarted_codes=restarted)
@@ -702,7 +707,7 @@ def folder_samples(cfgs, run_dir, gpt, vq, vocab, tokenizer, n=16):
     dev = dev[:n]
     caps = [folder.captions[i] for i in dev]
     samples = generate(gpt, vocab, [data.encode_text(tokenizer, c) for c in caps], cfgs["sample"], seed=cfgs["train"].seed)
-    save_grid(list(folder.images[dev]) + decode_images(vq, samples, vocab), ["held out: " + c for c in caps] + ["drawn: " + c for c in caps],
+    save_grid(list(folder.images[dev]) + decode_images(vq, samples), ["held out: " + c for c in caps] + ["drawn: " + c for c in caps],
               os.path.join(run_dir, "samples_folder.png"), cols=min(8, len(dev)))
     return {"benchmarks": {}, "skipped": "benchmarks (they need the shapes parser)", "images": len(samples),
             "boi_rate": float(np.mean([s["emitted_boi"] for s in samples]))}
@@ -744,7 +749,7 @@ def check_run_dir(run_dir, cfg_json, stages=STAGES):
     """Refuse to mix a run directory's finished stages with another config. The [post] keys matter only
     to the post stage (the ablations vary them on purpose)."""
     tok_path, path = os.path.join(run_dir, "tokenizer.json"), os.path.join(run_dir, "config.json")
-    old = json.load(open(path)) if os.path.exists(path) else None
+    old = read_json(path) if os.path.exists(path) else None
     if not cfg_json["train"]["data_dir"] and os.path.exists(tok_path):
         # the config that trained the GPT: config.json beside a finished one; an interrupted lm stage's own
         # (config.json is rewritten only when a stage finishes, so it may still be an older version's)
@@ -771,7 +776,7 @@ def check_run_dir(run_dir, cfg_json, stages=STAGES):
                           f"Delete {os.path.join(run_dir, rewards.HEADS_FILE)} to retrain them, or use another --train.out_dir.")
     post_path = os.path.join(run_dir, "lora_post.json")
     if not diff and "post" in stages and os.path.exists(post_path):
-        diff = config_diff({"post": json.load(open(post_path))}, cfg_json, ("post",))
+        diff = config_diff({"post": read_json(post_path)}, cfg_json, ("post",))
         if diff:
             raise ConfigError(f"{run_dir}/lora_post.safetensors was post-trained with another [post] config ({'; '.join(diff[:5])}). "
                               f"Delete {run_dir}/lora_post.safetensors (and .json) to post-train again, or use another --train.out_dir.")
@@ -800,12 +805,17 @@ def main(argv=None):
         check_run_dir(run_dir, cfg_json, stages)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}")
+    except RunError as e:
+        raise SystemExit(f"error: {e}")
     if not dist.master:
         sys.stdout = open(os.devnull, "w")  # only rank 0 prints; errors still reach stderr
     os.makedirs(run_dir, exist_ok=True)
     metrics = Metrics(os.path.join(run_dir, "metrics.jsonl") if dist.master else None)
     report_path = os.path.join(run_dir, "report.json")
-    report = json.load(open(report_path)) if os.path.exists(report_path) else {"benchmarks": {}, "stages": {}}
+    try:
+        report = read_json(report_path) if os.path.exists(report_path) else {"benchmarks": {}, "stages": {}}
+    except RunError as e:
+        raise SystemExit(f"error: {e}")
     outputs = {"tokenizer": "tokenizer.json", "vq": "vq.safetensors", "lm": "gpt.safetensors", "rewards": rewards.HEADS_FILE,
                "post": "lora_post.safetensors"}
     t_all = time.time()

@@ -494,21 +494,12 @@ GENERATORS = {"single_object": gen_single_object, "two_objects": gen_two_objects
               "dense": gen_dense, "knowledge": gen_knowledge}
 CATEGORIES = tuple(GENERATORS)
 KNOWLEDGE_KINDS = ("colour", "number", "shape", "comparative")
-# pretraining mix over (category, kind): one-object prompts are easy and have few distinct scenes, so
-# counting and relations get twice their weight, knowledge 2.5 and dense layouts 4 (below). A plan's size word is the one attribute most prompts leave open (drawn at random),
-# so copying a size the prompt names was learnt late or never: one base wrote "large" for "a small red
-# circle" half the time (teacher-forced p(right size) 0.52; single objects 0.83, comparatives 0.11). Single
-# objects that always name their size ("sized", pretraining only) fix it (2026-12-04, one tokenizer and VQ,
-# seeds 0 and 1: p 0.99, single objects 1.000, plan accuracy 0.995-1.000). Within knowledge, comparatives
-# (whose sizes come from "bigger than") get the most weight; colour and shape knowledge, always right, the
-# least (with the sized single objects this raised comparatives' teacher-forced p from 0.81-0.91 to
-# 0.96-0.99 for the second object). Dense layouts at weight 2 left the lm stage still learning to bind each
-# object's region and size ("at the bottom center") in its plan (2026-12-05, seed 0: the plan's region right
-# 0.32, size 0.65; 100 more steps on this mix's plan sequences lifted the dense share of facts from 0.650 to
-# 0.723, 300 to 0.841, on 600 samples). At weight 4, on the same tokenizer and VQ: DPG 0.683 -> 0.880, all
-# facts right 0.015 -> 0.345, GenEval 0.986 -> 0.992, WISE 0.990 -> 0.995, OneIG 0.917 -> 0.954. Pretraining
-# draws from this mix, and so do the reward heads' training prompts and `broad` post-training; benchmark and
-# dev prompts are drawn per category with the kinds uniform.
+# pretraining mix over (category, kind), weighted by what is hard to learn: one-object prompts are easy and
+# have few distinct scenes; single objects that always name their size ("sized", pretraining only) teach the
+# plan to copy a size the prompt names; comparatives get their sizes from "bigger than" and are learnt last;
+# colour and shape knowledge are easy; dense layouts need the most steps to bind each object's region and size.
+# Pretraining draws from this mix, and so do the reward heads' training prompts and `broad` post-training;
+# benchmark and dev prompts are drawn per category with the kinds uniform (measurements: docs/results.md).
 PRETRAIN_MIX = {("single_object", None): 1, ("single_object", "sized"): 1, ("two_objects", None): 1,
                 ("counting", None): 2, ("colors", None): 1, ("position", None): 2, ("color_attr", None): 1.5,
                 ("dense", None): 4,

@@ -44,6 +44,31 @@ def test_missing_or_half_written_run(tmp_path, micro_run):
         generate.main([str(half), "a red circle"])
 
 
+@pytest.mark.parametrize("name, cut", [("gpt.safetensors", 0.5), ("vq.safetensors", 0.3), ("config.json", 0.5),
+                                       ("tokenizer.json", 0.5)])
+def test_a_damaged_run_file_is_named_with_what_to_do(tmp_path, micro_run, name, cut):
+    # a file cut short (a full disk, a copy interrupted): the message names it and says how to recover
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    blob = (run / name).read_bytes()
+    (run / name).write_bytes(blob[:int(len(blob) * cut)])
+    with pytest.raises(SystemExit, match=rf"{name} is damaged .*delete it and run `python train.py`"):
+        generate.main([str(run), "a red circle"])
+
+
+def test_a_damaged_report_stops_train_with_its_name(tmp_path, micro_run):
+    import shutil
+
+    import train
+    from conftest import MICRO
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    (run / "report.json").write_text('{"benchmarks": {"geneval": \n')
+    with pytest.raises(SystemExit, match=r"report.json is damaged \(not valid JSON"):
+        train.main([MICRO, f"--train.out_dir={run}", "--stages=eval"])
+
+
 def test_checkpoint_from_another_config_is_refused(tmp_path, micro_run):
     import json
     import shutil
