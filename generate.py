@@ -84,11 +84,6 @@ def guide(cond, uncond, scale):
     return uncond + scale * (cond - uncond)
 
 
-def encode_prompts(tokenizer, prompts):
-    """Prompt strings -> token id lists, with a clear error for empty prompts or unknown words."""
-    return [encode_text(tokenizer, p) for p in prompts]
-
-
 def split_sample(tokens, vocab):
     """Generated ids (after the prompt) -> dict(plan ids, codes or None, emitted_boi)."""
     plan, codes, boi = [], None, False
@@ -371,7 +366,7 @@ def main(argv=None):
         for f in fields(SampleConfig):
             if getattr(args, f.name) is not None:
                 setattr(sample_cfg, f.name, getattr(args, f.name))
-        prompt_ids = encode_prompts(tokenizer, args.prompts)
+        prompt_ids = [encode_text(tokenizer, p) for p in args.prompts]
         batch = [ids for ids in prompt_ids for _ in range(args.n)]
         samples = generate(gpt, vocab, batch, sample_cfg, seed=args.seed)
     except (RunError, ValueError) as e:

@@ -25,15 +25,12 @@ Overrides are `--section.key=value` for any key of the config file's sections ([
 """
 
 import argparse
-import dataclasses
 import datetime
-import difflib
 import json
 import math
 import os
 import sys
 import time
-import tomllib
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -43,17 +40,20 @@ from safetensors import safe_open
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import data
-import world
 import ablations
+import config
+import data
 import evaluate
+import heads
 import posttrain
 import rewards
+import world
+from ablations import AblationConfig
+from config import ConfigError
 from data import FORMATS, Vocab, build_sequence
 from generate import (RunError, SampleConfig, decode_images, generate, load_run, load_weights, read_json, save_atomic,
                       save_grid, write_json)
 from model import GPT, VQ, GPTConfig, VQConfig
-from ablations import AblationConfig
 from posttrain import PostConfig
 
 STAGES = ("tokenizer", "vq", "lm", "eval", "rewards", "post")  # the main job: the benchmarks first, then what post-training needs
@@ -103,7 +103,7 @@ class TrainConfig:
     eval_batch: int = 128  # prompts sampled together
 
 
-SECTIONS = {"train": TrainConfig, "vq": VQConfig, "gpt": GPTConfig, "sample": SampleConfig, "rewards": rewards.RewardsConfig,
+SECTIONS = {"train": TrainConfig, "vq": VQConfig, "gpt": GPTConfig, "sample": SampleConfig, "rewards": heads.RewardsConfig,
             "post": PostConfig, "ablations": AblationConfig}
 DERIVED = {("gpt", "vocab_size"), ("gpt", "image_offset"), ("gpt", "n_image_tokens"), ("gpt", "cell_token_ids"),
            ("gpt", "attr_token_ids"), ("gpt", "code_cells")}  # set from tokenizer + VQ
@@ -111,43 +111,6 @@ DERIVED = {("gpt", "vocab_size"), ("gpt", "image_offset"), ("gpt", "n_image_toke
 
 # -----------------------------------------------------------------------------
 # configuration: plain TOML files, command-line overrides, strict checking
-
-
-class ConfigError(ValueError):
-    pass
-
-
-def _coerce(section, key, value, typ, from_cli):
-    """Check (file) or parse (command line) a value against the dataclass field's type."""
-    where = f"{section}.{key}"
-    if from_cli:
-        try:
-            if typ is bool:
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                return value.lower() in ("true", "1")
-            return typ(value)
-        except ValueError:
-            raise ConfigError(f"{where}={value!r}: expected a {typ.__name__}") from None
-    ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True  # 1 is a fine float
-    if not ok:
-        raise ConfigError(f"{where} = {value!r} is a {type(value).__name__}, expected a {typ.__name__}")
-    return value
-
-
-def _set(cfgs, section, key, value, from_cli):
-    if section not in SECTIONS:
-        hint = difflib.get_close_matches(section, SECTIONS, n=1)
-        raise ConfigError(f"unknown config section [{section}]" + (f"; did you mean [{hint[0]}]?" if hint else f"; sections: {', '.join(SECTIONS)}"))
-    types = {f.name: f.type for f in dataclasses.fields(SECTIONS[section])}
-    if key not in types:
-        hint = difflib.get_close_matches(key, types, n=1)
-        raise ConfigError(f"unknown config key {section}.{key}" + (f"; did you mean {section}.{hint[0]}?" if hint else ""))
-    if (section, key) in DERIVED:
-        raise ConfigError(f"{section}.{key} is derived from the tokenizer and the VQ; it cannot be set")
-    setattr(cfgs[section], key, _coerce(section, key, value, types[key], from_cli))
 
 
 def validate(cfgs):
@@ -205,27 +168,8 @@ def validate(cfgs):
 
 
 def load_config(path, overrides=()):
-    """A TOML file plus `section.key=value` overrides -> {section: dataclass}."""
-    cfgs = {name: cls() for name, cls in SECTIONS.items()}
-    if path is not None:
-        if not os.path.exists(path):
-            raise ConfigError(f"config file {path} not found (the shipped ones are in tiny_configs/)")
-        with open(path, "rb") as f:
-            try:
-                raw = tomllib.load(f)
-            except tomllib.TOMLDecodeError as e:
-                raise ConfigError(f"{path} is not valid TOML: {e}") from None
-        for section, table in raw.items():
-            if not isinstance(table, dict):
-                raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
-            for key, value in table.items():
-                _set(cfgs, section, key, value, from_cli=False)
-    for item in overrides:
-        name, eq, value = item.lstrip("-").partition("=")
-        section, dot, key = name.partition(".")
-        if not eq or not dot:
-            raise ConfigError(f"override {item!r} must look like --section.key=value, e.g. --train.lm_steps=300")
-        _set(cfgs, section, key, value, from_cli=True)
+    """A TOML file plus `section.key=value` overrides -> {section: dataclass}, checked by validate."""
+    cfgs = config.load(path, SECTIONS, overrides, DERIVED)
     validate(cfgs)
     return cfgs
 
@@ -688,8 +632,8 @@ def stage_rewards(cfgs, run_dir, device, metrics):
         return {"skipped": "reward heads (they are trained on the shapes world)"}
     tokenizer = data.load_tokenizer(os.path.join(run_dir, "tokenizer.json"))
     vq = load_weights(VQ(cfgs["vq"]).to(device), os.path.join(run_dir, "vq.safetensors")).eval()
-    heads, figures = rewards.train_heads(rc, tokenizer, vq, tc.seed, device, log=lambda **kv: metrics.log(stage="rewards", **kv))
-    save_atomic(heads.state_dict(), os.path.join(run_dir, rewards.HEADS_FILE), rewards.heads_metadata(heads))
+    net, figures = heads.train_heads(rc, tokenizer, vq, tc.seed, device, log=lambda **kv: metrics.log(stage="rewards", **kv))
+    save_atomic(net.state_dict(), os.path.join(run_dir, heads.HEADS_FILE), heads.heads_metadata(net))
     figures["calibration"] = cal = rewards.calibrate(run_dir, device, rc.calib_examples, rc.calib_samples, tc.seed)
     print(rewards.table(cal))
     return figures
@@ -769,11 +713,11 @@ def check_run_dir(run_dir, cfg_json, stages=STAGES):
     if old is None:
         return
     # the reward heads come after the GPT: their settings matter only once they are trained
-    sections = ("train", "vq", "gpt") + ("rewards",) * os.path.exists(os.path.join(run_dir, rewards.HEADS_FILE))
+    sections = ("train", "vq", "gpt") + ("rewards",) * os.path.exists(os.path.join(run_dir, heads.HEADS_FILE))
     diff = config_diff(old, cfg_json, sections)
     if diff and all(d.startswith("rewards.") for d in diff):
         raise ConfigError(f"{run_dir} holds reward heads trained with another config ({'; '.join(diff[:5])}). "
-                          f"Delete {os.path.join(run_dir, rewards.HEADS_FILE)} to retrain them, or use another --train.out_dir.")
+                          f"Delete {os.path.join(run_dir, heads.HEADS_FILE)} to retrain them, or use another --train.out_dir.")
     post_path = os.path.join(run_dir, "lora_post.json")
     if not diff and "post" in stages and os.path.exists(post_path):
         diff = config_diff({"post": read_json(post_path)}, cfg_json, ("post",))
@@ -816,7 +760,7 @@ def main(argv=None):
         report = read_json(report_path) if os.path.exists(report_path) else {"benchmarks": {}, "stages": {}}
     except RunError as e:
         raise SystemExit(f"error: {e}")
-    outputs = {"tokenizer": "tokenizer.json", "vq": "vq.safetensors", "lm": "gpt.safetensors", "rewards": rewards.HEADS_FILE,
+    outputs = {"tokenizer": "tokenizer.json", "vq": "vq.safetensors", "lm": "gpt.safetensors", "rewards": heads.HEADS_FILE,
                "post": "lora_post.safetensors"}
     t_all = time.time()
     print(f"run {run_dir} on {device} ({'bf16 autocast' if use_bf16(tc, device) else 'float32'}"

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import world
+import heads
 import rewards
 import train
 from rewards import RewardError, load_reward, parse_spec
@@ -81,9 +82,9 @@ def test_verifier_is_one_on_ground_truth_and_the_share_of_clauses_that_hold_on_a
     specs = {e.prompt: e.spec for e in exs}
     verifier = load_reward(None, "verifier", specs=specs)
     prompts = [e.prompt for e in exs]
-    truth = rewards.to_float(np.stack([world.render(e.scene) for e in exs]))
+    truth = heads.to_float(np.stack([world.render(e.scene) for e in exs]))
     assert verifier(truth, prompts).tolist() == [1.0] * len(exs)
-    got = verifier(rewards.to_float(np.stack([world.render(s) for s in others])), prompts).tolist()
+    got = verifier(heads.to_float(np.stack([world.render(s) for s in others])), prompts).tolist()
     want = [np.mean(list(world.check(s, e.spec).values())) for s, e in zip(others, exs)]  # the share of clauses that hold
     assert got == pytest.approx(want) and all(0 <= g < 1 for g in got) and any(g > 0 for g in got)
     with pytest.raises(RewardError, match="no Spec for prompt 'a blue square'"):
@@ -94,16 +95,16 @@ def test_perturb_and_malformed_change_the_picture():
     rng = np.random.default_rng(1)
     for _ in range(200):
         scene = world.random_scene(rng)
-        assert rewards.perturb(scene, rng) != scene
-        assert not np.array_equal(rewards.render_malformed(scene, rng, 32), world.render(scene, 32))
-        assert 0.0 <= rewards.composition(scene) <= 1.0
+        assert heads.perturb(scene, rng) != scene
+        assert not np.array_equal(heads.render_malformed(scene, rng, 32), world.render(scene, 32))
+        assert 0.0 <= heads.composition(scene) <= 1.0
 
 
 def test_tower_pools_the_real_tokens_only():
     # mean pooling (not a [cls] token, which left clip's contrastive loss at chance for a random number of
     # steps): padding must not change an embedding, and two sequences differing in one token must differ
     torch.manual_seed(0)
-    tower = rewards.Tower(16, 1).eval()
+    tower = heads.Tower(16, 1).eval()
     x = torch.randn(2, 5, 16)
     padded = torch.cat([x, torch.randn(2, 3, 16)], 1)
     pad = torch.zeros(2, 8, dtype=torch.bool)
@@ -156,12 +157,12 @@ def test_vqa_executor_on_exact_cells_and_programs_is_the_verifier():
     # logits), must agree with world.passes on true scenes and on their edits
     rng = np.random.default_rng(3)
     exs = [world.sample_example(rng) for _ in range(300)]
-    scenes = [e.scene if k % 2 else rewards.perturb(e.scene, rng) for k, e in enumerate(exs)]
-    slots, total, rel = rewards.program_targets([e.spec for e in exs])
+    scenes = [e.scene if k % 2 else heads.perturb(e.scene, rng) for k, e in enumerate(exs)]
+    slots, total, rel = heads.program_targets([e.spec for e in exs])
     sure = lambda t, n: 50.0 * torch.nn.functional.one_hot(t, n).float()
-    slot_logits = torch.cat([sure(slots[..., k], n) for k, n in enumerate(rewards.SLOT_ATTRS)], -1)
-    head = rewards.VQAHead(rewards.RewardsConfig(dim=8, layers=1), 100, 32)
-    p = head.execute(rewards.one_hot_cells(rewards.cell_targets(scenes)), slot_logits, sure(total, world.MAX_OBJECTS + 1), 50.0 * (2 * rel - 1))
+    slot_logits = torch.cat([sure(slots[..., k], n) for k, n in enumerate(heads.SLOT_ATTRS)], -1)
+    head = heads.VQAHead(heads.RewardsConfig(dim=8, layers=1), 100, 32)
+    p = head.execute(heads.one_hot_cells(heads.cell_targets(scenes)), slot_logits, sure(total, world.MAX_OBJECTS + 1), 50.0 * (2 * rel - 1))
     want = np.array([world.passes(s, e.spec) for s, e in zip(scenes, exs)])
     assert 0.2 < want.mean() < 0.8
     assert np.array_equal(p.numpy() > 0.5, want), [e.prompt for e, a, b in zip(exs, p.numpy() > 0.5, want) if a != b][:3]
