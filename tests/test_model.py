@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, VQ, GPTConfig, KVCache, VQConfig
+from model import GPT, VQ, GPTConfig, KVCache, RMSNorm, RMSNormFunction, RoPE, VQConfig, rope_tables
 
 
 def tiny_gpt(**kw):
@@ -159,3 +159,24 @@ def test_plan_cells_open_keep_close_and_carry_through_the_cache():
         model.cell_embed.weight[2] += 1.0  # code_cells[0] == 2
     assert not torch.allclose(model(img, grid=torch.tensor([[0]])), before[0])
     assert torch.equal(model(img, grid=torch.tensor([[3]])), before[3])
+
+
+def test_rope_and_rms_norm_functions_equal_their_textbook_forms():
+    """The hand-written RoPE and RMSNorm autograd functions against the plain formulas (autograd's
+    gradients of those), forward and backward, in float64."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
+    cos, sin = (t.double() for t in rope_tables(8, 5, 10000.0))
+    for c, s in ((cos, sin), (cos[None, None].expand(2, 1, 5, 4), sin[None, None].expand(2, 1, 5, 4))):  # training's table, the sampler's per row
+        x1, x2 = x.chunk(2, dim=-1)
+        want = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+        got = RoPE.apply(x, c, s)
+        g = torch.randn_like(want)
+        assert torch.allclose(got, want) and torch.allclose(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0])
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    got = RMSNormFunction.apply(x, w, 1e-6)
+    g = torch.randn_like(want)
+    assert torch.allclose(got, want)
+    assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad(got, (x, w), g), torch.autograd.grad(want, (x, w), g)))
+    assert torch.allclose(RMSNorm(8).double()(x), F.rms_norm(x, (8,), torch.ones(8, dtype=torch.float64), 1e-6))
