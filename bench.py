@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import data
 import world
 from generate import RunError, SampleConfig, generate, generate_reference, load_run
-from train import TrainConfig, use_bf16
+from model import use_bf16
 
 # -----------------------------------------------------------------------------
 # yardsticks: the matmul peak, FLOP counts, peak memory
@@ -243,7 +243,7 @@ def main():
         "training": bench_training(type(gpt)(gc), args.device, peak),
         "training_plain_gpt": bench_training(PlainGPT(gc.vocab_size, gc.block_size, gc.n_layer, gc.n_head, gc.n_embd), args.device, peak),
     }
-    if use_bf16(TrainConfig(dtype=cfg["train"]["dtype"]), args.device):
+    if use_bf16(cfg["train"]["dtype"], args.device):
         figures["training_bf16"] = bench_training(type(gpt)(gc), args.device, peak, bf16=True)  # MFU still against the fp32 peak
     figures["training_plain_gpt"].pop("memory")  # the process already holds what it needs: reads ~0, says nothing
     t, plain, g = figures["training"], figures["training_plain_gpt"], figures["generation"]

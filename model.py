@@ -421,6 +421,21 @@ class GPT(nn.Module):
         return self.lm_head(self.norm(x))  # (B, T, vocab)
 
 
+def cpu_has_bf16():
+    """Native bf16 dot products (AVX512-BF16 or AMX): there bf16 matmuls take about half float32's time;
+    on other CPUs they are emulated and slower. (torch.cpu's checks are private: absent ones count as no.)"""
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def use_bf16(dtype: str, device: str):
+    """bf16 autocast for a run's train.dtype: bfloat16 on a bf16 GPU or any CPU; auto only where it is fast (a bf16
+    GPU, a CPU with native bf16 dot products); float32 otherwise."""
+    kind = device.split(":")[0]
+    has = kind == "cpu" or kind == "cuda" and torch.cuda.is_bf16_supported()
+    fast = kind == "cpu" and cpu_has_bf16() or kind == "cuda" and has
+    return dtype == "bfloat16" and has or dtype == "auto" and fast
+
+
 # -----------------------------------------------------------------------------
 # LoRA: low-rank adapters on chosen Linear layers, several named ones at once
 

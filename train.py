@@ -51,7 +51,7 @@ import posttrain
 import rewards
 from data import FORMATS, Vocab, build_sequence
 from generate import RunError, SampleConfig, decode_images, generate, load_run, load_weights, save_grid
-from model import GPT, VQ, GPTConfig, VQConfig, add_lora, lora_state_dict, merge_lora, unmerge_lora
+from model import GPT, VQ, GPTConfig, VQConfig, add_lora, lora_state_dict, merge_lora, unmerge_lora, use_bf16
 from posttrain import PostConfig
 
 STAGES = ("tokenizer", "vq", "lm", "eval", "rewards", "post")  # the main job: the benchmarks first, then what post-training needs
@@ -64,7 +64,7 @@ class TrainConfig:
     data_dir: str = ""  # a folder of your own captioned images (see data.load_folder); "" = the shapes world
     seed: int = 0  # seeds data generation, initialisation and sampling
     device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "float32"  # float32 | bfloat16 (autocast where the device has it) | auto (bf16 where it is fast: see use_bf16)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast where the device has it) | auto (bf16 where it is fast: see model.use_bf16)
     compile: bool = False  # torch.compile the GPT for training (opt-in: slow to start, helps on GPU)
     threads: int = 0  # torch CPU threads (0 = torch's default)
     tokenizer_corpus: int = 1000  # examples per category in the tokenizer's corpus (every word list is in it too)
@@ -237,24 +237,9 @@ def pick_device(name):
     return name
 
 
-def cpu_has_bf16():
-    """Native bf16 dot products (AVX512-BF16 or AMX): there bf16 matmuls take about half float32's time;
-    on other CPUs they are emulated and slower. (torch.cpu's checks are private: absent ones count as no.)"""
-    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-def use_bf16(cfg, device):
-    """bf16 autocast: dtype=bfloat16 on a bf16 GPU or any CPU; dtype=auto only where it is fast (a bf16 GPU, a CPU
-    with native bf16 dot products); float32 otherwise."""
-    kind = device.split(":")[0]
-    has = kind == "cpu" or kind == "cuda" and torch.cuda.is_bf16_supported()
-    fast = kind == "cpu" and cpu_has_bf16() or kind == "cuda" and has
-    return cfg.dtype == "bfloat16" and has or cfg.dtype == "auto" and fast
-
-
 def autocast(cfg, device):
     kind = device.split(":")[0]  # "cuda:1" -> "cuda"
-    return torch.autocast(device_type=kind, dtype=torch.bfloat16, enabled=use_bf16(cfg, device))
+    return torch.autocast(device_type=kind, dtype=torch.bfloat16, enabled=use_bf16(cfg.dtype, device))
 
 
 def save_atomic(tensors, path, metadata=None):
@@ -687,7 +672,7 @@ def train_lm(cfgs, run_dir, device, metrics, dist):
             save_checkpoint(ckpt, model, opt, {"step": step + 1, "epoch_rng": epoch_state, "batches_done": done}, resolved_config(cfgs))
     seconds = time.time() - t0
     return model, {"params": model.num_params(), "train_loss": loss.item(), **ev, "tokens_per_s": tokens / seconds,
-                   "bf16": use_bf16(tc, device),  # dtype=auto resolves per machine: say what this run used
+                   "bf16": use_bf16(tc.dtype, device),  # dtype=auto resolves per machine: say what this run used
                    "steps": tc.lm_steps, "resumed_at": start, "processes": dist.world}
 
 
@@ -1122,7 +1107,7 @@ def main(argv=None):
     outputs = {"tokenizer": "tokenizer.json", "vq": "vq.safetensors", "lm": "gpt.safetensors", "rewards": rewards.HEADS_FILE,
                "post": "lora_post.safetensors"}
     t_all = time.time()
-    print(f"run {run_dir} on {device} ({'bf16 autocast' if use_bf16(tc, device) else 'float32'}"
+    print(f"run {run_dir} on {device} ({'bf16 autocast' if use_bf16(tc.dtype, device) else 'float32'}"
           f"{f', {dist.world} processes' if dist.world > 1 else ''}); stages {', '.join(stages)}")
     for stage in stages:
         out = outputs.get(stage)

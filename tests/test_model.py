@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, VQ, GPTConfig, KVCache, RMSNorm, RMSNormFunction, RoPE, VQConfig, rope_tables
+import model as model_module
+from model import GPT, VQ, GPTConfig, KVCache, RMSNorm, RMSNormFunction, RoPE, VQConfig, rope_tables, use_bf16
 
 
 def tiny_gpt(**kw):
@@ -128,6 +129,14 @@ def test_cpu_bf16_autocast_keeps_attention_in_float32_and_tracks_float32(monkeyp
     assert seen == [(torch.float32, False)] * 4  # 2 layers, each step
     assert abs(loss16 - loss32) < 0.01 * loss32
     assert F.cosine_similarity(grads16, grads32, dim=0) > 0.99
+
+
+def test_dtype_auto_takes_bf16_on_a_cpu_only_where_it_is_native(monkeypatch):
+    for native in (True, False):
+        monkeypatch.setattr(model_module, "cpu_has_bf16", lambda: native)
+        assert use_bf16("auto", "cpu") == native
+        assert use_bf16("bfloat16", "cpu")
+        assert not use_bf16("float32", "cpu")
 
 
 def test_grid_embedding_changes_only_image_positions():

@@ -66,14 +66,6 @@ def test_overrides_and_derived_keys():
         load_config(MICRO, ["--lm_steps=3"])
 
 
-def test_dtype_auto_takes_bf16_on_a_cpu_only_where_it_is_native(monkeypatch):
-    for native in (True, False):
-        monkeypatch.setattr(train, "cpu_has_bf16", lambda: native)
-        assert train.use_bf16(train.TrainConfig(dtype="auto"), "cpu") == native
-        assert train.use_bf16(train.TrainConfig(dtype="bfloat16"), "cpu")
-        assert not train.use_bf16(train.TrainConfig(dtype="float32"), "cpu")
-
-
 def test_cosine_schedule():
     tc = train.TrainConfig(lm_lr=1.0, lm_min_lr=0.1, lm_warmup=10, lm_steps=110)
     assert train.cosine_lr(0, tc) == pytest.approx(0.1)
