@@ -27,13 +27,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import data
 import world
 import evaluate
-from data import Vocab, build_sequence, grid_positions
+from data import Vocab, build_sequence
 from generate import SampleConfig, decode_images, generate
+from model import token_ce
 
 STRATEGIES = ("broad", "aligned", "targeted")
 WEIGHTINGS = ("rwr", "exp", "best", "threshold", "uniform")
@@ -366,39 +366,23 @@ def sample_weights(rewards, group, scheme, beta=0.1, threshold=0.5, graded=None)
 # the weighted loss on both modalities
 
 
-def collate(seqs, vocab: Vocab, device):
-    """build_sequence outputs -> right-padded x, y, target mask, grid, modality (B, T-1); shared with
-    the pretraining batches of train.py."""
-    T = max(len(s[0]) for s in seqs)
-    ids = torch.full((len(seqs), T), data.PAD, dtype=torch.long)
-    tgt = torch.zeros(len(seqs), T)
-    grid = torch.full((len(seqs), T), -1, dtype=torch.long)
-    mod = torch.zeros(len(seqs), T, dtype=torch.long)
-    for r, (s, m, t) in enumerate(seqs):
-        ids[r, :len(s)], mod[r, :len(s)], tgt[r, :len(s)] = torch.tensor(s), torch.tensor(m), torch.tensor(t, dtype=torch.float)
-        grid[r, :len(s)] = torch.tensor(grid_positions(s, vocab))
-    return [t.to(device) for t in (ids[:, :-1], ids[:, 1:], tgt[:, 1:], grid[:, :-1], mod[:, 1:])]
-
-
 def sample_batch(samples, rows, vocab: Vocab, device, nulls=None):
-    """Samples -> right-padded x, y, target mask, grid, modality (B, T-1), as the pretraining batches:
-    <bos> prompt <think> plan <boi> codes <eoi> <eos>, loss on everything after the prompt; rows where
-    nulls is True get the null condition (image tokens only), as in pretraining."""
+    """Samples -> a data.Batch, as the pretraining batches: <bos> prompt <think> plan <boi> codes <eoi> <eos>,
+    loss on everything after the prompt; rows where nulls is True get the null condition (image tokens only),
+    as in pretraining."""
     nulls = [False] * len(rows) if nulls is None else nulls
     seqs = [build_sequence("plan", vocab, samples["prompt"][i], samples["plan"][i], samples["codes"][i], null=bool(n))
             for i, n in zip(rows, nulls)]
-    return collate(seqs, vocab, device)
+    return data.collate(seqs, vocab, device)
 
 
 def per_sample_losses(model, batch):
     """Mean cross-entropy of each sample's text targets (<think>, plan, <boi>, <eoi>, <eos>) and of its
     image tokens: two tensors (B,)."""
-    x, y, tgt, grid, mod = batch
-    logits = model(x, grid=grid)  # (B, T, V)
-    ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(tgt)  # (B, T)
+    ce = token_ce(model(batch.x, patch=batch.patch, tags=batch.tags), batch.y)  # (B, T)
     parts = []
     for m in (data.TEXT, data.IMAGE):
-        mask = tgt * (mod == m)
+        mask = batch.weight * (batch.modality == m)
         parts.append((ce * mask).sum(1) / mask.sum(1).clamp(min=1))
     return parts
 
