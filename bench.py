@@ -18,6 +18,7 @@ import json
 import resource
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 import data
 import world
 from generate import RunError, generate, generate_reference, load_run, sample_config
-from train import TrainConfig, use_bf16
+from model import GPT, use_bf16
 
 # -----------------------------------------------------------------------------
 # yardsticks: the matmul peak, FLOP counts, peak memory
@@ -112,23 +113,35 @@ class PlainGPT(nn.Module):
         return self.lm_head(self.ln_f(self.blocks(x, mask=mask, is_causal=True)))
 
 
-def bench_training(model, device, peak, steps=5, rounds=3, batch=32, T=104, seed=0, bf16=False):
-    """Tokens/s of forward + backward + AdamW step on random tokens (T=104 is about a plan sequence); the
-    best of `rounds` rounds of `steps` steps, as the matmul peak is, so that both see the machine at its least busy."""
+def bench_batch(cfg, tokenizer, vocab, vq, n, device, seed=0):
+    """A pretraining batch of n sequences as the lm stage draws them (data.epoch_batches: the run's format
+    mix, sequences of similar length), from shapes-world examples or the run's image folder, with the
+    patches and tags training gives them."""
+    tc = SimpleNamespace(**cfg["train"])
+    if tc.data_dir:
+        folder = data.load_folder(tc.data_dir, cfg["vq"]["image_size"])
+        idx = np.arange(16 * n) % len(folder.captions)
+        caps = [data.encode_text(tokenizer, folder.captions[i]) for i in idx]
+        ds = data.LMData(caps, [[] for _ in idx], caps, data.vq_codes(vq, folder.images[idx], device))
+    else:
+        ds = data.world_data(16 * n, seed, "dev", tokenizer, vq, device)
+    return data.make_batch(ds, data.epoch_batches(ds, np.random.default_rng(seed), tc, n)[0], vocab, device)
+
+
+def bench_training(model, batch, device, peak, steps=5, rounds=3, seed=0, bf16=False):
+    """Tokens/s of forward + backward + AdamW step on a data.Batch (bench_batch); the best of `rounds` rounds
+    of `steps` steps, as the matmul peak is, so that both see the machine at its least busy. Our GPT is given
+    the batch's patches and tags, as in training; the plain GPT has no use for them."""
     torch.manual_seed(seed)
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randint(0, model.lm_head.out_features, (batch, T + 1), device=device)
-
-    kw = {}
-    if hasattr(model, "grid_embed"):  # our GPT: random codes get grid (and cell) embeddings, as in training
-        is_code = x[:, :-1] >= model.cfg.image_offset
-        kw["grid"] = torch.where(is_code, torch.arange(T, device=device) % model.cfg.n_image_tokens, -1)
+    kw = dict(patch=batch.patch, tags=batch.tags) if isinstance(model, GPT) else {}
+    B, T = batch.x.shape
 
     def step():
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x[:, :-1], **kw)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+            logits = model(batch.x, **kw)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch.y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -143,11 +156,11 @@ def bench_training(model, device, peak, steps=5, rounds=3, batch=32, T=104, seed
             step()
         sync(device)
         best = min(best, time.perf_counter() - t0)
-    tokens_per_s = steps * batch * T / best
+    tokens_per_s = steps * B * T / best
     cfg = (len(model.layers), model.cfg.n_embd) if hasattr(model, "layers") else (len(model.blocks.layers), model.wte.embedding_dim)
     flops = train_flops_per_token(model, *cfg, T)
     return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops / peak, "params": sum(p.numel() for p in model.parameters()),
-            "batch": batch, "T": T, "memory": peak_memory(device, start)}
+            "batch": B, "T": T, "memory": peak_memory(device, start)}
 
 
 # -----------------------------------------------------------------------------
@@ -204,14 +217,14 @@ def bench_prompts(cfg, tokenizer, n, seed=0):
 # -----------------------------------------------------------------------------
 
 
-def profile(gpt, vocab, prompts, sample_cfg, device, rows=12):
+def profile(gpt, batch, vocab, prompts, sample_cfg, device, rows=12):
     """The ops that take the most time (self time) in 3 training steps and in one guided generation."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     model = type(gpt)(gpt.cfg).to(device).train()
     with torch_profile(activities=acts) as prof:
-        bench_training(model, device, peak=1.0, steps=3, rounds=1)
+        bench_training(model, batch, device, peak=1.0, steps=3, rounds=1)
     print("training, top ops by self time:\n" + prof.key_averages().table(sort_by=sort, row_limit=rows))
     with torch_profile(activities=acts) as prof:
         generate(gpt, vocab, prompts, sample_cfg, 0)
@@ -235,16 +248,17 @@ def main():
         raise SystemExit(f"error: {e}")
     sample_cfg = sample_config(cfg)
     prompts = bench_prompts(cfg, tokenizer, args.batch)
+    batch = bench_batch(cfg, tokenizer, vocab, vq, 32, args.device)
     peak = matmul_peak(args.device)
     gc = gpt.cfg
     figures = {  # generation first: its memory is measured before training has grown the process
         "device": args.device, "threads": torch.get_num_threads(), "params": gpt.num_params(), "matmul_peak_gflops": peak / 1e9,
         "generation": bench_generation(gpt, vocab, prompts, sample_cfg, args.device, peak),
-        "training": bench_training(type(gpt)(gc), args.device, peak),
-        "training_plain_gpt": bench_training(PlainGPT(gc.vocab_size, gc.block_size, gc.n_layer, gc.n_head, gc.n_embd), args.device, peak),
+        "training": bench_training(type(gpt)(gc), batch, args.device, peak),
+        "training_plain_gpt": bench_training(PlainGPT(gc.vocab_size, gc.block_size, gc.n_layer, gc.n_head, gc.n_embd), batch, args.device, peak),
     }
-    if use_bf16(TrainConfig(dtype=cfg["train"]["dtype"]), args.device):
-        figures["training_bf16"] = bench_training(type(gpt)(gc), args.device, peak, bf16=True)  # MFU still against the fp32 peak
+    if use_bf16(cfg["train"]["dtype"], args.device):
+        figures["training_bf16"] = bench_training(type(gpt)(gc), batch, args.device, peak, bf16=True)  # MFU still against the fp32 peak
     figures["training_plain_gpt"].pop("memory")  # the process already holds what it needs: reads ~0, says nothing
     t, plain, g = figures["training"], figures["training_plain_gpt"], figures["generation"]
     figures["targets"] = {"cache_guided_at_least_5x_reference": g["speedup_guided"] >= 5,
@@ -266,7 +280,7 @@ def main():
         print(f"generation bound at the matmul peak: {g['bound_guided']:.0f} img/s (guided); reached {g['fraction_of_bound']:.1%}")
         print("targets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in figures["targets"].items()))
     if args.profile:
-        profile(gpt, vocab, prompts, sample_cfg, args.device)
+        profile(gpt, batch, vocab, prompts, sample_cfg, args.device)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,12 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image
+from tqdm import tqdm
 
 import world
-from world import BACKGROUND, CELLS, LATTICE
+from world import BACKGROUND, CELLS, COLOURS, LATTICE, SHAPES, SIZES
 
 # -----------------------------------------------------------------------------
 # Your own images: a folder of images with captions
@@ -153,15 +155,19 @@ PLAN_VERSION = 3  # config.json's "plan_version": 1 "red circle large top left",
 
 
 def check_world_run(tokenizer, config=None):
-    """Refuse a run made by an older nanoloom, whose GPT writes plans this version cannot read: plans that
-    named a cell in two words ("top left": the tokenizer lacks the cell words), put the cell last ("red
-    circle large top-left": its GPT config has no cell_emb), or did not begin with the count (no
-    plan_version in its config). config: the run's config.json as a dict."""
+    """Refuse a run made by an older nanoloom, whose GPT writes plans this version cannot read or was built
+    otherwise: plans that named a cell in two words ("top left": the tokenizer lacks the cell words), put the
+    cell last ("red circle large top-left": its GPT config has neither cell_emb nor n_tags), a model that held
+    the layout cells itself (cell_emb, no n_tags: this version's tags come from data.Tagger), or plans that
+    did not begin with the count (no plan_version in its config). config: the run's config.json as a dict."""
     missing = [w for w in CELLS if tokenizer.token_to_id(w) is None]
     if missing:
         raise ValueError(f"the tokenizer does not know the plan's cell words ({', '.join(missing[:3])}, ...): "
                          f"it was made by an older nanoloom, whose plans named a cell in two words")
-    if config is not None and "cell_emb" not in config["gpt"]:
+    if config is not None and "n_tags" not in config["gpt"]:
+        if "cell_emb" in config["gpt"]:
+            raise ValueError("its GPT was trained by an older nanoloom, whose model held the layout cells itself "
+                             "(gpt.cell_emb); this version's GPT is given them as tags (gpt.n_tags)")
         raise ValueError("its GPT was trained by an older nanoloom, whose plans named the cell after the object "
                          "and had no cell embedding")
     if config is not None and config.get("plan_version", 0) > PLAN_VERSION:
@@ -199,11 +205,67 @@ TEXT, IMAGE = 0, 1  # the modality of a position
 FORMATS = ("plan", "direct", "caption")  # text->image with a reasoning plan, text->image direct, image->text
 
 
+KEEP = -1  # Tagger role of an attribute word: it keeps the region named before it open
+
+
+class Tagger:
+    """Per-token tags for the GPT (model.GPT's `tags`): the layout region of the plan object a token belongs
+    to, 1 + its index in world.CELLS, 0 for none. A cell word ("top-left") opens its region, the attribute
+    words after it (colour, shape, size) keep it open, any other token closes it; an image token is tagged
+    with the region its patch's centre lies in (patch_regions), a margin patch with none. So the words of a
+    plan object and the image tokens that draw it share a tag, and through it a learned vector: an image
+    token finds its object's colour and shape by matching a vector it already holds.
+    Two implementations, tested against each other: `tags` walks one whole sequence in Python (training
+    batches, the reference sampler), `step` carries a batch of open regions through the next tokens with
+    lookup tensors (the KV-cache sampler, one token at a time)."""
+
+    def __init__(self, text_size, cell_ids, keep_ids, patch_tags):
+        self.text_size = text_size  # ids from here on are image codes
+        self.cell_tags = {int(t): 1 + i for i, t in enumerate(cell_ids)}  # cell word -> the tag of its region
+        self.keep_ids = frozenset(int(t) for t in keep_ids)  # attribute words
+        self.patch_tags = tuple(patch_tags)  # the tag of each patch of an image, in patch order
+        self.n_tags = 1 + len(self.cell_tags)  # the GPT's tag rows: untagged, then one per region
+        self.role = torch.zeros(text_size + 1, dtype=torch.long)  # (text_size + 1,) by id, the last entry for every code: 0 closes
+        self.role[list(self.keep_ids)] = KEEP
+        self.role[list(self.cell_tags)] = torch.tensor(list(self.cell_tags.values()), dtype=torch.long)
+        self.patch_tag = torch.tensor((0,) + self.patch_tags)  # (n_codes + 1,) by patch_positions' value
+
+    def tags(self, ids):
+        """The tag of every token of one sequence (a list of ids)."""
+        out, region = [], 0
+        for t, p in zip(ids, patch_positions(ids, self.text_size)):
+            if t in self.cell_tags:  # a cell word opens its region
+                region = self.cell_tags[t]
+            elif t not in self.keep_ids:  # anything but an attribute word closes it
+                region = 0
+            out.append(self.patch_tags[p - 1] if p else region)
+        return out
+
+    def step(self, region, ids, patch):
+        """The tags of the next tokens of a batch of sequences, one position at a time: region (B,) left open by
+        the tokens before; ids, patch (B, T) the next tokens and their patch_positions -> (tags (B, T), the
+        region left open after them (B,))."""
+        role = self.role.to(ids.device)[ids.clamp(max=self.text_size)]  # (B, T)
+        patch_tag = self.patch_tag.to(ids.device)[patch]  # (B, T)
+        tags = []
+        for t in range(ids.shape[1]):
+            region = torch.where(role[:, t] == KEEP, region, role[:, t])
+            tags.append(torch.where(patch[:, t] > 0, patch_tag[:, t], region))
+        return torch.stack(tags, 1), region
+
+
+def region_tagger(tokenizer, n_codes):
+    """The shapes world's Tagger for a run's tokenizer and its images of n_codes codes."""
+    ids = lambda words: [tokenizer.token_to_id(w) for w in words]
+    return Tagger(tokenizer.get_vocab_size(), ids(CELLS), ids((*COLOURS, *SHAPES, *SIZES)), patch_regions(n_codes))
+
+
 @dataclass(frozen=True)
 class Vocab:
     """Where each kind of token lives in the one vocabulary shared by text and images."""
     text_size: int  # the text tokenizer's vocabulary, special tokens included
     codebook_size: int  # the VQ codebook; code c has id text_size + c
+    tagger: Tagger = None  # the tags the GPT is given (region_tagger); None: no tags (a folder run, train.region_tags off)
 
     @property
     def image_offset(self):
@@ -241,28 +303,117 @@ def build_sequence(fmt, vocab, prompt=(), plan=(), codes=(), caption=(), null=Fa
     return ids, modality, target
 
 
-def code_cells(n_codes):
-    """The layout cell (index into CELLS) each image code of a sqrt(n_codes)-wide grid lies in, by the
-    lattice position of the code's centre; -1 for codes in the margin."""
+def patch_regions(n_codes):
+    """The layout region (1 + index into CELLS) each patch of a sqrt(n_codes)-wide image lies in, by the
+    lattice position of the patch's centre; 0 for patches in the margin."""
     g = math.isqrt(n_codes)
-    units = [(i + 0.5) * LATTICE / g for i in range(g)]  # each code row's (or column's) centre, in lattice units
+    units = [(i + 0.5) * LATTICE / g for i in range(g)]  # each patch row's (or column's) centre, in lattice units
     band = [int(u - 1) // 2 if 1 <= u < LATTICE - 1 else -1 for u in units]  # its cell row (column), -1 in the margin
-    return tuple(3 * band[r] + band[c] if min(band[r], band[c]) >= 0 else -1 for r in range(g) for c in range(g))
+    return tuple(1 + 3 * band[r] + band[c] if min(band[r], band[c]) >= 0 else 0 for r in range(g) for c in range(g))
 
 
-def grid_positions(ids, vocab):
-    """The cell index of each image code within its image (0, 1, ... counted from the last <boi>), -1 for
-    every other position. The GPT adds an embedding of this cell to image tokens."""
-    out, n = [], -1
+def patch_positions(ids, image_offset):
+    """The patch of each image code in its image, counted from 1 after the last <boi> (1, 2, ...); 0 for
+    every other token. The GPT adds an embedding of the patch to image tokens."""
+    out, n = [], 0
     for t in ids:
         if t == BOI:
             n = 0
-        if t >= vocab.image_offset:
-            out.append(n)
+        if t >= image_offset:
             n += 1
+            out.append(n)
         else:
-            out.append(-1)
+            out.append(0)
     return out
+
+
+# -----------------------------------------------------------------------------
+# Training batches
+
+
+@dataclass
+class Batch:
+    """Right-padded sequences as the GPT learns them: inputs, and the next token of each as its target."""
+    x: torch.Tensor  # (B, T-1) input ids
+    y: torch.Tensor  # (B, T-1) target ids: the sequences shifted by one
+    weight: torch.Tensor  # (B, T-1) float, 1 where y is learned (build_sequence's target), 0 elsewhere and on padding
+    patch: torch.Tensor  # (B, T-1) patch of each input (patch_positions), 0 for text and padding
+    tags: torch.Tensor  # (B, T-1) tag of each input (vocab.tagger), all 0 without a tagger
+    modality: torch.Tensor  # (B, T-1) TEXT or IMAGE of each target
+
+
+def collate(seqs, vocab, device):
+    """build_sequence outputs -> a Batch on device: the pretraining batches, post-training's samples, the
+    "self" reward's captions."""
+    B, T = len(seqs), max(len(s[0]) for s in seqs)
+    ids = torch.full((B, T), PAD, dtype=torch.long)
+    weight = torch.zeros(B, T)
+    patch, tags, mod = (torch.zeros(B, T, dtype=torch.long) for _ in range(3))
+    for r, (s, m, t) in enumerate(seqs):
+        ids[r, :len(s)], mod[r, :len(s)], weight[r, :len(s)] = torch.tensor(s), torch.tensor(m), torch.tensor(t, dtype=torch.float)
+        patch[r, :len(s)] = torch.tensor(patch_positions(s, vocab.image_offset))
+        if vocab.tagger is not None:
+            tags[r, :len(s)] = torch.tensor(vocab.tagger.tags(s))
+    return Batch(*(t.to(device) for t in (ids[:, :-1], ids[:, 1:], weight[:, 1:], patch[:, :-1], tags[:, :-1], mod[:, 1:])))
+
+
+class LMData:
+    """Pretraining examples held as token ids: prompt, plan, caption, image codes (lists, one per example)."""
+
+    def __init__(self, prompt, plan, caption, codes):
+        self.prompt, self.plan, self.caption, self.codes = prompt, plan, caption, codes
+
+    def __len__(self):
+        return len(self.codes)
+
+
+def to_tensor_images(images):
+    """uint8 numpy (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def vq_codes(vq, images, device):
+    """uint8 images (N, H, W, 3) -> N lists of codes of the VQ encoder vq."""
+    with torch.no_grad():
+        return torch.cat([vq.encode(to_tensor_images(images[i:i + 512]).to(device)).cpu() for i in range(0, len(images), 512)]).tolist()
+
+
+def world_data(n, seed, split, tokenizer, vq, device):
+    """n examples of the shapes world: prompt, plan, a random caption and the scene's codes under the VQ vq."""
+    rng = np.random.default_rng(seed)
+    examples = [world.sample_example(rng, split=split) for _ in tqdm(range(n), desc=f"{split} examples", mininterval=2)]
+    enc = lambda s: encode_text(tokenizer, s)
+    prompt = [enc(e.prompt) for e in examples]
+    plan = [enc(world.plan_text(e.scene, e.spec)) for e in examples]
+    caption = [enc(world.caption_text(e.scene, rng)) for e in examples]
+    codes = [c for i in range(0, n, 512)  # rendered in chunks: all of them at once can be gigabytes at 64 x 64
+             for c in vq_codes(vq, np.stack([world.render(e.scene, vq.cfg.image_size) for e in examples[i:i + 512]]), device)]
+    return LMData(prompt, plan, caption, codes)
+
+
+def epoch_batches(ds, rng, tc, batch=None):
+    """One epoch as batches of (example, format, null) items. Each example draws its format from the
+    mix (tc: train.TrainConfig's p_plan, p_direct, null_prob); batches are made of examples of similar
+    length (sorted within windows of 16 batches, then shuffled), so little compute goes to padding.
+    batch defaults to tc.lm_batch."""
+    batch = batch or tc.lm_batch
+    p_caption = 1.0 - tc.p_plan - tc.p_direct
+    fmts = rng.choice(len(FORMATS), size=len(ds), p=[tc.p_plan, tc.p_direct, p_caption])
+    nulls = rng.random(len(ds)) < tc.null_prob
+    items = [(int(i), FORMATS[fmts[i]], bool(nulls[i]) and FORMATS[fmts[i]] != "caption") for i in rng.permutation(len(ds))]
+    length = lambda it: len(ds.caption[it[0]]) if it[1] == "caption" else len(ds.prompt[it[0]]) + len(ds.plan[it[0]]) * (it[1] == "plan")
+    window = 16 * batch
+    batches = []
+    for w in range(0, len(items) - batch + 1, window):
+        chunk = sorted(items[w:w + window], key=length)
+        batches += [chunk[b:b + batch] for b in range(0, len(chunk) - batch + 1, batch)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def make_batch(ds, items, vocab, device):
+    """(example, format, null) items of an LMData -> a Batch."""
+    seqs = [build_sequence(fmt, vocab, ds.prompt[i], ds.plan[i], ds.codes[i], ds.caption[i], null=null) for i, fmt, null in items]
+    return collate(seqs, vocab, device)
 
 
 # -----------------------------------------------------------------------------

@@ -7,6 +7,8 @@ Two samplers that must agree token for token at temperature 0 (tests/test_genera
   Slow and obviously correct.
 - `generate`: a batch of prompts at once, left-padded, a static KV cache, and classifier-free guidance
   as ONE forward over [cond; null] rows that are fed the same sampled image token.
+Both give the GPT each token's patch and tag as training does (data.patch_positions, data.Tagger): the
+reference computes them from the whole sequence, the fast sampler carries them along one token at a time.
 
 Grammar: outside an image only text tokens (and <boi>, <eos>); inside, only codes, exactly N of them,
 then <eoi>. Nothing ever inserts <boi>: if the model never emits it, the sample has no image.
@@ -28,7 +30,7 @@ from PIL import Image, ImageDraw
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from data import BOI, BOS, EOI, EOS, NULL, PAD, THINK, Vocab, check_world_run, decode_text, encode_text, grid_positions, load_tokenizer
+from data import BOI, BOS, EOI, EOS, NULL, PAD, THINK, Vocab, check_world_run, decode_text, encode_text, load_tokenizer, patch_positions, region_tagger
 from model import GPT, VQ, GPTConfig, KVCache, VQConfig, load_lora, merge_lora
 
 
@@ -115,10 +117,11 @@ def generate_reference(model, vocab, prompt_ids, cfg: SampleConfig, seed=0):
     null_seq = [BOS] + [NULL] * (len(seq) - 1)
     phase, n_codes, n_text, out = 0, 0, 0, []
 
-    def last_logits(s):
+    def last_logits(s):  # patches and tags from the whole sequence, as training's batches have them
         idx = torch.tensor([s], device=dev)
-        grid = torch.tensor([grid_positions(s, vocab)], device=dev)
-        return model(idx, grid=grid)[:, -1]  # (1, V)
+        patch = torch.tensor([patch_positions(s, vocab.image_offset)], device=dev)
+        tags = torch.tensor([vocab.tagger.tags(s)], device=dev) if vocab.tagger is not None else None
+        return model(idx, patch=patch, tags=tags)[:, -1]  # (1, V)
 
     while True:
         logits = last_logits(seq)
@@ -171,7 +174,10 @@ def generate(model, vocab, prompts_ids, cfg: SampleConfig, seed=0):
         valid[r, :P - len(s)] = False
     pos = (valid[:, :P].long().cumsum(1) - 1).clamp(min=0)  # RoPE positions start at each row's <bos>
     cache = KVCache(model.cfg, R, L, dev, next(model.parameters()).dtype)
-    logits = model(idx, grid=torch.full_like(idx, -1), pos=pos, key_valid=valid[:, :P], cache=cache)[:, -1]
+    tags = region = None  # region: the layout region each row's tokens so far leave open (data.Tagger.step)
+    if vocab.tagger is not None:  # left padding closes regions, so it changes no row's tags
+        tags, region = vocab.tagger.step(torch.zeros(R, dtype=torch.long, device=dev), idx, torch.zeros_like(idx))
+    logits = model(idx, tags=tags, pos=pos, key_valid=valid[:, :P], cache=cache)[:, -1]
     next_pos = lens.repeat(2) if guided else lens  # (R,)
 
     phase = torch.zeros(B, dtype=torch.long, device=dev)
@@ -188,7 +194,7 @@ def generate(model, vocab, prompts_ids, cfg: SampleConfig, seed=0):
         tok = torch.where(done, PAD, tok)
         out.append(tok)
         is_code = (phase == 1) & (tok >= vocab.image_offset)
-        grid = torch.where(is_code, n_codes, -1)
+        patch = torch.where(is_code, n_codes + 1, 0)
         done = done | (tok == EOS) | (tok == EOI) | ((phase == 0) & (tok != BOI) & (step + 1 >= cfg.max_plan_tokens))
         n_codes = n_codes + is_code.long()
         phase = torch.where(tok == BOI, 1, phase)
@@ -197,9 +203,11 @@ def generate(model, vocab, prompts_ids, cfg: SampleConfig, seed=0):
         feed = tok
         if guided:  # the null rows copy <boi>, codes and <eoi>; plan words stay hidden from them
             feed = torch.cat([tok, torch.where(phase == 1, tok, NULL)])
-            grid = grid.repeat(2)
-        logits = model(feed.unsqueeze(1), grid=grid.unsqueeze(1), pos=next_pos.unsqueeze(1),
-                       key_valid=valid[:, :cache.length + 1], cache=cache)[:, -1]
+            patch = patch.repeat(2)
+        feed, patch = feed.unsqueeze(1), patch.unsqueeze(1)  # (R, 1)
+        if vocab.tagger is not None:  # every row tags what it is fed, so the null rows' tags are a null training sequence's
+            tags, region = vocab.tagger.step(region, feed, patch)
+        logits = model(feed, patch=patch, tags=tags, pos=next_pos.unsqueeze(1), key_valid=valid[:, :cache.length + 1], cache=cache)[:, -1]
         next_pos = next_pos + 1
     tokens = torch.stack(out, 1).tolist() if out else [[] for _ in range(B)]
     return [split_sample(t, vocab) for t in tokens]
@@ -277,8 +285,13 @@ def load_run(run_dir, device="cpu"):
             raise RunError(f"{run_dir}: {e}. Train a new run: `python train.py tiny_configs/shapes_cpu.toml "
                            f"--train.out_dir=<a new directory>`") from None
     vq = load_weights(VQ(VQConfig(**cfg["vq"])).to(device), os.path.join(run_dir, "vq.safetensors")).eval()
+    unknown = sorted(set(cfg["gpt"]) - {f.name for f in fields(GPTConfig)})
+    if unknown:
+        raise RunError(f"{run_dir}: its GPT config has keys this nanoloom does not know ({', '.join(unknown)}): it was "
+                       f"made by another version. Train a new run: `python train.py tiny_configs/shapes_cpu.toml "
+                       f"--train.out_dir=<a new directory>`")
     gpt_cfg = GPTConfig(**cfg["gpt"])
-    vocab = Vocab(gpt_cfg.image_offset, vq.cfg.codebook_size)
+    vocab = Vocab(gpt_cfg.image_offset, vq.cfg.codebook_size, region_tagger(tokenizer, vq.cfg.n_codes) if gpt_cfg.n_tags else None)
     gpt = load_weights(GPT(gpt_cfg).to(device), os.path.join(run_dir, "gpt.safetensors")).eval()
     return cfg, tokenizer, vocab, vq, gpt
 

@@ -5,9 +5,9 @@ The networks of nanoloom, in one file: the VQ image tokenizer, the unified GPT a
   (H/p) * (W/p) integer codes, one per p x p patch; the decoder turns codes back into pixels.
 - GPT: a Llama-style decoder-only transformer (RMSNorm, RoPE, SwiGLU, no biases, SDPA attention)
   over ONE vocabulary: text tokens first, then the image codebook at `image_offset`. A static KV
-  cache (one tensor per layer, written by index) makes sampling cheap. A learned cell embedding, given
-  which token ids name a layout cell and which image codes lie in it, ties each plan object's words to
-  the image tokens that draw it.
+  cache (one tensor per layer, written by index) makes sampling cheap. Besides its id, a token may carry
+  its patch (which part of its image an image token draws) and a tag (any per-token label the caller
+  computes, e.g. data.Tagger's layout regions): each adds a learned vector to the token's embedding.
 - LoRA: named low-rank adapters on chosen Linear layers (post-training), mixed as an exact output-space
   sum, merged into the weights only by an explicit call.
 
@@ -161,22 +161,37 @@ class VQ(nn.Module):
 class GPTConfig:
     vocab_size: int = 512  # text tokens + codebook; set by the caller from the tokenizer and the VQ
     image_offset: int = 256  # id of code 0: ids >= image_offset are image codes
-    n_image_tokens: int = 64  # codes per image; the size of the grid-position table
+    n_image_tokens: int = 64  # codes per image (patches); the patch table has one more row, for text tokens
     block_size: int = 192  # longest sequence (prompt + plan + image); sizes RoPE tables and the KV cache
-    n_layer: int = 4
+    n_layer: int = 4  # transformer blocks
     n_head: int = 4  # query heads
     n_kv_head: int = 4  # key/value heads (< n_head gives grouped-query attention)
-    n_embd: int = 128
+    n_embd: int = 128  # width of the residual stream
     mlp_hidden: int = 352  # SwiGLU width: about 8/3 * n_embd, rounded to a multiple of 32
-    rope_theta: float = 10000.0
-    grid_pos_emb: bool = True  # add a learned embedding of each image token's (row, col) cell
-    cell_emb: bool = True  # add one learned vector per layout cell to the plan words of its object and to its image tokens
-    cell_token_ids: tuple = ()  # derived: token id of each layout cell's plan word; () turns cell_emb off (a folder run)
-    attr_token_ids: tuple = ()  # derived: token ids of the attribute words that keep the cell named before them
-    code_cells: tuple = ()  # derived: layout cell (index into cell_token_ids) of each image token, -1 for the margin
+    rope_theta: float = 10000.0  # RoPE base: the longest wavelength, in positions
+    patch_emb: bool = True  # add a learned embedding of each image token's patch (its row and column in the image)
+    n_tags: int = 0  # rows of the tag embedding, row 0 (untagged) fixed at zero; 0 = no tags; set by the caller
 
 
-KEEP_CELL = -2  # token role of an attribute word: it belongs to the cell named before it
+class RMSNormFunction(torch.autograd.Function):
+    """rms_norm with a hand-written backward: on a CPU, torch's rms_norm runs as ~10 elementwise kernels
+    (forward and backward) and takes over twice this one's time."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        C = x.shape[-1]
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(C).add_(eps).rsqrt_()  # (..., 1) 1/rms
+        xhat = x * rstd
+        ctx.save_for_backward(xhat, rstd, weight)
+        return xhat * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        xhat, rstd, weight = ctx.saved_tensors
+        gx = grad * xhat
+        mean = (gx @ weight).unsqueeze(-1) / xhat.shape[-1]  # (..., 1) mean of grad * weight * xhat
+        dx = torch.addcmul(grad * weight, xhat, mean, value=-1).mul_(rstd)  # rstd (g - xhat mean(g xhat)), g = grad weight
+        return dx, gx.flatten(0, -2).sum(0), None
 
 
 class RMSNorm(nn.Module):
@@ -186,7 +201,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        if x.device.type == "cpu" and torch.is_grad_enabled():  # sampling skips the autograd function's overhead
+            return RMSNormFunction.apply(x, self.weight, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # a fused kernel on GPUs
 
 
 def rope_tables(head_dim, length, theta):
@@ -195,10 +212,30 @@ def rope_tables(head_dim, length, theta):
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x, cos, sin):
-    """x (B, nh, T, hd); cos/sin (B, 1, T, hd/2). Rotates pairs (first half, second half)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+class RoPE(torch.autograd.Function):
+    """Rotary embedding: rotates the pairs (first half, second half) of x (B, nh, T, hd) by the angles
+    whose cos/sin (T, hd/2) or (B, 1, T, hd/2) are given. Written into one output with fused multiply-adds
+    and no graph of its own: its backward is the opposite rotation, so nothing but cos/sin is saved."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.dtype = x.dtype
+        return RoPE.rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return RoPE.rotate(grad, cos, -sin).to(ctx.dtype), None, None
+
+    @staticmethod
+    def rotate(x, cos, sin):
+        x1, x2 = x.chunk(2, dim=-1)
+        out = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype))  # bf16 q/k leave in float32, as x * cos would
+        o1, o2 = out.chunk(2, dim=-1)
+        torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
+        torch.mul(x1, sin, out=o2).addcmul_(x2, cos)  # x1 sin + x2 cos
+        return out
 
 
 class KVCache:
@@ -212,7 +249,6 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions written so far
-        self.cell = None  # (batch,) the plan cell left open by the last token fed, for GPT.plan_cells
 
 
 class Attention(nn.Module):
@@ -232,7 +268,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rope = RoPE.apply if torch.is_grad_enabled() else RoPE.rotate  # sampling skips the autograd function's overhead
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         if cache is not None:
             start = cache.length
             cache.k[self.layer_idx, :, :, start:start + T] = k
@@ -285,21 +322,14 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        # one learned vector per cell of the image grid: RoPE alone only knows the flattened order,
-        # this tells an image token which row and column it draws
-        self.grid_embed = nn.Embedding(cfg.n_image_tokens, cfg.n_embd) if cfg.grid_pos_emb else None
-        # one learned vector per layout cell, added to the plan words of the object in that cell ("top-left
-        # red circle large") and to the image tokens that draw it: an image token finds its object's colour
-        # and shape by matching a vector it already holds, instead of learning which plan entry goes with
-        # which of its grid positions
-        self.cell_embed = None
-        if cfg.cell_emb and cfg.cell_token_ids:
-            self.cell_embed = nn.Embedding(len(cfg.cell_token_ids), cfg.n_embd)
-            role = torch.full((cfg.vocab_size,), -1, dtype=torch.long)  # -1: ends the current cell's words
-            role[list(cfg.attr_token_ids)] = KEEP_CELL
-            role[list(cfg.cell_token_ids)] = torch.arange(len(cfg.cell_token_ids))  # starts that cell's words
-            self.register_buffer("token_role", role, persistent=False)  # (V,)
-            self.register_buffer("code_cell", torch.tensor(cfg.code_cells, dtype=torch.long), persistent=False)  # (n_image_tokens,)
+        # one learned vector per patch of the image: RoPE alone only knows the flattened order, this tells an
+        # image token which row and column it draws. Index 0 (text tokens) is a fixed zero row, so a text token
+        # adds nothing and no mask is needed
+        self.patch_embed = nn.Embedding(cfg.n_image_tokens + 1, cfg.n_embd, padding_idx=0) if cfg.patch_emb else None
+        # one learned vector per tag (row 0, untagged, fixed at zero): tokens the caller gives one tag share it.
+        # With data.Tagger's layout regions, a plan object's words and the image tokens that draw it share a
+        # vector, so an image token finds its object's colour and shape by matching a vector it already holds
+        self.tag_embed = nn.Embedding(cfg.n_tags, cfg.n_embd, padding_idx=0) if cfg.n_tags else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -315,28 +345,18 @@ class GPT(nn.Module):
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            nn.init.zeros_(module.weight[module.padding_idx])  # padding_idx keeps it there: it gets no gradient
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def plan_cells(self, idx, cache=None):
-        """(B, T) ids -> (B, T) the layout cell of each token's plan object, -1 if none: a cell word starts its
-        cell, the attribute words after it keep it, any other token ends it. With a cache, the cell left
-        open by the previous call carries over (the sampler feeds one token at a time)."""
-        B, T = idx.shape
-        role = self.token_role[idx]  # (B, T)
-        t = torch.arange(T, device=idx.device).expand(B, T)
-        last = torch.where(role != KEEP_CELL, t, -1).cummax(dim=1).values  # (B, T) latest token that set or ended a cell
-        before = cache.cell if cache is not None and cache.cell is not None else torch.full((B,), -1, device=idx.device)
-        cell = torch.where(last >= 0, role.gather(1, last.clamp(min=0)), before.unsqueeze(1))
-        if cache is not None:
-            cache.cell = cell[:, -1]
-        return cell
-
-    def forward(self, idx, grid=None, pos=None, key_valid=None, cache=None):
+    def forward(self, idx, patch=None, tags=None, pos=None, key_valid=None, cache=None):
         """
         idx:       (B, T) token ids.
-        grid:      (B, T) cell index of each image token in its image (0 .. n_image_tokens-1), -1 elsewhere.
+        patch:     (B, T) 1 + the index of each image token's patch in its image (1 .. n_image_tokens), 0 for
+                   every other token (data.patch_positions); None = all 0.
+        tags:      (B, T) tag of each token in [0, n_tags), 0 = untagged; None = all 0.
         pos:       (B, T) RoPE positions; default 0..T-1 after what the cache holds.
         key_valid: (B, L) False for left-padding keys, L = cache length after this call (or T without cache).
         cache:     a KVCache to read and extend, or None.
@@ -346,17 +366,14 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0
         assert start + T <= self.cfg.block_size, f"sequence of {start + T} > block_size {self.cfg.block_size}"
         x = self.embed_tokens(idx)  # (B, T, C)
-        if self.grid_embed is not None and grid is not None:
-            is_img = (grid >= 0).unsqueeze(-1)
-            x = x + self.grid_embed(grid.clamp(min=0)) * is_img
-        if self.cell_embed is not None:
-            cell = self.plan_cells(idx, cache)  # (B, T)
-            if grid is not None:
-                cell = torch.where(grid >= 0, self.code_cell[grid.clamp(min=0)], cell)
-            x = x + self.cell_embed(cell.clamp(min=0)) * (cell >= 0).unsqueeze(-1)
-        if pos is None:
-            pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
-        cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (B, 1, T, hd/2)
+        if self.patch_embed is not None and patch is not None:
+            x = x + self.patch_embed(patch)
+        if self.tag_embed is not None and tags is not None:
+            x = x + self.tag_embed(tags)
+        if pos is None:  # the same positions in every row: one (T, hd/2) table broadcasts over the batch
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        else:
+            cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (B, 1, T, hd/2)
         mask = None
         if cache is not None or key_valid is not None:
             # explicit mask: key j is visible to query i (absolute index start+i) if j <= start+i and j is valid
@@ -374,6 +391,27 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         return self.lm_head(self.norm(x))  # (B, T, vocab)
+
+
+def token_ce(logits, targets):
+    """Cross-entropy of every position, in float32: logits (B, T, V), targets (B, T) -> (B, T). The callers
+    weight it by their own masks (a target weight of 0 leaves a position out)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+
+def cpu_has_bf16():
+    """Native bf16 dot products (AVX512-BF16 or AMX): there bf16 matmuls take about half float32's time;
+    on other CPUs they are emulated and slower. (torch.cpu's checks are private: absent ones count as no.)"""
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def use_bf16(dtype: str, device: str):
+    """bf16 autocast for a run's train.dtype: bfloat16 on a bf16 GPU or any CPU; auto only where it is fast (a bf16
+    GPU, a CPU with native bf16 dot products); float32 otherwise."""
+    kind = device.split(":")[0]
+    has = kind == "cpu" or kind == "cuda" and torch.cuda.is_bf16_supported()
+    fast = kind == "cpu" and cpu_has_bf16() or kind == "cuda" and has
+    return dtype == "bfloat16" and has or dtype == "auto" and fast
 
 
 # -----------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from tqdm import tqdm
 
@@ -39,9 +38,9 @@ import data
 import evaluate
 import rewards
 import world
-from data import Vocab, build_sequence, grid_positions
+from data import Vocab, build_sequence
 from generate import RunError, SampleConfig, decode_images, generate, load_run, read_json, save_atomic, write_json
-from model import add_lora, lora_state_dict, merge_lora, unmerge_lora
+from model import add_lora, lora_state_dict, merge_lora, token_ce, unmerge_lora
 
 STRATEGIES = ("broad", "aligned", "targeted")
 WEIGHTINGS = ("rwr", "exp", "best", "threshold", "uniform")
@@ -360,39 +359,23 @@ def sample_weights(rewards, group, scheme, beta=0.1, threshold=0.5, graded=None)
 # the weighted loss on both modalities
 
 
-def collate(seqs, vocab: Vocab, device):
-    """build_sequence outputs -> right-padded x, y, target mask, grid, modality (B, T-1); shared with
-    the pretraining batches of train.py."""
-    T = max(len(s[0]) for s in seqs)
-    ids = torch.full((len(seqs), T), data.PAD, dtype=torch.long)
-    tgt = torch.zeros(len(seqs), T)
-    grid = torch.full((len(seqs), T), -1, dtype=torch.long)
-    mod = torch.zeros(len(seqs), T, dtype=torch.long)
-    for r, (s, m, t) in enumerate(seqs):
-        ids[r, :len(s)], mod[r, :len(s)], tgt[r, :len(s)] = torch.tensor(s), torch.tensor(m), torch.tensor(t, dtype=torch.float)
-        grid[r, :len(s)] = torch.tensor(grid_positions(s, vocab))
-    return [t.to(device) for t in (ids[:, :-1], ids[:, 1:], tgt[:, 1:], grid[:, :-1], mod[:, 1:])]
-
-
 def sample_batch(samples, rows, vocab: Vocab, device, nulls=None):
-    """Samples -> right-padded x, y, target mask, grid, modality (B, T-1), as the pretraining batches:
-    <bos> prompt <think> plan <boi> codes <eoi> <eos>, loss on everything after the prompt; rows where
-    nulls is True get the null condition (image tokens only), as in pretraining."""
+    """Samples -> a data.Batch, as the pretraining batches: <bos> prompt <think> plan <boi> codes <eoi> <eos>,
+    loss on everything after the prompt; rows where nulls is True get the null condition (image tokens only),
+    as in pretraining."""
     nulls = [False] * len(rows) if nulls is None else nulls
     seqs = [build_sequence("plan", vocab, samples["prompt"][i], samples["plan"][i], samples["codes"][i], null=bool(n))
             for i, n in zip(rows, nulls)]
-    return collate(seqs, vocab, device)
+    return data.collate(seqs, vocab, device)
 
 
 def per_sample_losses(model, batch):
     """Mean cross-entropy of each sample's text targets (<think>, plan, <boi>, <eoi>, <eos>) and of its
     image tokens: two tensors (B,)."""
-    x, y, tgt, grid, mod = batch
-    logits = model(x, grid=grid)  # (B, T, V)
-    ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(tgt)  # (B, T)
+    ce = token_ce(model(batch.x, patch=batch.patch, tags=batch.tags), batch.y)  # (B, T)
     parts = []
     for m in (data.TEXT, data.IMAGE):
-        mask = tgt * (mod == m)
+        mask = batch.weight * (batch.modality == m)
         parts.append((ce * mask).sum(1) / mask.sum(1).clamp(min=1))
     return parts
 
@@ -406,9 +389,8 @@ def weighted_loss(model, batch, w, alpha_text, alpha_image):
 
 def mean_token_loss(model, batch):
     """The pretraining loss of a batch: mean cross-entropy over its target tokens (the anti-drift term)."""
-    x, y, tgt, grid, _ = batch
-    ce = F.cross_entropy(model(x, grid=grid).float().flatten(0, 1), y.flatten(), reduction="none").view_as(tgt)  # (B, T)
-    return (ce * tgt).sum() / tgt.sum()
+    ce = token_ce(model(batch.x, patch=batch.patch, tags=batch.tags), batch.y)  # (B, T)
+    return (ce * batch.weight).sum() / batch.weight.sum()
 
 
 def finetune(model, params, samples, weights, pc: PostConfig, vocab, device, rng, drift_batch=None):

@@ -51,13 +51,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import data
 import heads
 import world
-from data import PAD
 from generate import RunError, decode_images, generate, load_run, sample_config
+from model import token_ce
 
 DEFAULT = "vqa"  # the post-training reward unless a config names another
 
@@ -203,16 +202,11 @@ def self_likelihood(run_dir, device, specs):
     @torch.no_grad()
     def reward(images, prompts):
         codes = vq.encode(images.to(device)).tolist()
-        seqs = [data.build_sequence("caption", vocab, codes=c, caption=data.encode_text(tok, p)) for c, p in zip(codes, prompts)]
-        T = max(len(s[0]) for s in seqs)
-        ids, tgt = torch.full((len(seqs), T), PAD, dtype=torch.long), torch.zeros(len(seqs), T)
-        for r, (s, _, t) in enumerate(seqs):
-            ids[r, :len(s)], tgt[r, :len(s)] = torch.tensor(s), torch.tensor(t, dtype=torch.float)
-        grid = torch.tensor([data.grid_positions(s, vocab) for s in ids.tolist()])
-        ids, tgt, grid = ids.to(device), tgt[:, 1:].to(device), grid.to(device)
-        logp = -F.cross_entropy(gpt(ids[:, :-1], grid=grid[:, :-1]).float().transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
-        tgt[ids[:, 1:] == data.EOS] = 0  # the prompt's words only: a prompt is not a whole caption, so no <eos> term
-        return ((logp * tgt).sum(1) / tgt.sum(1)).exp().to(images.device)
+        b = data.collate([data.build_sequence("caption", vocab, codes=c, caption=data.encode_text(tok, p)) for c, p in zip(codes, prompts)],
+                         vocab, device)
+        logp = -token_ce(gpt(b.x, patch=b.patch, tags=b.tags), b.y)  # (B, T)
+        w = b.weight * (b.y != data.EOS)  # the prompt's words only: a prompt is not a whole caption, so no <eos> term
+        return ((logp * w).sum(1) / w.sum(1)).exp().to(images.device)
     return reward
 
 

@@ -50,10 +50,10 @@ import rewards
 import world
 from ablations import AblationConfig
 from config import ConfigError
-from data import FORMATS, Vocab, build_sequence
+from data import Vocab, to_tensor_images
 from generate import (RunError, SampleConfig, decode_images, generate, load_run, load_weights, read_json, save_atomic,
                       save_grid, write_json)
-from model import GPT, VQ, GPTConfig, VQConfig
+from model import GPT, VQ, GPTConfig, VQConfig, token_ce, use_bf16
 from posttrain import PostConfig
 
 STAGES = ("tokenizer", "vq", "lm", "eval", "rewards", "post")  # the main job: the benchmarks first, then what post-training needs
@@ -66,7 +66,7 @@ class TrainConfig:
     data_dir: str = ""  # a folder of your own captioned images (see data.load_folder); "" = the shapes world
     seed: int = 0  # seeds data generation, initialisation and sampling
     device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "float32"  # float32 | bfloat16 (autocast where the device has it) | auto (bf16 where it is fast: see use_bf16)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast where the device has it) | auto (bf16 where it is fast: see model.use_bf16)
     compile: bool = False  # torch.compile the GPT for training (opt-in: slow to start, helps on GPU)
     threads: int = 0  # torch CPU threads (0 = torch's default)
     tokenizer_corpus: int = 1000  # examples per category in the tokenizer's corpus (every word list is in it too)
@@ -93,6 +93,7 @@ class TrainConfig:
     p_plan: float = 0.8  # format mix: text->image with a plan ...
     p_direct: float = 0.1  # ... text->image without a plan; the rest is image->text captions
     null_prob: float = 0.1  # text->image sequences whose condition becomes <null> (for guidance)
+    region_tags: bool = True  # tag plan words and image tokens with their layout region (data.Tagger; shapes world only)
     eval_every: int = 250  # steps between held-out loss measurements
     log_every: int = 25  # steps between training-loss lines in metrics.jsonl
     ckpt_every: int = 250  # steps between resumable checkpoints of the lm stage (0 = none)
@@ -105,8 +106,7 @@ class TrainConfig:
 
 SECTIONS = {"train": TrainConfig, "vq": VQConfig, "gpt": GPTConfig, "sample": SampleConfig, "rewards": heads.RewardsConfig,
             "post": PostConfig, "ablations": AblationConfig}
-DERIVED = {("gpt", "vocab_size"), ("gpt", "image_offset"), ("gpt", "n_image_tokens"), ("gpt", "cell_token_ids"),
-           ("gpt", "attr_token_ids"), ("gpt", "code_cells")}  # set from tokenizer + VQ
+DERIVED = {("gpt", "vocab_size"), ("gpt", "image_offset"), ("gpt", "n_image_tokens"), ("gpt", "n_tags")}  # set from tokenizer + VQ
 
 
 # -----------------------------------------------------------------------------
@@ -125,16 +125,17 @@ def validate(cfgs):
         (tc.lm_examples >= tc.lm_batch and tc.eval_examples >= tc.lm_batch, "train.lm_examples and train.eval_examples must be >= train.lm_batch"),
         (0 <= tc.p_plan and 0 <= tc.p_direct and tc.p_plan + tc.p_direct <= 1, "train.p_plan + train.p_direct must lie in [0, 1] (the rest are captions)"),
         (0 <= tc.null_prob <= 1, "train.null_prob must lie in [0, 1]"),
-        (tc.vq_init_images >= vc.codebook_size, f"train.vq_init_images={tc.vq_init_images} must be at least vq.codebook_size="
-                                                f"{vc.codebook_size}: the codebook starts from that many distinct encodings"),
+        (tc.vq_init_images * vc.n_codes >= vc.codebook_size,
+         f"train.vq_init_images={tc.vq_init_images} images of {vc.n_codes} codes each are fewer encodings than "
+         f"vq.codebook_size={vc.codebook_size}: the codebook starts from that many distinct encodings"),
         (vc.image_size % vc.patch == 0, f"vq.image_size={vc.image_size} must be a multiple of vq.patch={vc.patch}"),
         (tc.data_dir or vc.image_size % (2 * world.LATTICE) == 0,
          f"vq.image_size={vc.image_size} must be a multiple of {2 * world.LATTICE} (the shapes world's layout lattice)"),
-        # the cell embedding gives each image code the cell its centre lies in: exact only if a lattice unit
+        # region tags give each image code the layout region its centre lies in: exact only if a lattice unit
         # is a whole number of codes
-        (tc.data_dir or not cfgs["gpt"].cell_emb or (vc.image_size // vc.patch) % world.LATTICE == 0,
+        (tc.data_dir or not tc.region_tags or (vc.image_size // vc.patch) % world.LATTICE == 0,
          f"vq.image_size / vq.patch = {vc.image_size // vc.patch} codes a side must be a multiple of {world.LATTICE} "
-         f"(the shapes world's layout lattice) for gpt.cell_emb; lower vq.patch or set gpt.cell_emb = false"),
+         f"(the shapes world's layout lattice) for region tags; lower vq.patch or set train.region_tags = false"),
         # a folder has captions, not reasoning plans: its text->image sequences are all direct
         (not tc.data_dir or tc.p_plan == 0, "a folder run (train.data_dir) has no reasoning plans: set train.p_plan = 0"),
         (not tc.data_dir or not cfgs["sample"].think, "a folder run (train.data_dir) has no reasoning plans: set sample.think = false"),
@@ -184,24 +185,9 @@ def pick_device(name):
     return name
 
 
-def cpu_has_bf16():
-    """Native bf16 dot products (AVX512-BF16 or AMX): there bf16 matmuls take about half float32's time;
-    on other CPUs they are emulated and slower. (torch.cpu's checks are private: absent ones count as no.)"""
-    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-def use_bf16(cfg, device):
-    """bf16 autocast: dtype=bfloat16 on a bf16 GPU or any CPU; dtype=auto only where it is fast (a bf16 GPU, a CPU
-    with native bf16 dot products); float32 otherwise."""
-    kind = device.split(":")[0]
-    has = kind == "cpu" or kind == "cuda" and torch.cuda.is_bf16_supported()
-    fast = kind == "cpu" and cpu_has_bf16() or kind == "cuda" and has
-    return cfg.dtype == "bfloat16" and has or cfg.dtype == "auto" and fast
-
-
 def autocast(cfg, device):
     kind = device.split(":")[0]  # "cuda:1" -> "cuda"
-    return torch.autocast(device_type=kind, dtype=torch.bfloat16, enabled=use_bf16(cfg, device))
+    return torch.autocast(device_type=kind, dtype=torch.bfloat16, enabled=use_bf16(cfg.dtype, device))
 
 
 def cosine_lr(step, cfg):
@@ -223,11 +209,6 @@ class Metrics:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(kv) + "\n")
-
-
-def to_tensor_images(images):
-    """uint8 numpy (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 255.0
 
 
 def open_folder(cfgs):
@@ -448,85 +429,30 @@ def stage_vq(cfgs, run_dir, device, metrics):
 # stage: lm
 
 
-class LMData:
-    """Pretraining examples held as token ids: prompt, plan, caption, image codes (lists, one per example)."""
-
-    def __init__(self, prompt, plan, caption, codes):
-        self.prompt, self.plan, self.caption, self.codes = prompt, plan, caption, codes
-
-    def __len__(self):
-        return len(self.codes)
-
-
-def vq_codes(vq, images, device):
-    """uint8 images (N, H, W, 3) -> N lists of codes."""
-    with torch.no_grad():
-        return torch.cat([vq.encode(to_tensor_images(images[i:i + 512]).to(device)).cpu() for i in range(0, len(images), 512)]).tolist()
-
-
-def world_data(n, seed, split, tokenizer, vq, device):
-    """n examples of the shapes world: prompt, plan, a random caption and the scene's image codes."""
-    rng = np.random.default_rng(seed)
-    examples = [world.sample_example(rng, split=split) for _ in tqdm(range(n), desc=f"{split} examples", mininterval=2)]
-    enc = lambda s: data.encode_text(tokenizer, s)
-    prompt = [enc(e.prompt) for e in examples]
-    plan = [enc(world.plan_text(e.scene, e.spec)) for e in examples]
-    caption = [enc(world.caption_text(e.scene, rng)) for e in examples]
-    codes = [c for i in range(0, n, 512)  # rendered in chunks: all of them at once can be gigabytes at 64 x 64
-             for c in vq_codes(vq, np.stack([world.render(e.scene, vq.cfg.image_size) for e in examples[i:i + 512]]), device)]
-    return LMData(prompt, plan, caption, codes)
-
-
 def lm_datasets(cfgs, tokenizer, vq, device):
     """(train, held-out) LMData. A folder's caption is both its text->image prompt and its image->text caption."""
     tc = cfgs["train"]
     if not tc.data_dir:
-        return (world_data(tc.lm_examples, tc.seed, "train", tokenizer, vq, device),
-                world_data(tc.eval_examples, tc.seed + 1, "dev", tokenizer, vq, device))
+        return (data.world_data(tc.lm_examples, tc.seed, "train", tokenizer, vq, device),
+                data.world_data(tc.eval_examples, tc.seed + 1, "dev", tokenizer, vq, device))
     folder, train, dev = open_folder(cfgs)
 
     def subset(idx):
         caps = [data.encode_text(tokenizer, folder.captions[i]) for i in idx]
-        return LMData(caps, [[] for _ in idx], caps, vq_codes(vq, folder.images[idx], device))
+        return data.LMData(caps, [[] for _ in idx], caps, data.vq_codes(vq, folder.images[idx], device))
     if len(train) < tc.lm_batch:
         raise ConfigError(f"train.data_dir has {len(train)} training images (after holding out {len(dev)}), fewer than "
                           f"train.lm_batch={tc.lm_batch}: lower train.lm_batch or add images")
     return subset(train), subset(dev)
 
 
-def epoch_batches(ds, rng, tc, batch=None):
-    """One epoch as batches of (example, format, null) items. Each example draws its format from the
-    mix; batches are made of examples of similar length (sorted within windows of 16 batches, then
-    shuffled), so little compute goes to padding. batch defaults to train.lm_batch."""
-    batch = batch or tc.lm_batch
-    p_caption = 1.0 - tc.p_plan - tc.p_direct
-    fmts = rng.choice(len(FORMATS), size=len(ds), p=[tc.p_plan, tc.p_direct, p_caption])
-    nulls = rng.random(len(ds)) < tc.null_prob
-    items = [(int(i), FORMATS[fmts[i]], bool(nulls[i]) and FORMATS[fmts[i]] != "caption") for i in rng.permutation(len(ds))]
-    length = lambda it: len(ds.caption[it[0]]) if it[1] == "caption" else len(ds.prompt[it[0]]) + len(ds.plan[it[0]]) * (it[1] == "plan")
-    window = 16 * batch
-    batches = []
-    for w in range(0, len(items) - batch + 1, window):
-        chunk = sorted(items[w:w + window], key=length)
-        batches += [chunk[b:b + batch] for b in range(0, len(chunk) - batch + 1, batch)]
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def make_batch(ds, items, vocab, device):
-    """(example, format, null) items -> right-padded tensors x, y, loss weight, grid, modality (B, T)."""
-    seqs = [build_sequence(fmt, vocab, ds.prompt[i], ds.plan[i], ds.codes[i], ds.caption[i], null=null) for i, fmt, null in items]
-    return posttrain.collate(seqs, vocab, device)
-
-
 def lm_loss(model, batch, denom=None):
-    """Mean cross-entropy over target tokens; also the text and image parts separately (for the log).
-    denom: the number of target tokens to divide by (default: this batch's)."""
-    x, y, w, grid, mod = batch
-    logits = model(x, grid=grid)
-    ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(w)  # (B, T)
+    """Mean cross-entropy over a data.Batch's target tokens; also the text and image parts separately (for the
+    log). denom: the number of target tokens to divide by (default: this batch's)."""
+    ce, w = token_ce(model(batch.x, patch=batch.patch, tags=batch.tags), batch.y), batch.weight  # (B, T)
     loss = (ce * w).sum() / (w.sum() if denom is None else denom)
     with torch.no_grad():
-        parts = {name: ((ce * w * (mod == m)).sum() / (w * (mod == m)).sum().clamp(min=1)).item()
+        parts = {name: ((ce * w * (batch.modality == m)).sum() / (w * (batch.modality == m)).sum().clamp(min=1)).item()
                  for name, m in (("text", data.TEXT), ("image", data.IMAGE))}
     return loss, parts
 
@@ -546,7 +472,7 @@ def train_lm(cfgs, run_dir, device, metrics, dist):
     tc, gc = cfgs["train"], cfgs["gpt"]
     tokenizer = data.load_tokenizer(os.path.join(run_dir, "tokenizer.json"))
     vq = load_weights(VQ(cfgs["vq"]).to(device), os.path.join(run_dir, "vq.safetensors")).eval()
-    vocab = Vocab(tokenizer.get_vocab_size(), cfgs["vq"].codebook_size)
+    vocab = Vocab(tokenizer.get_vocab_size(), cfgs["vq"].codebook_size, data.region_tagger(tokenizer, vq.cfg.n_codes) if gc.n_tags else None)
     torch.manual_seed(tc.seed)
     model = GPT(gc).to(device)
     print(f"GPT: {model.num_params() / 1e6:.2f}M parameters, vocabulary {vocab.size} ({vocab.text_size} text + {vocab.codebook_size} codes)")
@@ -555,7 +481,7 @@ def train_lm(cfgs, run_dir, device, metrics, dist):
     if longest > gc.block_size:
         raise ConfigError(f"the longest training sequence has {longest} tokens > gpt.block_size={gc.block_size}: raise gpt.block_size")
     val_rng = np.random.default_rng(tc.seed + 2)
-    val_batches = [make_batch(val_ds, b, vocab, device) for b in epoch_batches(val_ds, val_rng, tc, min(tc.lm_batch, len(val_ds)))]
+    val_batches = [data.make_batch(val_ds, b, vocab, device) for b in data.epoch_batches(val_ds, val_rng, tc, min(tc.lm_batch, len(val_ds)))]
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -567,7 +493,7 @@ def train_lm(cfgs, run_dir, device, metrics, dist):
         state = load_checkpoint(ckpt, model, opt, resolved_config(cfgs))
         start, epoch_state, done = state["step"], state["epoch_rng"], state["batches_done"]
         rng.bit_generator.state = epoch_state
-        batches = epoch_batches(train_ds, rng, tc)  # the same epoch again, minus the batches it had used
+        batches = data.epoch_batches(train_ds, rng, tc)  # the same epoch again, minus the batches it had used
         del batches[len(batches) - done:]
         print(f"resuming the lm stage at step {start} from {ckpt}")
         metrics.log(stage="lm", step=start, resumed_from=ckpt)
@@ -588,16 +514,16 @@ def train_lm(cfgs, run_dir, device, metrics, dist):
     for step in (bar := tqdm(range(start, tc.lm_steps), initial=start, total=tc.lm_steps, desc="lm", mininterval=2, disable=not dist.master)):
         if not batches:  # a new epoch: new formats, a new shuffle
             epoch_state, done = rng.bit_generator.state, 0
-            batches = epoch_batches(train_ds, rng, tc)
+            batches = data.epoch_batches(train_ds, rng, tc)
         items = batches.pop()
         done += 1
-        batch = make_batch(train_ds, items[dist.rank::dist.world], vocab, device)  # this process's share
+        batch = data.make_batch(train_ds, items[dist.rank::dist.world], vocab, device)  # this process's share
         lr = cosine_lr(step, tc)
         for group in opt.param_groups:
             group["lr"] = lr
         # each process divides its token loss sum by the global batch's token count / world, and DDP
         # averages over the world: the gradient of the global batch's mean, as in one process
-        denom = dist_mean(batch[2].sum(), dist)
+        denom = dist_mean(batch.weight.sum(), dist)
         with autocast(tc, device):
             loss, parts = lm_loss(step_fn, batch, denom)
         opt.zero_grad(set_to_none=True)
@@ -605,7 +531,7 @@ def train_lm(cfgs, run_dir, device, metrics, dist):
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         loss = dist_mean(loss.detach(), dist)  # the global batch's loss (the text/image parts are this process's)
-        tokens += int(batch[2].numel()) * dist.world
+        tokens += int(batch.weight.numel()) * dist.world
         if step % tc.log_every == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
             metrics.log(stage="lm", step=step, lr=lr, loss=loss.item(), **parts)
@@ -617,7 +543,7 @@ def train_lm(cfgs, run_dir, device, metrics, dist):
             save_checkpoint(ckpt, model, opt, {"step": step + 1, "epoch_rng": epoch_state, "batches_done": done}, resolved_config(cfgs))
     seconds = time.time() - t0
     return model, {"params": model.num_params(), "train_loss": loss.item(), **ev, "tokens_per_s": tokens / seconds,
-                   "bf16": use_bf16(tc, device),  # dtype=auto resolves per machine: say what this run used
+                   "bf16": use_bf16(tc.dtype, device),  # dtype=auto resolves per machine: say what this run used
                    "steps": tc.lm_steps, "resumed_at": start, "processes": dist.world}
 
 
@@ -676,17 +602,16 @@ def resolved_config(cfgs):
 
 
 def derive_sizes(cfgs, run_dir):
-    """The GPT's vocabulary is the tokenizer's plus the codebook; its image length is the VQ grid."""
+    """The GPT's vocabulary is the tokenizer's plus the codebook; its image length is the VQ grid; its tags
+    are the shapes world's layout regions (data.region_tagger), none for a folder run or train.region_tags off."""
     path = os.path.join(run_dir, "tokenizer.json")
     tokenizer = data.load_tokenizer(path) if os.path.exists(path) else None
     if tokenizer:
         cfgs["gpt"].image_offset = tokenizer.get_vocab_size()
     cfgs["gpt"].vocab_size = cfgs["gpt"].image_offset + cfgs["vq"].codebook_size
     cfgs["gpt"].n_image_tokens = cfgs["vq"].n_codes
-    if tokenizer and cfgs["gpt"].cell_emb and not cfgs["train"].data_dir:
-        cfgs["gpt"].cell_token_ids = tuple(tokenizer.token_to_id(c) for c in world.CELLS)
-        cfgs["gpt"].attr_token_ids = tuple(tokenizer.token_to_id(w) for w in (*world.COLOURS, *world.SHAPES, *world.SIZES))
-        cfgs["gpt"].code_cells = data.code_cells(cfgs["vq"].n_codes)
+    tagged = tokenizer is not None and cfgs["train"].region_tags and not cfgs["train"].data_dir  # a folder has no layout regions
+    cfgs["gpt"].n_tags = data.region_tagger(tokenizer, cfgs["vq"].n_codes).n_tags if tagged else 0
 
 
 def check_run_dir(run_dir, cfg_json, stages=STAGES):
@@ -763,7 +688,7 @@ def main(argv=None):
     outputs = {"tokenizer": "tokenizer.json", "vq": "vq.safetensors", "lm": "gpt.safetensors", "rewards": heads.HEADS_FILE,
                "post": "lora_post.safetensors"}
     t_all = time.time()
-    print(f"run {run_dir} on {device} ({'bf16 autocast' if use_bf16(tc, device) else 'float32'}"
+    print(f"run {run_dir} on {device} ({'bf16 autocast' if use_bf16(tc.dtype, device) else 'float32'}"
           f"{f', {dist.world} processes' if dist.world > 1 else ''}); stages {', '.join(stages)}")
     for stage in stages:
         out = outputs.get(stage)

@@ -566,8 +566,8 @@ def plan_text(scene, spec=None):
     with every attribute, in the prompt's order when its spec is given, else in cell order. The count comes
     first so that a prompt like "as many circles as a triangle has corners" is resolved in one word, and the
     objects are then written against it as for "three circles". The cell is one word and comes first in its
-    object: the GPT tags the words after it with that cell (model.GPTConfig.cell_emb), as it tags the image
-    tokens drawn inside the cell, so an image token finds its colour and shape by matching its own cell."""
+    object: the words after it are tagged with that cell's region (data.Tagger), as are the image tokens
+    drawn inside the cell, so an image token finds its colour and shape by matching its own region's tag."""
     if not scene.objects:
         return EMPTY
     objs = scene.objects if spec is None else plan_order(scene, spec)

@@ -127,8 +127,7 @@ def test_run_from_before_count_first_plans_is_refused(tmp_path, micro_run, versi
     else:  # older ones wrote no plan_version
         del cfg["plan_version"]
     if version == 1:
-        for key in ("cell_emb", "cell_token_ids", "attr_token_ids", "code_cells"):
-            del cfg["gpt"][key]
+        del cfg["gpt"]["n_tags"]
     (old / "config.json").write_text(json.dumps(cfg))
     before = {f: (old / f).read_bytes() for f in os.listdir(old) if (old / f).is_file()}
     with pytest.raises(generate.RunError, match=f"{message}.*new run"):
@@ -136,3 +135,28 @@ def test_run_from_before_count_first_plans_is_refused(tmp_path, micro_run, versi
     with pytest.raises(SystemExit, match=f"{message}.*another --train.out_dir"):
         train.main(["tiny_configs/micro.toml", f"--train.out_dir={old}", "--stages=eval"])
     assert {f: (old / f).read_bytes() for f in os.listdir(old) if (old / f).is_file()} == before
+
+
+def test_run_whose_model_held_the_layout_cells_is_refused(tmp_path, micro_run):
+    """A run of the version before region tags: its GPT config names the layout cells (cell_emb and the cell
+    token ids) and has no n_tags. Say so up front, from both entry points, and change nothing."""
+    import json
+    import shutil
+
+    import train
+    old = tmp_path / "old"
+    shutil.copytree(micro_run, old)
+    cfg = json.load(open(old / "config.json"))
+    del cfg["gpt"]["n_tags"]
+    cfg["gpt"].update(cell_emb=True, cell_token_ids=[55, 49], attr_token_ids=[23], code_cells=[-1, 0])
+    (old / "config.json").write_text(json.dumps(cfg))
+    before = {f: (old / f).read_bytes() for f in os.listdir(old) if (old / f).is_file()}
+    with pytest.raises(generate.RunError, match="older nanoloom, whose model held the layout cells.*new run"):
+        generate.load_run(str(old))
+    with pytest.raises(SystemExit, match="older nanoloom, whose model held the layout cells.*another --train.out_dir"):
+        train.main(["tiny_configs/micro.toml", f"--train.out_dir={old}", "--stages=eval"])
+    assert {f: (old / f).read_bytes() for f in os.listdir(old) if (old / f).is_file()} == before
+    cfg["train"]["data_dir"] = str(tmp_path / "images")  # a folder run of that version: no world to check, but keys unknown
+    (old / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(generate.RunError, match="keys this nanoloom does not know .*cell_emb.*new run"):
+        generate.load_run(str(old))

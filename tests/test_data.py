@@ -1,6 +1,7 @@
 """The shapes world: renderer <-> parser, the checker's clauses, plans, splits, tokenizer, sequences."""
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFilter
 
 import data
@@ -197,7 +198,7 @@ def test_sequence_formats_modality_and_targets():
     ids, mod, tgt = data.build_sequence("plan", v, prompt=[9, 10], plan=[11], codes=[1, 2, 3], null=True)
     assert ids[:6] == [data.BOS, data.NULL, data.NULL, data.NULL, data.NULL, data.BOI]
     assert tgt == [0] * 6 + [1] * 5  # only the image (after <boi>) is learned unconditionally
-    assert data.grid_positions(ids, v) == [-1] * 6 + [0, 1, 2] + [-1, -1]
+    assert data.patch_positions(ids, v.image_offset) == [0] * 6 + [1, 2, 3] + [0, 0]
 
 
 def test_distinct_examples_skips_repeats_and_excluded_and_stops_short():
@@ -215,15 +216,57 @@ def test_distinct_examples_skips_repeats_and_excluded_and_stops_short():
 
 
 @pytest.mark.parametrize("size,patch", [(32, 4), (64, 4), (64, 8)])
-def test_code_cells_cover_each_object_with_its_own_cell(size, patch):
-    """Every code whose patch holds a pixel of an object lies in that object's cell (the GPT's cell
-    embedding tells an image token which plan word it draws); codes of the margin belong to no cell."""
+def test_patch_regions_cover_each_object_with_its_own_region(size, patch):
+    """Every patch that holds a pixel of an object lies in that object's region (so its image token shares a
+    tag with the object's plan words); patches of the margin belong to no region."""
     g = size // patch
-    cells = data.code_cells(g * g)
+    regions = data.patch_regions(g * g)
     for k in range(9):
         obj = Obj("square", "red", "large", *divmod(k, 3))
         ink = (world.render(Scene((obj,)), size) != world.BACKGROUND).any(-1)  # (H, W)
-        hit = ink.reshape(g, patch, g, patch).any(axis=(1, 3)).flatten()  # (g*g,) codes touching the square
-        assert hit.any() and all(cells[i] == k for i in np.flatnonzero(hit))
-    assert cells[0] == cells[g - 1] == cells[-1] == -1
-    assert sorted(set(cells)) == list(range(-1, 9))
+        hit = ink.reshape(g, patch, g, patch).any(axis=(1, 3)).flatten()  # (g*g,) patches touching the square
+        assert hit.any() and all(regions[i] == 1 + k for i in np.flatnonzero(hit))
+    assert regions[0] == regions[g - 1] == regions[-1] == 0
+    assert sorted(set(regions)) == list(range(10))
+
+
+def test_region_tags_of_a_plan_and_its_image():
+    """A cell word opens its region, the attribute words keep it, ';' and the count close it; each image
+    code takes its patch's region. Without a tagger every tag is 0."""
+    tok = data.train_tokenizer(None, n=5)
+    tagger = data.region_tagger(tok, 64)
+    assert tagger.n_tags == 10
+    v = data.Vocab(tok.get_vocab_size(), 16, tagger)
+    enc = lambda s: data.encode_text(tok, s)
+    plan = enc("two top-left red circle large ; bottom-right blue square small")
+    ids, _, _ = data.build_sequence("plan", v, enc("a red circle"), plan, list(range(64)))
+    img = ids.index(data.BOI)
+    want_plan = [0, 1, 1, 1, 1, 0, 9, 9, 9, 9]  # <think> excluded: it closes whatever the prompt left open
+    assert tagger.tags(ids)[img - len(plan):img] == want_plan
+    assert tagger.tags(ids)[:img - len(plan)] == [0] * (img - len(plan))  # the prompt names no cell word
+    assert tagger.tags(ids)[img + 1:img + 65] == list(data.patch_regions(64)) and tagger.tags(ids)[img + 65:] == [0, 0]
+    b = data.collate([data.build_sequence("plan", v, enc("a red circle"), plan, list(range(64)))], v, "cpu")
+    assert b.tags[0].tolist() == tagger.tags(ids)[:-1] and b.patch[0].tolist() == data.patch_positions(ids, v.image_offset)[:-1]
+    assert data.collate([(ids, [0] * len(ids), [1] * len(ids))], data.Vocab(v.text_size, 16), "cpu").tags.abs().sum() == 0
+
+
+def test_tagger_step_equals_the_whole_sequence_walk():
+    """The KV-cache sampler's Tagger.step, fed random sequences in chunks of random length with the open
+    region carried between them, gives every token the tag Tagger.tags gives it from the whole sequence."""
+    g = torch.Generator().manual_seed(0)
+    T = 40
+    tagger = data.Tagger(text_size=20, cell_ids=(9, 10, 11), keep_ids=(12, 13), patch_tags=torch.randint(0, 4, (T,), generator=g).tolist())
+    pool = torch.tensor([data.PAD, data.NULL, data.BOI, data.EOI, 9, 10, 11, 12, 13, 14, 20, 21, 23])  # specials, cells, attrs, a word, codes
+    ids = pool[torch.randint(0, len(pool), (16, T), generator=g)]  # (B, T)
+    patch = torch.tensor([data.patch_positions(r, 20) for r in ids.tolist()])
+    region, got, t = torch.zeros(16, dtype=torch.long), [], 0
+    while t < T:
+        n = int(torch.randint(1, 6, (), generator=g))
+        tags, region = tagger.step(region, ids[:, t:t + n], patch[:, t:t + n])
+        got.append(tags)
+        t += n
+    want = [tagger.tags(r) for r in ids.tolist()]
+    assert torch.cat(got, 1).tolist() == want
+    assert {x for row in want for x in row} == {0, 1, 2, 3}, "every region must occur"
+    assert any(w[i] != 0 and p[i] == 0 and r[i] in (12, 13) for w, p, r in zip(want, patch.tolist(), ids.tolist()) for i in range(T)), \
+        "attribute words must keep a region open somewhere"

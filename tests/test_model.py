@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, VQ, GPTConfig, KVCache, VQConfig
+import model as model_module
+from model import GPT, VQ, GPTConfig, KVCache, RMSNorm, RMSNormFunction, RoPE, VQConfig, rope_tables, token_ce, use_bf16
 
 
 def tiny_gpt(**kw):
@@ -75,33 +76,41 @@ def test_dead_codes_restart_onto_encoder_outputs():
     assert (vq.usage == 0).all()  # counting starts again
 
 
-CELLS = dict(cell_token_ids=(10, 11, 12), attr_token_ids=(20, 21), code_cells=(2, 0, 1, -1))  # the cell path on
+TAGS = dict(n_tags=4)  # the tag path on
 
 
-@pytest.mark.parametrize("cells", [{}, CELLS])
-def test_kv_cache_equals_full_forward(cells):
-    model = tiny_gpt(**cells)
+def inputs(idx, n_tags=4, seed=1):
+    """patch (image tokens, ids >= 40, numbered 1..4 round the grid) and random tags for ids (B, T)."""
+    T = idx.shape[1]
+    patch = torch.where(idx >= 40, torch.arange(T) % 4 + 1, 0)
+    return dict(patch=patch, tags=torch.randint(0, n_tags, idx.shape, generator=torch.Generator().manual_seed(seed)))
+
+
+@pytest.mark.parametrize("tags", [{}, TAGS])
+def test_kv_cache_equals_full_forward(tags):
+    model = tiny_gpt(**tags)
     idx = torch.randint(0, 60, (2, 12))
-    idx[:, 5:9] = torch.tensor([11, 20, 21, 12])  # a cell word, then attribute words fed one at a time
-    grid = torch.where(idx >= 40, torch.arange(12) % 4, -1)
-    full = model(idx, grid=grid)
+    kw = inputs(idx)
+    full = model(idx, **kw)
     cache = KVCache(model.cfg, 2, 12, "cpu", torch.float64)
-    parts = [model(idx[:, :5], grid=grid[:, :5], cache=cache)]
+    cut = lambda a, b: {k: v[:, a:b] for k, v in kw.items()}
+    parts = [model(idx[:, :5], cache=cache, **cut(0, 5))]
     for t in range(5, 12):  # then one token at a time
-        parts.append(model(idx[:, t:t + 1], grid=grid[:, t:t + 1], cache=cache))
+        parts.append(model(idx[:, t:t + 1], cache=cache, **cut(t, t + 1)))
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-10)
     assert cache.length == 12
 
 
-@pytest.mark.parametrize("cells", [{}, CELLS])
-def test_left_padding_with_mask_equals_unpadded(cells):
-    model = tiny_gpt(**cells)
+@pytest.mark.parametrize("tags", [{}, TAGS])
+def test_left_padding_with_mask_equals_unpadded(tags):
+    model = tiny_gpt(**tags)
     seq = torch.randint(8, 40, (1, 7))
-    want = model(seq)[:, -1]
+    t = torch.tensor([[0, 1, 1, 0, 2, 3, 3]])
+    want = model(seq, tags=t)[:, -1]
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), seq], 1)
     valid = torch.tensor([[False] * 3 + [True] * 7])
     pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-    got = model(padded, pos=pos, key_valid=valid)[:, -1]
+    got = model(padded, tags=F.pad(t, (3, 0)), pos=pos, key_valid=valid)[:, -1]
     assert torch.allclose(got, want, atol=1e-10)
     assert not torch.isnan(model(padded, pos=pos, key_valid=valid)).any()
 
@@ -109,9 +118,9 @@ def test_left_padding_with_mask_equals_unpadded(cells):
 def test_cpu_bf16_autocast_keeps_attention_in_float32_and_tracks_float32(monkeypatch):
     """train.dtype=bfloat16 on a CPU: matmuls in bf16, attention in float32 (torch's CPU attention backward is
     2x slower in bf16); loss and gradients stay close to a float32 step's."""
-    model = tiny_gpt(**CELLS).float().train()
+    model = tiny_gpt(**TAGS).float().train()
     idx = torch.randint(0, 60, (4, 16))
-    grid = torch.where(idx >= 40, torch.arange(16) % 4, -1)
+    kw = inputs(idx)
     seen, sdpa = [], F.scaled_dot_product_attention  # autocast would cast attention's inputs below this call
     monkeypatch.setattr(F, "scaled_dot_product_attention",
                         lambda q, k, v, **kw: seen.append((q.dtype, torch.is_autocast_enabled("cpu"))) or sdpa(q, k, v, **kw))
@@ -119,8 +128,8 @@ def test_cpu_bf16_autocast_keeps_attention_in_float32_and_tracks_float32(monkeyp
     def loss_and_grads(bf16):
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(idx, grid=grid)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), idx.roll(-1, 1).flatten())
+            logits = model(idx, **kw)
+        loss = token_ce(logits, idx.roll(-1, 1)).mean()
         loss.backward()
         return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     loss32, grads32 = loss_and_grads(False)
@@ -130,32 +139,56 @@ def test_cpu_bf16_autocast_keeps_attention_in_float32_and_tracks_float32(monkeyp
     assert F.cosine_similarity(grads16, grads32, dim=0) > 0.99
 
 
-def test_grid_embedding_changes_only_image_positions():
-    model = tiny_gpt()
-    idx = torch.randint(0, 60, (1, 6))
-    a = model(idx, grid=torch.full((1, 6), -1))
-    b = model(idx, grid=torch.tensor([[-1, -1, -1, -1, 0, 1]]))
-    assert torch.allclose(a[:, :4], b[:, :4]) and not torch.allclose(a[:, 4:], b[:, 4:])
+def test_dtype_auto_takes_bf16_on_a_cpu_only_where_it_is_native(monkeypatch):
+    for native in (True, False):
+        monkeypatch.setattr(model_module, "cpu_has_bf16", lambda: native)
+        assert use_bf16("auto", "cpu") == native
+        assert use_bf16("bfloat16", "cpu")
+        assert not use_bf16("float32", "cpu")
 
 
-def test_plan_cells_open_keep_close_and_carry_through_the_cache():
-    """A cell word opens its cell, attribute words keep it, anything else closes it; fed one token at a
-    time through the KV cache the cells (and so the logits) are the ones of the whole sequence at once."""
-    model = tiny_gpt(**CELLS)
-    #         <s>  attr  cell2  attr attr  ;  cell0 attr  other attr cell1 cell0 attr
-    ids = torch.tensor([[1, 20, 12, 20, 21, 5, 10, 21, 6, 21, 11, 10, 20]])
-    want = [-1, -1, 2, 2, 2, -1, 0, 0, -1, -1, 1, 0, 0]
-    assert model.plan_cells(ids).tolist() == [want]
-    whole = model(ids)
-    cache = KVCache(model.cfg, 1, ids.shape[1], "cpu", torch.float64)
-    steps = [model(ids[:, :3], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(3, ids.shape[1])]
-    assert torch.allclose(torch.cat(steps, 1), whole, atol=1e-10)
-    # the embedding matters: the same ids without it give other logits
-    assert not torch.allclose(tiny_gpt()(ids), whole, atol=1e-3)
-    # an image token takes the cell of its grid position (code_cells); a position outside every cell, none
-    img = torch.tensor([[45]])
-    before = {g: model(img, grid=torch.tensor([[g]])) for g in (0, 3)}
-    with torch.no_grad():
-        model.cell_embed.weight[2] += 1.0  # code_cells[0] == 2
-    assert not torch.allclose(model(img, grid=torch.tensor([[0]])), before[0])
-    assert torch.equal(model(img, grid=torch.tensor([[3]])), before[3])
+def test_patch_and_tag_embeddings_change_only_their_positions_and_row_zero_stays_zero():
+    """Patch 0 (text) and tag 0 (untagged) add nothing: the same logits as no patch or tags at all; a patch
+    or a tag changes its own position's logits (and, through attention, later ones) but none before it.
+    Row 0 of each table is zero and gets no gradient, so it stays zero through training."""
+    model = tiny_gpt(**TAGS)
+    idx = torch.tensor([[2, 45, 9, 41, 50, 7]])
+    none = model(idx)
+    zero = torch.zeros_like(idx)
+    assert torch.equal(model(idx, patch=zero, tags=zero), none)
+    for kw in (dict(patch=torch.tensor([[0, 0, 0, 0, 1, 2]])), dict(tags=torch.tensor([[0, 0, 0, 0, 3, 1]]))):
+        out = model(idx, **kw)
+        assert torch.allclose(out[:, :4], none[:, :4]) and not torch.allclose(out[:, 4:], none[:, 4:])
+    model.train()
+    token_ce(model(idx, **inputs(idx)), idx).sum().backward()
+    for table in (model.patch_embed, model.tag_embed):
+        assert table.weight[0].abs().sum() == 0 and table.weight.grad[0].abs().sum() == 0 and table.weight.grad[1:].abs().sum() > 0
+
+
+def test_rope_and_rms_norm_functions_equal_their_textbook_forms():
+    """The hand-written RoPE and RMSNorm autograd functions against the plain formulas (autograd's
+    gradients of those), forward and backward, in float64."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
+    cos, sin = (t.double() for t in rope_tables(8, 5, 10000.0))
+    for c, s in ((cos, sin), (cos[None, None].expand(2, 1, 5, 4), sin[None, None].expand(2, 1, 5, 4))):  # training's table, the sampler's per row
+        x1, x2 = x.chunk(2, dim=-1)
+        want = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+        got = RoPE.apply(x, c, s)
+        g = torch.randn_like(want)
+        assert torch.allclose(got, want) and torch.allclose(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0])
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    got = RMSNormFunction.apply(x, w, 1e-6)
+    g = torch.randn_like(want)
+    assert torch.allclose(got, want)
+    assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad(got, (x, w), g), torch.autograd.grad(want, (x, w), g)))
+    assert torch.allclose(RMSNorm(8).double()(x), F.rms_norm(x, (8,), torch.ones(8, dtype=torch.float64), 1e-6))
+
+
+def test_token_ce_is_the_negative_log_probability_of_each_target():
+    logits = torch.randn(2, 3, 7, dtype=torch.float64)
+    targets = torch.randint(0, 7, (2, 3))
+    ce = token_ce(logits, targets)
+    assert ce.shape == (2, 3) and ce.dtype == torch.float32
+    assert torch.allclose(ce, -logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0].float())

@@ -275,19 +275,19 @@ def test_targeted_needs_a_weakness_report():
 
 
 def test_weighted_loss_is_the_weighted_sum_of_both_modalities():
-    vocab = data.Vocab(text_size=20, codebook_size=8)
+    vocab = data.Vocab(text_size=20, codebook_size=8, tagger=data.Tagger(20, cell_ids=(12,), keep_ids=(13,), patch_tags=(1, 1, 0, 0)))
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(vocab_size=vocab.size, image_offset=vocab.image_offset, n_image_tokens=4, block_size=32,
-                        n_layer=1, n_head=2, n_kv_head=2, n_embd=16, mlp_hidden=32))
+                        n_layer=1, n_head=2, n_kv_head=2, n_embd=16, mlp_hidden=32, n_tags=2))
     samples = {"prompt": [[9, 10], [11]], "plan": [[12, 13, 14], [15]], "codes": [[1, 2, 3, 4], [5, 6, 7, 0]]}
     batch = posttrain.sample_batch(samples, [0, 1], vocab, "cpu")
     text, image = posttrain.per_sample_losses(gpt, batch)
     # reference: each sample alone, cross-entropy over its own targets of each modality
     for i in range(2):
-        x, y, tgt, grid, mod = posttrain.sample_batch(samples, [i], vocab, "cpu")
-        ce = torch.nn.functional.cross_entropy(gpt(x, grid=grid)[0], y[0], reduction="none")
+        b = posttrain.sample_batch(samples, [i], vocab, "cpu")
+        ce = torch.nn.functional.cross_entropy(gpt(b.x, patch=b.patch, tags=b.tags)[0], b.y[0], reduction="none")
         for part, m in ((text, data.TEXT), (image, data.IMAGE)):
-            sel = (tgt[0] > 0) & (mod[0] == m)
+            sel = (b.weight[0] > 0) & (b.modality[0] == m)
             torch.testing.assert_close(part[i], ce[sel].mean(), rtol=1e-5, atol=1e-5)
     w = torch.tensor([2.0, 0.5])
     loss, _ = posttrain.weighted_loss(gpt, batch, w, alpha_text=0.3, alpha_image=1.5)

@@ -184,11 +184,10 @@ def test_interrupted_run_resumes_exactly(tmp_path, micro_run, monkeypatch, capsy
     with pytest.raises(SystemExit, match=r"checkpoint of another config \(train.lm_lr: 0.0015 -> 0.001\)"):
         train.main([MICRO, f"--train.out_dir={run}", *args, "--train.lm_lr=0.001"])
     # config.json is rewritten only when a stage finishes, so beside a checkpoint it may still be an older
-    # version's (no cell_emb, no plan_version): the checkpoint's own config says whether its GPT is older
+    # version's (no n_tags, no plan_version): the checkpoint's own config says whether its GPT is older
     with safe_open(os.path.join(run, train.CKPT), "pt") as f:
         cfg = json.loads(f.metadata()["config"])
-    for key in ("cell_emb", "cell_token_ids", "attr_token_ids", "code_cells"):
-        del cfg["gpt"][key]
+    del cfg["gpt"]["n_tags"]
     del cfg["plan_version"]
     json.dump(cfg, open(os.path.join(run, "config.json"), "w"))
     train.main([MICRO, f"--train.out_dir={run}", *args])

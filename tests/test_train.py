@@ -50,7 +50,7 @@ def test_file_types_checked(tmp_path):
     ("--post.plan_temperature=-1", "post.plan_temperature must be >= 0"),
     ("--ablations.variants=both,nope", "ablations.variants='both,nope'"),
     ("--post.weak_below=0", "post.weak_below must lie in"),
-    ("--vq.patch=8", "4 codes a side must be a multiple of 8"),  # a code would straddle two layout cells
+    ("--vq.patch=8", "4 codes a side must be a multiple of 8.*train.region_tags = false"),  # a code would straddle two layout cells
 ])
 def test_values_that_cannot_work_are_refused_before_any_work(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -60,18 +60,12 @@ def test_values_that_cannot_work_are_refused_before_any_work(override, message):
 def test_overrides_and_derived_keys():
     cfgs = load_config(MICRO, ["--train.lm_steps=7", "--sample.think=false", "--train.lm_lr=1e-3"])
     assert cfgs["train"].lm_steps == 7 and cfgs["sample"].think is False and cfgs["train"].lm_lr == 1e-3
-    with pytest.raises(ConfigError, match="derived"):
-        load_config(MICRO, ["--gpt.vocab_size=10"])
+    for key in ("vocab_size", "n_tags"):
+        with pytest.raises(ConfigError, match="derived"):
+            load_config(MICRO, [f"--gpt.{key}=10"])
+    assert load_config(MICRO, ["--vq.patch=8", "--train.region_tags=false"])["vq"].patch == 8  # codes may straddle cells untagged
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(MICRO, ["--lm_steps=3"])
-
-
-def test_dtype_auto_takes_bf16_on_a_cpu_only_where_it_is_native(monkeypatch):
-    for native in (True, False):
-        monkeypatch.setattr(train, "cpu_has_bf16", lambda: native)
-        assert train.use_bf16(train.TrainConfig(dtype="auto"), "cpu") == native
-        assert train.use_bf16(train.TrainConfig(dtype="bfloat16"), "cpu")
-        assert not train.use_bf16(train.TrainConfig(dtype="float32"), "cpu")
 
 
 def test_cosine_schedule():
