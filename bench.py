@@ -122,7 +122,7 @@ def bench_batch(cfg, tokenizer, vocab, vq, n, device, seed=0):
         folder = data.load_folder(tc.data_dir, cfg["vq"]["image_size"])
         idx = np.arange(16 * n) % len(folder.captions)
         caps = [data.encode_text(tokenizer, folder.captions[i]) for i in idx]
-        ds = data.LMData(caps, [[] for _ in idx], caps, data.vq_codes(vq, folder.images[idx], device))
+        ds = data.LMData(caps, [[] for _ in idx], caps, data.vq_codes(vq, folder.images[idx], device).tolist())
     else:
         ds = data.world_data(16 * n, seed, "dev", tokenizer, vq, device)
     return data.make_batch(ds, data.epoch_batches(ds, np.random.default_rng(seed), tc, n)[0], vocab, device)

@@ -367,15 +367,20 @@ class LMData:
         return len(self.codes)
 
 
-def to_tensor_images(images):
-    """uint8 numpy (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 255.0
+def to_float(images):
+    """uint8 images (N, H, W, 3), an array or a list of arrays -> float (N, 3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(images))).permute(0, 3, 1, 2).float() / 255
 
 
-def vq_codes(vq, images, device):
-    """uint8 images (N, H, W, 3) -> N lists of codes of the VQ encoder vq."""
-    with torch.no_grad():
-        return torch.cat([vq.encode(to_tensor_images(images[i:i + 512]).to(device)).cpu() for i in range(0, len(images), 512)]).tolist()
+def to_u8(x):
+    """float images (N, 3, H, W) in [0, 1] -> uint8 numpy (N, H, W, 3)."""
+    return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def vq_codes(vq, images, device, batch=512):
+    """uint8 images (N, H, W, 3) -> their codes under the VQ encoder vq, (N, h*w) on the CPU, in chunks."""
+    return torch.cat([vq.encode(to_float(images[i:i + batch]).to(device)).cpu() for i in range(0, len(images), batch)])
 
 
 def world_data(n, seed, split, tokenizer, vq, device):
@@ -387,7 +392,7 @@ def world_data(n, seed, split, tokenizer, vq, device):
     plan = [enc(world.plan_text(e.scene, e.spec)) for e in examples]
     caption = [enc(world.caption_text(e.scene, rng)) for e in examples]
     codes = [c for i in range(0, n, 512)  # rendered in chunks: all of them at once can be gigabytes at 64 x 64
-             for c in vq_codes(vq, np.stack([world.render(e.scene, vq.cfg.image_size) for e in examples[i:i + 512]]), device)]
+             for c in vq_codes(vq, np.stack([world.render(e.scene, vq.cfg.image_size) for e in examples[i:i + 512]]), device).tolist()]
     return LMData(prompt, plan, caption, codes)
 
 

@@ -30,7 +30,8 @@ from PIL import Image, ImageDraw
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from data import BOI, BOS, EOI, EOS, NULL, PAD, THINK, Vocab, check_world_run, decode_text, encode_text, load_tokenizer, patch_positions, region_tagger
+from data import (BOI, BOS, EOI, EOS, NULL, PAD, THINK, Vocab, check_world_run, decode_text, encode_text, load_tokenizer,
+                  patch_positions, region_tagger, to_u8, vq_codes)
 from model import GPT, VQ, GPTConfig, KVCache, VQConfig, load_lora, merge_lora
 
 
@@ -325,10 +326,17 @@ def decode_images(vq, samples):
     if have:
         dev = vq.codebook.weight.device
         codes = torch.tensor([samples[i]["codes"] for i in have], device=dev)
-        imgs = (vq.decode(codes).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        imgs = to_u8(vq.decode(codes))
         for j, i in enumerate(have):
             out[i] = imgs[j]
     return out
+
+
+@torch.no_grad()
+def vq_round_trip(vq, images, batch=256):
+    """uint8 images (N, H, W, 3) -> (their reconstructions through the codes, uint8 (N, H, W, 3); the codes (N, h*w))."""
+    codes = vq_codes(vq, images, vq.codebook.weight.device, batch)
+    return np.concatenate([to_u8(vq.decode(c.to(vq.codebook.weight.device))) for c in codes.split(batch)]), codes
 
 
 def save_grid(images, captions, path, cols=8, scale=4, marks=None):

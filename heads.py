@@ -29,7 +29,8 @@ from safetensors import safe_open
 import data
 import world
 from data import PAD
-from generate import RunError, load_weights
+from generate import RunError, load_weights, vq_round_trip
+from model import cosine_lr
 
 HEADS_FILE = "rewards.safetensors"  # every trained head, one file, architecture config in its metadata
 
@@ -429,23 +430,11 @@ def padded_text_ids(tokenizer, prompts, max_text):
 # training data and training (called by train.py's rewards stage)
 
 
-def to_float(u8):
-    """uint8 (N, H, W, 3) numpy -> float (N, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(u8)).permute(0, 3, 1, 2).float() / 255
-
-
-def to_u8(x):
-    return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-
-@torch.no_grad()
-def vq_round_trip(vq, u8, mask):
+def vq_round_trip_some(vq, u8, mask):
     """uint8 images (N, H, W, 3); the ones where mask is True replaced by their VQ round trip."""
-    out, dev = u8.copy(), vq.codebook.weight.device
-    idx = np.nonzero(mask)[0]
-    for i in range(0, len(idx), 512):
-        x = to_float(u8[idx[i:i + 512]]).to(dev)
-        out[idx[i:i + 512]] = to_u8(vq.decode(vq.encode(x)))
+    out, idx = u8.copy(), np.nonzero(mask)[0]
+    if len(idx):
+        out[idx] = vq_round_trip(vq, u8[idx])[0]
     return out
 
 
@@ -454,7 +443,7 @@ def vqa_pairs(n, rng, vq, split, p_vq):
     through the VQ a p_vq share of the time, and labelled by the exact verifier on the image shown."""
     exs = [world.sample_example(rng, split=split) for _ in range(n)]
     scenes = [e.scene if rng.random() < 0.4 else perturb(e.scene, rng) for e in exs]
-    imgs = vq_round_trip(vq, np.stack([world.render(s, vq.cfg.image_size) for s in scenes]), rng.random(n) < p_vq)
+    imgs = vq_round_trip_some(vq, np.stack([world.render(s, vq.cfg.image_size) for s in scenes]), rng.random(n) < p_vq)
     labels = np.array([world.passes(s, e.spec) for s, e in zip(world.parse_batch(imgs), exs)])
     return imgs, exs, labels, scenes
 
@@ -462,7 +451,7 @@ def vqa_pairs(n, rng, vq, split, p_vq):
 def caption_pairs(n, rng, vq, split, p_vq):
     """n (image, scene, caption, hard-negative caption): the caption of an edit of the scene."""
     scenes = [world.sample_example(rng, split=split).scene for _ in range(n)]
-    imgs = vq_round_trip(vq, np.stack([world.render(s, vq.cfg.image_size) for s in scenes]), rng.random(n) < p_vq)
+    imgs = vq_round_trip_some(vq, np.stack([world.render(s, vq.cfg.image_size) for s in scenes]), rng.random(n) < p_vq)
     return imgs, scenes, [world.caption_text(s, rng) for s in scenes], [world.caption_text(perturb(s, rng), rng) for s in scenes]
 
 
@@ -471,13 +460,13 @@ def geometry_pairs(n, rng, vq, p_vq):
     scenes = [world.random_scene(rng) for _ in range(n)]
     clean = np.stack([world.render(s, vq.cfg.image_size) for s in scenes])
     bad = np.stack([render_malformed(s, rng, vq.cfg.image_size) for s in scenes])
-    imgs = vq_round_trip(vq, np.concatenate([clean, bad]), rng.random(2 * n) < p_vq)
+    imgs = vq_round_trip_some(vq, np.concatenate([clean, bad]), rng.random(2 * n) < p_vq)
     return imgs, np.r_[np.ones(n), np.zeros(n)]
 
 
 def quality_batch(clean_u8, vq, g, device):
     """Half clean, half degraded (each by one random corruption): (images, labels 1 = clean)."""
-    x = to_float(clean_u8)
+    x = data.to_float(clean_u8)
     half = len(x) // 2
     kinds = torch.randint(0, len(CORRUPTIONS), (len(x) - half,), generator=g)
     bad = x[half:].clone()
@@ -487,12 +476,12 @@ def quality_batch(clean_u8, vq, g, device):
 
 
 def _fit(name, params, loss_fn, steps, cfg, log, warmup=0):
-    """AdamW with a linear warm-up over the first `warmup` steps, then a cosine decay to a tenth of cfg.lr;
+    """AdamW with a linear warm-up over the first `warmup` steps, then a cosine decay to a tenth of the peak;
     loss_fn(step) -> loss of one batch."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1, (step + 1) / (warmup + 1)) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+            group["lr"] = cosine_lr(step, cfg.lr, warmup, steps, 0.1 * cfg.lr)
         loss = loss_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -541,7 +530,7 @@ def train_heads(cfg, tokenizer, vq, seed, device, log=lambda **kv: None):
     figures, t0 = {}, time.time()
 
     imgs, scenes, caps, negs = caption_pairs(n, rng, vq, "train", cfg.p_vq)
-    xc, cells = to_float(imgs), cell_targets(world.parse_batch(imgs))  # each cell as the exact parser reads it
+    xc, cells = data.to_float(imgs), cell_targets(world.parse_batch(imgs))  # each cell as the exact parser reads it
     cap_ids, neg_ids = padded_text_ids(tokenizer, caps, cfg.max_text), padded_text_ids(tokenizer, negs, cfg.max_text)
 
     def clip_loss(step):
@@ -576,7 +565,7 @@ def train_heads(cfg, tokenizer, vq, seed, device, log=lambda **kv: None):
     figures["quality_train_loss"] = _fit("quality", heads.quality.parameters(), quality_loss, cfg.quality_steps, cfg, log)
 
     imgs, yg = geometry_pairs(n // 2, rng, vq, cfg.p_vq)
-    xg, yg = to_float(imgs), torch.from_numpy(yg).float()
+    xg, yg = data.to_float(imgs), torch.from_numpy(yg).float()
     # from clip's image encoder, which already reads each cell's shape and size: from scratch, 400 steps
     # left the loss near chance in some runs (0.63-0.66, chance 0.69; held-out AUC 0.63-0.93 between seeds)
     heads.geometry.image.load_state_dict(heads.clip.image.state_dict())

@@ -8,8 +8,8 @@ The networks of nanoloom, in one file: the VQ image tokenizer, the unified GPT a
   cache (one tensor per layer, written by index) makes sampling cheap. Besides its id, a token may carry
   its patch (which part of its image an image token draws) and a tag (any per-token label the caller
   computes, e.g. data.Tagger's layout regions): each adds a learned vector to the token's embedding.
-- LoRA: named low-rank adapters on chosen Linear layers (post-training), mixed as an exact output-space
-  sum, merged into the weights only by an explicit call.
+- LoRA: named low-rank adapters on chosen Linear layers (post-training), merged into the weights only by
+  an explicit call.
 
 This file knows tensors, not the shapes world: it imports nothing of the project.
 Quick check that it builds:  python model.py
@@ -114,14 +114,8 @@ class VQ(nn.Module):
 
     def decode(self, codes):
         """codes (B, h*w) -> images (B, 3, H, W) in [0, 1]."""
-        return self.decode_soft(F.one_hot(codes, self.cfg.codebook_size).float())
-
-    def decode_soft(self, probs):
-        """probs (B, h*w, K), rows summing to 1 -> images. Differentiable in probs: a soft codebook
-        lookup, so gradients can flow from pixels back to a distribution over codes."""
-        B, N, K = probs.shape
         g = self.cfg.grid
-        zq = (probs @ self._codebook()).view(B, g, g, -1).permute(0, 3, 1, 2)  # (B, D, g, g)
+        zq = self._codebook()[codes].view(codes.shape[0], g, g, -1).permute(0, 3, 1, 2)  # (B, D, g, g)
         return self.decode_latents(zq).clamp(0, 1)
 
     @torch.no_grad()
@@ -399,6 +393,15 @@ def token_ce(logits, targets):
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
 
+def cosine_lr(step, peak, warmup, total, floor):
+    """The learning rate of every stage: linear warm-up to `peak` over `warmup` steps, then a cosine decay to
+    `floor` at step `total` (floor = peak: constant after the warm-up)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + 0.5 * (1 + math.cos(math.pi * t)) * (peak - floor)
+
+
 def cpu_has_bf16():
     """Native bf16 dot products (AVX512-BF16 or AMX): there bf16 matmuls take about half float32's time;
     on other CPUs they are emulated and slower. (torch.cpu's checks are private: absent ones count as no.)"""
@@ -419,11 +422,10 @@ def use_bf16(dtype: str, device: str):
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus named low-rank adapters: y = base(x) + sum_a s_a * (alpha_a/r_a) * B_a A_a dropout(x).
+    """A frozen nn.Linear plus named low-rank adapters: y = base(x) + sum_a (alpha_a/r_a) * B_a A_a dropout(x).
     A starts kaiming-uniform (a=sqrt(5), like nn.Linear) and B at zero, so a new adapter changes nothing
-    until it is trained. Adapters are mixed in output space with per-adapter scales s_a (set_adapters);
-    merge() folds the active ones into the base weight for inference and unmerge() takes them out again,
-    both only when called: .eval() and .train() never merge."""
+    until it is trained. merge() folds the adapters into the base weight for inference and unmerge() takes
+    them out again, both only when called: .eval() and .train() never merge."""
 
     def __init__(self, base: nn.Linear):
         super().__init__()
@@ -433,44 +435,44 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.ParameterDict()  # name -> (out_features, r)
         self.scaling = {}  # name -> alpha / r
         self.dropout = nn.ModuleDict()  # name -> dropout on that adapter's input only
-        self.scales = {}  # name -> mixing scale of an enabled adapter; absent = disabled
-        self.merged = {}  # name -> the scale it was merged with; merged adapters are skipped in forward
+        self.merged = set()  # adapters folded into base.weight: skipped in forward
 
     def add(self, name, r, alpha, dropout=0.0):
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists")
+        if self.merged:
+            raise RuntimeError("adapters are merged into the weights: unmerge_lora(model) before adding one")
         A = torch.empty(r, self.base.in_features, device=self.base.weight.device)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(torch.zeros(self.base.out_features, r, device=self.base.weight.device))
         self.scaling[name] = alpha / r
         self.dropout[name] = nn.Dropout(dropout)
-        self.scales[name] = 1.0
 
     def delta(self, name):
-        """The adapter as a weight update (out_features, in_features), before its mixing scale."""
+        """The adapter as a weight update (out_features, in_features)."""
         return self.scaling[name] * self.lora_B[name] @ self.lora_A[name]
 
     def forward(self, x):
         y = self.base(x)
-        for name, s in self.scales.items():
+        for name in self.lora_A:
             if name not in self.merged:
                 h = self.dropout[name](x) @ self.lora_A[name].t()  # (..., r)
-                y = y + (s * self.scaling[name]) * (h @ self.lora_B[name].t())
+                y = y + self.scaling[name] * (h @ self.lora_B[name].t())
         return y
 
     @torch.no_grad()
     def merge(self):
-        for name, s in self.scales.items():
+        for name in self.lora_A:
             if name not in self.merged:
-                self.base.weight += s * self.delta(name).to(self.base.weight.dtype)
-                self.merged[name] = s
+                self.base.weight += self.delta(name).to(self.base.weight.dtype)
+                self.merged.add(name)
 
     @torch.no_grad()
     def unmerge(self):
-        for name, s in self.merged.items():
-            self.base.weight -= s * self.delta(name).to(self.base.weight.dtype)
-        self.merged = {}
+        for name in self.merged:
+            self.base.weight -= self.delta(name).to(self.base.weight.dtype)
+        self.merged = set()
 
 
 def lora_layers(model):
@@ -495,18 +497,6 @@ def add_lora(model, name, targets, r=8, alpha=16.0, dropout=0.0):
     for pname, p in model.named_parameters():
         p.requires_grad_(".lora_" in pname and pname.endswith("." + name))
     return [p for pname, p in model.named_parameters() if p.requires_grad]
-
-
-def set_adapters(model, scales):
-    """Enable exactly the adapters in `scales` ({name: scale}), with those output-space scales. A
-    mixture of adapters is their scaled sum. Refused while merged: unmerge first."""
-    for lname, layer in lora_layers(model):
-        if layer.merged:
-            raise RuntimeError(f"{lname} has merged adapters: call unmerge_lora(model) before changing them")
-        unknown = set(scales) - set(layer.lora_A)
-        if unknown:
-            raise KeyError(f"no adapter {sorted(unknown)} in {lname}; it has {sorted(layer.lora_A)}")
-        layer.scales = {n: float(s) for n, s in scales.items()}
 
 
 def merge_lora(model):

@@ -40,7 +40,7 @@ import rewards
 import world
 from data import Vocab, build_sequence
 from generate import RunError, SampleConfig, decode_images, generate, load_run, read_json, save_atomic, write_json
-from model import add_lora, lora_state_dict, merge_lora, token_ce, unmerge_lora
+from model import add_lora, cosine_lr, lora_state_dict, merge_lora, token_ce, unmerge_lora
 
 STRATEGIES = ("broad", "aligned", "targeted")
 WEIGHTINGS = ("rwr", "exp", "best", "threshold", "uniform")
@@ -409,7 +409,7 @@ def finetune(model, params, samples, weights, pc: PostConfig, vocab, device, rng
             order += list(rng.permutation(rows))
         pick, order = order[:pc.batch], order[pc.batch:]
         for group in opt.param_groups:
-            group["lr"] = pc.lr * min(1.0, (step + 1) / pc.warmup)
+            group["lr"] = cosine_lr(step, pc.lr, pc.warmup, pc.steps, pc.lr)
         nulls = rng.random(len(pick)) < pc.null_prob
         loss, parts = weighted_loss(model, sample_batch(samples, pick, vocab, device, nulls), w_all[pick], pc.alpha_text, pc.alpha_image)
         if pc.pretrain_weight > 0:

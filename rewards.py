@@ -189,7 +189,7 @@ def verifier(run_dir, device, specs):
         if missing:
             raise KeyError(f"no Spec for prompt {missing[0]!r}: pass load_reward(..., specs={{prompt: spec}}), "
                            f"e.g. {{ex.prompt: ex.spec for ex in examples}}")
-        scenes = world.parse_batch(heads.to_u8(images.detach()))
+        scenes = world.parse_batch(data.to_u8(images.detach()))
         return torch.tensor([world.clause_share(s, specs[p]) for s, p in zip(scenes, prompts)], device=images.device)
     return reward
 
@@ -232,7 +232,7 @@ def _corr(a, b):
 def score(fn, images, prompts, device, batch=256):
     """A reward on uint8 images (N, H, W, 3), an array or a list, and their prompts -> (N,) numpy, in chunks."""
     with torch.no_grad():
-        return np.concatenate([fn(heads.to_float(np.stack(images[i:i + batch])).to(device), prompts[i:i + batch]).cpu().numpy()
+        return np.concatenate([fn(data.to_float(images[i:i + batch]).to(device), prompts[i:i + batch]).cpu().numpy()
                                for i in range(0, len(prompts), batch)])
 
 
@@ -246,7 +246,7 @@ def calibrate(run_dir, device="cpu", n_examples=600, n_samples=256, seed=0):
     geo_imgs, geo_labels = heads.geometry_pairs(n_examples // 2, rng, vq, 0.5)
     clean = np.stack([world.render(world.random_scene(rng), vq.cfg.image_size) for _ in range(n_examples)])
     q_imgs, q_labels = zip(*[heads.quality_batch(clean[i:i + 64], vq, g, device) for i in range(0, n_examples, 64)])
-    q_imgs, q_labels = heads.to_u8(torch.cat(q_imgs)), torch.cat(q_labels).cpu().numpy()
+    q_imgs, q_labels = data.to_u8(torch.cat(q_imgs)), torch.cat(q_labels).cpu().numpy()
 
     # the model's own samples of dev prompts, judged by the verifier
     sample_exs = [world.sample_example(rng, split="dev") for _ in range(n_samples)]

@@ -27,7 +27,6 @@ Overrides are `--section.key=value` for any key of the config file's sections ([
 import argparse
 import datetime
 import json
-import math
 import os
 import sys
 import time
@@ -50,10 +49,10 @@ import rewards
 import world
 from ablations import AblationConfig
 from config import ConfigError
-from data import Vocab, to_tensor_images
+from data import Vocab
 from generate import (RunError, SampleConfig, decode_images, generate, load_run, load_weights, read_json, save_atomic,
-                      save_grid, write_json)
-from model import GPT, VQ, GPTConfig, VQConfig, token_ce, use_bf16
+                      save_grid, vq_round_trip, write_json)
+from model import GPT, VQ, GPTConfig, VQConfig, cosine_lr, token_ce, use_bf16
 from posttrain import PostConfig
 
 STAGES = ("tokenizer", "vq", "lm", "eval", "rewards", "post")  # the main job: the benchmarks first, then what post-training needs
@@ -188,14 +187,6 @@ def pick_device(name):
 def autocast(cfg, device):
     kind = device.split(":")[0]  # "cuda:1" -> "cuda"
     return torch.autocast(device_type=kind, dtype=torch.bfloat16, enabled=use_bf16(cfg.dtype, device))
-
-
-def cosine_lr(step, cfg):
-    """Linear warm-up, then cosine decay from lm_lr to lm_min_lr."""
-    if step < cfg.lm_warmup:
-        return cfg.lm_lr * (step + 1) / cfg.lm_warmup
-    t = min(1.0, (step - cfg.lm_warmup) / max(1, cfg.lm_steps - cfg.lm_warmup))
-    return cfg.lm_min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lm_lr - cfg.lm_min_lr)
 
 
 class Metrics:
@@ -350,16 +341,6 @@ def scene_images(n, seed, image_size, split):
     return np.stack([world.render(world.sample_example(rng, split=split).scene, image_size) for _ in range(n)])
 
 
-def vq_round_trip(vq, images, device):
-    """uint8 images (N, H, W, 3) -> (their reconstructions through codes, uint8 numpy; the codes (N, h*w))."""
-    recon, codes = [], []
-    with torch.no_grad():
-        for i in range(0, len(images), 256):
-            codes.append(vq.encode(to_tensor_images(images[i:i + 256]).to(device)))
-            recon.append((vq.decode(codes[-1]) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
-    return np.concatenate(recon), torch.cat(codes)
-
-
 def parser_agreement(images, recon):
     """The VQ round trip judged by the parser: the fraction of scenes whose reconstruction parses to the
     same objects (shape and colour of each, so also how many) as the original, which is what the
@@ -374,9 +355,9 @@ def stage_vq(cfgs, run_dir, device, metrics):
     torch.manual_seed(tc.seed)
     if tc.data_dir:
         folder, train, dev = open_folder(cfgs)
-        train_imgs, held_out = to_tensor_images(folder.images[train]), folder.images[dev]
+        train_imgs, held_out = data.to_float(folder.images[train]), folder.images[dev]
     else:
-        train_imgs = to_tensor_images(scene_images(tc.vq_images, tc.seed, vc.image_size, "train"))
+        train_imgs = data.to_float(scene_images(tc.vq_images, tc.seed, vc.image_size, "train"))
         held_out = scene_images(tc.vq_eval_scenes, tc.seed + 1, vc.image_size, "dev")
     vq = VQ(vc).to(device)
     # Adam moves every parameter at about its learning rate whatever the gradient: the codebook gets its own
@@ -409,7 +390,7 @@ def stage_vq(cfgs, run_dir, device, metrics):
             bar.set_postfix(recon=f"{losses['recon'].item():.4f}")
             metrics.log(stage="vq", step=step, **{k: round(v.item(), 5) for k, v in losses.items()})
     vq.eval()
-    recon, codes = vq_round_trip(vq, held_out, device)
+    recon, codes = vq_round_trip(vq, held_out)
     counts = torch.bincount(codes.flatten(), minlength=vc.codebook_size).float()
     p = counts / counts.sum()
     usage = {"codes_used": float((counts > 0).float().mean()), "perplexity": float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))}
@@ -439,7 +420,7 @@ def lm_datasets(cfgs, tokenizer, vq, device):
 
     def subset(idx):
         caps = [data.encode_text(tokenizer, folder.captions[i]) for i in idx]
-        return data.LMData(caps, [[] for _ in idx], caps, data.vq_codes(vq, folder.images[idx], device))
+        return data.LMData(caps, [[] for _ in idx], caps, data.vq_codes(vq, folder.images[idx], device).tolist())
     if len(train) < tc.lm_batch:
         raise ConfigError(f"train.data_dir has {len(train)} training images (after holding out {len(dev)}), fewer than "
                           f"train.lm_batch={tc.lm_batch}: lower train.lm_batch or add images")
@@ -518,7 +499,7 @@ def train_lm(cfgs, run_dir, device, metrics, dist):
         items = batches.pop()
         done += 1
         batch = data.make_batch(train_ds, items[dist.rank::dist.world], vocab, device)  # this process's share
-        lr = cosine_lr(step, tc)
+        lr = cosine_lr(step, tc.lm_lr, tc.lm_warmup, tc.lm_steps, tc.lm_min_lr)
         for group in opt.param_groups:
             group["lr"] = lr
         # each process divides its token loss sum by the global batch's token count / world, and DDP

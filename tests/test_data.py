@@ -5,8 +5,8 @@ import torch
 from PIL import Image, ImageFilter
 
 import data
-import world
 import evaluate
+import world
 from world import Obj, Req, Scene, Spec
 
 

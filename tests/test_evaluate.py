@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-import world
 import evaluate
+import world
 from world import Obj, Req, Scene, Spec
 
 

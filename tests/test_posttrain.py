@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 
 import ablations
 import data
-import world
 import evaluate
 import posttrain
 import train
+import world
 from conftest import MICRO
 from model import GPT, GPTConfig
 

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-import world
+import data
 import heads
 import rewards
 import train
+import world
 from rewards import RewardError, load_reward, parse_spec
 
 HEADS = ("vqa", "clip", "aesthetic", "quality", "geometry")
@@ -82,9 +83,9 @@ def test_verifier_is_one_on_ground_truth_and_the_share_of_clauses_that_hold_on_a
     specs = {e.prompt: e.spec for e in exs}
     verifier = load_reward(None, "verifier", specs=specs)
     prompts = [e.prompt for e in exs]
-    truth = heads.to_float(np.stack([world.render(e.scene) for e in exs]))
+    truth = data.to_float(np.stack([world.render(e.scene) for e in exs]))
     assert verifier(truth, prompts).tolist() == [1.0] * len(exs)
-    got = verifier(heads.to_float(np.stack([world.render(s) for s in others])), prompts).tolist()
+    got = verifier(data.to_float(np.stack([world.render(s) for s in others])), prompts).tolist()
     want = [np.mean(list(world.check(s, e.spec).values())) for s, e in zip(others, exs)]  # the share of clauses that hold
     assert got == pytest.approx(want) and all(0 <= g < 1 for g in got) and any(g > 0 for g in got)
     with pytest.raises(RewardError, match="no Spec for prompt 'a blue square'"):

@@ -171,10 +171,10 @@ def test_interrupted_run_resumes_exactly(tmp_path, micro_run, monkeypatch, capsy
     run = lm_ready(micro_run, tmp_path / "run")
     real_lr = train.cosine_lr
 
-    def ctrl_c_at_step_7(step, tc):
+    def ctrl_c_at_step_7(step, *schedule):
         if step == 7:
             raise KeyboardInterrupt
-        return real_lr(step, tc)
+        return real_lr(step, *schedule)
     monkeypatch.setattr(train, "cosine_lr", ctrl_c_at_step_7)
     with pytest.raises(SystemExit, match="interrupted in the lm stage; run the same command again to resume"):
         train.main([MICRO, f"--train.out_dir={run}", *args])

@@ -69,11 +69,12 @@ def test_overrides_and_derived_keys():
 
 
 def test_cosine_schedule():
-    tc = train.TrainConfig(lm_lr=1.0, lm_min_lr=0.1, lm_warmup=10, lm_steps=110)
-    assert train.cosine_lr(0, tc) == pytest.approx(0.1)
-    assert train.cosine_lr(9, tc) == pytest.approx(1.0)
-    assert train.cosine_lr(60, tc) == pytest.approx(0.55)
-    assert train.cosine_lr(110, tc) == pytest.approx(0.1)
+    lr = lambda step: train.cosine_lr(step, peak=1.0, warmup=10, total=110, floor=0.1)
+    assert lr(0) == pytest.approx(0.1)
+    assert lr(9) == pytest.approx(1.0)
+    assert lr(60) == pytest.approx(0.55)
+    assert lr(110) == pytest.approx(0.1)
+    assert [train.cosine_lr(s, 1.0, 10, 60, 1.0) for s in (10, 35, 59)] == [1.0] * 3, "floor = peak: constant after warm-up"
 
 
 def test_micro_run_end_to_end(micro_run, capsys):
