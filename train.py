@@ -321,10 +321,21 @@ def load_checkpoint(path, model, opt, cfg_json):
 
 
 # -----------------------------------------------------------------------------
-# stage: tokenizer
+# the stages: each takes the Run and returns its figures for report.json
 
 
-def stage_tokenizer(cfgs, run_dir):
+@dataclass
+class Run:
+    cfgs: dict  # {section: config dataclass}
+    dir: str  # the run directory
+    device: str
+    metrics: Metrics
+    dist: Dist
+    report: dict  # report.json as it stands; a stage adds its own results
+
+
+def stage_tokenizer(run):
+    cfgs, run_dir = run.cfgs, run.dir
     path = os.path.join(run_dir, "tokenizer.json")
     corpus = open_folder(cfgs)[0].captions if cfgs["train"].data_dir else None  # a folder: its own captions
     tok = data.train_tokenizer(path + ".tmp", n=cfgs["train"].tokenizer_corpus, seed=cfgs["train"].seed, corpus=corpus)
@@ -350,7 +361,8 @@ def parser_agreement(images, recon):
     return float(np.mean([objects(a) == objects(b) for a, b in pairs])), float(np.mean([a == b for a, b in pairs]))
 
 
-def stage_vq(cfgs, run_dir, device, metrics):
+def stage_vq(run):
+    cfgs, run_dir, device, metrics = run.cfgs, run.dir, run.device, run.metrics
     tc, vc = cfgs["train"], cfgs["vq"]
     torch.manual_seed(tc.seed)
     if tc.data_dir:
@@ -438,12 +450,12 @@ def lm_loss(model, batch, denom=None):
     return loss, parts
 
 
-def stage_lm(cfgs, run_dir, device, metrics, dist):
-    model, figures = train_lm(cfgs, run_dir, device, metrics, dist)
-    if dist.master:
-        save_atomic(model.state_dict(), os.path.join(run_dir, "gpt.safetensors"))
-        if os.path.exists(os.path.join(run_dir, CKPT)):
-            os.remove(os.path.join(run_dir, CKPT))  # the finished model supersedes it
+def stage_lm(run):
+    model, figures = train_lm(run.cfgs, run.dir, run.device, run.metrics, run.dist)
+    if run.dist.master:
+        save_atomic(model.state_dict(), os.path.join(run.dir, "gpt.safetensors"))
+        if os.path.exists(os.path.join(run.dir, CKPT)):
+            os.remove(os.path.join(run.dir, CKPT))  # the finished model supersedes it
     return figures
 
 
@@ -532,14 +544,15 @@ def train_lm(cfgs, run_dir, device, metrics, dist):
 # stage: rewards
 
 
-def stage_rewards(cfgs, run_dir, device, metrics):
+def stage_rewards(run):
+    cfgs, run_dir, device = run.cfgs, run.dir, run.device
     tc, rc = cfgs["train"], cfgs["rewards"]
     if tc.data_dir:
         print("reward heads skipped: they learn from the shapes world's scenes and prompts, which a folder run does not have")
         return {"skipped": "reward heads (they are trained on the shapes world)"}
     tokenizer = data.load_tokenizer(os.path.join(run_dir, "tokenizer.json"))
     vq = load_weights(VQ(cfgs["vq"]).to(device), os.path.join(run_dir, "vq.safetensors")).eval()
-    net, figures = heads.train_heads(rc, tokenizer, vq, tc.seed, device, log=lambda **kv: metrics.log(stage="rewards", **kv))
+    net, figures = heads.train_heads(rc, tokenizer, vq, tc.seed, device, log=lambda **kv: run.metrics.log(stage="rewards", **kv))
     save_atomic(net.state_dict(), os.path.join(run_dir, heads.HEADS_FILE), heads.heads_metadata(net))
     figures["calibration"] = cal = rewards.calibrate(run_dir, device, rc.calib_examples, rc.calib_samples, tc.seed)
     print(rewards.table(cal))
@@ -564,13 +577,41 @@ def folder_samples(cfgs, run_dir, gpt, vq, vocab, tokenizer, n=16):
             "boi_rate": float(np.mean([s["emitted_boi"] for s in samples]))}
 
 
-def stage_eval(cfgs, run_dir, device):
-    tc = cfgs["train"]
-    _, tokenizer, vocab, vq, gpt = load_run(run_dir, device)
+def stage_eval(run):
+    """The four benchmarks, the weakness report on dev prompts and the dev samples the post stage calibrates on."""
+    cfgs, run_dir, tc = run.cfgs, run.dir, run.cfgs["train"]
+    _, tokenizer, vocab, vq, gpt = load_run(run_dir, run.device)
     if tc.data_dir:
-        return folder_samples(cfgs, run_dir, gpt, vq, vocab, tokenizer)
-    return evaluate.run_all(gpt, vq, vocab, tokenizer, cfgs["sample"], run_dir, n_prompts=tc.bench_prompts,
-                            n_samples=tc.bench_samples, batch=tc.eval_batch, seed=tc.seed)
+        figures = folder_samples(cfgs, run_dir, gpt, vq, vocab, tokenizer)
+    else:
+        figures = evaluate.run_all(gpt, vq, vocab, tokenizer, cfgs["sample"], run_dir, n_prompts=tc.bench_prompts,
+                                   n_samples=tc.bench_samples, batch=tc.eval_batch, seed=tc.seed)
+        posttrain.save_dev_samples(figures.pop("dev_samples"), run_dir)
+        run.report["weakness"] = figures.pop("weakness")
+        write_json(run.report["weakness"], os.path.join(run_dir, "weakness.json"))
+    run.report["benchmarks"] = figures.pop("benchmarks")
+    if run.report["benchmarks"]:
+        print(evaluate.table(run.report["benchmarks"]))
+    return figures
+
+
+def stage_post(run):
+    figures, post = posttrain.run(run.cfgs, run.dir, run.device, run.metrics.log, run.report)
+    if post:
+        run.report["post"] = post
+        if post.get("after"):
+            print(evaluate.compare(post["before"], post["after"]))
+    return figures
+
+
+def stage_ablations(run):
+    return ablations.run(run.cfgs, run.dir, run.device, run.metrics.log, run.report)
+
+
+STAGE_FNS = {"tokenizer": stage_tokenizer, "vq": stage_vq, "lm": stage_lm, "eval": stage_eval, "rewards": stage_rewards,
+             "post": stage_post, "ablations": stage_ablations}
+OUTPUTS = {"tokenizer": "tokenizer.json", "vq": "vq.safetensors", "lm": "gpt.safetensors", "rewards": heads.HEADS_FILE,
+           "post": "lora_post.safetensors"}  # a stage whose output exists is finished: it is reused, not redone
 
 
 # -----------------------------------------------------------------------------
@@ -666,55 +707,30 @@ def main(argv=None):
         report = read_json(report_path) if os.path.exists(report_path) else {"benchmarks": {}, "stages": {}}
     except RunError as e:
         raise SystemExit(f"error: {e}")
-    outputs = {"tokenizer": "tokenizer.json", "vq": "vq.safetensors", "lm": "gpt.safetensors", "rewards": heads.HEADS_FILE,
-               "post": "lora_post.safetensors"}
+    run = Run(cfgs, run_dir, device, metrics, dist, report)
     t_all = time.time()
     print(f"run {run_dir} on {device} ({'bf16 autocast' if use_bf16(tc.dtype, device) else 'float32'}"
           f"{f', {dist.world} processes' if dist.world > 1 else ''}); stages {', '.join(stages)}")
     for stage in stages:
-        out = outputs.get(stage)
-        if out and os.path.exists(os.path.join(run_dir, out)):
-            print(f"[{stage}] reusing {os.path.join(run_dir, out)}")
+        if stage in OUTPUTS and os.path.exists(os.path.join(run_dir, OUTPUTS[stage])):
+            print(f"[{stage}] reusing {os.path.join(run_dir, OUTPUTS[stage])}")
             continue
         needs = STAGES[:STAGES.index(stage)] if stage in STAGES else [s for s in STAGES if s != "post"]
         if tc.data_dir:  # a folder run trains no reward heads
             needs = [s for s in needs if s != "rewards"]
-        missing = [s for s in needs if s in outputs and not os.path.exists(os.path.join(run_dir, outputs[s]))]
+        missing = [s for s in needs if s in OUTPUTS and not os.path.exists(os.path.join(run_dir, OUTPUTS[s]))]
         if missing:
             raise SystemExit(f"stage {stage} needs the {missing[0]} stage first: run with --stages={','.join(missing + [stage])}")
         derive_sizes(cfgs, run_dir)
         t0 = time.time()
         print(f"[{stage}] start")
-        try:
-            if stage == "lm":  # data-parallel: every process
-                figures = stage_lm(cfgs, run_dir, device, metrics, dist)
-            elif not dist.master:  # the other stages run in rank 0 alone; the rest wait at the barrier below
-                pass
-            elif stage == "tokenizer":
-                figures = stage_tokenizer(cfgs, run_dir)
-            elif stage == "vq":
-                figures = stage_vq(cfgs, run_dir, device, metrics)
-            elif stage == "rewards":
-                figures = stage_rewards(cfgs, run_dir, device, metrics)
-            elif stage == "ablations":
-                figures = ablations.run(cfgs, run_dir, device, metrics.log, report)
-            elif stage == "post":
-                figures, post = posttrain.run(cfgs, run_dir, device, metrics.log, report)
-                if post:
-                    report["post"] = post
-            else:
-                figures = stage_eval(cfgs, run_dir, device)
-                report["benchmarks"] = figures.pop("benchmarks")
-                if "dev_samples" in figures:
-                    posttrain.save_dev_samples(figures.pop("dev_samples"), run_dir)
-                if "weakness" in figures:  # a folder run has no shapes world to find weaknesses in
-                    report["weakness"] = figures.pop("weakness")
-                    write_json(report["weakness"], os.path.join(run_dir, "weakness.json"))
+        try:  # the lm stage runs in every process; the others in rank 0 alone, the rest wait at the barrier
+            figures = STAGE_FNS[stage](run) if stage == "lm" or dist.master else {}
         except (RunError, ConfigError, rewards.RewardError, posttrain.NothingToTarget) as e:
             raise SystemExit(f"error: {e}")
         except KeyboardInterrupt:
-            raise SystemExit(f"interrupted in the {stage} stage; run the same command again to resume"
-                             + (f" from the last checkpoint (every {tc.ckpt_every} steps)" if stage == "lm" and tc.ckpt_every else "")) from None
+            resume = f" from the last checkpoint (every {tc.ckpt_every} steps)" if stage == "lm" and tc.ckpt_every else ""
+            raise SystemExit(f"interrupted in the {stage} stage; run the same command again to resume{resume}") from None
         dist_barrier(dist)
         if not dist.master:
             continue
@@ -723,12 +739,9 @@ def main(argv=None):
         figures["seconds"] = round(time.time() - t0, 1)
         report["stages"][stage] = figures
         write_json(report, report_path)
-        print(f"[{stage}] done in {figures['seconds']:.0f}s: " + json.dumps({k: v for k, v in figures.items() if not isinstance(v, dict)}))
-        if stage == "eval" and report["benchmarks"]:
-            evaluate.write_report_md(report, os.path.join(run_dir, "report.md"))
-            print(evaluate.table(report["benchmarks"]))
-        if stage == "post" and report.get("post", {}).get("after"):
-            print(evaluate.compare(report["post"]["before"], report["post"]["after"]))
+        evaluate.write_report_md(report, os.path.join(run_dir, "report.md"))
+        flat = {k: v for k, v in figures.items() if not isinstance(v, dict)}
+        print(f"[{stage}] done in {figures['seconds']:.0f}s: " + json.dumps(flat))
     evaluate.write_report_md(report, os.path.join(run_dir, "report.md"))
     print(f"total {time.time() - t_all:.0f}s; report in {report_path} and {os.path.join(run_dir, 'report.md')}")
     if dist.world > 1:
