@@ -367,6 +367,28 @@ def run_all(gpt, vq, vocab, tokenizer, sample_cfg, run_dir, n_prompts=50, n_samp
     return out
 
 
+def parser_agreement(images, recon):
+    """The VQ round trip judged by the parser: the fraction of scenes whose reconstruction parses to the
+    same objects (shape and colour of each, so also how many) as the original, which is what the
+    benchmarks need the VQ to keep; and the fraction that parses to exactly the same scene (sizes and cells too)."""
+    objects = lambda scene: sorted((o.shape, o.colour) for o in scene.objects)
+    pairs = list(zip(world.parse_batch(images), world.parse_batch(recon)))
+    return float(np.mean([objects(a) == objects(b) for a, b in pairs])), float(np.mean([a == b for a, b in pairs]))
+
+
+def folder_samples(gpt, vq, vocab, tokenizer, sample_cfg, folder, held_out, seed, path, n=16):
+    """A folder run's eval: held-out images (top) and what the GPT draws from their captions (bottom), as a
+    PNG at path. The benchmarks score images with the shapes world's parser, which cannot read a folder's."""
+    print("benchmarks skipped: they need the shapes world's parser, which cannot read a folder's images")
+    held_out = held_out[:n]
+    caps = [folder.captions[i] for i in held_out]
+    samples = generate(gpt, vocab, [data.encode_text(tokenizer, c) for c in caps], sample_cfg, seed=seed)
+    save_grid(list(folder.images[held_out]) + decode_images(vq, samples),
+              ["held out: " + c for c in caps] + ["drawn: " + c for c in caps], path, cols=min(8, len(held_out)))
+    return {"benchmarks": {}, "skipped": "benchmarks (they need the shapes parser)", "images": len(samples),
+            "boi_rate": float(np.mean([s["emitted_boi"] for s in samples]))}
+
+
 def category_name(category, kind):
     """The weakness report's name of a category: knowledge prompts split by kind ("knowledge/number")."""
     return category + (f"/{kind}" if kind else "")

@@ -50,8 +50,8 @@ import world
 from ablations import AblationConfig
 from config import ConfigError
 from data import Vocab
-from generate import (RunError, SampleConfig, decode_images, generate, load_run, load_weights, read_json, save_atomic,
-                      save_grid, vq_round_trip, write_json)
+from generate import (RunError, SampleConfig, load_run, load_weights, read_json, save_atomic, save_grid, vq_round_trip,
+                      write_json)
 from model import GPT, VQ, GPTConfig, VQConfig, cosine_lr, token_ce, use_bf16
 from posttrain import PostConfig
 
@@ -352,15 +352,6 @@ def scene_images(n, seed, image_size, split):
     return np.stack([world.render(world.sample_example(rng, split=split).scene, image_size) for _ in range(n)])
 
 
-def parser_agreement(images, recon):
-    """The VQ round trip judged by the parser: the fraction of scenes whose reconstruction parses to the
-    same objects (shape and colour of each, so also how many) as the original, which is what the
-    benchmarks need the VQ to keep; and the fraction that parses to exactly the same scene (sizes and cells too)."""
-    objects = lambda scene: sorted((o.shape, o.colour) for o in scene.objects)
-    pairs = list(zip(world.parse_batch(images), world.parse_batch(recon)))
-    return float(np.mean([objects(a) == objects(b) for a, b in pairs])), float(np.mean([a == b for a, b in pairs]))
-
-
 def stage_vq(run):
     cfgs, run_dir, device, metrics = run.cfgs, run.dir, run.device, run.metrics
     tc, vc = cfgs["train"], cfgs["vq"]
@@ -414,7 +405,7 @@ def stage_vq(run):
     if tc.data_dir:
         print("VQ parser agreement skipped: the shapes world's parser cannot read a folder's images")
     else:
-        figures["parser_agreement"], figures["parser_exact_scene"] = parser_agreement(held_out, recon)
+        figures["parser_agreement"], figures["parser_exact_scene"] = evaluate.parser_agreement(held_out, recon)
     return figures
 
 
@@ -563,26 +554,14 @@ def stage_rewards(run):
 # stage: eval
 
 
-def folder_samples(cfgs, run_dir, gpt, vq, vocab, tokenizer, n=16):
-    """A folder run's eval: held-out images (top) and what the GPT draws from their captions (bottom).
-    The benchmarks score images with the shapes world's parser, which cannot read a folder's images."""
-    print("benchmarks skipped: they need the shapes world's parser, which cannot read a folder's images")
-    folder, _, dev = open_folder(cfgs)
-    dev = dev[:n]
-    caps = [folder.captions[i] for i in dev]
-    samples = generate(gpt, vocab, [data.encode_text(tokenizer, c) for c in caps], cfgs["sample"], seed=cfgs["train"].seed)
-    save_grid(list(folder.images[dev]) + decode_images(vq, samples), ["held out: " + c for c in caps] + ["drawn: " + c for c in caps],
-              os.path.join(run_dir, "samples_folder.png"), cols=min(8, len(dev)))
-    return {"benchmarks": {}, "skipped": "benchmarks (they need the shapes parser)", "images": len(samples),
-            "boi_rate": float(np.mean([s["emitted_boi"] for s in samples]))}
-
-
 def stage_eval(run):
     """The four benchmarks, the weakness report on dev prompts and the dev samples the post stage calibrates on."""
     cfgs, run_dir, tc = run.cfgs, run.dir, run.cfgs["train"]
     _, tokenizer, vocab, vq, gpt = load_run(run_dir, run.device)
     if tc.data_dir:
-        figures = folder_samples(cfgs, run_dir, gpt, vq, vocab, tokenizer)
+        folder, _, dev = open_folder(cfgs)
+        figures = evaluate.folder_samples(gpt, vq, vocab, tokenizer, cfgs["sample"], folder, dev, tc.seed,
+                                          os.path.join(run_dir, "samples_folder.png"))
     else:
         figures = evaluate.run_all(gpt, vq, vocab, tokenizer, cfgs["sample"], run_dir, n_prompts=tc.bench_prompts,
                                    n_samples=tc.bench_samples, batch=tc.eval_batch, seed=tc.seed)
