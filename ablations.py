@@ -20,7 +20,7 @@ import numpy as np
 
 import evaluate
 import posttrain
-from generate import RunError, load_run, write_json
+from generate import RunError, load_run, read_json, write_json
 from model import merge_lora
 
 
@@ -170,7 +170,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Merge and print the tables of ablations.json files of one sweep.")
     p.add_argument("files", nargs="+", metavar="JSON", help="ablations.json files (one sweep split by ablations.first_seed)")
     args = p.parse_args(argv)
-    print(summary_table(merge([json.load(open(f)) for f in args.files])))
+    try:
+        print(summary_table(merge([read_json(f) for f in args.files])))
+    except RunError as e:
+        raise SystemExit(f"error: {e}")
 
 
 if __name__ == "__main__":

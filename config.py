@@ -44,7 +44,7 @@ def _set(cfgs, sections, derived, section, key, value, from_cli):
         hint = difflib.get_close_matches(key, types, n=1)
         raise ConfigError(f"unknown config key {section}.{key}" + (f"; did you mean {section}.{hint[0]}?" if hint else ""))
     if (section, key) in derived:
-        raise ConfigError(f"{section}.{key} is derived from the tokenizer and the VQ; it cannot be set")
+        raise ConfigError(f"{section}.{key} is derived from the other settings; it cannot be set")
     setattr(cfgs[section], key, _coerce(section, key, value, types[key], from_cli))
 
 

@@ -148,7 +148,7 @@ def load_tokenizer(path):
         return Tokenizer.from_file(path)
     except Exception as e:  # the tokenizers library raises its own error types for a damaged file
         raise ValueError(f"{path} is damaged ({e}): delete it and run `python train.py` with this run's config "
-                         f"again (a new tokenizer means a new run: use a new --train.out_dir)") from None
+                         f"again; it is trained anew (the same words, the same ids) and the finished stages are reused") from None
 
 
 PLAN_VERSION = 3  # config.json's "plan_version": 1 "red circle large top left", 2 the cell first, 3 the count first

@@ -283,8 +283,8 @@ def oneig(records):
 
 def category_score(entry):
     """A weakness report's category entry -> its score as its benchmark scores it: the share of DPG's facts
-    that hold for dense prompts (a 4-object layout is almost never all right: 0.5% of a strong base's
-    samples, against 55% of the facts), the pass rate elsewhere."""
+    that hold for dense prompts (a 4-object layout is rarely all right, so the pass rate says little about
+    progress), the pass rate elsewhere."""
     return entry.get("facts", entry["pass_rate"])
 
 

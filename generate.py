@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from data import (BOI, BOS, EOI, EOS, NULL, PAD, THINK, Vocab, check_world_run, decode_text, encode_text, load_tokenizer,
                   patch_positions, region_tagger, to_u8, vq_codes)
@@ -237,15 +237,22 @@ def write_json(obj, path):
     os.replace(tmp, path)
 
 
-def load_weights(module, path):
-    """Load a safetensors file into a module, with a message instead of a deep torch traceback."""
+def read_tensors(path, device="cpu"):
+    """A safetensors file of a run -> (tensors, metadata), with a message that names it when it is missing or
+    damaged (truncated by a full disk or an interrupted copy, or not safetensors at all)."""
     if not os.path.exists(path):
         raise RunError(f"missing {path}: run `python train.py` for this run first (or check the path)")
     try:
-        tensors = load_file(path, device=str(next(module.parameters()).device))
-    except SafetensorError as e:  # truncated by a full disk or a copy cut short, or not safetensors at all
+        with safe_open(path, "pt", device=device) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except SafetensorError as e:
         raise RunError(f"{path} is damaged ({e}): delete it and run `python train.py` with this run's config "
                        f"again; the stage that writes it runs again and the finished ones are reused") from None
+
+
+def load_weights(module, path):
+    """Load a safetensors file into a module, with a message instead of a deep torch traceback."""
+    tensors, _ = read_tensors(path, str(next(module.parameters()).device))
     try:
         module.load_state_dict(tensors)
     except RuntimeError as e:
@@ -260,6 +267,8 @@ def read_json(path):
     try:
         with open(path) as f:
             return json.load(f)
+    except FileNotFoundError:
+        raise RunError(f"missing {path} (check the path)") from None
     except json.JSONDecodeError as e:
         raise RunError(f"{path} is damaged (not valid JSON: {e}): delete it and run `python train.py` with this "
                        f"run's config again; it is written anew and the finished stages are reused") from None
@@ -303,9 +312,12 @@ def load_adapter(gpt, run_dir, name="post"):
     path = os.path.join(run_dir, f"lora_{name}.safetensors")
     if not os.path.exists(path):
         raise RunError(f"no adapter {path}: run the post stage first (python train.py CONFIG --stages=post)")
-    pc = read_json(os.path.join(run_dir, f"lora_{name}.json"))
+    config = os.path.join(run_dir, f"lora_{name}.json")
+    if not os.path.exists(config):
+        raise RunError(f"missing {config} beside {path}: run the post stage again (delete {path} first)")
+    pc = read_json(config)
     try:
-        load_lora(gpt, name, load_file(path), tuple(pc["lora_targets"].split(",")), pc["lora_r"], pc["lora_alpha"])
+        load_lora(gpt, name, read_tensors(path)[0], tuple(pc["lora_targets"].split(",")), pc["lora_r"], pc["lora_alpha"])
     except ValueError as e:
         raise RunError(f"{path}: {e}") from None
     merge_lora(gpt)

@@ -24,12 +24,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from safetensors import safe_open
 
 import data
 import world
 from data import PAD
-from generate import RunError, load_weights, vq_round_trip
+from generate import RunError, load_weights, read_tensors, vq_round_trip
 from model import cosine_lr
 
 HEADS_FILE = "rewards.safetensors"  # every trained head, one file, architecture config in its metadata
@@ -249,11 +248,6 @@ def cell_targets(scenes):
         for o in s.objects:
             t[n, 3 * o.row + o.col] = (world.SHAPES.index(o.shape) + 1, tuple(world.COLOURS).index(o.colour) + 1, world.SIZES.index(o.size) + 1)
     return torch.from_numpy(t)
-
-
-def one_hot_cells(targets):
-    """(B, 9, 3) from cell_targets -> (B, 9, 14): the exact scene in the form of ImageEncoder.cell_probs."""
-    return torch.cat([F.one_hot(targets[..., k], n).float() for k, n in enumerate(CELL_ATTRS)], -1)
 
 
 class TextEmbed(nn.Module):
@@ -566,8 +560,8 @@ def train_heads(cfg, tokenizer, vq, seed, device, log=lambda **kv: None):
 
     imgs, yg = geometry_pairs(n // 2, rng, vq, cfg.p_vq)
     xg, yg = data.to_float(imgs), torch.from_numpy(yg).float()
-    # from clip's image encoder, which already reads each cell's shape and size: from scratch, 400 steps
-    # left the loss near chance in some runs (0.63-0.66, chance 0.69; held-out AUC 0.63-0.93 between seeds)
+    # from clip's image encoder, which already reads each cell's shape and size: from scratch it can stay
+    # near chance
     heads.geometry.image.load_state_dict(heads.clip.image.state_dict())
 
     def geometry_loss(step):
@@ -589,8 +583,7 @@ def load_heads(run_dir, device="cpu"):
     path = os.path.join(run_dir, HEADS_FILE)
     if not os.path.exists(path):
         raise RunError(f"missing {path}: train the heads with `python train.py CONFIG --stages=rewards`")
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
+    meta = read_tensors(path)[1]
     if "config" not in meta:
         raise RunError(f"{path} has no head config in its metadata: retrain it with --stages=rewards")
     heads = Heads(RewardsConfig(**json.loads(meta["config"])), int(meta["vocab_size"]), int(meta["image_size"])).to(device)

@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 import data
@@ -39,7 +38,8 @@ import evaluate
 import rewards
 import world
 from data import Vocab, build_sequence
-from generate import RunError, SampleConfig, decode_images, generate, load_run, read_json, save_atomic, write_json
+from generate import (RunError, SampleConfig, decode_images, generate, load_run, read_json, read_tensors, save_atomic,
+                      write_json)
 from model import add_lora, cosine_lr, lora_state_dict, merge_lora, token_ce, unmerge_lora
 
 STRATEGIES = ("broad", "aligned", "targeted")
@@ -171,12 +171,11 @@ def choose_targets(weakness, thresholds, top, below, measure, min_rate=0.0, floo
     often has little to gain, and aiming at it cost other categories points) whose reward threshold
     exists, or that is graded (evaluate.GRADED: dense prompts; no threshold needed), up to `top` of them
     (0 = all). A graded category is ranked and floored by its share of facts and called weak by how
-    often all its facts hold: a base with 0.92 of its dense facts right drew half its layouts with a
-    mistake, and one round on them took DPG's all-facts-right 0.525 -> 0.685. measure(name) -> (pass rate, samples, threshold or None) on
-    fresh dev samples (train.py draws post.calib_samples) is called for a category
+    often all its facts hold: most of a layout's facts can be right while half its layouts have a mistake.
+    measure(name) -> (pass rate, samples, threshold or None) on fresh dev samples (aim draws
+    post.calib_samples) is called for a category
     - whose dev samples are too few to tell that it passes at least `below` of the time (the lower end of
-      its 95% interval lies below `below`): the eval stage draws ~24 of each knowledge kind, and a kind that
-      passed 22 of 24 passed 0.69 on the benchmark;
+      its 95% interval lies below `below`): the eval stage draws only ~24 of each knowledge kind;
     - that is a candidate without a threshold and passes at least `min_rate` of the time.
     Its rate is then pooled with the fresh one and its threshold is the fresh samples' (`thresholds` is
     updated in place), unless they set none for want of passing samples (fewer than `min_hits`): then the
@@ -476,8 +475,8 @@ def reward_thresholds(run_dir, pc, device):
     path = os.path.join(run_dir, DEV_FILE)
     if not os.path.exists(path):
         raise RunError(f"{path} is missing (the eval stage writes it): run --stages=eval again")
-    with safe_open(path, "pt") as f:
-        meta, images, passed = f.metadata(), f.get_tensor("image"), f.get_tensor("passed")
+    tensors, meta = read_tensors(path)
+    images, passed = tensors["image"], tensors["passed"]
     prompts, names = json.loads(meta["prompt"]), json.loads(meta["name"])
     per_category = int(meta.get("per_category", len(set(prompts)) // len(world.CATEGORIES)))  # evaluate.dev_prompts(per_category)
     reward_fn = rewards.load_reward(run_dir, pc.reward, device, {ex.prompt: ex.spec for ex in evaluate.dev_prompts(per_category)})

@@ -55,7 +55,7 @@ import torch
 import data
 import heads
 import world
-from generate import RunError, decode_images, generate, load_run, sample_config
+from generate import RunError, decode_images, generate, load_run, read_json, sample_config
 from model import token_ce
 
 DEFAULT = "vqa"  # the post-training reward unless a config names another
@@ -148,6 +148,8 @@ def load_reward(run_dir, spec=DEFAULT, device="cpu", specs=None):
                 fn = fn.build(run_dir, device, specs)
             except (RunError, FileNotFoundError) as e:
                 raise RewardError(f"reward {name!r} needs a trained run: {e}") from None
+            except ValueError as e:  # a damaged tokenizer.json
+                raise RewardError(f"reward {name!r}: {e}") from None
         terms.append((weight, checked(name, fn)))
 
     def reward(images, prompts):
@@ -308,8 +310,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     try:
-        with open(os.path.join(args.run_dir, "config.json")) as f:
-            cfg = json.load(f)
+        cfg = read_json(os.path.join(args.run_dir, "config.json"))
         rc = heads.RewardsConfig(**cfg.get("rewards", {}))
         cal = calibrate(args.run_dir, args.device, args.examples or rc.calib_examples, args.samples or rc.calib_samples,
                         cfg["train"]["seed"] if args.seed is None else args.seed)

@@ -5,12 +5,13 @@ Every training stage of nanoloom behind one command. Stages, in order:
     vq         VQ image tokenizer trained on rendered scenes (or the folder)  -> vq.safetensors
     lm         the unified GPT pretrained on the token-sequence mix           -> gpt.safetensors
     eval       benchmarks on held-out prompts, sample grids, weakness report  -> report.json, report.md
-    rewards    the reward heads (rewards.py) and their calibration            -> rewards.safetensors
+    rewards    the reward heads (heads.py) and their calibration (rewards.py) -> rewards.safetensors
     post       post-training on the model's own samples (posttrain.py)        -> lora_post.safetensors
 A finished stage is reused (its output file exists): to redo one, delete its file and run again, or
 name later stages alone with --stages once the earlier ones are done. The eval stage always runs.
+`--stages=ablations` (ablations.py) runs the post-training ablations on a finished run.
 
-    python train.py tiny_configs/shapes_cpu.toml                     # the main job, 9-14 minutes
+    python train.py tiny_configs/shapes_cpu.toml                     # the main job, about 11-12 minutes
     python train.py tiny_configs/micro.toml --train.out_dir=out/micro  # seconds; what the tests use
     python train.py tiny_configs/shapes_cpu.toml --stages=eval          # re-score a finished run
     python train.py tiny_configs/shapes_cpu.toml --train.lm_steps=300 --train.out_dir=out/short
@@ -21,7 +22,8 @@ The lm stage writes a checkpoint every train.ckpt_every steps; an interrupted ru
 from it exactly when the same command is run again.
 
 Overrides are `--section.key=value` for any key of the config file's sections ([train], [vq], [gpt],
-[sample], [rewards]); an unknown key or a value of the wrong type stops with a message naming it.
+[sample], [rewards], [post], [ablations]); an unknown key or a value of the wrong type stops with a message
+naming it (config.py).
 """
 
 import argparse
@@ -74,7 +76,7 @@ class TrainConfig:
     vq_steps: int = 1500  # optimiser steps of the VQ stage
     vq_batch: int = 64  # images per VQ step
     vq_lr: float = 3e-3  # Adam learning rate of the encoder and decoder
-    vq_codebook_lr: float = 3e-4  # the codebook's, lower: codes that move as fast as the networks keep swapping patches
+    vq_codebook_lr: float = 3e-4  # the codebook's own (not scaled by vq_lr), lower: fast codes keep swapping patches
     vq_warmup: int = 200  # steps as a plain autoencoder; then the codebook starts from its encodings
     vq_init_images: int = 512  # images whose encodings the codebook is initialised from (farthest-point)
     vq_restart_every: int = 25  # steps between dead-code restarts (0 = never)
@@ -153,6 +155,8 @@ def validate(cfgs):
          "ablations.seeds and ablations.focus_prompts must be >= 1, ablations.first_seed >= 0"),
         (ac.variants == "all" or set(ac.variants.split(",")) <= set(ablations.ABLATIONS),
          f"ablations.variants={ac.variants!r}: expected all or a comma-separated subset of {','.join(ablations.ABLATIONS)}"),
+        (tc.vq_codebook_lr > 0 and 0 < tc.vq_restart_until <= 1, "train.vq_codebook_lr must be > 0, train.vq_restart_until in (0, 1]"),
+        (pc.warmup >= 1 and pc.grad_clip > 0, "post.warmup must be >= 1 and post.grad_clip > 0"),
         (min(pc.rounds, pc.prompts, pc.samples, pc.steps, pc.batch, pc.lora_r, pc.eval_samples) >= 1,
          "post.rounds, prompts, samples, steps, batch, lora_r and eval_samples must be >= 1"),
         (pc.beta > 0 and pc.lr > 0 and min(pc.alpha_text, pc.alpha_image, pc.pretrain_weight) >= 0 and pc.alpha_text + pc.alpha_image > 0,
@@ -606,7 +610,10 @@ def derive_sizes(cfgs, run_dir):
     """The GPT's vocabulary is the tokenizer's plus the codebook; its image length is the VQ grid; its tags
     are the shapes world's layout regions (data.region_tagger), none for a folder run or train.region_tags off."""
     path = os.path.join(run_dir, "tokenizer.json")
-    tokenizer = data.load_tokenizer(path) if os.path.exists(path) else None
+    try:
+        tokenizer = data.load_tokenizer(path) if os.path.exists(path) else None
+    except ValueError as e:
+        raise RunError(str(e)) from None
     if tokenizer:
         cfgs["gpt"].image_offset = tokenizer.get_vocab_size()
     cfgs["gpt"].vocab_size = cfgs["gpt"].image_offset + cfgs["vq"].codebook_size
@@ -633,7 +640,11 @@ def check_run_dir(run_dir, cfg_json, stages=STAGES):
             except Exception:  # a damaged checkpoint: load_checkpoint says so when the lm stage reaches it
                 pass
         try:
-            data.check_world_run(data.load_tokenizer(tok_path), gpt_run)
+            tokenizer = data.load_tokenizer(tok_path)
+        except ValueError as e:  # damaged
+            raise RunError(str(e)) from None
+        try:
+            data.check_world_run(tokenizer, gpt_run)
         except ValueError as e:
             raise ConfigError(f"{run_dir}: {e}. Use another --train.out_dir, or delete {run_dir} to start again.") from None
     if old is None:
@@ -658,7 +669,7 @@ def check_run_dir(run_dir, cfg_json, stages=STAGES):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="a TOML file from tiny_configs/")
-    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES + EXTRA_STAGES)}")
     args, overrides = p.parse_known_args(argv)
     try:
         cfgs = load_config(args.config, overrides)
@@ -700,10 +711,10 @@ def main(argv=None):
         missing = [s for s in needs if s in OUTPUTS and not os.path.exists(os.path.join(run_dir, OUTPUTS[s]))]
         if missing:
             raise SystemExit(f"stage {stage} needs the {missing[0]} stage first: run with --stages={','.join(missing + [stage])}")
-        derive_sizes(cfgs, run_dir)
         t0 = time.time()
         print(f"[{stage}] start")
         try:  # the lm stage runs in every process; the others in rank 0 alone, the rest wait at the barrier
+            derive_sizes(cfgs, run_dir)
             figures = STAGE_FNS[stage](run) if stage == "lm" or dist.master else {}
         except (RunError, ConfigError, rewards.RewardError, posttrain.NothingToTarget) as e:
             raise SystemExit(f"error: {e}")

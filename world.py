@@ -35,7 +35,7 @@ SIZES = ("small", "large")
 # 3 x 3 cells, two units each. Objects are centred in their cell: large 1.5 units wide, small 1 unit.
 # Why a lattice: the default VQ codes one unit square per token, so an object always falls on the same
 # 2 x 2 codes of its cell, whichever cell it is in. That keeps the image tokenizer nearly lossless and
-# the drawing learnable on a CPU budget (free placement cut the VQ round trip to ~0.8 in our tests).
+# the drawing learnable on a CPU budget (free placement makes the VQ round trip lossy).
 LATTICE = 8
 SIZE_UNITS = {"small": 1.0, "large": 1.5}  # 4 and 6 px at 32: large neighbours keep a 2 px gap
 ROWS = ("top", "middle", "bottom")

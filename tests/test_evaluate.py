@@ -51,7 +51,7 @@ def test_no_training_or_dev_prompt_is_a_benchmark_prompt():
     bench = {e.prompt for exs in evaluate.prompt_sets(50).values() for e in exs}
     dev = {e.prompt for e in evaluate.dev_prompts(25)}
     assert not bench & dev
-    # what pretraining draws for the shipped seeds (train.LMData uses sample_example(rng, split="train"))
+    # what pretraining draws for the shipped seeds (data.world_data uses sample_example(rng, split="train"))
     for seed in (0, 1):
         rng = np.random.default_rng(seed)
         assert not bench & {world.sample_example(rng, split="train").prompt for _ in range(3000)}
@@ -192,7 +192,7 @@ def test_focus_measures_named_categories_closely(micro_run, capsys, monkeypatch)
     evaluate.main([micro_run, "--focus", "position,knowledge/comparative", "--samples", "1", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert list(out) == ["position", "knowledge/comparative"]
-    for name, r in out.items():  # the micro run's train.focus_prompts (2) x samples x two sampling seeds
+    for name, r in out.items():  # the micro run's ablations.focus_prompts (2) x samples x two sampling seeds
         assert r["category"] == name and r["samples"] == 2 * 1 * 2
         assert r["pass_rate_ci"][0] <= r["pass_rate"] <= r["pass_rate_ci"][1]
     # dense is scored by its share of facts: the plain-text lines say it too, position has none

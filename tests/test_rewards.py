@@ -163,7 +163,9 @@ def test_vqa_executor_on_exact_cells_and_programs_is_the_verifier():
     sure = lambda t, n: 50.0 * torch.nn.functional.one_hot(t, n).float()
     slot_logits = torch.cat([sure(slots[..., k], n) for k, n in enumerate(heads.SLOT_ATTRS)], -1)
     head = heads.VQAHead(heads.RewardsConfig(dim=8, layers=1), 100, 32)
-    p = head.execute(heads.one_hot_cells(heads.cell_targets(scenes)), slot_logits, sure(total, world.MAX_OBJECTS + 1), 50.0 * (2 * rel - 1))
+    targets = heads.cell_targets(scenes)  # (B, 9, 3): the exact scene, one-hot as ImageEncoder.cell_probs gives it
+    cells = torch.cat([torch.nn.functional.one_hot(targets[..., k], n).float() for k, n in enumerate(heads.CELL_ATTRS)], -1)
+    p = head.execute(cells, slot_logits, sure(total, world.MAX_OBJECTS + 1), 50.0 * (2 * rel - 1))
     want = np.array([world.passes(s, e.spec) for s, e in zip(scenes, exs)])
     assert 0.2 < want.mean() < 0.8
     assert np.array_equal(p.numpy() > 0.5, want), [e.prompt for e, a, b in zip(exs, p.numpy() > 0.5, want) if a != b][:3]
