@@ -70,12 +70,15 @@ def run(cfgs, run_dir, device, log, report):
         pc = cfgs["post"]
         try:
             thresholds = posttrain.reward_thresholds(run_dir, pc, device)
-            focus = posttrain.aim(cfgs, run_dir, device, pc, weak, thresholds, (base, vq, vocab, tokenizer), "ablations", calibrated)[0][0]
+            focus = posttrain.aim(cfgs, run_dir, device, pc, weak, thresholds,
+                                  (base, vq, vocab, tokenizer), "ablations", calibrated)[0][0]
         except posttrain.NothingToTarget as e:
             raise RunError(f"no weakness to post-train on, so nothing for the ablations to compare: {e}") from None
     measure = lambda gpt: {
-        "focus": evaluate.focus_score(gpt, vq, vocab, tokenizer, cfgs["sample"], focus, ac.focus_prompts, batch=tc.eval_batch),
-        "benchmarks": evaluate.score_benchmarks(gpt, vq, vocab, tokenizer, cfgs["sample"], tc.bench_prompts, 1, tc.eval_batch, tc.seed)[0]}
+        "focus": evaluate.focus_score(gpt, vq, vocab, tokenizer, cfgs["sample"],
+                                      focus, ac.focus_prompts, batch=tc.eval_batch),
+        "benchmarks": evaluate.score_benchmarks(gpt, vq, vocab, tokenizer, cfgs["sample"],
+                                                tc.bench_prompts, 1, tc.eval_batch, tc.seed)[0]}
     results = {"focus_category": focus, "base": measure(base), "runs": {}}
     chosen = list(ABLATIONS) if ac.variants == "all" else ac.variants.split(",")
     for seed in range(ac.first_seed, ac.first_seed + ac.seeds):
@@ -120,21 +123,26 @@ def summary_table(results, tables=ABLATION_TABLES):
     focus = results["focus_category"]
     metric = "facts" if focus in evaluate.GRADED else "pass_rate"  # dense is scored by DPG's fact fraction
     base = results["base"]
-    get = lambda res: [res["focus"][metric]] + [res["benchmarks"][b]["overall"] for b in ("geneval", "dpg", "wise", "oneig")]
-    stats = {name: (np.mean([get(r) for r in runs], 0), np.std([get(r) for r in runs], 0, ddof=min(len(runs) - 1, 1)), len(runs))
+    get = lambda res: [res["focus"][metric]] + [res["benchmarks"][b]["overall"]
+                                                for b in ("geneval", "dpg", "wise", "oneig")]
+    stats = {name: (np.mean([get(r) for r in runs], 0),
+                    np.std([get(r) for r in runs], 0, ddof=min(len(runs) - 1, 1)), len(runs))
              for name, runs in results["runs"].items()}
     head = f"| variant | {focus} ({metric}) | change | geneval | dpg | wise | oneig |"
     out = ["# Post-training ablations", "",
-           f"Focus: `{focus}`, the base model's weakest dev category that post-training aims at, measured on {base['focus']['samples']} samples "
+           f"Focus: `{focus}`, the base model's weakest dev category that post-training aims at, "
+           f"measured on {base['focus']['samples']} samples "
            f"(bench prompts x 4 samples x 2 sampling seeds). Benchmarks: bench prompts x 1 sample (oneig 2). "
            f"Mean +- sample std over post-training seeds.", ""]
     for title, names in tables.items():
         out += [f"## {title}", "", head, "|---|---|---|---|---|---|---|",
-                "| base (no post-training) | " + " | ".join([f"{get(base)[0]:.3f}", "-"] + [f"{v:.3f}" for v in get(base)[1:]]) + " |"]
+                "| base (no post-training) | "
+                + " | ".join([f"{get(base)[0]:.3f}", "-"] + [f"{v:.3f}" for v in get(base)[1:]]) + " |"]
         for n in names:
             if n in stats:
                 m, sd, k = stats[n]
-                cells = [f"{m[0]:.3f} +- {sd[0]:.3f}", f"{m[0] - get(base)[0]:+.3f}"] + [f"{a:.3f} +- {b:.3f}" for a, b in zip(m[1:], sd[1:])]
+                cells = ([f"{m[0]:.3f} +- {sd[0]:.3f}", f"{m[0] - get(base)[0]:+.3f}"]
+                         + [f"{a:.3f} +- {b:.3f}" for a, b in zip(m[1:], sd[1:])])
                 label = f"{n} = targeted, the default" if n == "both" else n  # the run's [post] config
                 out.append(f"| {label} (n={k}) | " + " | ".join(cells) + " |")
         out.append("")
@@ -148,7 +156,8 @@ def summary_table(results, tables=ABLATION_TABLES):
         other = max(rivals, key=lambda n: stats[n][0][0]) if best == claimed else claimed  # the comparison that decides
         gap, err = stats[best][0][0] - stats[other][0][0], float(np.hypot(se(best), se(other)))
         if gap <= err:
-            return f"**not settled**: {label(best)} leads {label(other)} by {gap:+.3f}, within the standard error {err:.3f}"
+            return (f"**not settled**: {label(best)} leads {label(other)} by {gap:+.3f}, "
+                    f"within the standard error {err:.3f}")
         return (f"**{'reproduces' if best == claimed else 'does not reproduce'}** (best: {label(best)}, "
                 f"{gap:+.3f} over {label(other)}, standard error {err:.3f})")
     if {"both", "text_only", "image_only"} <= stats.keys():
@@ -160,15 +169,17 @@ def summary_table(results, tables=ABLATION_TABLES):
     if {"both", "uniform"} <= stats.keys():
         gain = stats["both"][0][0] - stats["uniform"][0][0]
         err = float(np.hypot(se("both"), se("uniform")))
-        claims.append(f"- Reward weighting beats plain self-training (uniform) by {gain:+.3f} on {focus}, standard error "
-                      f"{err:.3f}: **{'beyond' if gain > err else 'within'} its standard error**.")
+        claims.append(f"- Reward weighting beats plain self-training (uniform) by {gain:+.3f} on {focus}, "
+                      f"standard error {err:.3f}: **{'beyond' if gain > err else 'within'} its standard error**.")
     if {"both", "oracle"} <= stats.keys():
-        claims.append(f"- Learned reward vs the exact verifier as reward (meant as the upper bound): {stats['both'][0][0]:.3f} vs {stats['oracle'][0][0]:.3f}.")
+        claims.append("- Learned reward vs the exact verifier as reward (meant as the upper bound): "
+                      f"{stats['both'][0][0]:.3f} vs {stats['oracle'][0][0]:.3f}.")
     return "\n".join(out + ["## The paper's claims at our scale", ""] + claims)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Merge and print the tables of ablations.json files of one sweep.")
-    p.add_argument("files", nargs="+", metavar="JSON", help="ablations.json files (one sweep split by ablations.first_seed)")
+    p.add_argument("files", nargs="+", metavar="JSON",
+                   help="ablations.json files (one sweep split by ablations.first_seed)")
     args = p.parse_args(argv)
     try:
         print(summary_table(merge([read_json(f) for f in args.files])))

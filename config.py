@@ -38,11 +38,13 @@ def _coerce(section, key, value, typ, from_cli):
 def _set(cfgs, sections, derived, section, key, value, from_cli):
     if section not in sections:
         hint = difflib.get_close_matches(section, sections, n=1)
-        raise ConfigError(f"unknown config section [{section}]" + (f"; did you mean [{hint[0]}]?" if hint else f"; sections: {', '.join(sections)}"))
+        raise ConfigError(f"unknown config section [{section}]"
+                          + (f"; did you mean [{hint[0]}]?" if hint else f"; sections: {', '.join(sections)}"))
     types = {f.name: f.type for f in dataclasses.fields(sections[section])}
     if key not in types:
         hint = difflib.get_close_matches(key, types, n=1)
-        raise ConfigError(f"unknown config key {section}.{key}" + (f"; did you mean {section}.{hint[0]}?" if hint else ""))
+        raise ConfigError(f"unknown config key {section}.{key}"
+                          + (f"; did you mean {section}.{hint[0]}?" if hint else ""))
     if (section, key) in derived:
         raise ConfigError(f"{section}.{key} is derived from the other settings; it cannot be set")
     setattr(cfgs[section], key, _coerce(section, key, value, types[key], from_cli))

@@ -50,7 +50,8 @@ def _folder_entries(folder):
                     row = json.loads(line)
                     entries.append((str(row["file_name"]), row.get("text")))
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{meta} line {n}: expected a JSON object with \"file_name\" and \"text\", got {line.strip()[:80]!r}") from None
+                    raise ValueError(f"{meta} line {n}: expected a JSON object with \"file_name\" and \"text\", "
+                                     f"got {line.strip()[:80]!r}") from None
         return entries
     entries = []
     for name in sorted(os.listdir(folder)):
@@ -79,7 +80,8 @@ def load_folder(folder, image_size):
     """A folder of captioned images -> Folder. Unreadable files and images without a caption are skipped
     (and listed); a folder with nothing usable is an error that says what a usable folder looks like."""
     if not os.path.isdir(folder):
-        raise ValueError(f"image folder {folder!r} does not exist (make a demo one with `python data.py --make-folder {folder}`)")
+        raise ValueError(f"image folder {folder!r} does not exist "
+                         f"(make a demo one with `python data.py --make-folder {folder}`)")
     images, captions, names, skipped = [], [], [], []
     for name, text in _folder_entries(folder):
         if not isinstance(text, str) or not text.strip():
@@ -148,7 +150,8 @@ def load_tokenizer(path):
         return Tokenizer.from_file(path)
     except Exception as e:  # the tokenizers library raises its own error types for a damaged file
         raise ValueError(f"{path} is damaged ({e}): delete it and run `python train.py` with this run's config "
-                         f"again; it is trained anew (the same words, the same ids) and the finished stages are reused") from None
+                         "again; it is trained anew (the same words, the same ids) "
+                         "and the finished stages are reused") from None
 
 
 PLAN_VERSION = 3  # config.json's "plan_version": 1 "red circle large top left", 2 the cell first, 3 the count first
@@ -225,7 +228,8 @@ class Tagger:
         self.keep_ids = frozenset(int(t) for t in keep_ids)  # attribute words
         self.patch_tags = tuple(patch_tags)  # the tag of each patch of an image, in patch order
         self.n_tags = 1 + len(self.cell_tags)  # the GPT's tag rows: untagged, then one per region
-        self.role = torch.zeros(text_size + 1, dtype=torch.long)  # (text_size + 1,) by id, the last entry for every code: 0 closes
+        self.role = torch.zeros(text_size + 1, dtype=torch.long)  # (text_size + 1,) by id,
+        #                                                           the last entry for every code: 0 closes
         self.role[list(self.keep_ids)] = KEEP
         self.role[list(self.cell_tags)] = torch.tensor(list(self.cell_tags.values()), dtype=torch.long)
         self.patch_tag = torch.tensor((0,) + self.patch_tags)  # (n_codes + 1,) by patch_positions' value
@@ -265,7 +269,8 @@ class Vocab:
     """Where each kind of token lives in the one vocabulary shared by text and images."""
     text_size: int  # the text tokenizer's vocabulary, special tokens included
     codebook_size: int  # the VQ codebook; code c has id text_size + c
-    tagger: Tagger = None  # the tags the GPT is given (region_tagger); None: no tags (a folder run, train.region_tags off)
+    tagger: Tagger = None  # the tags the GPT is given (region_tagger);
+    #                        None: no tags (a folder run, train.region_tags off)
 
     @property
     def image_offset(self):
@@ -350,11 +355,13 @@ def collate(seqs, vocab, device):
     weight = torch.zeros(B, T)
     patch, tags, mod = (torch.zeros(B, T, dtype=torch.long) for _ in range(3))
     for r, (s, m, t) in enumerate(seqs):
-        ids[r, :len(s)], mod[r, :len(s)], weight[r, :len(s)] = torch.tensor(s), torch.tensor(m), torch.tensor(t, dtype=torch.float)
+        ids[r, :len(s)], mod[r, :len(s)], weight[r, :len(s)] = (torch.tensor(s), torch.tensor(m),
+                                                                torch.tensor(t, dtype=torch.float))
         patch[r, :len(s)] = torch.tensor(patch_positions(s, vocab.image_offset))
         if vocab.tagger is not None:
             tags[r, :len(s)] = torch.tensor(vocab.tagger.tags(s))
-    return Batch(*(t.to(device) for t in (ids[:, :-1], ids[:, 1:], weight[:, 1:], patch[:, :-1], tags[:, :-1], mod[:, 1:])))
+    return Batch(*(t.to(device) for t in (ids[:, :-1], ids[:, 1:], weight[:, 1:],
+                                          patch[:, :-1], tags[:, :-1], mod[:, 1:])))
 
 
 class LMData:
@@ -392,7 +399,8 @@ def world_data(n, seed, split, tokenizer, vq, device):
     plan = [enc(world.plan_text(e.scene, e.spec)) for e in examples]
     caption = [enc(world.caption_text(e.scene, rng)) for e in examples]
     codes = [c for i in range(0, n, 512)  # rendered in chunks: all of them at once can be gigabytes at 64 x 64
-             for c in vq_codes(vq, np.stack([world.render(e.scene, vq.cfg.image_size) for e in examples[i:i + 512]]), device).tolist()]
+             for c in vq_codes(vq, np.stack([world.render(e.scene, vq.cfg.image_size) for e in examples[i:i + 512]]),
+                               device).tolist()]
     return LMData(prompt, plan, caption, codes)
 
 
@@ -405,8 +413,10 @@ def epoch_batches(ds, rng, tc, batch=None):
     p_caption = 1.0 - tc.p_plan - tc.p_direct
     fmts = rng.choice(len(FORMATS), size=len(ds), p=[tc.p_plan, tc.p_direct, p_caption])
     nulls = rng.random(len(ds)) < tc.null_prob
-    items = [(int(i), FORMATS[fmts[i]], bool(nulls[i]) and FORMATS[fmts[i]] != "caption") for i in rng.permutation(len(ds))]
-    length = lambda it: len(ds.caption[it[0]]) if it[1] == "caption" else len(ds.prompt[it[0]]) + len(ds.plan[it[0]]) * (it[1] == "plan")
+    items = [(int(i), FORMATS[fmts[i]], bool(nulls[i]) and FORMATS[fmts[i]] != "caption")
+             for i in rng.permutation(len(ds))]
+    length = lambda it: (len(ds.caption[it[0]]) if it[1] == "caption"
+                         else len(ds.prompt[it[0]]) + len(ds.plan[it[0]]) * (it[1] == "plan"))
     window = 16 * batch
     batches = []
     for w in range(0, len(items) - batch + 1, window):
@@ -417,7 +427,8 @@ def epoch_batches(ds, rng, tc, batch=None):
 
 def make_batch(ds, items, vocab, device):
     """(example, format, null) items of an LMData -> a Batch."""
-    seqs = [build_sequence(fmt, vocab, ds.prompt[i], ds.plan[i], ds.codes[i], ds.caption[i], null=null) for i, fmt, null in items]
+    seqs = [build_sequence(fmt, vocab, ds.prompt[i], ds.plan[i], ds.codes[i], ds.caption[i], null=null)
+            for i, fmt, null in items]
     return collate(seqs, vocab, device)
 
 
@@ -430,7 +441,8 @@ if __name__ == "__main__":
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="out/world_samples.png")
-    ap.add_argument("--make-folder", metavar="DIR", help="instead: write a demo image folder (PNG + metadata.jsonl) to DIR")
+    ap.add_argument("--make-folder", metavar="DIR",
+                    help="instead: write a demo image folder (PNG + metadata.jsonl) to DIR")
     ap.add_argument("--n", type=int, default=2000, help="images in the demo folder")
     args = ap.parse_args()
     if args.make_folder:

@@ -60,7 +60,8 @@ def _distinct(rng, categories, n, split, exclude=()):
     draw = lambda found: world.sample_example(rng, category=categories[found % len(categories)], split=split)
     out = world.distinct_examples(draw, n, 200 * n, exclude)
     if len(out) < n:
-        raise RuntimeError(f"only {len(out)} distinct {split} prompts of {', '.join(categories)}; the world has too few phrasings")
+        raise RuntimeError(f"only {len(out)} distinct {split} prompts of {', '.join(categories)}; "
+                           "the world has too few phrasings")
     return out
 
 
@@ -93,7 +94,8 @@ def prompt_sets(n, seed=BENCH_SEED):
     sets["wise"] = benchmark_prompts("knowledge", n, seed)
     used = {ex.prompt for exs in sets.values() for ex in exs}
     # at least one prompt of each category, so every dimension has prompts
-    sets["oneig"] = _distinct(np.random.default_rng([seed, 100]), ONEIG_CATEGORIES, max(n, len(ONEIG_CATEGORIES)), "bench", used)
+    sets["oneig"] = _distinct(np.random.default_rng([seed, 100]), ONEIG_CATEGORIES,
+                              max(n, len(ONEIG_CATEGORIES)), "bench", used)
     return sets
 
 
@@ -119,7 +121,8 @@ def dpg_facts(scene, spec):
         facts[f"{i}:entity {r.shape}"] = bool(has(shape=r.shape))
         facts[f"{i}:colour {r.colour}"] = bool(has(shape=r.shape, colour=r.colour))
         facts[f"{i}:size {r.size}"] = bool(has(shape=r.shape, colour=r.colour, size=r.size))
-        facts[f"{i}:region {world.ROWS[r.row]} {world.COLS[r.col]}"] = bool(has(shape=r.shape, colour=r.colour, row=r.row, col=r.col))
+        facts[f"{i}:region {world.ROWS[r.row]} {world.COLS[r.col]}"] = bool(has(shape=r.shape, colour=r.colour,
+                                                                                row=r.row, col=r.col))
     for i, rel, j in spec.relations:
         a, b = (has(shape=spec.reqs[k].shape, colour=spec.reqs[k].colour) for k in (i, j))
         facts[f"relation:{i} {rel} {j}"] = any(world.holds(x, rel, y) for x in a for y in b)
@@ -153,7 +156,8 @@ def sample_and_score(gpt, vq, vocab, tokenizer, examples, sample_cfg, n_samples,
     ids = {ex.prompt: data.encode_text(tokenizer, ex.prompt) for ex in examples}
     samples, images = [], []
     for start in range(0, len(jobs), batch):
-        chunk = generate(gpt, vocab, [ids[ex.prompt] for ex, _ in jobs[start:start + batch]], sample_cfg, seed=seed + start)
+        chunk = generate(gpt, vocab, [ids[ex.prompt] for ex, _ in jobs[start:start + batch]],
+                         sample_cfg, seed=seed + start)
         samples += chunk
         images += decode_images(vq, chunk)
     scenes = world.parse_batch(np.stack(images))
@@ -268,7 +272,8 @@ def oneig(records):
     by_prompt = defaultdict(list)
     for r in records:
         by_prompt[r["prompt"]].append(r)
-    align = per_prompt([r for r in records if r["category"] != "knowledge"], lambda r: np.mean(list(r["clauses"].values())))
+    align = per_prompt([r for r in records if r["category"] != "knowledge"],
+                       lambda r: np.mean(list(r["clauses"].values())))
     dims = {"alignment": align,
             "reasoning": per_prompt([r for r in records if r["category"] == "knowledge"], lambda r: r["passed"]),
             "diversity": np.array([distinct_correct(recs) for recs in by_prompt.values()]),
@@ -319,15 +324,18 @@ def weakness(records, min_n=8):
     categories.sort(key=category_score)
     attributes = sorted(({"attribute": a, "value": v, "fail_rate": 1 - float(np.mean(oks)), "n": len(oks)}
                          for (a, v), oks in attrs.items() if len(oks) >= min_n), key=lambda d: -d["fail_rate"])
-    return {"split": "dev", "seed": DEV_SEED, "samples": len(records), "categories": categories, "attributes": attributes}
+    return {"split": "dev", "seed": DEV_SEED, "samples": len(records),
+            "categories": categories, "attributes": attributes}
 
 
 def score_benchmarks(gpt, vq, vocab, tokenizer, sample_cfg, n_prompts=50, n_samples=4, batch=128, seed=0):
     """The four benchmarks -> (benchmarks dict, {prompt set: records})."""
     run = lambda exs, k: sample_and_score(gpt, vq, vocab, tokenizer, exs, sample_cfg, k, batch, seed)
-    recs = {name: run(exs, max(2, n_samples) if name == "oneig" else n_samples) for name, exs in prompt_sets(n_prompts).items()}
+    recs = {name: run(exs, max(2, n_samples) if name == "oneig" else n_samples)
+            for name, exs in prompt_sets(n_prompts).items()}
     by_task = {t: recs[f"geneval/{t}"] for t in GENEVAL_TASKS}
-    return {"geneval": geneval(by_task), "dpg": dpg(recs["dpg"]), "wise": wise(recs["wise"]), "oneig": oneig(recs["oneig"])}, recs
+    return {"geneval": geneval(by_task), "dpg": dpg(recs["dpg"]),
+            "wise": wise(recs["wise"]), "oneig": oneig(recs["oneig"])}, recs
 
 
 def focus_score(gpt, vq, vocab, tokenizer, sample_cfg, category, n_prompts=150, n_samples=4, seeds=(0, 1), batch=128):
@@ -343,7 +351,8 @@ def focus_score(gpt, vq, vocab, tokenizer, sample_cfg, category, n_prompts=150, 
     return out
 
 
-def run_all(gpt, vq, vocab, tokenizer, sample_cfg, run_dir, n_prompts=50, n_samples=4, batch=128, seed=0, prefix="", dev=True):
+def run_all(gpt, vq, vocab, tokenizer, sample_cfg, run_dir, n_prompts=50, n_samples=4,
+            batch=128, seed=0, prefix="", dev=True):
     """All four benchmarks and, with dev, the weakness report (n_prompts // 2 dev prompts per category).
     Returns {"benchmarks", "weakness" (with dev), other figures}; writes <prefix>samples_<benchmark>.png,
     pass/fail marked, into run_dir. oneig takes at least 2 samples per prompt (its diversity needs them)."""
@@ -359,9 +368,11 @@ def run_all(gpt, vq, vocab, tokenizer, sample_cfg, run_dir, n_prompts=50, n_samp
                   os.path.join(run_dir, f"{prefix}samples_{name}.png"), cols=8, marks=[r["passed"] for r in rs])
     out = {"benchmarks": benchmarks, "bench_version": BENCH_VERSION,
            "boi_rate": float(np.mean([r["emitted_boi"] for r in every])), "images": len(every),
-           "benchmark_seconds": round(t_bench, 1), "images_per_s": len(every) / t_bench, "sample_config": vars(sample_cfg)}
+           "benchmark_seconds": round(t_bench, 1), "images_per_s": len(every) / t_bench,
+           "sample_config": vars(sample_cfg)}
     if dev:
-        dev_recs = sample_and_score(gpt, vq, vocab, tokenizer, dev_prompts(max(1, n_prompts // 2)), sample_cfg, n_samples, batch, seed)
+        dev_recs = sample_and_score(gpt, vq, vocab, tokenizer, dev_prompts(max(1, n_prompts // 2)),
+                                    sample_cfg, n_samples, batch, seed)
         out.update(weakness=weakness(dev_recs), dev_images=len(dev_recs),
                    dev_samples={**dev_samples(dev_recs), "per_category": max(1, n_prompts // 2)})
     return out
@@ -397,8 +408,9 @@ def category_name(category, kind):
 def dev_samples(records):
     """The dev samples as the post stage calibrates a reward on them: images (N, H, W, 3) uint8, whether
     each passed, its prompt and its category name."""
-    return {"image": np.stack([r["image"] for r in records]), "passed": np.array([r["passed"] for r in records], dtype=float),
-            "prompt": [r["prompt"] for r in records], "name": [category_name(r["category"], r["kind"]) for r in records]}
+    return {"image": np.stack([r["image"] for r in records]),
+            "passed": np.array([r["passed"] for r in records], dtype=float), "prompt": [r["prompt"] for r in records],
+            "name": [category_name(r["category"], r["kind"]) for r in records]}
 
 
 # -----------------------------------------------------------------------------
@@ -422,9 +434,10 @@ def table(benchmarks):
 def weakness_table(w, top=8):
     lines = [f"weakness report ({w['samples']} samples of {w['split']} prompts, seed {w['seed']})",
              "  categories, weakest first: " + ", ".join(
-                 f"{c['name']} {c['pass_rate']:.2f}" + (f" (facts {c['facts']:.2f})" if "facts" in c else "") for c in w["categories"]),
-             "  attributes, most failed first: " + ", ".join(f"{a['attribute']}={a['value']} {a['fail_rate']:.2f} (n={a['n']})"
-                                                           for a in w["attributes"][:top])]
+                 f"{c['name']} {c['pass_rate']:.2f}" + (f" (facts {c['facts']:.2f})" if "facts" in c else "")
+                 for c in w["categories"]),
+             "  attributes, most failed first: " + ", ".join(
+                 f"{a['attribute']}={a['value']} {a['fail_rate']:.2f} (n={a['n']})" for a in w["attributes"][:top])]
     return "\n".join(lines)
 
 
@@ -449,20 +462,25 @@ def compare(before, after):
 def post_section(post):
     c = post["config"]
     if post.get("skipped"):
-        return ["## Post-training", "", f"Skipped (`{c['strategy']}` prompts, reward `{c['reward']}`): {post['skipped']}.", ""]
+        return ["## Post-training", "",
+                f"Skipped (`{c['strategy']}` prompts, reward `{c['reward']}`): {post['skipped']}.", ""]
     parts = ["## Post-training", "",
-             f"{c['rounds']} rounds x {c['prompts']} `{c['strategy']}` prompts x {c['samples']} samples, reward `{c['reward']}`, "
-             f"weighting `{c['weighting']}` (beta {c['beta']}), alpha_text {c['alpha_text']}, alpha_image {c['alpha_image']}, "
+             f"{c['rounds']} rounds x {c['prompts']} `{c['strategy']}` prompts x {c['samples']} samples, "
+             f"reward `{c['reward']}`, weighting `{c['weighting']}` (beta {c['beta']}), "
+             f"alpha_text {c['alpha_text']}, alpha_image {c['alpha_image']}, "
              f"LoRA r {c['lora_r']} on {c['lora_targets']}.", ""]
     first = post["rounds"][0]
     if first.get("targets"):
         again = [f"{n} {m['pass_rate']:.2f} on {m['samples']}" for n, m in first.get("measured_again", {}).items()]
-        parts += [f"Aimed at: {', '.join(first['targets'])}." + (f" Measured again on fresh dev samples (pass rate on all of "
-                                                                 f"a category's dev samples): {', '.join(again)}." if again else ""), ""]
-    parts += ["The verifier's figure is the share of each prompt's clauses the parsed image satisfies (1 when it passes).", "",
+        parts += [f"Aimed at: {', '.join(first['targets'])}."
+                  + (f" Measured again on fresh dev samples (pass rate on all of a category's dev samples): "
+                     f"{', '.join(again)}." if again else ""), ""]
+    parts += ["The verifier's figure is the share of each prompt's clauses the parsed image satisfies "
+              "(1 when it passes).", "",
               "| round | mean reward | verifier (same samples) | verifier, weighted | loss | seconds |",
               "|---|---|---|---|---|---|"]
-    parts += [f"| {r['round']} | {r['reward']:.3f} | {r['verifier']:.3f} | {r['verifier_weighted']:.3f} | {r['loss']:.3f} | {r['seconds']} |"
+    parts += [f"| {r['round']} | {r['reward']:.3f} | {r['verifier']:.3f} | {r['verifier_weighted']:.3f} | "
+              f"{r['loss']:.3f} | {r['seconds']} |"
               for r in post["rounds"]]
     last = post["rounds"][-1]
     if "reward_after" in last:
@@ -470,7 +488,8 @@ def post_section(post):
                       f"{last['reward_after']:.3f}, verifier {last['verifier']:.3f} -> {last['verifier_after']:.3f}."]
     if post.get("reward_hacking"):
         parts += ["", "**Reward hacking:** the reward rose while the exact verifier did not."]
-    parts += ["", "Benchmarks before -> after (95% intervals):", "", "```", compare(post["before"], post["after"]), "```", ""]
+    parts += ["", "Benchmarks before -> after (95% intervals):", "",
+              "```", compare(post["before"], post["after"]), "```", ""]
     return parts
 
 
@@ -484,7 +503,8 @@ def write_report_md(report, path):
         parts += post_section(report["post"])
     parts += ["## Stages", ""]
     for stage, figs in report.get("stages", {}).items():
-        flat = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figs.items() if not isinstance(v, dict))
+        flat = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in figs.items() if not isinstance(v, dict))
         parts.append(f"- **{stage}**: {flat}")
     with open(path, "w") as f:
         f.write("\n".join(parts) + "\n")
@@ -493,16 +513,21 @@ def write_report_md(report, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Score a trained run on the four benchmarks.")
     p.add_argument("run_dir")
-    p.add_argument("--json", action="store_true", help="print the `benchmarks` part of report.json (with --focus: its figures)")
+    p.add_argument("--json", action="store_true",
+                   help="print the `benchmarks` part of report.json (with --focus: its figures)")
     p.add_argument("--prompts", type=int, default=None,
-                   help="prompts per set (default: the run's train.bench_prompts; with --focus, ablations.focus_prompts)")
-    p.add_argument("--samples", type=int, default=None, help="samples per prompt (default: the run's train.bench_samples; with --focus, 4)")
+                   help="prompts per set (default: the run's train.bench_prompts; "
+                        "with --focus, ablations.focus_prompts)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="samples per prompt (default: the run's train.bench_samples; with --focus, 4)")
     p.add_argument("--seed", type=int, default=None,
-                   help="sampling seed (default: the run's; with --focus, 0, and the next one too); the prompts are fixed")
+                   help="sampling seed (default: the run's; with --focus, 0, and the next one too); "
+                        "the prompts are fixed")
     p.add_argument("--adapter", default=None, help="score the model with a post-training adapter, e.g. post")
     p.add_argument("--focus", default=None, metavar="NAMES",
-                   help="instead: measure categories closely, e.g. knowledge/comparative,single_object: --prompts bench "
-                        "prompts x --samples x two sampling seeds (by default as the ablations: 150 x 4 x 2)")
+                   help="instead: measure categories closely, e.g. knowledge/comparative,single_object: "
+                        "--prompts bench prompts x --samples x two sampling seeds "
+                        "(by default as the ablations: 150 x 4 x 2)")
     args = p.parse_args(argv)
     for name in ("prompts", "samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -517,8 +542,9 @@ def main(argv=None):
     except RunError as e:
         raise SystemExit(f"error: {e}")
     if cfg["train"].get("data_dir"):
-        raise SystemExit(f"the benchmarks need the shapes world's parser, which cannot read the images of a folder run; see "
-                         f"{os.path.join(args.run_dir, 'samples_folder.png')}, or draw with `python generate.py {args.run_dir} \"a caption\"`")
+        raise SystemExit(f"the benchmarks need the shapes world's parser, which cannot read the images "
+                         f"of a folder run; see {os.path.join(args.run_dir, 'samples_folder.png')}, "
+                         f"or draw with `python generate.py {args.run_dir} \"a caption\"`")
     tc = cfg["train"]  # the run's own settings, so the scores match its report.json
     sample_cfg = sample_config(cfg)
     if focus:
@@ -528,17 +554,20 @@ def main(argv=None):
                 focus_prompts(name, n_prompts)
             except RuntimeError as e:
                 p.error(f"--focus {name}: {e}: give --prompts at most that many, and more --samples")
-        res = {name: focus_score(gpt, vq, vocab, tokenizer, sample_cfg, name, n_prompts, args.samples or 4, (seed, seed + 1),
-                                 tc["eval_batch"]) for name in focus}
+        res = {name: focus_score(gpt, vq, vocab, tokenizer, sample_cfg, name, n_prompts, args.samples or 4,
+                                 (seed, seed + 1), tc["eval_batch"]) for name in focus}
         print(json.dumps(res, indent=2) if args.json else "\n".join(
-            f"{name:24s} {r['pass_rate']:.3f} [{r['pass_rate_ci'][0]:.3f}, {r['pass_rate_ci'][1]:.3f}] on {r['samples']} samples"
-            + (f"; share of facts {r['facts']:.3f} [{r['facts_ci'][0]:.3f}, {r['facts_ci'][1]:.3f}]" if "facts" in r else "")
+            f"{name:24s} {r['pass_rate']:.3f} [{r['pass_rate_ci'][0]:.3f}, {r['pass_rate_ci'][1]:.3f}] "
+            f"on {r['samples']} samples"
+            + (f"; share of facts {r['facts']:.3f} [{r['facts_ci'][0]:.3f}, {r['facts_ci'][1]:.3f}]"
+               if "facts" in r else "")
             for name, r in res.items()))
         return
     pick = lambda given, key: tc[key] if given is None else given
     res = run_all(gpt, vq, vocab, tokenizer, sample_cfg, args.run_dir,
                   n_prompts=pick(args.prompts, "bench_prompts"), n_samples=pick(args.samples, "bench_samples"),
-                  batch=tc["eval_batch"], seed=pick(args.seed, "seed"), prefix=f"{args.adapter}_" if args.adapter else "")
+                  batch=tc["eval_batch"], seed=pick(args.seed, "seed"),
+                  prefix=f"{args.adapter}_" if args.adapter else "")
     if args.json:
         print(json.dumps(res["benchmarks"], indent=2))
     else:

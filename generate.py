@@ -30,8 +30,8 @@ from PIL import Image, ImageDraw
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from data import (BOI, BOS, EOI, EOS, NULL, PAD, THINK, Vocab, check_world_run, decode_text, encode_text, load_tokenizer,
-                  patch_positions, region_tagger, to_u8, vq_codes)
+from data import (BOI, BOS, EOI, EOS, NULL, PAD, THINK, Vocab, check_world_run, decode_text, encode_text,
+                  load_tokenizer, patch_positions, region_tagger, to_u8, vq_codes)
 from model import GPT, VQ, GPTConfig, KVCache, VQConfig, load_lora, merge_lora
 
 
@@ -128,7 +128,8 @@ def generate_reference(model, vocab, prompt_ids, cfg: SampleConfig, seed=0):
         logits = last_logits(seq)
         if phase == 1:  # no shortcut at scale 1 here: the fast sampler's shortcut is tested against this
             logits = guide(logits, last_logits(null_seq), cfg.cfg_scale)
-        allowed = allowed_tokens(vocab, torch.tensor([phase], device=dev), torch.tensor([n_codes], device=dev), n_img, dev)
+        allowed = allowed_tokens(vocab, torch.tensor([phase], device=dev),
+                                 torch.tensor([n_codes], device=dev), n_img, dev)
         temp = torch.tensor([cfg.temperature if phase == 1 else cfg.text_temperature], device=dev)
         tok = sample_next(logits, allowed, temp, cfg.top_k, cfg.top_p, gen).item()
         out.append(tok)
@@ -164,8 +165,9 @@ def generate(model, vocab, prompts_ids, cfg: SampleConfig, seed=0):
     max_new = cfg.max_plan_tokens + n_img + 1  # plan (incl. <boi>) + codes + <eoi>
     L = P + max_new
     if L - 1 > model.cfg.block_size:  # the last sampled token is never fed back
-        raise ValueError(f"a prompt of {P - 1 - cfg.think} tokens leaves no room for a plan and an image within block_size "
-                         f"{model.cfg.block_size}; shorten the prompt or lower sample.max_plan_tokens")
+        raise ValueError(f"a prompt of {P - 1 - cfg.think} tokens leaves no room for a plan and an image "
+                         f"within block_size {model.cfg.block_size}; shorten the prompt "
+                         "or lower sample.max_plan_tokens")
     rows = conds + ([[BOS] + [NULL] * (len(c) - 1) for c in conds] if guided else [])
     R = len(rows)
     idx = torch.full((R, P), PAD, dtype=torch.long, device=dev)
@@ -206,9 +208,11 @@ def generate(model, vocab, prompts_ids, cfg: SampleConfig, seed=0):
             feed = torch.cat([tok, torch.where(phase == 1, tok, NULL)])
             patch = patch.repeat(2)
         feed, patch = feed.unsqueeze(1), patch.unsqueeze(1)  # (R, 1)
-        if vocab.tagger is not None:  # every row tags what it is fed, so the null rows' tags are a null training sequence's
+        if vocab.tagger is not None:  # every row tags what it is fed, so the null rows' tags are
+            #                           a null training sequence's
             tags, region = vocab.tagger.step(region, feed, patch)
-        logits = model(feed, patch=patch, tags=tags, pos=next_pos.unsqueeze(1), key_valid=valid[:, :cache.length + 1], cache=cache)[:, -1]
+        logits = model(feed, patch=patch, tags=tags, pos=next_pos.unsqueeze(1),
+                       key_valid=valid[:, :cache.length + 1], cache=cache)[:, -1]
         next_pos = next_pos + 1
     tokens = torch.stack(out, 1).tolist() if out else [[] for _ in range(B)]
     return [split_sample(t, vocab) for t in tokens]
@@ -301,7 +305,8 @@ def load_run(run_dir, device="cpu"):
                        f"made by another version. Train a new run: `python train.py tiny_configs/shapes_cpu.toml "
                        f"--train.out_dir=<a new directory>`")
     gpt_cfg = GPTConfig(**cfg["gpt"])
-    vocab = Vocab(gpt_cfg.image_offset, vq.cfg.codebook_size, region_tagger(tokenizer, vq.cfg.n_codes) if gpt_cfg.n_tags else None)
+    vocab = Vocab(gpt_cfg.image_offset, vq.cfg.codebook_size,
+                  region_tagger(tokenizer, vq.cfg.n_codes) if gpt_cfg.n_tags else None)
     gpt = load_weights(GPT(gpt_cfg).to(device), os.path.join(run_dir, "gpt.safetensors")).eval()
     return cfg, tokenizer, vocab, vq, gpt
 
@@ -317,7 +322,8 @@ def load_adapter(gpt, run_dir, name="post"):
         raise RunError(f"missing {config} beside {path}: run the post stage again (delete {path} first)")
     pc = read_json(config)
     try:
-        load_lora(gpt, name, read_tensors(path)[0], tuple(pc["lora_targets"].split(",")), pc["lora_r"], pc["lora_alpha"])
+        load_lora(gpt, name, read_tensors(path)[0],
+                  tuple(pc["lora_targets"].split(",")), pc["lora_r"], pc["lora_alpha"])
     except ValueError as e:
         raise RunError(f"{path}: {e}") from None
     merge_lora(gpt)
@@ -346,7 +352,8 @@ def decode_images(vq, samples):
 
 @torch.no_grad()
 def vq_round_trip(vq, images, batch=256):
-    """uint8 images (N, H, W, 3) -> (their reconstructions through the codes, uint8 (N, H, W, 3); the codes (N, h*w))."""
+    """uint8 images (N, H, W, 3) -> (their reconstructions through the codes, uint8 (N, H, W, 3);
+    the codes (N, h*w))."""
     codes = vq_codes(vq, images, vq.codebook.weight.device, batch)
     return np.concatenate([to_u8(vq.decode(c.to(vq.codebook.weight.device))) for c in codes.split(batch)]), codes
 
@@ -365,7 +372,8 @@ def save_grid(images, captions, path, cols=8, scale=4, marks=None):
         x, y = (i % cols) * (S + 8) + 4, (i // cols) * (S + 8 + text_h) + 4
         sheet.paste(Image.fromarray(img).resize((S, S), Image.NEAREST), (x, y))
         if marks is not None:
-            draw.rectangle([x - 3, y - 3, x + S + 2, y + S + 2], outline=(0, 170, 0) if marks[i] else (220, 0, 0), width=2)
+            draw.rectangle([x - 3, y - 3, x + S + 2, y + S + 2],
+                           outline=(0, 170, 0) if marks[i] else (220, 0, 0), width=2)
         for j, line in enumerate(ls):
             draw.text((x, y + S + 2 + 11 * j), line, fill="black")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -385,7 +393,8 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=4, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/generate.png)")
-    p.add_argument("--adapter", default=None, help="sample with a post-training adapter, e.g. post (RUN_DIR/lora_post.safetensors)")
+    p.add_argument("--adapter", default=None,
+                   help="sample with a post-training adapter, e.g. post (RUN_DIR/lora_post.safetensors)")
     for f in fields(SampleConfig):  # every sampling setting can be overridden; defaults come from the run
         p.add_argument(f"--{f.name}", type=strict_bool if f.type is bool else type(f.default), default=None)
     args = p.parse_args(argv)

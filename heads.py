@@ -77,7 +77,8 @@ def _edit(scene, rng):
         objs[i], objs[j] = (dataclasses.replace(objs[i], row=objs[j].row, col=objs[j].col),
                             dataclasses.replace(objs[j], row=objs[i].row, col=objs[i].col))
     else:
-        objs[i], objs[j] = dataclasses.replace(objs[i], colour=objs[j].colour), dataclasses.replace(objs[j], colour=objs[i].colour)
+        objs[i], objs[j] = (dataclasses.replace(objs[i], colour=objs[j].colour),
+                            dataclasses.replace(objs[j], colour=objs[i].colour))
     return world.Scene(tuple(objs))
 
 
@@ -100,14 +101,16 @@ def render_malformed(scene, rng, image_size):
         world.draw_shape(draw, o.shape, box, fill)
     elif kind == "skew":
         draw.rectangle([x0, y0, x1, y1], fill=world.BACKGROUND)
-        pts = {"square": [(x0, y0), (x1, y0), (x1, y1), (x0, y1)], "triangle": [(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)],
+        pts = {"square": [(x0, y0), (x1, y0), (x1, y1), (x0, y1)],
+               "triangle": [(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)],
                "circle": [(x0 + e / 2, y0), (x1, y0 + e / 2), (x0 + e / 2, y1), (x0, y0 + e / 2)]}[o.shape]
         v = int(rng.integers(len(pts)))
         pts[v] = (pts[v][0] + d * rng.choice([-1, 1]), pts[v][1] + d * rng.choice([-1, 1]))
         draw.polygon(pts, fill=fill)
     elif kind == "cut":
         c = int(rng.integers(1, e - 1)) if e > 2 else 1
-        draw.line([x0 + c, y0 - 1, x0 + c, y1 + 1] if rng.random() < 0.5 else [x0 - 1, y0 + c, x1 + 1, y0 + c], fill=world.BACKGROUND)
+        draw.line([x0 + c, y0 - 1, x0 + c, y1 + 1] if rng.random() < 0.5 else [x0 - 1, y0 + c, x1 + 1, y0 + c],
+                  fill=world.BACKGROUND)
     else:
         dx, dy = d * rng.choice([-1, 1]), d * rng.choice([-1, 0, 1])
         world.draw_shape(draw, o.shape, [x0 + dx, y0 + dy, x1 + dx, y1 + dy], fill)
@@ -158,7 +161,8 @@ def composition(scene):
     if not objs:
         return 0.0
     w = np.array([world.SIZE_UNITS[o.size] ** 2 for o in objs])
-    cy, cx = (np.array([o.row for o in objs]) * w).sum() / w.sum(), (np.array([o.col for o in objs]) * w).sum() / w.sum()
+    cy, cx = ((np.array([o.row for o in objs]) * w).sum() / w.sum(),
+              (np.array([o.col for o in objs]) * w).sum() / w.sum())
     balance = 1 - math.hypot(cy - 1, cx - 1) / math.sqrt(2)
     pairs = [(a, b) for k, a in enumerate(objs) for b in objs[k + 1:]]
     spacing = np.mean([max(abs(a.row - b.row), abs(a.col - b.col)) > 1 for a, b in pairs]) if pairs else 1.0
@@ -234,7 +238,8 @@ class ImageEncoder(nn.Module):
 
     def cell_loss(self, tokens, targets):
         """tokens (B, 25, D); targets (B, 9, 3) from cell_targets -> cross-entropy of the probe."""
-        return sum(F.cross_entropy(p.flatten(0, 1), targets[..., k].flatten()) for k, p in enumerate(self.cell_logits(tokens)))
+        return sum(F.cross_entropy(p.flatten(0, 1), targets[..., k].flatten())
+                   for k, p in enumerate(self.cell_logits(tokens)))
 
 
 CELL_TOKENS = [6, 7, 8, 11, 12, 13, 16, 17, 18]  # the 3x3 cells inside the 5x5 tokens
@@ -246,7 +251,8 @@ def cell_targets(scenes):
     t = np.zeros((len(scenes), 9, 3), np.int64)
     for n, s in enumerate(scenes):
         for o in s.objects:
-            t[n, 3 * o.row + o.col] = (world.SHAPES.index(o.shape) + 1, tuple(world.COLOURS).index(o.colour) + 1, world.SIZES.index(o.size) + 1)
+            t[n, 3 * o.row + o.col] = (world.SHAPES.index(o.shape) + 1, tuple(world.COLOURS).index(o.colour) + 1,
+                                       world.SIZES.index(o.size) + 1)
     return torch.from_numpy(t)
 
 
@@ -262,9 +268,12 @@ class TextEmbed(nn.Module):
         return self.tok(ids) + self.pos[:, :ids.shape[1]]
 
 
-SLOT_ATTRS = (len(world.SHAPES) + 1, len(world.COLOURS) + 1, len(world.SIZES) + 1, 4, 4, world.MAX_OBJECTS + 1)  # 0 = any / unused
-RELATE = torch.tensor([[[world.holds(world.Obj("circle", "red", "small", k // 3, k % 3), rel, world.Obj("circle", "red", "small", l // 3, l % 3))
-                         for l in range(9)] for k in range(9)] for rel in world.RELATIONS]).float()  # (4, 9, 9): rel holds from cell k to l
+SLOT_ATTRS = (len(world.SHAPES) + 1, len(world.COLOURS) + 1, len(world.SIZES) + 1, 4, 4,
+              world.MAX_OBJECTS + 1)  # 0 = any / unused
+RELATE = torch.tensor([[[world.holds(world.Obj("circle", "red", "small", k // 3, k % 3),
+                                     rel, world.Obj("circle", "red", "small", l // 3, l % 3))
+                         for l in range(9)] for k in range(9)]
+                       for rel in world.RELATIONS]).float()  # (4, 9, 9): rel holds from cell k to l
 
 
 class VQAHead(nn.Module):
@@ -309,7 +318,8 @@ class VQAHead(nn.Module):
         occupied = 1 - shape[..., 0]  # (B, 9)
         given = lambda p: p[..., 1:] / p[..., 1:].sum(-1, keepdim=True).clamp_min(1e-6)  # attribute | occupied
         q = [p.softmax(-1) for p in slots.split(SLOT_ATTRS, -1)]  # (B, S, k + 1) each, index 0 = any
-        where = torch.stack([torch.arange(9, device=cells.device) // 3, torch.arange(9, device=cells.device) % 3])  # (2, 9)
+        where = torch.stack([torch.arange(9, device=cells.device) // 3,
+                             torch.arange(9, device=cells.device) % 3])  # (2, 9)
         match = occupied[:, None]  # (B, S, 9): the probability that each cell holds an object the slot describes
         for k, p in enumerate((given(shape), given(colour), given(size))):
             match = match * (q[k][..., :1] + q[k][..., 1:] @ p.transpose(1, 2))
@@ -319,7 +329,8 @@ class VQAHead(nn.Module):
         ok = count[..., 0] + (count[..., 1:] * _counts(match)[..., 1:count.shape[-1]]).sum(-1)  # (B, S)
         ok_total = (total.softmax(-1) * _counts(occupied)[..., :total.shape[-1]]).sum(-1)  # (B,)
         # a relation needs exactly one match on each side: the probability that it is exactly at cell k
-        alone = match * torch.exp(torch.log1p(-match.clamp(max=1 - 1e-6)).sum(-1, keepdim=True) - torch.log1p(-match.clamp(max=1 - 1e-6)))
+        alone = match * torch.exp(torch.log1p(-match.clamp(max=1 - 1e-6)).sum(-1, keepdim=True)
+                                  - torch.log1p(-match.clamp(max=1 - 1e-6)))
         holds = torch.einsum("bik,rkl,bjl->bijr", alone, self.relate, alone)  # (B, S, S, 4)
         wanted = torch.sigmoid(relations)
         ok_rel = (1 - wanted * (1 - holds)).flatten(1).prod(-1)
@@ -343,8 +354,9 @@ def program_targets(specs):
     index = lambda seq, v: 0 if v is None else seq.index(v) + 1
     for b, spec in enumerate(specs):
         for r, q in enumerate(spec.reqs):
-            slots[b, r] = (index(world.SHAPES, q.shape), index(tuple(world.COLOURS), q.colour), index(world.SIZES, q.size),
-                           0 if q.row is None else q.row + 1, 0 if q.col is None else q.col + 1, q.count)
+            slots[b, r] = (index(world.SHAPES, q.shape), index(tuple(world.COLOURS), q.colour),
+                           index(world.SIZES, q.size), 0 if q.row is None else q.row + 1,
+                           0 if q.col is None else q.col + 1, q.count)
         for i, r, j in spec.relations:
             rel[b, i, j, world.RELATIONS.index(r)] = 1
     return torch.from_numpy(slots), torch.tensor([s.total for s in specs]), torch.from_numpy(rel)
@@ -361,7 +373,8 @@ class Tower(nn.Module):
         self.body, self.norm = _transformer(dim, layers), nn.LayerNorm(dim)
 
     def forward(self, x, pad=None):
-        pad = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device) if pad is None else pad  # (B, T), True = padding
+        pad = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device) if pad is None else pad  # (B, T),
+        #                                                                                            True = padding
         keep = (~pad).unsqueeze(-1).float()
         return self.norm((self.body(x, src_key_padding_mask=pad) * keep).sum(1) / keep.sum(1))
 
@@ -446,7 +459,8 @@ def caption_pairs(n, rng, vq, split, p_vq):
     """n (image, scene, caption, hard-negative caption): the caption of an edit of the scene."""
     scenes = [world.sample_example(rng, split=split).scene for _ in range(n)]
     imgs = vq_round_trip_some(vq, np.stack([world.render(s, vq.cfg.image_size) for s in scenes]), rng.random(n) < p_vq)
-    return imgs, scenes, [world.caption_text(s, rng) for s in scenes], [world.caption_text(perturb(s, rng), rng) for s in scenes]
+    return (imgs, scenes, [world.caption_text(s, rng) for s in scenes],
+            [world.caption_text(perturb(s, rng), rng) for s in scenes])
 
 
 def geometry_pairs(n, rng, vq, p_vq):
@@ -508,8 +522,10 @@ def train_vqa(heads, cfg, tokenizer, x, parsed, rng, g, device, log):
         i = order[int(torch.randint(0, len(ids) - B + 1, (1,), generator=g)):][:B]
         t = ids[i][:, :int((ids[i] != PAD).sum(1).max())]
         s, n, r = vqa.read(t.to(device))
-        ce = sum(F.cross_entropy(p.flatten(0, 1), slots[i][..., k].flatten().to(device)) for k, p in enumerate(s.split(SLOT_ATTRS, -1)))
-        return ce + F.cross_entropy(n, total[i].to(device)) + F.binary_cross_entropy_with_logits(r, rel[i].to(device)) * r[0].numel()
+        ce = sum(F.cross_entropy(p.flatten(0, 1), slots[i][..., k].flatten().to(device))
+                 for k, p in enumerate(s.split(SLOT_ATTRS, -1)))
+        return (ce + F.cross_entropy(n, total[i].to(device))
+                + F.binary_cross_entropy_with_logits(r, rel[i].to(device)) * r[0].numel())
     figures["vqa_train_loss"] = _fit("vqa", reader, reader_loss, cfg.vqa_steps, cfg, log)
     return figures
 
@@ -531,7 +547,8 @@ def train_heads(cfg, tokenizer, vq, seed, device, log=lambda **kv: None):
         i = pick(n)
         tokens = heads.clip.image(xc[i].to(device))
         zi = heads.clip.pool(tokens)  # (B, D)
-        zt = heads.clip.embed_texts(torch.cat([cap_ids[i], neg_ids[i]]).to(device))  # (2B, D): captions, then hard negatives
+        zt = heads.clip.embed_texts(torch.cat([cap_ids[i], neg_ids[i]]).to(device))  # (2B, D):
+        #                                                                              captions, then hard negatives
         logits = heads.clip.logit_scale.exp() * zi @ zt.t()  # (B, 2B)
         target = torch.arange(B, device=device)
         contrastive = F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :B].t(), target)
@@ -546,7 +563,8 @@ def train_heads(cfg, tokenizer, vq, seed, device, log=lambda **kv: None):
     def aesthetic_loss(step):
         i = pick(n)
         return F.mse_loss(torch.sigmoid(heads.aesthetic(emb[i]).squeeze(-1)), target[i])
-    figures["aesthetic_train_loss"] = _fit("aesthetic", heads.aesthetic.parameters(), aesthetic_loss, cfg.aesthetic_steps, cfg, log)
+    figures["aesthetic_train_loss"] = _fit("aesthetic", heads.aesthetic.parameters(), aesthetic_loss,
+                                           cfg.aesthetic_steps, cfg, log)
 
     # vqa draws from its own stream so that its prompt count leaves the later heads' data unchanged
     figures.update(train_vqa(heads, cfg, tokenizer, xc, cells, np.random.default_rng([seed, 4, 1]), g, device, log))
@@ -556,7 +574,8 @@ def train_heads(cfg, tokenizer, vq, seed, device, log=lambda **kv: None):
     def quality_loss(step):
         xq, yq = quality_batch(clean[pick(n)], vq, g, device)
         return F.binary_cross_entropy_with_logits(heads.quality(xq), yq)
-    figures["quality_train_loss"] = _fit("quality", heads.quality.parameters(), quality_loss, cfg.quality_steps, cfg, log)
+    figures["quality_train_loss"] = _fit("quality", heads.quality.parameters(), quality_loss,
+                                         cfg.quality_steps, cfg, log)
 
     imgs, yg = geometry_pairs(n // 2, rng, vq, cfg.p_vq)
     xg, yg = data.to_float(imgs), torch.from_numpy(yg).float()
@@ -568,14 +587,16 @@ def train_heads(cfg, tokenizer, vq, seed, device, log=lambda **kv: None):
         i = pick(len(xg))
         return F.binary_cross_entropy_with_logits(heads.geometry(xg[i].to(device)), yg[i].to(device))
     figures["geometry_train_loss"] = _fit("geometry", heads.geometry.parameters(), geometry_loss, cfg.geometry_steps,
-                                          dataclasses.replace(cfg, lr=cfg.geometry_lr), log, warmup=cfg.geometry_steps // 10)
+                                          dataclasses.replace(cfg, lr=cfg.geometry_lr), log,
+                                          warmup=cfg.geometry_steps // 10)
     figures["train_seconds"] = round(time.time() - t0, 1)
     return heads.eval(), figures
 
 
 def heads_metadata(heads):
     """What load_heads needs to rebuild the networks, stored inside the safetensors file."""
-    return {"config": json.dumps(asdict(heads.cfg)), "vocab_size": str(heads.vocab_size), "image_size": str(heads.image_size)}
+    return {"config": json.dumps(asdict(heads.cfg)), "vocab_size": str(heads.vocab_size),
+            "image_size": str(heads.image_size)}
 
 
 def load_heads(run_dir, device="cpu"):
@@ -586,5 +607,6 @@ def load_heads(run_dir, device="cpu"):
     meta = read_tensors(path)[1]
     if "config" not in meta:
         raise RunError(f"{path} has no head config in its metadata: retrain it with --stages=rewards")
-    heads = Heads(RewardsConfig(**json.loads(meta["config"])), int(meta["vocab_size"]), int(meta["image_size"])).to(device)
+    heads = Heads(RewardsConfig(**json.loads(meta["config"])),
+                  int(meta["vocab_size"]), int(meta["image_size"])).to(device)
     return load_weights(heads, path).eval().requires_grad_(False)

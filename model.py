@@ -184,7 +184,8 @@ class RMSNormFunction(torch.autograd.Function):
         xhat, rstd, weight = ctx.saved_tensors
         gx = grad * xhat
         mean = (gx @ weight).unsqueeze(-1) / xhat.shape[-1]  # (..., 1) mean of grad * weight * xhat
-        dx = torch.addcmul(grad * weight, xhat, mean, value=-1).mul_(rstd)  # rstd (g - xhat mean(g xhat)), g = grad weight
+        dx = torch.addcmul(grad * weight, xhat, mean, value=-1).mul_(rstd)  # rstd (g - xhat mean(g xhat)),
+        #                                                                     g = grad weight
         return dx, gx.flatten(0, -2).sum(0), None
 
 
@@ -225,7 +226,8 @@ class RoPE(torch.autograd.Function):
     @staticmethod
     def rotate(x, cos, sin):
         x1, x2 = x.chunk(2, dim=-1)
-        out = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype))  # bf16 q/k leave in float32, as x * cos would
+        out = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype))  # bf16 q/k leave in float32,
+        #                                                                            as x * cos would
         o1, o2 = out.chunk(2, dim=-1)
         torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
         torch.mul(x1, sin, out=o2).addcmul_(x2, cos)  # x1 sin + x2 cos
@@ -405,7 +407,8 @@ def cosine_lr(step, peak, warmup, total, floor):
 def cpu_has_bf16():
     """Native bf16 dot products (AVX512-BF16 or AMX): there bf16 matmuls take about half float32's time;
     on other CPUs they are emulated and slower. (torch.cpu's checks are private: absent ones count as no.)"""
-    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(getattr(torch.cpu, name, lambda: False)()
+               for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def use_bf16(dtype: str, device: str):
@@ -530,4 +533,5 @@ if __name__ == "__main__":
     recon, losses, codes = vq(x)
     print("VQ", tuple(recon.shape), tuple(codes.shape), {k: round(v.item(), 4) for k, v in losses.items()})
     gpt = GPT(GPTConfig())
-    print(f"GPT {gpt.num_params() / 1e6:.2f}M parameters, logits", tuple(gpt(torch.zeros(2, 10, dtype=torch.long)).shape))
+    print(f"GPT {gpt.num_params() / 1e6:.2f}M parameters, logits",
+          tuple(gpt(torch.zeros(2, 10, dtype=torch.long)).shape))

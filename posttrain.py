@@ -223,14 +223,16 @@ def with_rates(weakness, measured):
     return {**weakness, "categories": cats}
 
 
-def draw_prompts(strategy, n, rng, weakness=None, focus=0.5, top_attributes=5, top_categories=0, judged=None, anchor=0.0):
+def draw_prompts(strategy, n, rng, weakness=None, focus=0.5, top_attributes=5,
+                 top_categories=0, judged=None, anchor=0.0):
     """n distinct train-split Examples for a strategy. `targeted` needs the weakness report: categories
     are drawn with target_shares (among the `judged` ones), and a `focus` share of the prompts must also
     name one of the `top_attributes` most-failed attribute values; an `anchor` share is drawn as `aligned`
     draws, from every category the benchmarks draw from."""
     if strategy == "targeted":
         if not weakness:
-            raise ValueError("the targeted strategy needs the weakness report (weakness.json): run the eval stage first")
+            raise ValueError("the targeted strategy needs the weakness report (weakness.json): "
+                             "run the eval stage first")
         shares = target_shares(weakness, top_categories, judged=judged)
         cats, p = list(shares), np.array(list(shares.values()))
         weak = {(a["attribute"], a["value"]) for a in weakness["attributes"][:top_attributes]}
@@ -298,7 +300,8 @@ def calibrate_thresholds(rewards, passed, names, precision=0.95, prior_failures=
     dev samples per category, one passed less than ~38% of the time cannot qualify, even for the verifier).
     The dev samples have the evaluation's plan temperature, the rounds' a higher one: expect somewhat lower
     precision on the rounds."""
-    rewards, passed, names = np.asarray(rewards, dtype=np.float64), np.asarray(passed, dtype=np.float64), np.asarray(names)
+    rewards, passed, names = (np.asarray(rewards, dtype=np.float64), np.asarray(passed, dtype=np.float64),
+                              np.asarray(names))
     out = {}
     for name in sorted(set(names.tolist())):
         order = np.argsort(-rewards[names == name], kind="stable")
@@ -410,7 +413,8 @@ def finetune(model, params, samples, weights, pc: PostConfig, vocab, device, rng
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, pc.lr, pc.warmup, pc.steps, pc.lr)
         nulls = rng.random(len(pick)) < pc.null_prob
-        loss, parts = weighted_loss(model, sample_batch(samples, pick, vocab, device, nulls), w_all[pick], pc.alpha_text, pc.alpha_image)
+        loss, parts = weighted_loss(model, sample_batch(samples, pick, vocab, device, nulls),
+                                    w_all[pick], pc.alpha_text, pc.alpha_image)
         if pc.pretrain_weight > 0:
             loss = loss + pc.pretrain_weight * mean_token_loss(model, drift_batch())
         opt.zero_grad(set_to_none=True)
@@ -439,7 +443,8 @@ def save_round(samples, scores, path):
             if x:
                 out[i, :len(x)] = torch.tensor(x)
         return out
-    tensors = {"example": torch.tensor(samples["example"]), "prompt": pad(samples["prompt"]), "plan": pad(samples["plan"]),
+    tensors = {"example": torch.tensor(samples["example"]), "prompt": pad(samples["prompt"]),
+               "plan": pad(samples["plan"]),
                "codes": pad(samples["codes"]), "image": torch.from_numpy(np.stack(samples["image"])),
                **{k: torch.tensor(np.asarray(v), dtype=torch.float32) for k, v in scores.items()}}
     save_atomic(tensors, path)
@@ -460,8 +465,10 @@ def pretraining_batches(tc, batch, seed, rng, tokenizer, vq, vocab, device):
 
 def save_dev_samples(dev, run_dir):
     """The eval stage's dev samples (evaluate.dev_samples): what the post stage calibrates its reward on."""
-    save_atomic({"image": torch.from_numpy(dev["image"]), "passed": torch.tensor(dev["passed"])}, os.path.join(run_dir, DEV_FILE),
-                {"prompt": json.dumps(dev["prompt"]), "name": json.dumps(dev["name"]), "per_category": str(dev["per_category"])})
+    save_atomic({"image": torch.from_numpy(dev["image"]), "passed": torch.tensor(dev["passed"])},
+                os.path.join(run_dir, DEV_FILE),
+                {"prompt": json.dumps(dev["prompt"]), "name": json.dumps(dev["name"]),
+                 "per_category": str(dev["per_category"])})
 
 
 def oracle_verdict(pc, r, passed):
@@ -478,8 +485,10 @@ def reward_thresholds(run_dir, pc, device):
     tensors, meta = read_tensors(path)
     images, passed = tensors["image"], tensors["passed"]
     prompts, names = json.loads(meta["prompt"]), json.loads(meta["name"])
-    per_category = int(meta.get("per_category", len(set(prompts)) // len(world.CATEGORIES)))  # evaluate.dev_prompts(per_category)
-    reward_fn = rewards.load_reward(run_dir, pc.reward, device, {ex.prompt: ex.spec for ex in evaluate.dev_prompts(per_category)})
+    per_category = int(meta.get("per_category",
+                                len(set(prompts)) // len(world.CATEGORIES)))  # evaluate.dev_prompts(per_category)
+    reward_fn = rewards.load_reward(run_dir, pc.reward, device,
+                                    {ex.prompt: ex.spec for ex in evaluate.dev_prompts(per_category)})
     r = rewards.score(reward_fn, list(images.numpy()), prompts, device)
     return calibrate_thresholds(oracle_verdict(pc, r, passed.numpy()), passed.numpy(), names, pc.precision)
 
@@ -490,8 +499,8 @@ def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix, calib
     passing ones a threshold needs) gets post.calib_samples fresh dev samples from the base model: its pass
     rate is pooled with theirs and its threshold calibrated on them (choose_targets says when the dev one
     stands). base = (gpt, vq, vocab, tokenizer); calibrated: a dict that keeps those measurements across
-    calls on one base (the ablations), since the same seed gives the same samples. Returns (targets, {name: (pooled pass rate, samples)});
-    raises NothingToTarget when no weak category is left."""
+    calls on one base (the ablations), since the same seed gives the same samples.
+    Returns (targets, {name: (pooled pass rate, samples)}); raises NothingToTarget when no weak category is left."""
     tc = cfgs["train"]
     if not weakness:
         raise RunError("the targeted strategy needs the eval stage's weakness.json: run --stages=eval first")
@@ -502,7 +511,8 @@ def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix, calib
         if calibrated is not None and key in calibrated:
             return calibrated[key]
         examples = dev_examples(name, max(1, pc.calib_samples // tc.bench_samples))
-        recs = evaluate.sample_and_score(gpt, vq, vocab, tokenizer, examples, cfgs["sample"], tc.bench_samples, tc.eval_batch, tc.seed)
+        recs = evaluate.sample_and_score(gpt, vq, vocab, tokenizer, examples,
+                                         cfgs["sample"], tc.bench_samples, tc.eval_batch, tc.seed)
         reward_fn = rewards.load_reward(run_dir, pc.reward, device, {ex.prompt: ex.spec for ex in examples})
         r = rewards.score(reward_fn, [x["image"] for x in recs], [x["prompt"] for x in recs], device)
         passed = np.array([x["passed"] for x in recs], dtype=float)
@@ -518,12 +528,15 @@ def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix, calib
     targets, measured = choose_targets(weakness, thresholds, pc.target_top, pc.weak_below, measure, min_rate,
                                                  min_hits=min_passing(pc.precision))
     if not targets:
-        rates = {c["name"]: measured.get(c["name"], (evaluate.category_score(c), c["n"])) for c in weakness["categories"]}
+        rates = {c["name"]: measured.get(c["name"], (evaluate.category_score(c), c["n"]))
+                 for c in weakness["categories"]}
         outright = {c["name"]: c["pass_rate"] for c in weakness["categories"] if c["name"] in evaluate.GRADED}
-        weakest = ", ".join(f"{n} {r:.2f}" + (f" of facts ({outright[n]:.2f} all right)" if n in outright else "") + f" on {k} samples"
+        weakest = ", ".join(f"{n} {r:.2f}" + (f" of facts ({outright[n]:.2f} all right)" if n in outright else "")
+                            + f" on {k} samples"
                             for n, (r, k) in sorted(rates.items(), key=lambda x: x[1][0])[:3])
         if any(is_weak(n, r, outright.get(n, r), pc.weak_below) for n, (r, _) in rates.items()):
-            why = (f"{pc.reward} cannot judge any dev category passed between 5% and {pc.weak_below:.0%} of the time (thresholds: "
+            why = (f"{pc.reward} cannot judge any dev category passed between 5% and {pc.weak_below:.0%} "
+                   "of the time (thresholds: "
                    f"{', '.join(n for n, t in thresholds.items() if t is not None) or 'none'}; weakest: {weakest})")
         else:
             why = f"no dev category is passed between 5% and {pc.weak_below:.0%} of the time (weakest: {weakest})"
@@ -546,18 +559,20 @@ def post_train(cfgs, run_dir, device, log, pc, seed, adapter="post", log_prefix=
     thresholds = reward_thresholds(run_dir, pc, device)
     targets, measured = None, {}  # every category, for the broad and aligned strategies
     if pc.strategy == "targeted":
-        targets, measured = aim(cfgs, run_dir, device, pc, weakness, thresholds, (gpt, vq, vocab, tokenizer), log_prefix, calibrated)
+        targets, measured = aim(cfgs, run_dir, device, pc, weakness, thresholds,
+                                (gpt, vq, vocab, tokenizer), log_prefix, calibrated)
         weakness = with_rates(weakness, measured)  # prompt shares by the pooled rates
         tqdm.write(f"[{log_prefix}] targeted at {', '.join(targets)}")
     elif pc.weighting == "threshold" and all(t is None for t in thresholds.values()):
-        tqdm.write(f"[{log_prefix}] warning: {pc.reward} cannot judge any dev category (too few dev samples pass, or it cannot "
-                   f"tell them from the failing ones): threshold weights keep nothing")
+        tqdm.write(f"[{log_prefix}] warning: {pc.reward} cannot judge any dev category (too few dev samples pass, "
+                   f"or it cannot tell them from the failing ones): threshold weights keep nothing")
     tqdm.write(f"[{log_prefix}] {pc.reward} thresholds on dev samples: "
                + ", ".join(f"{n} {'-' if t is None else f'{t:.3f}'}" for n, t in thresholds.items()))
     params = add_lora(gpt, adapter, tuple(pc.lora_targets.split(",")), pc.lora_r, pc.lora_alpha, pc.lora_dropout)
     rng = np.random.default_rng([seed, 1])
     torch.manual_seed(seed)
-    drift_batch = pretraining_batches(tc, pc.batch, seed, rng, tokenizer, vq, vocab, device) if pc.pretrain_weight > 0 else None
+    drift_batch = (pretraining_batches(tc, pc.batch, seed, rng, tokenizer, vq, vocab, device)
+                   if pc.pretrain_weight > 0 else None)
     sample_cfg = dataclasses.replace(cfgs["sample"], text_temperature=pc.plan_temperature)
 
     def scored_samples(examples, sample_seed):
@@ -576,29 +591,35 @@ def post_train(cfgs, run_dir, device, log, pc, seed, adapter="post", log_prefix=
                                 judged=targets, anchor=pc.anchor)
         samples, r, v = scored_samples(examples, seed * 1000 + k * 100_000)
         cut = np.array([np.inf if t is None else t for t in
-                        (thresholds.get(evaluate.category_name(examples[i].category, examples[i].kind)) for i in samples["example"])])
+                        (thresholds.get(evaluate.category_name(examples[i].category, examples[i].kind))
+                         for i in samples["example"])])
         graded = [examples[i].category in evaluate.GRADED for i in samples["example"]]  # dense: each prompt's best
         w = sample_weights(r, samples["example"], pc.weighting, pc.beta, cut, graded)
         os.makedirs(os.path.dirname(os.path.join(run_dir, log_prefix)), exist_ok=True)
-        save_round(samples, {"reward": r, "verifier": v, "weight": w}, os.path.join(run_dir, f"{log_prefix}_round{k}.safetensors"))
+        save_round(samples, {"reward": r, "verifier": v, "weight": w},
+                   os.path.join(run_dir, f"{log_prefix}_round{k}.safetensors"))
         write_json([{"prompt": ex.prompt, "category": ex.category, "kind": ex.kind} for ex in examples],
                    os.path.join(run_dir, f"{log_prefix}_round{k}.json"))
         fit = finetune(gpt, params, samples, w, pc, vocab, device, rng, drift_batch)
         figs = {"round": k, "reward": float(r.mean()), "verifier": float(v.mean()),
                 "verifier_weighted": float((w * v).sum() / max(w.sum(), 1e-9)),  # what the fine-tune imitates
-                "categories": {c: float(np.mean([v[j] for j, i in enumerate(samples["example"]) if examples[i].category == c]))
+                "categories": {c: float(np.mean([v[j] for j, i in enumerate(samples["example"])
+                                                 if examples[i].category == c]))
                                for c in sorted({ex.category for ex in examples})},
                 **fit, "thresholds": thresholds, "targets": targets,
-                "measured_again": {n: {"pass_rate": r, "samples": m} for n, (r, m) in measured.items()}, "seconds": round(time.time() - t0, 1)}
+                "measured_again": {n: {"pass_rate": r, "samples": m} for n, (r, m) in measured.items()},
+                "seconds": round(time.time() - t0, 1)}
         rounds.append(figs)
         log(stage=log_prefix, **{key: val for key, val in figs.items() if key not in ("categories", "thresholds")})
         tqdm.write(f"[{log_prefix}] round {k}: reward {figs['reward']:.3f}, verifier {figs['verifier']:.3f} "
                    f"(weighted {figs['verifier_weighted']:.3f}), loss {fit['loss']:.3f}, {figs['seconds']:.0f}s")
     if check:
         _, r, v = scored_samples(examples, seed * 1000 + pc.rounds * 100_000)
-        rounds[-1].update(reward_after=float(r.mean()), verifier_after=float(v.mean()), reward_after_se=float(r.std() / np.sqrt(len(r))),
+        rounds[-1].update(reward_after=float(r.mean()), verifier_after=float(v.mean()),
+                          reward_after_se=float(r.std() / np.sqrt(len(r))),
                           verifier_after_se=float(v.std() / np.sqrt(len(v))))
-        tqdm.write(f"[{log_prefix}] the last round's prompts after fine-tuning: reward {r.mean():.3f}, verifier {v.mean():.3f}")
+        tqdm.write(f"[{log_prefix}] the last round's prompts after fine-tuning: reward {r.mean():.3f}, "
+                   f"verifier {v.mean():.3f}")
     return gpt, tokenizer, vocab, vq, params, rounds
 
 

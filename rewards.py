@@ -100,11 +100,13 @@ def parse_spec(spec):
         m = _TERM.match(term.strip())
         if not m or (m.group(1) and m.group(3)):
             raise RewardError(f"bad reward spec {spec!r} at {term.strip() or sign!r}: "
-                              f"terms look like NAME, WEIGHT*NAME or NAME*WEIGHT joined by + or -, e.g. 'vqa + 0.5*aesthetic'")
+                              "terms look like NAME, WEIGHT*NAME or NAME*WEIGHT "
+                              "joined by + or -, e.g. 'vqa + 0.5*aesthetic'")
         weight = float(m.group(1) or m.group(3) or 1.0) * (-1 if sign == "-" else 1)
         if m.group(2) not in REWARDS:
             hint = difflib.get_close_matches(m.group(2), REWARDS, n=1)
-            raise RewardError(f"unknown reward {m.group(2)!r} in {spec!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+            raise RewardError(f"unknown reward {m.group(2)!r} in {spec!r}"
+                              + (f"; did you mean {hint[0]!r}?" if hint else "")
                               + f" Registered: {', '.join(sorted(REWARDS))}")
         terms.append((weight, m.group(2)))
     return terms
@@ -120,9 +122,11 @@ def checked(name, fn):
     """Wrap a reward so that misuse and misbehaviour stop with a message that names it."""
     def reward(images, prompts):
         if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise RewardError(f"reward {name!r}: images must be a float tensor (B, 3, H, W) in [0, 1], got {_describe(images)}")
+            raise RewardError(f"reward {name!r}: images must be a float tensor (B, 3, H, W) in [0, 1], "
+                              f"got {_describe(images)}")
         if isinstance(prompts, str) or len(prompts) != len(images):
-            raise RewardError(f"reward {name!r}: expected a list of {len(images)} prompts (one per image), got {_describe(prompts)}")
+            raise RewardError(f"reward {name!r}: expected a list of {len(images)} prompts (one per image), "
+                              f"got {_describe(prompts)}")
         try:
             out = fn(images, prompts)
         except RewardError:
@@ -130,9 +134,11 @@ def checked(name, fn):
         except Exception as e:
             raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
         if not torch.is_tensor(out) or out.shape != (len(images),):
-            raise RewardError(f"reward {name!r} returned {_describe(out)}; a reward returns a tensor of shape ({len(images)},)")
+            raise RewardError(f"reward {name!r} returned {_describe(out)}; "
+                              f"a reward returns a tensor of shape ({len(images)},)")
         if torch.isnan(out).any():
-            raise RewardError(f"reward {name!r} returned NaN at rows {torch.isnan(out).nonzero().flatten().tolist()}: {out.detach().tolist()}")
+            raise RewardError(f"reward {name!r} returned NaN at rows {torch.isnan(out).nonzero().flatten().tolist()}: "
+                              f"{out.detach().tolist()}")
         return out.float()
     return reward
 
@@ -169,8 +175,10 @@ def _head_reward(name):
         ids = lambda prompts, images: heads.padded_text_ids(tok, prompts, net.cfg.max_text).to(images.device)
         return {
             "vqa": lambda images, prompts: torch.sigmoid(net.vqa(images, ids(prompts, images))),
-            "clip": lambda images, prompts: (net.clip.embed_images(images) * net.clip.embed_texts(ids(prompts, images))).sum(-1),
-            "aesthetic": lambda images, prompts: torch.sigmoid(net.aesthetic(net.clip.embed_images(images)).squeeze(-1)),
+            "clip": lambda images, prompts: (net.clip.embed_images(images)
+                                             * net.clip.embed_texts(ids(prompts, images))).sum(-1),
+            "aesthetic": (lambda images, prompts:
+                          torch.sigmoid(net.aesthetic(net.clip.embed_images(images)).squeeze(-1))),
             "quality": lambda images, prompts: torch.sigmoid(net.quality(images)),
             "geometry": lambda images, prompts: torch.sigmoid(net.geometry(images)),
         }[name]
@@ -183,7 +191,8 @@ for _name in ("vqa", "clip", "aesthetic", "quality", "geometry"):
 
 @register("verifier", from_run=True)
 def verifier(run_dir, device, specs):
-    """The share of the prompt's Spec clauses the parsed image satisfies (1.0: it passes). specs: {prompt: world.Spec}."""
+    """The share of the prompt's Spec clauses the parsed image satisfies (1.0: it passes).
+    specs: {prompt: world.Spec}."""
     specs = specs or {}
 
     def reward(images, prompts):
@@ -204,7 +213,8 @@ def self_likelihood(run_dir, device, specs):
     @torch.no_grad()
     def reward(images, prompts):
         codes = vq.encode(images.to(device)).tolist()
-        b = data.collate([data.build_sequence("caption", vocab, codes=c, caption=data.encode_text(tok, p)) for c, p in zip(codes, prompts)],
+        b = data.collate([data.build_sequence("caption", vocab, codes=c, caption=data.encode_text(tok, p))
+                          for c, p in zip(codes, prompts)],
                          vocab, device)
         logp = -token_ce(gpt(b.x, patch=b.patch, tags=b.tags), b.y)  # (B, T)
         w = b.weight * (b.y != data.EOS)  # the prompt's words only: a prompt is not a whole caption, so no <eos> term
@@ -263,7 +273,8 @@ def calibrate(run_dir, device="cpu", n_examples=600, n_samples=256, seed=0):
     s_pass = np.array([world.passes(s, e.spec) for s, e in zip(s_scenes, sample_exs)])
 
     specs = {e.prompt: e.spec for e in exs + sample_exs}
-    R = {name: load_reward(run_dir, name, device, specs) for name in ("vqa", "clip", "aesthetic", "quality", "geometry", "verifier", "self")}
+    R = {name: load_reward(run_dir, name, device, specs)
+         for name in ("vqa", "clip", "aesthetic", "quality", "geometry", "verifier", "self")}
     prompts = [e.prompt for e in exs]
     held = {}
     for name in ("vqa", "clip", "verifier", "self"):
@@ -274,7 +285,8 @@ def calibrate(run_dir, device="cpu", n_examples=600, n_samples=256, seed=0):
     aest = score(R["aesthetic"], cap_imgs, caps, device)
     held["aesthetic"] = {"corr_with_composition": _corr(aest, [heads.composition(s) for s in scenes])}
     held["quality"] = {"auc_clean_vs_degraded": auc(score(R["quality"], q_imgs, [""] * len(q_imgs), device), q_labels)}
-    held["geometry"] = {"auc_clean_vs_malformed": auc(score(R["geometry"], geo_imgs, [""] * len(geo_imgs), device), geo_labels)}
+    held["geometry"] = {"auc_clean_vs_malformed": auc(score(R["geometry"], geo_imgs, [""] * len(geo_imgs), device),
+                                                      geo_labels)}
 
     on_samples = {"n": n_samples, "verifier_pass_rate": float(s_pass.mean())}
     for name, fn in R.items():
@@ -289,7 +301,8 @@ def table(cal):
     """The calibration dict as a text table."""
     fmt = lambda v: "  -  " if v is None else f"{v:.3f}"
     s = cal["samples"]
-    lines = [f"{'reward':<10}{'held-out renders (dev prompts)':<42}model samples (n={s['n']}, verifier pass {s['verifier_pass_rate']:.3f})",
+    lines = [f"{'reward':<10}{'held-out renders (dev prompts)':<42}"
+             f"model samples (n={s['n']}, verifier pass {s['verifier_pass_rate']:.3f})",
              f"{'':<10}{'metric':<34}{'value':>8}{'AUC vs verifier':>18}{'mean':>8}   other"]
     for name, figs in cal["held_out"].items():
         for k, (metric, v) in enumerate(figs.items()):
@@ -301,10 +314,13 @@ def table(cal):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Calibration of a run's rewards: held-out renders and the model's own samples.")
+    p = argparse.ArgumentParser(description="Calibration of a run's rewards: "
+                                "held-out renders and the model's own samples.")
     p.add_argument("run_dir")
-    p.add_argument("--json", action="store_true", help="print the calibration as JSON (report.json's stages.rewards.calibration)")
-    p.add_argument("--examples", type=int, default=None, help="held-out renders (default: the run's rewards.calib_examples)")
+    p.add_argument("--json", action="store_true",
+                   help="print the calibration as JSON (report.json's stages.rewards.calibration)")
+    p.add_argument("--examples", type=int, default=None,
+                   help="held-out renders (default: the run's rewards.calib_examples)")
     p.add_argument("--samples", type=int, default=None, help="model samples (default: the run's rewards.calib_samples)")
     p.add_argument("--seed", type=int, default=None, help="default: the run's train.seed")
     p.add_argument("--device", default="cpu")

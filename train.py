@@ -57,7 +57,8 @@ from generate import (RunError, SampleConfig, load_run, load_weights, read_json,
 from model import GPT, VQ, GPTConfig, VQConfig, cosine_lr, token_ce, use_bf16
 from posttrain import PostConfig
 
-STAGES = ("tokenizer", "vq", "lm", "eval", "rewards", "post")  # the main job: the benchmarks first, then what post-training needs
+STAGES = ("tokenizer", "vq", "lm", "eval", "rewards", "post")  # the main job: the benchmarks first,
+#                                                                then what post-training needs
 EXTRA_STAGES = ("ablations",)  # run only when named: --stages=ablations
 
 
@@ -67,7 +68,8 @@ class TrainConfig:
     data_dir: str = ""  # a folder of your own captioned images (see data.load_folder); "" = the shapes world
     seed: int = 0  # seeds data generation, initialisation and sampling
     device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "float32"  # float32 | bfloat16 (autocast where the device has it) | auto (bf16 where it is fast: see model.use_bf16)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast where the device has it)
+    #                         | auto (bf16 where it is fast: see model.use_bf16)
     compile: bool = False  # torch.compile the GPT for training (opt-in: slow to start, helps on GPU)
     threads: int = 0  # torch CPU threads (0 = torch's default)
     tokenizer_corpus: int = 1000  # examples per category in the tokenizer's corpus (every word list is in it too)
@@ -83,7 +85,8 @@ class TrainConfig:
     vq_restart_until: float = 0.8  # no restarts in the last 20% of the steps, so the codebook settles before it is used
     vq_eval_scenes: int = 500  # held-out scenes for the parser round-trip figure
     # LM stage
-    lm_examples: int = 30000  # pretraining examples (prompt, plan, caption, image codes); a folder run uses all its images
+    lm_examples: int = 30000  # pretraining examples (prompt, plan, caption, image codes);
+    #                           a folder run uses all its images
     lm_steps: int = 2500  # optimiser steps of the lm stage
     lm_batch: int = 32  # sequences per step (the global batch, shared among data-parallel processes)
     lm_lr: float = 1.5e-3  # peak learning rate (AdamW); twice that ends at a higher held-out loss
@@ -94,7 +97,8 @@ class TrainConfig:
     p_plan: float = 0.8  # format mix: text->image with a plan ...
     p_direct: float = 0.1  # ... text->image without a plan; the rest is image->text captions
     null_prob: float = 0.1  # text->image sequences whose condition becomes <null> (for guidance)
-    region_tags: bool = True  # tag plan words and image tokens with their layout region (data.Tagger; shapes world only)
+    region_tags: bool = True  # tag plan words and image tokens with their layout region
+    #                           (data.Tagger; shapes world only)
     eval_every: int = 250  # steps between held-out loss measurements
     log_every: int = 25  # steps between training-loss lines in metrics.jsonl
     ckpt_every: int = 250  # steps between resumable checkpoints of the lm stage (0 = none)
@@ -105,9 +109,10 @@ class TrainConfig:
     eval_batch: int = 128  # prompts sampled together
 
 
-SECTIONS = {"train": TrainConfig, "vq": VQConfig, "gpt": GPTConfig, "sample": SampleConfig, "rewards": heads.RewardsConfig,
-            "post": PostConfig, "ablations": AblationConfig}
-DERIVED = {("gpt", "vocab_size"), ("gpt", "image_offset"), ("gpt", "n_image_tokens"), ("gpt", "n_tags")}  # set from tokenizer + VQ
+SECTIONS = {"train": TrainConfig, "vq": VQConfig, "gpt": GPTConfig, "sample": SampleConfig,
+            "rewards": heads.RewardsConfig, "post": PostConfig, "ablations": AblationConfig}
+DERIVED = {("gpt", "vocab_size"), ("gpt", "image_offset"),
+           ("gpt", "n_image_tokens"), ("gpt", "n_tags")}  # set from tokenizer + VQ
 
 
 # -----------------------------------------------------------------------------
@@ -121,45 +126,60 @@ def validate(cfgs):
         (tc.device in ("auto", "cpu", "cuda", "mps"), f"train.device={tc.device!r}: expected auto, cpu, cuda or mps"),
         (tc.dtype in ("float32", "bfloat16", "auto"), f"train.dtype={tc.dtype!r}: expected float32, bfloat16 or auto"),
         (tc.ckpt_every >= 0 and tc.log_every >= 1, "train.ckpt_every must be >= 0 and train.log_every >= 1"),
-        (min(tc.vq_steps, tc.lm_steps, tc.eval_every, tc.vq_batch, tc.lm_batch, tc.bench_prompts, tc.bench_samples) >= 1,
+        (min(tc.vq_steps, tc.lm_steps, tc.eval_every, tc.vq_batch, tc.lm_batch,
+             tc.bench_prompts, tc.bench_samples) >= 1,
          "train.vq_steps, lm_steps, eval_every, vq_batch, lm_batch, bench_prompts and bench_samples must be >= 1"),
-        (tc.lm_examples >= tc.lm_batch and tc.eval_examples >= tc.lm_batch, "train.lm_examples and train.eval_examples must be >= train.lm_batch"),
-        (0 <= tc.p_plan and 0 <= tc.p_direct and tc.p_plan + tc.p_direct <= 1, "train.p_plan + train.p_direct must lie in [0, 1] (the rest are captions)"),
+        (tc.lm_examples >= tc.lm_batch and tc.eval_examples >= tc.lm_batch,
+         "train.lm_examples and train.eval_examples must be >= train.lm_batch"),
+        (0 <= tc.p_plan and 0 <= tc.p_direct and tc.p_plan + tc.p_direct <= 1,
+         "train.p_plan + train.p_direct must lie in [0, 1] (the rest are captions)"),
         (0 <= tc.null_prob <= 1, "train.null_prob must lie in [0, 1]"),
         (tc.vq_init_images * vc.n_codes >= vc.codebook_size,
          f"train.vq_init_images={tc.vq_init_images} images of {vc.n_codes} codes each are fewer encodings than "
          f"vq.codebook_size={vc.codebook_size}: the codebook starts from that many distinct encodings"),
         (vc.image_size % vc.patch == 0, f"vq.image_size={vc.image_size} must be a multiple of vq.patch={vc.patch}"),
         (tc.data_dir or vc.image_size % (2 * world.LATTICE) == 0,
-         f"vq.image_size={vc.image_size} must be a multiple of {2 * world.LATTICE} (the shapes world's layout lattice)"),
+         f"vq.image_size={vc.image_size} must be a multiple of {2 * world.LATTICE} "
+         "(the shapes world's layout lattice)"),
         # region tags give each image code the layout region its centre lies in: exact only if a lattice unit
         # is a whole number of codes
         (tc.data_dir or not tc.region_tags or (vc.image_size // vc.patch) % world.LATTICE == 0,
          f"vq.image_size / vq.patch = {vc.image_size // vc.patch} codes a side must be a multiple of {world.LATTICE} "
          f"(the shapes world's layout lattice) for region tags; lower vq.patch or set train.region_tags = false"),
         # a folder has captions, not reasoning plans: its text->image sequences are all direct
-        (not tc.data_dir or tc.p_plan == 0, "a folder run (train.data_dir) has no reasoning plans: set train.p_plan = 0"),
-        (not tc.data_dir or not cfgs["sample"].think, "a folder run (train.data_dir) has no reasoning plans: set sample.think = false"),
+        (not tc.data_dir or tc.p_plan == 0,
+         "a folder run (train.data_dir) has no reasoning plans: set train.p_plan = 0"),
+        (not tc.data_dir or not cfgs["sample"].think,
+         "a folder run (train.data_dir) has no reasoning plans: set sample.think = false"),
         (rc.dim % 4 == 0 and min(rc.dim, rc.layers, rc.batch) >= 2 and rc.examples >= rc.batch,
-         "rewards.dim must be a multiple of 4 (attention heads), rewards.layers and rewards.batch >= 2, rewards.examples >= rewards.batch"),
-        (min(rc.calib_examples, rc.calib_samples) >= 2, "rewards.calib_examples and rewards.calib_samples must be >= 2"),
+         "rewards.dim must be a multiple of 4 (attention heads), rewards.layers and rewards.batch >= 2, "
+         "rewards.examples >= rewards.batch"),
+        (min(rc.calib_examples, rc.calib_samples) >= 2,
+         "rewards.calib_examples and rewards.calib_samples must be >= 2"),
         (0 <= rc.p_vq <= 1, "rewards.p_vq must lie in [0, 1]"),
-        (pc.strategy in posttrain.STRATEGIES, f"post.strategy={pc.strategy!r}: expected one of {', '.join(posttrain.STRATEGIES)}"),
-        (pc.weighting in posttrain.WEIGHTINGS, f"post.weighting={pc.weighting!r}: expected one of {', '.join(posttrain.WEIGHTINGS)}"),
-        (0 <= pc.null_prob <= 1 and 0 <= pc.focus <= 1 and 0 <= pc.anchor < 1, "post.null_prob and post.focus must lie in [0, 1], post.anchor in [0, 1)"),
+        (pc.strategy in posttrain.STRATEGIES,
+         f"post.strategy={pc.strategy!r}: expected one of {', '.join(posttrain.STRATEGIES)}"),
+        (pc.weighting in posttrain.WEIGHTINGS,
+         f"post.weighting={pc.weighting!r}: expected one of {', '.join(posttrain.WEIGHTINGS)}"),
+        (0 <= pc.null_prob <= 1 and 0 <= pc.focus <= 1 and 0 <= pc.anchor < 1,
+         "post.null_prob and post.focus must lie in [0, 1], post.anchor in [0, 1)"),
         (pc.plan_temperature >= 0, "post.plan_temperature must be >= 0 (0 = greedy plans)"),
         (0 < pc.precision < 1, "post.precision must lie in (0, 1)"),
         (pc.target_top >= 0, "post.target_top must be >= 0 (0 = every category)"),
-        (0 < pc.weak_below <= 1 and pc.calib_samples >= 0, "post.weak_below must lie in (0, 1], post.calib_samples >= 0"),
+        (0 < pc.weak_below <= 1 and pc.calib_samples >= 0,
+         "post.weak_below must lie in (0, 1], post.calib_samples >= 0"),
         (min(ac.seeds, ac.focus_prompts) >= 1 and ac.first_seed >= 0,
          "ablations.seeds and ablations.focus_prompts must be >= 1, ablations.first_seed >= 0"),
         (ac.variants == "all" or set(ac.variants.split(",")) <= set(ablations.ABLATIONS),
-         f"ablations.variants={ac.variants!r}: expected all or a comma-separated subset of {','.join(ablations.ABLATIONS)}"),
-        (tc.vq_codebook_lr > 0 and 0 < tc.vq_restart_until <= 1, "train.vq_codebook_lr must be > 0, train.vq_restart_until in (0, 1]"),
+         f"ablations.variants={ac.variants!r}: "
+         f"expected all or a comma-separated subset of {','.join(ablations.ABLATIONS)}"),
+        (tc.vq_codebook_lr > 0 and 0 < tc.vq_restart_until <= 1,
+         "train.vq_codebook_lr must be > 0, train.vq_restart_until in (0, 1]"),
         (pc.warmup >= 1 and pc.grad_clip > 0, "post.warmup must be >= 1 and post.grad_clip > 0"),
         (min(pc.rounds, pc.prompts, pc.samples, pc.steps, pc.batch, pc.lora_r, pc.eval_samples) >= 1,
          "post.rounds, prompts, samples, steps, batch, lora_r and eval_samples must be >= 1"),
-        (pc.beta > 0 and pc.lr > 0 and min(pc.alpha_text, pc.alpha_image, pc.pretrain_weight) >= 0 and pc.alpha_text + pc.alpha_image > 0,
+        (pc.beta > 0 and pc.lr > 0 and min(pc.alpha_text, pc.alpha_image, pc.pretrain_weight) >= 0
+         and pc.alpha_text + pc.alpha_image > 0,
          "post.beta and post.lr must be > 0; post.alpha_text, alpha_image, pretrain_weight >= 0, not both alphas 0"),
     ]
     try:
@@ -214,11 +234,13 @@ def open_folder(cfgs):
         raise ConfigError(f"train.data_dir: {e}") from None
     if folder.skipped:
         print(f"{cfgs['train'].data_dir}: skipped {len(folder.skipped)} file(s): "
-              + ", ".join(f"{n} ({why})" for n, why in folder.skipped[:5]) + (" ..." if len(folder.skipped) > 5 else ""))
+              + ", ".join(f"{n} ({why})" for n, why in folder.skipped[:5])
+              + (" ..." if len(folder.skipped) > 5 else ""))
     dev = data.folder_dev(folder.names)
     train = sorted(set(range(len(folder.names))) - set(dev))
     if not train:
-        raise ConfigError(f"train.data_dir: {cfgs['train'].data_dir} has only {len(folder.names)} usable image(s): too few to hold some out")
+        raise ConfigError(f"train.data_dir: {cfgs['train'].data_dir} has only {len(folder.names)} usable image(s): "
+                          "too few to hold some out")
     return folder, train, dev
 
 
@@ -272,8 +294,9 @@ def dist_mean(x, dist):
 # resumable checkpoints of the lm stage
 
 CKPT = "lm_ckpt.safetensors"
+# may change between runs of one directory: the weights do not depend on them
 FREE_KEYS = ("out_dir", "bench_prompts", "bench_samples", "eval_batch", "threads", "device", "eval_every", "log_every",
-             "ckpt_every", "compile", "calib_examples", "calib_samples", "eval_samples")  # may change between runs of one directory: the weights do not depend on them
+             "ckpt_every", "compile", "calib_examples", "calib_samples", "eval_samples")
 
 
 def config_diff(old, new, sections=("train", "vq", "gpt")):
@@ -281,7 +304,8 @@ def config_diff(old, new, sections=("train", "vq", "gpt")):
     counts as its default)."""
     default = lambda s, k: getattr(SECTIONS[s](), k)
     return [f"{s}.{k}: {old.get(s, {}).get(k, default(s, k))!r} -> {v!r}" for s in sections
-            for k, v in new[s].items() if (s, k) not in DERIVED and k not in FREE_KEYS and old.get(s, {}).get(k, default(s, k)) != v]
+            for k, v in new[s].items()
+            if (s, k) not in DERIVED and k not in FREE_KEYS and old.get(s, {}).get(k, default(s, k)) != v]
 
 
 def save_checkpoint(path, model, opt, state, cfg_json):
@@ -400,10 +424,12 @@ def stage_vq(run):
     recon, codes = vq_round_trip(vq, held_out)
     counts = torch.bincount(codes.flatten(), minlength=vc.codebook_size).float()
     p = counts / counts.sum()
-    usage = {"codes_used": float((counts > 0).float().mean()), "perplexity": float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))}
+    usage = {"codes_used": float((counts > 0).float().mean()),
+             "perplexity": float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))}
     save_atomic(vq.state_dict(), os.path.join(run_dir, "vq.safetensors"))
     n = 16
-    save_grid(list(held_out[:n]) + list(recon[:n]), ["original"] * n + ["reconstruction"] * n, os.path.join(run_dir, "vq_recon.png"))
+    save_grid(list(held_out[:n]) + list(recon[:n]), ["original"] * n + ["reconstruction"] * n,
+              os.path.join(run_dir, "vq_recon.png"))
     recon_l1 = float(np.abs(held_out.astype(np.float32) - recon.astype(np.float32)).mean() / 255)
     figures = {"held_out_images": len(held_out), "recon_l1": recon_l1, **usage}
     if tc.data_dir:
@@ -460,21 +486,28 @@ def train_lm(cfgs, run_dir, device, metrics, dist):
     tc, gc = cfgs["train"], cfgs["gpt"]
     tokenizer = data.load_tokenizer(os.path.join(run_dir, "tokenizer.json"))
     vq = load_weights(VQ(cfgs["vq"]).to(device), os.path.join(run_dir, "vq.safetensors")).eval()
-    vocab = Vocab(tokenizer.get_vocab_size(), cfgs["vq"].codebook_size, data.region_tagger(tokenizer, vq.cfg.n_codes) if gc.n_tags else None)
+    vocab = Vocab(tokenizer.get_vocab_size(), cfgs["vq"].codebook_size,
+                  data.region_tagger(tokenizer, vq.cfg.n_codes) if gc.n_tags else None)
     torch.manual_seed(tc.seed)
     model = GPT(gc).to(device)
-    print(f"GPT: {model.num_params() / 1e6:.2f}M parameters, vocabulary {vocab.size} ({vocab.text_size} text + {vocab.codebook_size} codes)")
+    print(f"GPT: {model.num_params() / 1e6:.2f}M parameters, "
+          f"vocabulary {vocab.size} ({vocab.text_size} text + {vocab.codebook_size} codes)")
     train_ds, val_ds = lm_datasets(cfgs, tokenizer, vq, device)
-    longest = max(max(len(p) + len(q), len(c)) for p, q, c in zip(train_ds.prompt, train_ds.plan, train_ds.caption)) + vq.cfg.n_codes + 5  # + specials
+    longest = (max(max(len(p) + len(q), len(c)) for p, q, c in zip(train_ds.prompt, train_ds.plan, train_ds.caption))
+               + vq.cfg.n_codes + 5)  # + specials
     if longest > gc.block_size:
-        raise ConfigError(f"the longest training sequence has {longest} tokens > gpt.block_size={gc.block_size}: raise gpt.block_size")
+        raise ConfigError(f"the longest training sequence has {longest} tokens > gpt.block_size={gc.block_size}: "
+                          "raise gpt.block_size")
     val_rng = np.random.default_rng(tc.seed + 2)
-    val_batches = [data.make_batch(val_ds, b, vocab, device) for b in data.epoch_batches(val_ds, val_rng, tc, min(tc.lm_batch, len(val_ds)))]
+    val_batches = [data.make_batch(val_ds, b, vocab, device)
+                   for b in data.epoch_batches(val_ds, val_rng, tc, min(tc.lm_batch, len(val_ds)))]
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
                             lr=tc.lm_lr, betas=(0.9, 0.95), fused=device.startswith("cuda"))
-    rng = np.random.default_rng(tc.seed)  # draws each epoch's formats and order: the data position is (its state, batches done)
+    rng = np.random.default_rng(tc.seed)  # draws each epoch's formats and order:
+    #                                       the data position is (its state, batches done)
     start, batches, done, epoch_state = 0, [], 0, None
     ckpt = os.path.join(run_dir, CKPT)
     if os.path.exists(ckpt):
@@ -486,7 +519,8 @@ def train_lm(cfgs, run_dir, device, metrics, dist):
         print(f"resuming the lm stage at step {start} from {ckpt}")
         metrics.log(stage="lm", step=start, resumed_from=ckpt)
     # DDP averages the gradients over the processes after every backward; the model saved is the plain one
-    wrapped = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None) if dist.world > 1 else model
+    wrapped = (DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+               if dist.world > 1 else model)
     step_fn = torch.compile(wrapped) if tc.compile else wrapped
     tokens, t0, ev = 0, time.time(), {}
 
@@ -496,10 +530,12 @@ def train_lm(cfgs, run_dir, device, metrics, dist):
             res = [lm_loss(model, b) for b in val_batches]
         model.train()
         return {"val_loss": float(np.mean([r[0].item() for r in res])),
-                "val_text": float(np.mean([r[1]["text"] for r in res])), "val_image": float(np.mean([r[1]["image"] for r in res]))}
+                "val_text": float(np.mean([r[1]["text"] for r in res])),
+                "val_image": float(np.mean([r[1]["image"] for r in res]))}
 
     model.train()
-    for step in (bar := tqdm(range(start, tc.lm_steps), initial=start, total=tc.lm_steps, desc="lm", mininterval=2, disable=not dist.master)):
+    for step in (bar := tqdm(range(start, tc.lm_steps), initial=start, total=tc.lm_steps,
+                             desc="lm", mininterval=2, disable=not dist.master)):
         if not batches:  # a new epoch: new formats, a new shuffle
             epoch_state, done = rng.bit_generator.state, 0
             batches = data.epoch_batches(train_ds, rng, tc)
@@ -526,9 +562,11 @@ def train_lm(cfgs, run_dir, device, metrics, dist):
         if dist.master and ((step + 1) % tc.eval_every == 0 or step == tc.lm_steps - 1):
             ev = evaluate_loss()
             metrics.log(stage="lm", step=step + 1, **ev)
-            tqdm.write(f"step {step + 1}: train {loss.item():.3f}  held-out {ev['val_loss']:.3f} (text {ev['val_text']:.3f}, image {ev['val_image']:.3f})")
+            tqdm.write(f"step {step + 1}: train {loss.item():.3f}  held-out {ev['val_loss']:.3f} "
+                       f"(text {ev['val_text']:.3f}, image {ev['val_image']:.3f})")
         if dist.master and tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.lm_steps:
-            save_checkpoint(ckpt, model, opt, {"step": step + 1, "epoch_rng": epoch_state, "batches_done": done}, resolved_config(cfgs))
+            save_checkpoint(ckpt, model, opt, {"step": step + 1, "epoch_rng": epoch_state, "batches_done": done},
+                            resolved_config(cfgs))
     seconds = time.time() - t0
     return model, {"params": model.num_params(), "train_loss": loss.item(), **ev, "tokens_per_s": tokens / seconds,
                    "bf16": use_bf16(tc.dtype, device),  # dtype=auto resolves per machine: say what this run used
@@ -543,11 +581,13 @@ def stage_rewards(run):
     cfgs, run_dir, device = run.cfgs, run.dir, run.device
     tc, rc = cfgs["train"], cfgs["rewards"]
     if tc.data_dir:
-        print("reward heads skipped: they learn from the shapes world's scenes and prompts, which a folder run does not have")
+        print("reward heads skipped: they learn from the shapes world's scenes and prompts, "
+              "which a folder run does not have")
         return {"skipped": "reward heads (they are trained on the shapes world)"}
     tokenizer = data.load_tokenizer(os.path.join(run_dir, "tokenizer.json"))
     vq = load_weights(VQ(cfgs["vq"]).to(device), os.path.join(run_dir, "vq.safetensors")).eval()
-    net, figures = heads.train_heads(rc, tokenizer, vq, tc.seed, device, log=lambda **kv: run.metrics.log(stage="rewards", **kv))
+    net, figures = heads.train_heads(rc, tokenizer, vq, tc.seed, device,
+                                     log=lambda **kv: run.metrics.log(stage="rewards", **kv))
     save_atomic(net.state_dict(), os.path.join(run_dir, heads.HEADS_FILE), heads.heads_metadata(net))
     figures["calibration"] = cal = rewards.calibrate(run_dir, device, rc.calib_examples, rc.calib_samples, tc.seed)
     print(rewards.table(cal))
@@ -618,7 +658,8 @@ def derive_sizes(cfgs, run_dir):
         cfgs["gpt"].image_offset = tokenizer.get_vocab_size()
     cfgs["gpt"].vocab_size = cfgs["gpt"].image_offset + cfgs["vq"].codebook_size
     cfgs["gpt"].n_image_tokens = cfgs["vq"].n_codes
-    tagged = tokenizer is not None and cfgs["train"].region_tags and not cfgs["train"].data_dir  # a folder has no layout regions
+    tagged = (tokenizer is not None and cfgs["train"].region_tags
+              and not cfgs["train"].data_dir)  # a folder has no layout regions
     cfgs["gpt"].n_tags = data.region_tagger(tokenizer, cfgs["vq"].n_codes).n_tags if tagged else 0
 
 
@@ -646,7 +687,8 @@ def check_run_dir(run_dir, cfg_json, stages=STAGES):
         try:
             data.check_world_run(tokenizer, gpt_run)
         except ValueError as e:
-            raise ConfigError(f"{run_dir}: {e}. Use another --train.out_dir, or delete {run_dir} to start again.") from None
+            raise ConfigError(f"{run_dir}: {e}. Use another --train.out_dir, "
+                              f"or delete {run_dir} to start again.") from None
     if old is None:
         return
     # the reward heads come after the GPT: their settings matter only once they are trained
@@ -654,22 +696,26 @@ def check_run_dir(run_dir, cfg_json, stages=STAGES):
     diff = config_diff(old, cfg_json, sections)
     if diff and all(d.startswith("rewards.") for d in diff):
         raise ConfigError(f"{run_dir} holds reward heads trained with another config ({'; '.join(diff[:5])}). "
-                          f"Delete {os.path.join(run_dir, heads.HEADS_FILE)} to retrain them, or use another --train.out_dir.")
+                          f"Delete {os.path.join(run_dir, heads.HEADS_FILE)} to retrain them, "
+                          "or use another --train.out_dir.")
     post_path = os.path.join(run_dir, "lora_post.json")
     if not diff and "post" in stages and os.path.exists(post_path):
         diff = config_diff({"post": read_json(post_path)}, cfg_json, ("post",))
         if diff:
-            raise ConfigError(f"{run_dir}/lora_post.safetensors was post-trained with another [post] config ({'; '.join(diff[:5])}). "
-                              f"Delete {run_dir}/lora_post.safetensors (and .json) to post-train again, or use another --train.out_dir.")
+            raise ConfigError(f"{run_dir}/lora_post.safetensors was post-trained with another [post] config "
+                              f"({'; '.join(diff[:5])}). Delete {run_dir}/lora_post.safetensors (and .json) "
+                              "to post-train again, or use another --train.out_dir.")
     if diff:
         raise ConfigError(f"{run_dir} holds a run made with another config ({'; '.join(diff[:5])}). "
                           f"Use another --train.out_dir, or delete {run_dir} to start again.")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="a TOML file from tiny_configs/")
-    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES + EXTRA_STAGES)}")
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help=f"comma-separated subset of {','.join(STAGES + EXTRA_STAGES)}")
     args, overrides = p.parse_known_args(argv)
     try:
         cfgs = load_config(args.config, overrides)
@@ -710,7 +756,8 @@ def main(argv=None):
             needs = [s for s in needs if s != "rewards"]
         missing = [s for s in needs if s in OUTPUTS and not os.path.exists(os.path.join(run_dir, OUTPUTS[s]))]
         if missing:
-            raise SystemExit(f"stage {stage} needs the {missing[0]} stage first: run with --stages={','.join(missing + [stage])}")
+            raise SystemExit(f"stage {stage} needs the {missing[0]} stage first: "
+                             f"run with --stages={','.join(missing + [stage])}")
         t0 = time.time()
         print(f"[{stage}] start")
         try:  # the lm stage runs in every process; the others in rank 0 alone, the rest wait at the barrier
@@ -719,8 +766,10 @@ def main(argv=None):
         except (RunError, ConfigError, rewards.RewardError, posttrain.NothingToTarget) as e:
             raise SystemExit(f"error: {e}")
         except KeyboardInterrupt:
-            resume = f" from the last checkpoint (every {tc.ckpt_every} steps)" if stage == "lm" and tc.ckpt_every else ""
-            raise SystemExit(f"interrupted in the {stage} stage; run the same command again to resume{resume}") from None
+            resume = (f" from the last checkpoint (every {tc.ckpt_every} steps)"
+                      if stage == "lm" and tc.ckpt_every else "")
+            raise SystemExit(f"interrupted in the {stage} stage; "
+                             f"run the same command again to resume{resume}") from None
         dist_barrier(dist)
         if not dist.master:
             continue

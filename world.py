@@ -571,7 +571,8 @@ def plan_text(scene, spec=None):
     if not scene.objects:
         return EMPTY
     objs = scene.objects if spec is None else plan_order(scene, spec)
-    return f"{NUMBER_WORDS[len(objs)]} " + " ; ".join(f"{CELLS[3 * o.row + o.col]} {o.colour} {o.shape} {o.size}" for o in objs)
+    return f"{NUMBER_WORDS[len(objs)]} " + " ; ".join(f"{CELLS[3 * o.row + o.col]} {o.colour} {o.shape} {o.size}"
+                                                      for o in objs)
 
 
 def parse_plan(text):

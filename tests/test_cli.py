@@ -61,7 +61,8 @@ def test_a_damaged_run_file_is_named_with_what_to_do(tmp_path, micro_run, name, 
 @pytest.mark.parametrize("name, command", [
     ("lora_post.safetensors", lambda run: generate.main([run, "a red circle", "--adapter", "post"])),
     ("rewards.safetensors", lambda run: __import__("rewards").main([run])),
-    ("dev_samples.safetensors", lambda run: __import__("train").main([MICRO_CONFIG, f"--train.out_dir={run}", "--stages=post"])),
+    ("dev_samples.safetensors",
+     lambda run: __import__("train").main([MICRO_CONFIG, f"--train.out_dir={run}", "--stages=post"])),
 ])
 def test_damaged_weights_of_later_stages_are_named(tmp_path, micro_run, name, command):
     import shutil
@@ -129,7 +130,8 @@ def test_run_from_before_one_word_cells_is_refused(tmp_path, micro_run):
 
 
 @pytest.mark.parametrize("version, message", [(1, "older nanoloom.*cell after the object"),
-                                              (2, "older nanoloom.*did not begin with the number"), (4, "newer nanoloom")])
+                                              (2, "older nanoloom.*did not begin with the number"),
+                                              (4, "newer nanoloom")])
 def test_run_from_before_count_first_plans_is_refused(tmp_path, micro_run, version, message):
     """An older run's GPT writes the cell last ('red circle large top-left') and has no cell embedding
     (version 1), or writes no count before its objects (version 2); or a newer nanoloom made it: say so up
@@ -175,7 +177,8 @@ def test_run_whose_model_held_the_layout_cells_is_refused(tmp_path, micro_run):
     with pytest.raises(SystemExit, match="older nanoloom, whose model held the layout cells.*another --train.out_dir"):
         train.main(["tiny_configs/micro.toml", f"--train.out_dir={old}", "--stages=eval"])
     assert {f: (old / f).read_bytes() for f in os.listdir(old) if (old / f).is_file()} == before
-    cfg["train"]["data_dir"] = str(tmp_path / "images")  # a folder run of that version: no world to check, but keys unknown
+    cfg["train"]["data_dir"] = str(tmp_path / "images")  # a folder run of that version:
+    #                                                      no world to check, but keys unknown
     (old / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(generate.RunError, match="keys this nanoloom does not know .*cell_emb.*new run"):
         generate.load_run(str(old))

@@ -95,7 +95,8 @@ def test_plan_follows_the_prompt_order_and_rejects_garbage():
     spec = Spec((Req("circle", "red"), Req("square", "blue")), total=2)
     assert world.plan_text(Scene((a, b)), spec) == "two bottom-right red circle large ; top-left blue square small"
     assert world.plan_text(Scene((a, b))) == "two top-left blue square small ; bottom-right red circle large"
-    for bad in ["one red circle large", "one top-left red circle huge", "one top left red circle large",  # the old two-word cell
+    for bad in ["one red circle large", "one top-left red circle huge",
+                "one top left red circle large",  # the old two-word cell
                 "one red circle large top-left",  # the cell last, as before the cell embedding
                 "top-left red circle large ; bottom-right blue square small",  # no count, as before plan_version 3
                 "three top-left red circle large ; bottom-right blue square small",  # a count that is not the objects'
@@ -132,7 +133,8 @@ def test_pretraining_mix_weights_knowledge_kinds_and_leaves_benchmark_prompts_al
     named = np.mean([e.spec.reqs[0].size is not None for e in single])
     assert abs(named - (sized + world.SINGLE_SIZED * plain) / (plain + sized)) < 0.05, named
     # benchmark and dev prompts are drawn per category: a different pretraining mix leaves them unchanged
-    held_out = lambda: [e.prompt for s in evaluate.prompt_sets(20).values() for e in s] + [e.prompt for e in evaluate.dev_prompts(5)]
+    held_out = lambda: ([e.prompt for s in evaluate.prompt_sets(20).values() for e in s]
+                        + [e.prompt for e in evaluate.dev_prompts(5)])
     before = held_out()
     monkeypatch.setattr(world, "PRETRAIN_MIX", {("knowledge", "number"): 1.0})
     assert {world.sample_example(rng).kind for _ in range(20)} == {"number"}
@@ -246,8 +248,10 @@ def test_region_tags_of_a_plan_and_its_image():
     assert tagger.tags(ids)[:img - len(plan)] == [0] * (img - len(plan))  # the prompt names no cell word
     assert tagger.tags(ids)[img + 1:img + 65] == list(data.patch_regions(64)) and tagger.tags(ids)[img + 65:] == [0, 0]
     b = data.collate([data.build_sequence("plan", v, enc("a red circle"), plan, list(range(64)))], v, "cpu")
-    assert b.tags[0].tolist() == tagger.tags(ids)[:-1] and b.patch[0].tolist() == data.patch_positions(ids, v.image_offset)[:-1]
-    assert data.collate([(ids, [0] * len(ids), [1] * len(ids))], data.Vocab(v.text_size, 16), "cpu").tags.abs().sum() == 0
+    assert (b.tags[0].tolist() == tagger.tags(ids)[:-1]
+            and b.patch[0].tolist() == data.patch_positions(ids, v.image_offset)[:-1])
+    assert data.collate([(ids, [0] * len(ids), [1] * len(ids))],
+                        data.Vocab(v.text_size, 16), "cpu").tags.abs().sum() == 0
 
 
 def test_tagger_step_equals_the_whole_sequence_walk():
@@ -255,8 +259,10 @@ def test_tagger_step_equals_the_whole_sequence_walk():
     region carried between them, gives every token the tag Tagger.tags gives it from the whole sequence."""
     g = torch.Generator().manual_seed(0)
     T = 40
-    tagger = data.Tagger(text_size=20, cell_ids=(9, 10, 11), keep_ids=(12, 13), patch_tags=torch.randint(0, 4, (T,), generator=g).tolist())
-    pool = torch.tensor([data.PAD, data.NULL, data.BOI, data.EOI, 9, 10, 11, 12, 13, 14, 20, 21, 23])  # specials, cells, attrs, a word, codes
+    tagger = data.Tagger(text_size=20, cell_ids=(9, 10, 11), keep_ids=(12, 13),
+                         patch_tags=torch.randint(0, 4, (T,), generator=g).tolist())
+    pool = torch.tensor([data.PAD, data.NULL, data.BOI, data.EOI,
+                         9, 10, 11, 12, 13, 14, 20, 21, 23])  # specials, cells, attrs, a word, codes
     ids = pool[torch.randint(0, len(pool), (16, T), generator=g)]  # (B, T)
     patch = torch.tensor([data.patch_positions(r, 20) for r in ids.tolist()])
     region, got, t = torch.zeros(16, dtype=torch.long), [], 0
@@ -268,5 +274,6 @@ def test_tagger_step_equals_the_whole_sequence_walk():
     want = [tagger.tags(r) for r in ids.tolist()]
     assert torch.cat(got, 1).tolist() == want
     assert {x for row in want for x in row} == {0, 1, 2, 3}, "every region must occur"
-    assert any(w[i] != 0 and p[i] == 0 and r[i] in (12, 13) for w, p, r in zip(want, patch.tolist(), ids.tolist()) for i in range(T)), \
+    assert any(w[i] != 0 and p[i] == 0 and r[i] in (12, 13)
+               for w, p, r in zip(want, patch.tolist(), ids.tolist()) for i in range(T)), \
         "attribute words must keep a region open somewhere"

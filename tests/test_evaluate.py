@@ -59,7 +59,8 @@ def test_no_training_or_dev_prompt_is_a_benchmark_prompt():
 
 DENSE = Spec((Req("circle", "red", "large", 1, 0, 0), Req("square", "blue", "small", 1, 2, 2),
               Req("triangle", "green", "small", 1, 0, 2)), ((0, "left of", 2), (1, "below", 2)), total=3)
-GOOD = (Obj("circle", "red", "large", 0, 0), Obj("square", "blue", "small", 2, 2), Obj("triangle", "green", "small", 0, 2))
+GOOD = (Obj("circle", "red", "large", 0, 0), Obj("square", "blue", "small", 2, 2),
+        Obj("triangle", "green", "small", 0, 2))
 
 
 def failed_facts(*objs):
@@ -177,7 +178,8 @@ def test_run_all_json_shape(micro_run, capsys):
     assert set(out) == {"geneval", "dpg", "wise", "oneig"}
     assert set(out["geneval"]["tasks"]) == set(evaluate.GENEVAL_TASKS)
     assert set(out["oneig"]) >= {"overall", "alignment", "reasoning", "diversity", "quality", "ci"}
-    assert set(out["dpg"]) >= {"overall", "all_facts", "plan_facts", "ci"}  # plan_facts: every sample's plan, parsed or not
+    assert set(out["dpg"]) >= {"overall", "all_facts", "plan_facts", "ci"}  # plan_facts:
+    #                                                                         every sample's plan, parsed or not
     assert 0 <= out["dpg"]["plan_facts"] <= 1
     assert set(out["wise"]) >= {"overall", "plan_accuracy", "ci"}
     for b in out.values():
@@ -210,4 +212,5 @@ def test_focus_measures_named_categories_closely(micro_run, capsys, monkeypatch)
     with pytest.raises(SystemExit):  # the world has fewer bench prompts of two objects than 150
         evaluate.main([micro_run, "--focus", "position,two_objects", "--prompts", "150"])
     err = capsys.readouterr().err
-    assert "--focus two_objects: only" in err and "distinct bench prompts of two_objects" in err and "--prompts at most" in err
+    assert ("--focus two_objects: only" in err and "distinct bench prompts of two_objects" in err
+            and "--prompts at most" in err)

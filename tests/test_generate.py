@@ -12,7 +12,8 @@ from model import GPT, GPTConfig, token_ce
 N_IMG = 9
 # words 9-11 name regions 1-3 and words 12-13 keep them open, as a plan's cell and attribute words do; the
 # 3x3 image's patches lie in regions 1-3 but for its last one
-VOCAB = Vocab(text_size=30, codebook_size=16, tagger=Tagger(30, cell_ids=(9, 10, 11), keep_ids=(12, 13), patch_tags=(1, 1, 2, 1, 1, 2, 3, 3, 0)))
+VOCAB = Vocab(text_size=30, codebook_size=16,
+              tagger=Tagger(30, cell_ids=(9, 10, 11), keep_ids=(12, 13), patch_tags=(1, 1, 2, 1, 1, 2, 3, 3, 0)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,7 +44,8 @@ def grammar_model(seed=0, steps=150):
     return model.double().eval()
 
 
-PROMPTS = [[9, 10, 11], [12], [13, 14, 15, 16, 17], [18, 19], [13, 12, 10, 21]]  # the last one plans a region kept open by two words
+PROMPTS = [[9, 10, 11], [12], [13, 14, 15, 16, 17], [18, 19],
+           [13, 12, 10, 21]]  # the last one plans a region kept open by two words
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
@@ -62,7 +64,8 @@ def test_tags_change_the_samples():
     model = grammar_model()
     cfg = SampleConfig(temperature=0.0, text_temperature=0.0, cfg_scale=2.0, max_plan_tokens=8)
     untagged = dataclasses.replace(VOCAB, tagger=None)
-    assert [s["tokens"] for s in generate(model, untagged, PROMPTS, cfg)] != [s["tokens"] for s in generate(model, VOCAB, PROMPTS, cfg)]
+    assert ([s["tokens"] for s in generate(model, untagged, PROMPTS, cfg)]
+            != [s["tokens"] for s in generate(model, VOCAB, PROMPTS, cfg)])
 
 
 class Scripted(torch.nn.Module):
@@ -71,8 +74,8 @@ class Scripted(torch.nn.Module):
 
     def __init__(self, plans):
         super().__init__()
-        self.cfg = GPTConfig(vocab_size=VOCAB.size, image_offset=VOCAB.image_offset, n_image_tokens=N_IMG, block_size=64,
-                             n_layer=1, n_head=1, n_kv_head=1, n_embd=4, n_tags=VOCAB.tagger.n_tags)
+        self.cfg = GPTConfig(vocab_size=VOCAB.size, image_offset=VOCAB.image_offset, n_image_tokens=N_IMG,
+                             block_size=64, n_layer=1, n_head=1, n_kv_head=1, n_embd=4, n_tags=VOCAB.tagger.n_tags)
         self.weight = torch.nn.Parameter(torch.zeros(1))  # the sampler takes its device and dtype from a parameter
         self.plans, self.calls = plans, []
 
@@ -83,7 +86,8 @@ class Scripted(torch.nn.Module):
         logits = torch.zeros(idx.shape[0], idx.shape[1], VOCAB.size)
         for r in range(idx.shape[0]):
             script = self.plans[r % len(self.plans)] + [BOI]
-            logits[r, -1, script[step] if step < len(script) else VOCAB.image_offset + step % VOCAB.codebook_size] = 10.0
+            logits[r, -1, script[step] if step < len(script)
+                   else VOCAB.image_offset + step % VOCAB.codebook_size] = 10.0
         return logits
 
 
@@ -103,11 +107,13 @@ def test_fast_sampler_feeds_the_patches_and_tags_of_training(cfg_scale):
     for r in range(len(ids)):
         s, prompt = samples[r % len(samples)], prompts[r % len(prompts)]
         seq = ids[r][width - (2 + len(prompt)):]  # <bos> prompt <think> and what followed
-        assert patch[r][-len(seq):] == patch_positions(seq, VOCAB.image_offset) and tags[r][-len(seq):] == VOCAB.tagger.tags(seq)
+        assert (patch[r][-len(seq):] == patch_positions(seq, VOCAB.image_offset)
+                and tags[r][-len(seq):] == VOCAB.tagger.tags(seq))
         train = build_sequence("plan", VOCAB, prompt, s["plan"], s["codes"], null=r >= len(samples))[0]
         fed = [t for t in seq if t != PAD]  # a row that is done is fed <pad> until every row is
         assert fed == train[:len(fed)] and len(fed) >= len(train) - 2  # <eoi> is fed only while other rows draw on
-    assert tags[0][width - 3:width + 7] == [0, 1, 0, 1, 1, 1, 0, 2, 2, 0]  # prompt, <think>, plans[0] and <boi>: the regions
+    assert tags[0][width - 3:width + 7] == [0, 1, 0, 1, 1, 1, 0, 2, 2, 0]  # prompt, <think>, plans[0] and <boi>:
+    #                                                                        the regions
     assert tags[2][width:width + 8] == [0, 3, 3, 3, 3, 0, 1, 0]
 
 

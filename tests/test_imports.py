@@ -6,8 +6,8 @@ import os
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 # a file may import only files of a lower level; config.py, model.py and world.py know nothing of the project
-LEVELS = {"config": 0, "model": 0, "world": 0, "data": 1, "generate": 2, "heads": 3, "evaluate": 3, "rewards": 4, "posttrain": 5,
-          "ablations": 6, "train": 7, "bench": 7}
+LEVELS = {"config": 0, "model": 0, "world": 0, "data": 1, "generate": 2, "heads": 3, "evaluate": 3, "rewards": 4,
+          "posttrain": 5, "ablations": 6, "train": 7, "bench": 7}
 
 
 def project_imports(path):
@@ -23,7 +23,8 @@ def project_imports(path):
 
 def test_every_file_of_the_project_has_a_level():
     files = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))}
-    assert files == set(LEVELS), f"give each new file a level in LEVELS (and the README's import rule): {files ^ set(LEVELS)}"
+    assert files == set(LEVELS), (f"give each new file a level in LEVELS (and the README's import rule): "
+                                  f"{files ^ set(LEVELS)}")
 
 
 def test_imports_flow_one_way():

@@ -121,7 +121,8 @@ def test_cpu_bf16_autocast_keeps_attention_in_float32_and_tracks_float32(monkeyp
     kw = inputs(idx)
     seen, sdpa = [], F.scaled_dot_product_attention  # autocast would cast attention's inputs below this call
     monkeypatch.setattr(F, "scaled_dot_product_attention",
-                        lambda q, k, v, **kw: seen.append((q.dtype, torch.is_autocast_enabled("cpu"))) or sdpa(q, k, v, **kw))
+                        lambda q, k, v, **kw: (seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+                                               or sdpa(q, k, v, **kw)))
 
     def loss_and_grads(bf16):
         model.zero_grad()
@@ -160,7 +161,8 @@ def test_patch_and_tag_embeddings_change_only_their_positions_and_row_zero_stays
     model.train()
     token_ce(model(idx, **inputs(idx)), idx).sum().backward()
     for table in (model.patch_embed, model.tag_embed):
-        assert table.weight[0].abs().sum() == 0 and table.weight.grad[0].abs().sum() == 0 and table.weight.grad[1:].abs().sum() > 0
+        assert (table.weight[0].abs().sum() == 0 and table.weight.grad[0].abs().sum() == 0
+                and table.weight.grad[1:].abs().sum() > 0)
 
 
 def test_rope_and_rms_norm_functions_equal_their_textbook_forms():
@@ -169,18 +171,21 @@ def test_rope_and_rms_norm_functions_equal_their_textbook_forms():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
     cos, sin = (t.double() for t in rope_tables(8, 5, 10000.0))
-    for c, s in ((cos, sin), (cos[None, None].expand(2, 1, 5, 4), sin[None, None].expand(2, 1, 5, 4))):  # training's table, the sampler's per row
+    for c, s in ((cos, sin),  # training's table,
+                 (cos[None, None].expand(2, 1, 5, 4), sin[None, None].expand(2, 1, 5, 4))):  # the sampler's per row
         x1, x2 = x.chunk(2, dim=-1)
         want = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
         got = RoPE.apply(x, c, s)
         g = torch.randn_like(want)
-        assert torch.allclose(got, want) and torch.allclose(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0])
+        assert torch.allclose(got, want) and torch.allclose(torch.autograd.grad(got, x, g)[0],
+                                                            torch.autograd.grad(want, x, g)[0])
     w = torch.randn(8, dtype=torch.float64, requires_grad=True)
     want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
     got = RMSNormFunction.apply(x, w, 1e-6)
     g = torch.randn_like(want)
     assert torch.allclose(got, want)
-    assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad(got, (x, w), g), torch.autograd.grad(want, (x, w), g)))
+    assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad(got, (x, w), g),
+                                                    torch.autograd.grad(want, (x, w), g)))
     assert torch.allclose(RMSNorm(8).double()(x), F.rms_norm(x, (8,), torch.ones(8, dtype=torch.float64), 1e-6))
 
 

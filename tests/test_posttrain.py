@@ -33,7 +33,8 @@ def test_weighting_schemes_on_hand_made_rewards():
     assert posttrain.sample_weights(R, GROUP, "threshold", threshold=0.85).tolist() == [1, 0, 0, 0, 0, 0]
     graded = [False] * 3 + [True] * 3
     assert posttrain.sample_weights(R, GROUP, "threshold", threshold=0.85, graded=graded).tolist() == [1, 0, 0, 0, 0, 1]
-    assert posttrain.sample_weights(R, GROUP, "threshold", threshold=np.inf, graded=graded).tolist() == [0, 0, 0, 0, 0, 1]
+    assert posttrain.sample_weights(R, GROUP, "threshold",
+                                    threshold=np.inf, graded=graded).tolist() == [0, 0, 0, 0, 0, 1]
     w = posttrain.sample_weights(R, GROUP, "rwr", beta=0.1)
     e = np.exp(R / 0.1)
     soft = np.concatenate([e[:3] / e[:3].sum(), e[3:] / e[3:].sum()])
@@ -53,7 +54,8 @@ def test_weighting_schemes_on_hand_made_rewards():
 @pytest.mark.parametrize("strategy", posttrain.STRATEGIES)
 def test_post_training_prompts_never_equal_benchmark_or_dev_prompts(strategy):
     bench = {e.prompt for exs in evaluate.prompt_sets(50).values() for e in exs}
-    bench |= {e.prompt for name in ("counting", "knowledge/comparative") for e in evaluate.focus_prompts(name, 150)}  # the ablations'
+    bench |= {e.prompt for name in ("counting", "knowledge/comparative")
+              for e in evaluate.focus_prompts(name, 150)}  # the ablations'
     dev = {e.prompt for e in evaluate.dev_prompts(25)}
     weakness = {"categories": [{"name": "dense", "pass_rate": 0.0}, {"name": "knowledge/comparative", "pass_rate": 0.2},
                                {"name": "position", "pass_rate": 0.5}, {"name": "colors", "pass_rate": 1.0}],
@@ -79,10 +81,13 @@ def test_targeted_top_keeps_only_the_weakest_categories_the_model_sometimes_pass
     weakness = {"categories": [{"name": "dense", "pass_rate": 0.0}, {"name": "knowledge/comparative", "pass_rate": 0.2},
                                {"name": "color_attr", "pass_rate": 0.3}, {"name": "position", "pass_rate": 0.5},
                                {"name": "colors", "pass_rate": 1.0}]}
-    assert set(posttrain.target_shares(weakness, top=2)) == {"knowledge/comparative", "color_attr"}  # dense: never passed
+    # dense: never passed
+    assert set(posttrain.target_shares(weakness, top=2)) == {"knowledge/comparative", "color_attr"}
     assert set(posttrain.target_shares(weakness)) == {c["name"] for c in weakness["categories"]}
-    exs = posttrain.draw_prompts("targeted", 200, np.random.default_rng(0), {**weakness, "attributes": []}, top_categories=2)
-    assert {e.category for e in exs} == {"knowledge", "color_attr"} and {e.kind for e in exs if e.category == "knowledge"} == {"comparative"}
+    exs = posttrain.draw_prompts("targeted", 200, np.random.default_rng(0),
+                                 {**weakness, "attributes": []}, top_categories=2)
+    assert ({e.category for e in exs} == {"knowledge", "color_attr"}
+            and {e.kind for e in exs if e.category == "knowledge"} == {"comparative"})
     # a category the reward cannot judge gets no prompts: the next weakest takes its place
     judged = {"color_attr", "position", "colors"}
     assert set(posttrain.target_shares(weakness, top=2, judged=judged)) == {"color_attr", "position"}
@@ -91,14 +96,17 @@ def test_targeted_top_keeps_only_the_weakest_categories_the_model_sometimes_pass
 
 
 def test_an_anchor_share_of_targeted_prompts_comes_from_every_benchmark_category():
-    weakness = {"categories": [{"name": "knowledge/comparative", "pass_rate": 0.2}, {"name": "colors", "pass_rate": 1.0}],
+    weakness = {"categories": [{"name": "knowledge/comparative", "pass_rate": 0.2},
+                               {"name": "colors", "pass_rate": 1.0}],
                 "attributes": []}
-    draw = lambda **kw: posttrain.draw_prompts("targeted", 400, np.random.default_rng(0), weakness, top_categories=1, **kw)
+    draw = lambda **kw: posttrain.draw_prompts("targeted", 400, np.random.default_rng(0), weakness,
+                                               top_categories=1, **kw)
     assert [e.prompt for e in draw(anchor=0.0)] == [e.prompt for e in draw()], "anchor 0 draws what it drew before"
     exs = draw(anchor=0.25)
     other = [e for e in exs if e.kind != "comparative"]
     assert 0.18 < len(other) / len(exs) < 0.32 and {e.category for e in other} >= set(evaluate.GENEVAL_TASKS)
-    bench = {e.prompt for exs in evaluate.prompt_sets(50).values() for e in exs} | {e.prompt for e in evaluate.dev_prompts(25)}
+    bench = ({e.prompt for exs in evaluate.prompt_sets(50).values() for e in exs}
+             | {e.prompt for e in evaluate.dev_prompts(25)})
     assert not {e.prompt for e in exs} & bench and all(world.prompt_split(e.prompt) == "train" for e in exs)
 
 
@@ -108,18 +116,22 @@ def test_thresholds_are_calibrated_per_category_on_dev_samples():
     # failures, 95% precision is reached only once every passing sample is in: the threshold is the lowest passing score
     pa = rng.random(100) < 0.6
     ra = np.where(pa, rng.uniform(0.5, 0.7, 100), rng.uniform(0.0, 0.2, 100))
-    # "b": the same, on a tenfold smaller scale; "c": reward unrelated to passing; "d": never passes; "e": 20 perfect samples
+    # "b": the same, on a tenfold smaller scale; "c": reward unrelated to passing;
+    # "d": never passes; "e": 20 perfect samples
     pb, rb = pa, ra / 10
     pc_, rc = pa, rng.random(100)
     pe, re = np.ones(20, bool), rng.random(20)
     names = ["a"] * 100 + ["b"] * 100 + ["c"] * 100 + ["d"] * 10 + ["e"] * 20
-    t = posttrain.calibrate_thresholds(np.r_[ra, rb, rc, rng.random(10), re], np.r_[pa, pb, pc_, np.zeros(10), pe], names, precision=0.95)
-    assert t["a"] == pytest.approx(ra[pa].min()) and t["b"] == pytest.approx(rb[pa].min()), "one threshold per category's scale"
+    t = posttrain.calibrate_thresholds(np.r_[ra, rb, rc, rng.random(10), re], np.r_[pa, pb, pc_, np.zeros(10), pe],
+                                       names, precision=0.95)
+    assert t["a"] == pytest.approx(ra[pa].min()) and t["b"] == pytest.approx(rb[pa].min()), \
+        "one threshold per category's scale"
     assert t["c"] is None and t["d"] is None, "no threshold where the reward cannot pick out passing samples"
     assert t["e"] is None, "20 samples are too few to show 95% precision with two prior failures"
     assert posttrain.calibrate_thresholds(re, pe, ["e"] * 20, precision=0.9)["e"] == pytest.approx(re.min())
     # per-sample thresholds in the threshold weighting
-    w = posttrain.sample_weights(np.array([0.3, 0.3, 0.05]), np.arange(3), "threshold", threshold=np.array([0.2, np.inf, 0.04]))
+    w = posttrain.sample_weights(np.array([0.3, 0.3, 0.05]), np.arange(3), "threshold",
+                                 threshold=np.array([0.2, np.inf, 0.04]))
     assert w.tolist() == [1, 0, 1]
 
 
@@ -132,9 +144,12 @@ def test_min_passing_is_where_calibration_first_finds_a_threshold():
 
 
 def test_targets_are_weak_categories_the_reward_can_judge_else_nothing():
-    weakness = {"categories": [{"name": "dense", "pass_rate": 0.0, "n": 100}, {"name": "knowledge/comparative", "pass_rate": 0.1, "n": 100},
-                               {"name": "color_attr", "pass_rate": 0.3, "n": 100}, {"name": "position", "pass_rate": 0.4, "n": 100},
-                               {"name": "counting", "pass_rate": 0.76, "n": 400}, {"name": "colors", "pass_rate": 1.0, "n": 100}]}
+    weakness = {"categories": [{"name": "dense", "pass_rate": 0.0, "n": 100},
+                               {"name": "knowledge/comparative", "pass_rate": 0.1, "n": 100},
+                               {"name": "color_attr", "pass_rate": 0.3, "n": 100},
+                               {"name": "position", "pass_rate": 0.4, "n": 100},
+                               {"name": "counting", "pass_rate": 0.76, "n": 400},
+                               {"name": "colors", "pass_rate": 1.0, "n": 100}]}
     calls = []
 
     def measure(found, rate=0.5):
@@ -144,7 +159,8 @@ def test_targets_are_weak_categories_the_reward_can_judge_else_nothing():
     # again, color_attr gets a threshold from fresh samples, position none; counting (0.76) is never aimed at
     t = {"counting": 0.2, "colors": 0.1, "color_attr": None, "position": None}
     out, again = posttrain.choose_targets(weakness, t, 2, 0.7, measure({"color_attr": 0.3}), min_rate=0.2)
-    assert out == ["color_attr"] and calls == ["color_attr", "position"] and t["color_attr"] == 0.3 and t["position"] is None
+    assert (out == ["color_attr"] and calls == ["color_attr", "position"]
+            and t["color_attr"] == 0.3 and t["position"] is None)
     assert again["color_attr"] == (pytest.approx((0.3 * 100 + 0.5 * 400) / 500), 500), "dev and fresh samples pooled"
     # nothing weak can be judged: no targets (the post stage then skips); a higher bar lets counting in
     calls.clear()
@@ -154,8 +170,10 @@ def test_targets_are_weak_categories_the_reward_can_judge_else_nothing():
     # judged categories need no fresh samples; the walk stops at `top`
     calls.clear()
     t = {"knowledge/comparative": 0.1, "color_attr": 0.2, "position": None}
-    assert posttrain.choose_targets(weakness, t, 2, 0.7, measure({})) == (["knowledge/comparative", "color_attr"], {}) and calls == []
-    assert posttrain.choose_targets(weakness, {"color_attr": 0.2, "position": 0.1}, 0, 1.0, measure({}))[0] == ["color_attr", "position"]
+    assert (posttrain.choose_targets(weakness, t, 2, 0.7, measure({})) == (["knowledge/comparative", "color_attr"], {})
+            and calls == [])
+    assert posttrain.choose_targets(weakness, {"color_attr": 0.2, "position": 0.1},
+                                    0, 1.0, measure({}))[0] == ["color_attr", "position"]
 
 
 def test_the_verifier_scores_the_share_of_clauses_and_the_oracle_threshold_is_its_verdict():
@@ -180,16 +198,20 @@ def test_dense_prompts_are_aimed_at_by_their_share_of_facts_without_a_threshold(
     """A strong base whose only weakness is dense layouts (almost none right outright, half their facts
     right): dense is a target, ranked by its facts, with no threshold and no fresh samples. It stays one
     while fewer than `below` of its layouts have every fact right, however many of their facts hold."""
-    cats = [{"name": "dense", "pass_rate": 0.03, "n": 100, "facts": 0.55}, {"name": "counting", "pass_rate": 0.97, "n": 100},
+    cats = [{"name": "dense", "pass_rate": 0.03, "n": 100, "facts": 0.55},
+            {"name": "counting", "pass_rate": 0.97, "n": 100},
             {"name": "knowledge/comparative", "pass_rate": 0.6, "n": 400}]
     calls = []
     measure = lambda name: calls.append(name) or (0.5, 400, None)
-    assert posttrain.choose_targets({"categories": cats}, {"counting": 0.2}, 1, 0.8, measure) == (["dense"], {}) and calls == []
+    assert (posttrain.choose_targets({"categories": cats}, {"counting": 0.2}, 1, 0.8, measure) == (["dense"], {})
+            and calls == [])
     judged = {"counting": 0.2, "knowledge/comparative": 0.3}
-    assert posttrain.choose_targets({"categories": cats}, judged, 2, 0.8, measure)[0] == ["dense", "knowledge/comparative"]
+    assert (posttrain.choose_targets({"categories": cats}, judged, 2, 0.8, measure)[0]
+            == ["dense", "knowledge/comparative"])
     assert posttrain.target_shares({"categories": cats}, top=1) == {"dense": 1.0}
     strong = [{**cats[0], "pass_rate": 0.5, "facts": 0.92}, cats[1]]  # most facts right, half the layouts not all right
-    assert posttrain.choose_targets({"categories": strong}, {"counting": 0.2}, 2, 0.8, measure) == (["dense"], {}) and calls == []
+    assert (posttrain.choose_targets({"categories": strong}, {"counting": 0.2}, 2, 0.8, measure) == (["dense"], {})
+            and calls == [])
     strong[0].update(pass_rate=0.85, facts=0.97)  # all facts right in most layouts: nothing weak
     assert posttrain.choose_targets({"categories": strong}, {"counting": 0.2}, 2, 0.8, measure)[0] == []
     cats[0]["facts"] = 0.02  # below the floor: nothing right to imitate
@@ -215,7 +237,8 @@ def test_a_category_seen_on_too_few_dev_samples_is_measured_again_before_it_is_c
     # measured again and found strong: not a target
     fresh["knowledge/comparative"] = (0.95, 400, 0.4)
     calls.clear()
-    assert posttrain.choose_targets(weakness, {"counting": 0.2}, 2, 0.8, measure)[0] == ["counting"] and calls == ["knowledge/comparative"]
+    assert (posttrain.choose_targets(weakness, {"counting": 0.2}, 2, 0.8, measure)[0] == ["counting"]
+            and calls == ["knowledge/comparative"])
     # the interval: 22 of 24 reaches below 0.8, 24 of 24 does not; 0.85 of 100 does, 0.9 of 100 does not
     assert posttrain.wilson_low(22 / 24, 24) < 0.8 < posttrain.wilson_low(1.0, 24)
     assert posttrain.wilson_low(0.85, 100) < 0.8 < posttrain.wilson_low(0.9, 100)
@@ -247,7 +270,8 @@ def test_targets_follow_the_rates_measured_again():
     # prompts than b (0.4), not fewer (pass * (1 - pass) is largest at 0.5)
     pooled = posttrain.with_rates(weakness, {"a": (0.5, 424)})
     assert pooled["categories"][0] == {"name": "a", "pass_rate": 0.5, "n": 424} and weakness["categories"][0]["n"] == 24
-    before, after = posttrain.target_shares(weakness, judged={"a", "b"}), posttrain.target_shares(pooled, judged={"a", "b"})
+    before, after = (posttrain.target_shares(weakness, judged={"a", "b"}),
+                     posttrain.target_shares(pooled, judged={"a", "b"}))
     assert before["a"] < before["b"] and after["a"] > after["b"]
 
 
@@ -275,7 +299,8 @@ def test_targeted_needs_a_weakness_report():
 
 
 def test_weighted_loss_is_the_weighted_sum_of_both_modalities():
-    vocab = data.Vocab(text_size=20, codebook_size=8, tagger=data.Tagger(20, cell_ids=(12,), keep_ids=(13,), patch_tags=(1, 1, 0, 0)))
+    vocab = data.Vocab(text_size=20, codebook_size=8,
+                       tagger=data.Tagger(20, cell_ids=(12,), keep_ids=(13,), patch_tags=(1, 1, 0, 0)))
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(vocab_size=vocab.size, image_offset=vocab.image_offset, n_image_tokens=4, block_size=32,
                         n_layer=1, n_head=2, n_kv_head=2, n_embd=16, mlp_hidden=32, n_tags=2))
@@ -302,17 +327,20 @@ def test_micro_post_training_round_changes_only_the_adapter(micro_run, tmp_path)
     shutil.copytree(micro_run, run)
     report = json.load(open(os.path.join(run, "report.json")))
     assert {"before", "after", "rounds", "reward_hacking"} <= set(report["post"])
-    assert {"reward_after", "verifier_after"} <= set(report["post"]["rounds"][-1]), "the main job re-samples the last round's prompts"
+    assert {"reward_after", "verifier_after"} <= set(report["post"]["rounds"][-1]), \
+        "the main job re-samples the last round's prompts"
     saved = load_file(os.path.join(run, "lora_post.safetensors"))
     assert saved and all(".lora_" in k for k in saved), "the adapter file holds adapter tensors only"
     # one more round by hand: every base weight stays as it was, the adapter moves
     cfgs = train.load_config(MICRO, [f"--train.out_dir={run}", "--post.steps=3", "--post.weighting=uniform"])
     train.derive_sizes(cfgs, run)
     base = load_file(os.path.join(run, "gpt.safetensors"))
-    gpt, *_, rounds = posttrain.post_train(cfgs, run, "cpu", train.Metrics(os.path.join(run, "m.jsonl")).log, cfgs["post"], seed=5, adapter="t")
+    gpt, *_, rounds = posttrain.post_train(cfgs, run, "cpu", train.Metrics(os.path.join(run, "m.jsonl")).log,
+                                           cfgs["post"], seed=5, adapter="t")
     state = gpt.state_dict()
     for k, v in base.items():
-        key = k.replace("_proj.weight", "_proj.base.weight") if k.replace("_proj.weight", "_proj.base.weight") in state else k
+        key = (k.replace("_proj.weight", "_proj.base.weight")
+               if k.replace("_proj.weight", "_proj.base.weight") in state else k)
         assert torch.equal(state[key], v), k
     assert any(state[k].abs().sum() > 0 for k in state if ".lora_B." in k), "the adapter did not train"
     assert rounds and 0 <= rounds[0]["verifier"] <= 1
@@ -355,8 +383,10 @@ def test_ablations_refuse_a_base_with_nothing_weak_to_aim_at(micro_run, tmp_path
 
 
 def test_focus_category_is_the_weakest_the_model_sometimes_passes():
-    weakness = {"categories": [{"name": "dense", "pass_rate": 0.0, "n": 20}, {"name": "knowledge/comparative", "pass_rate": 0.1, "n": 10},
-                               {"name": "position", "pass_rate": 0.3, "n": 20}, {"name": "knowledge/number", "pass_rate": 0.9, "n": 30}]}
+    weakness = {"categories": [{"name": "dense", "pass_rate": 0.0, "n": 20},
+                               {"name": "knowledge/comparative", "pass_rate": 0.1, "n": 10},
+                               {"name": "position", "pass_rate": 0.3, "n": 20},
+                               {"name": "knowledge/number", "pass_rate": 0.9, "n": 30}]}
     assert ablations.focus_category(weakness) == "knowledge/comparative"  # a kind on its own; dense never passes
     weakness["categories"][1]["pass_rate"] = 0.01
     assert ablations.focus_category(weakness) == "position"
@@ -376,7 +406,8 @@ def test_another_post_config_is_refused_by_the_post_stage_only(micro_run, tmp_pa
 
 
 def test_split_ablation_sweeps_merge(capsys, tmp_path):
-    base = {"focus": {"pass_rate": 0.3, "samples": 16}, "benchmarks": {b: {"overall": 0.5} for b in ("geneval", "dpg", "wise", "oneig")}}
+    base = {"focus": {"pass_rate": 0.3, "samples": 16},
+            "benchmarks": {b: {"overall": 0.5} for b in ("geneval", "dpg", "wise", "oneig")}}
     run = lambda x: {"focus": {"pass_rate": x}, "benchmarks": base["benchmarks"]}
     parts = [{"focus_category": "position", "base": base, "runs": {"both": [run(0.4)], "uniform": [run(0.3)]}},
              {"focus_category": "position", "base": base, "runs": {"both": [run(0.5)], "uniform": [run(0.3)]}}]
@@ -394,16 +425,20 @@ def test_split_ablation_sweeps_merge(capsys, tmp_path):
 
 
 def test_ablation_claims_need_a_lead_beyond_the_standard_error():
-    base = {"focus": {"pass_rate": 0.3, "samples": 16}, "benchmarks": {b: {"overall": 0.5} for b in ("geneval", "dpg", "wise", "oneig")}}
+    base = {"focus": {"pass_rate": 0.3, "samples": 16},
+            "benchmarks": {b: {"overall": 0.5} for b in ("geneval", "dpg", "wise", "oneig")}}
     runs = lambda *xs: [{"focus": {"pass_rate": x}, "benchmarks": base["benchmarks"]} for x in xs]
     res = lambda **v: {"focus_category": "position", "base": base, "runs": {k: runs(*x) for k, x in v.items()}}
     # image only ahead by 0.001 with seeds spread by 0.01: no verdict either way
-    md = ablations.summary_table(res(both=(0.40, 0.41, 0.42), text_only=(0.30, 0.31, 0.32), image_only=(0.401, 0.411, 0.421)))
-    assert "both modalities beats text only and image only on position: **not settled**: image_only leads both by +0.001" in md
+    md = ablations.summary_table(res(both=(0.40, 0.41, 0.42), text_only=(0.30, 0.31, 0.32),
+                                     image_only=(0.401, 0.411, 0.421)))
+    assert ("both modalities beats text only and image only on position: **not settled**: "
+            "image_only leads both by +0.001" in md)
     # a rival clearly ahead of the claimed variant: the claim does not reproduce, however close the rest
     md = ablations.summary_table(res(both=(0.40, 0.41, 0.42), broad=(0.50, 0.51, 0.52), aligned=(0.495, 0.505, 0.515)))
     assert "**does not reproduce** (best: broad, +0.100 over targeted" in md
-    md = ablations.summary_table(res(both=(0.50, 0.51, 0.52), text_only=(0.40, 0.41, 0.42), image_only=(0.30, 0.31, 0.32)))
+    md = ablations.summary_table(res(both=(0.50, 0.51, 0.52), text_only=(0.40, 0.41, 0.42),
+                                     image_only=(0.30, 0.31, 0.32)))
     assert "**reproduces** (best: both, +0.100 over text_only" in md
 
 
@@ -414,10 +449,12 @@ def test_self_generated_plans_use_the_post_plan_temperature(micro_run, tmp_path)
     shutil.copytree(micro_run, run)
     distinct = {}
     for temp in (0.0, 1.0):
-        cfgs = train.load_config(MICRO, [f"--train.out_dir={run}", "--post.steps=1", "--post.rounds=1", "--post.samples=4",
-                                         f"--post.plan_temperature={temp}", "--sample.text_temperature=0.5"])
+        cfgs = train.load_config(MICRO, [f"--train.out_dir={run}", "--post.steps=1", "--post.rounds=1",
+                                         "--post.samples=4", f"--post.plan_temperature={temp}",
+                                         "--sample.text_temperature=0.5"])
         train.derive_sizes(cfgs, run)
-        posttrain.post_train(cfgs, run, "cpu", train.Metrics(os.path.join(run, "m.jsonl")).log, cfgs["post"], seed=3, log_prefix=f"t{temp}")
+        posttrain.post_train(cfgs, run, "cpu", train.Metrics(os.path.join(run, "m.jsonl")).log,
+                             cfgs["post"], seed=3, log_prefix=f"t{temp}")
         t = load_file(os.path.join(run, f"t{temp}_round0.safetensors"))
         plans = {}
         for i, plan in zip(t["example"].tolist(), t["plan"].tolist()):
@@ -442,9 +479,12 @@ def test_reward_hacking_is_flagged_when_the_verifier_does_not_follow_the_reward(
     rnd = lambda **kw: {"reward": 0.3, "verifier": 0.5, "reward_after_se": 0.01, **kw}
     assert posttrain.hacking([rnd(reward_after=0.4, verifier_after=0.5)]) is True
     assert posttrain.hacking([rnd(reward_after=0.4, verifier_after=0.6)]) is False
-    assert posttrain.hacking([rnd(reward_after=0.31, verifier_after=0.45)]) is False, "a rise within 2 standard errors is noise"
-    assert posttrain.hacking([rnd(reward_after=0.4, verifier_after=0.51, verifier_after_se=0.01)]) is True, "a flat verifier"
-    assert posttrain.hacking([rnd(reward_after=0.4, verifier_after=0.53, verifier_after_se=0.01)]) is False, "beyond 2 SE: it rose"
+    assert posttrain.hacking([rnd(reward_after=0.31, verifier_after=0.45)]) is False, \
+        "a rise within 2 standard errors is noise"
+    assert posttrain.hacking([rnd(reward_after=0.4, verifier_after=0.51, verifier_after_se=0.01)]) is True, \
+        "a flat verifier"
+    assert posttrain.hacking([rnd(reward_after=0.4, verifier_after=0.53, verifier_after_se=0.01)]) is False, \
+        "beyond 2 SE: it rose"
     assert posttrain.hacking([rnd()]) is None, "one round and no check: nothing to compare"
     assert posttrain.hacking([rnd(), rnd(reward=0.4, verifier=0.45)]) is True
 
@@ -455,11 +495,14 @@ def test_each_sample_is_weighted_by_its_own_category_threshold(micro_run, tmp_pa
     their share of facts, keep one sample each (their best)."""
     run = str(tmp_path / "run")
     shutil.copytree(micro_run, run)
-    cfgs = train.load_config(MICRO, [f"--train.out_dir={run}", "--post.steps=1", "--post.prompts=12", "--post.strategy=broad"])
+    cfgs = train.load_config(MICRO, [f"--train.out_dir={run}", "--post.steps=1", "--post.prompts=12",
+                                     "--post.strategy=broad"])
     train.derive_sizes(cfgs, run)
     judged = set(world.CATEGORIES) - {"position", "dense", "knowledge"}
-    monkeypatch.setattr(posttrain, "reward_thresholds", lambda *a: {c: (0.0 if c in judged else None) for c in world.CATEGORIES})
-    _, *_, rounds = posttrain.post_train(cfgs, run, "cpu", train.Metrics(os.path.join(run, "m.jsonl")).log, cfgs["post"], seed=2, log_prefix="thr")
+    monkeypatch.setattr(posttrain, "reward_thresholds", lambda *a: {c: (0.0 if c in judged else None)
+                                                                    for c in world.CATEGORIES})
+    _, *_, rounds = posttrain.post_train(cfgs, run, "cpu", train.Metrics(os.path.join(run, "m.jsonl")).log,
+                                         cfgs["post"], seed=2, log_prefix="thr")
     t = load_file(os.path.join(run, "thr_round0.safetensors"))
     exs = json.load(open(os.path.join(run, "thr_round0.json")))
     cats = [exs[i]["category"] for i in t["example"].tolist()]
@@ -492,18 +535,23 @@ def test_post_stage_is_skipped_when_no_weak_category_is_passed_sometimes(micro_r
 def test_a_weak_category_without_threshold_is_calibrated_on_fresh_dev_samples(micro_run, tmp_path, capsys):
     run = str(tmp_path / "run")
     shutil.copytree(micro_run, run)
-    weakness = {"categories": [{"name": "position", "pass_rate": 0.5, "n": 1}, {"name": "colors", "pass_rate": 0.9, "n": 1000},
+    weakness = {"categories": [{"name": "position", "pass_rate": 0.5, "n": 1},
+                               {"name": "colors", "pass_rate": 0.9, "n": 1000},
                                {"name": "single_object", "pass_rate": 0.9, "n": 1}], "attributes": []}
     json.dump(weakness, open(os.path.join(run, "weakness.json"), "w"))
     cfgs = train.load_config(MICRO, [f"--train.out_dir={run}", "--post.strategy=targeted", "--post.calib_samples=6",
-                                     "--post.precision=0.5"])  # needs 2 passing samples: position (0.5) is worth sampling
+                                     "--post.precision=0.5"])  # needs 2 passing samples:
+    #                                                            position (0.5) is worth sampling
     train.derive_sizes(cfgs, run)
     calibrated = {}
     for _ in range(2):  # the second call (as the ablations' next variant) reuses the first one's calibration
-        with pytest.raises(posttrain.NothingToTarget, match="cannot judge") as e:  # the micro model draws noise: none pass
-            posttrain.post_train(cfgs, run, "cpu", train.Metrics(None).log, cfgs["post"], seed=0, log_prefix="aim", calibrated=calibrated)
+        with pytest.raises(posttrain.NothingToTarget, match="cannot judge") as e:  # the micro model draws noise:
+            #                                                                        none pass
+            posttrain.post_train(cfgs, run, "cpu", train.Metrics(None).log, cfgs["post"], seed=0,
+                                 log_prefix="aim", calibrated=calibrated)
         assert "single_object 0.13 on 7 samples" in str(e.value)  # 0.9 on one dev sample proved nothing
     out = capsys.readouterr()
     assert "position: 6 more dev samples, 0.00 pass, threshold on them none" in out.out + out.err
-    assert (out.out + out.err).count("more dev samples") == 2, "colors (surely above weak_below) is not sampled, the others once"
+    assert (out.out + out.err).count("more dev samples") == 2, \
+        "colors (surely above weak_below) is not sampled, the others once"
     assert calibrated == {("vqa", 0.5, 6, name): (0.0, 6, None) for name in ("position", "single_object")}

@@ -48,7 +48,8 @@ def test_weighted_sum_and_misbehaving_rewards_are_named(monkeypatch):
     assert torch.allclose(r(images, ["a"] * 3), 3 - 0.5 * images.mean((1, 2, 3)))
     with pytest.raises(RewardError, match="reward 'boom' raised ZeroDivisionError"):
         load_reward(None, "ones + boom")(images, ["a"] * 3)
-    with pytest.raises(RewardError, match=r"reward 'flat' returned a torch.float32 tensor of shape \(3, 2\).*shape \(3,\)"):
+    with pytest.raises(RewardError,
+                       match=r"reward 'flat' returned a torch.float32 tensor of shape \(3, 2\).*shape \(3,\)"):
         load_reward(None, "flat")(images, ["a"] * 3)
     with pytest.raises(RewardError, match=r"reward 'nan' returned NaN at rows \[0, 1, 2\]"):
         load_reward(None, "nan")(images, ["a"] * 3)
@@ -79,14 +80,16 @@ def test_heads_shapes_ranges_and_gradients(micro_run):
 def test_verifier_is_one_on_ground_truth_and_the_share_of_clauses_that_hold_on_another_scene():
     rng = np.random.default_rng(0)
     exs = [world.sample_example(rng, category=c) for c in world.CATEGORIES]
-    others = [next(s for s in (world.random_scene(rng) for _ in range(100)) if not world.passes(s, e.spec)) for e in exs]
+    others = [next(s for s in (world.random_scene(rng) for _ in range(100)) if not world.passes(s, e.spec))
+              for e in exs]
     specs = {e.prompt: e.spec for e in exs}
     verifier = load_reward(None, "verifier", specs=specs)
     prompts = [e.prompt for e in exs]
     truth = data.to_float(np.stack([world.render(e.scene) for e in exs]))
     assert verifier(truth, prompts).tolist() == [1.0] * len(exs)
     got = verifier(data.to_float(np.stack([world.render(s) for s in others])), prompts).tolist()
-    want = [np.mean(list(world.check(s, e.spec).values())) for s, e in zip(others, exs)]  # the share of clauses that hold
+    want = [np.mean(list(world.check(s, e.spec).values()))
+            for s, e in zip(others, exs)]  # the share of clauses that hold
     assert got == pytest.approx(want) and all(0 <= g < 1 for g in got) and any(g > 0 for g in got)
     with pytest.raises(RewardError, match="no Spec for prompt 'a blue square'"):
         verifier(truth[:1], ["a blue square"])
@@ -125,8 +128,8 @@ def test_auc():
 def test_each_head_beats_chance_after_micro_training(micro_run):
     cal = json.load(open(os.path.join(micro_run, "report.json")))["stages"]["rewards"]["calibration"]["held_out"]
     figures = {"vqa": cal["vqa"]["auc_vs_verifier"], "clip": cal["clip"]["caption_vs_hard_negative"],
-               "quality": cal["quality"]["auc_clean_vs_degraded"], "geometry": cal["geometry"]["auc_clean_vs_malformed"],
-               "verifier": cal["verifier"]["auc_vs_verifier"]}
+               "quality": cal["quality"]["auc_clean_vs_degraded"],
+               "geometry": cal["geometry"]["auc_clean_vs_malformed"], "verifier": cal["verifier"]["auc_vs_verifier"]}
     for name, value in figures.items():
         assert value > 0.6, f"{name}: {value:.3f} on held-out data, want > 0.6 (chance is 0.5)"
     assert cal["aesthetic"]["corr_with_composition"] > 0.2, cal["aesthetic"]
@@ -164,8 +167,10 @@ def test_vqa_executor_on_exact_cells_and_programs_is_the_verifier():
     slot_logits = torch.cat([sure(slots[..., k], n) for k, n in enumerate(heads.SLOT_ATTRS)], -1)
     head = heads.VQAHead(heads.RewardsConfig(dim=8, layers=1), 100, 32)
     targets = heads.cell_targets(scenes)  # (B, 9, 3): the exact scene, one-hot as ImageEncoder.cell_probs gives it
-    cells = torch.cat([torch.nn.functional.one_hot(targets[..., k], n).float() for k, n in enumerate(heads.CELL_ATTRS)], -1)
+    cells = torch.cat([torch.nn.functional.one_hot(targets[..., k], n).float()
+                       for k, n in enumerate(heads.CELL_ATTRS)], -1)
     p = head.execute(cells, slot_logits, sure(total, world.MAX_OBJECTS + 1), 50.0 * (2 * rel - 1))
     want = np.array([world.passes(s, e.spec) for s, e in zip(scenes, exs)])
     assert 0.2 < want.mean() < 0.8
-    assert np.array_equal(p.numpy() > 0.5, want), [e.prompt for e, a, b in zip(exs, p.numpy() > 0.5, want) if a != b][:3]
+    assert np.array_equal(p.numpy() > 0.5, want), \
+        [e.prompt for e, a, b in zip(exs, p.numpy() > 0.5, want) if a != b][:3]

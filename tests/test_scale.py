@@ -39,8 +39,9 @@ def odd_folder(path):
     (path / "truncated.png").write_bytes(full[:len(full) // 2])
     os.remove(path / "whole.png")
     Image.new("RGB", (32, 32)).save(path / "nocaption.png")
-    rows = [("good.png", "a red one"), ("grey.png", "a grey one"), ("clear.png", "a clear one"), ("palette.gif", "a palette one"),
-            ("corrupt.png", "broken"), ("truncated.png", "cut"), ("nocaption.png", ""), ("missing.png", "gone")]
+    rows = [("good.png", "a red one"), ("grey.png", "a grey one"), ("clear.png", "a clear one"),
+            ("palette.gif", "a palette one"), ("corrupt.png", "broken"), ("truncated.png", "cut"),
+            ("nocaption.png", ""), ("missing.png", "gone")]
     (path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": t}) + "\n" for n, t in rows))
     return path
 
@@ -89,8 +90,8 @@ def test_folder_run_end_to_end(tmp_path, capsys, one_thread):
     data.make_folder(str(folder), 48, seed=3)
     Image.new("LA", (20, 30)).save(folder / "extra.png")  # not in metadata.jsonl: ignored
     out = tmp_path / "run"
-    train.main([MICRO, f"--train.out_dir={out}", f"--train.data_dir={folder}", "--train.p_plan=0", "--train.p_direct=0.8",
-                "--sample.think=false", "--train.lm_steps=4"])
+    train.main([MICRO, f"--train.out_dir={out}", f"--train.data_dir={folder}",
+                "--train.p_plan=0", "--train.p_direct=0.8", "--sample.think=false", "--train.lm_steps=4"])
     assert "benchmarks skipped" in capsys.readouterr().out
     report = json.load(open(out / "report.json"))
     assert report["benchmarks"] == {} and report["stages"]["eval"]["images"] >= 1
@@ -240,4 +241,5 @@ def test_bench_json(micro_run, capsys, monkeypatch, one_thread):
     g, t = out["generation"], out["training"]
     assert out["matmul_peak_gflops"] > 0 and 0 < t["mfu"] and t["memory"]["peak_mb"] > 0
     assert g["cache"] > 0 and g["cache_guided"] > 0 and g["reference_guided"] > 0 and 0 < g["fraction_of_bound"]
-    assert set(out["targets"]) == {"cache_guided_at_least_5x_reference", "guidance_at_most_1.5x_unguided", "training_at_least_plain_gpt"}
+    assert set(out["targets"]) == {"cache_guided_at_least_5x_reference", "guidance_at_most_1.5x_unguided",
+                                   "training_at_least_plain_gpt"}

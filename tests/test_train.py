@@ -50,7 +50,8 @@ def test_file_types_checked(tmp_path):
     ("--post.plan_temperature=-1", "post.plan_temperature must be >= 0"),
     ("--ablations.variants=both,nope", "ablations.variants='both,nope'"),
     ("--post.weak_below=0", "post.weak_below must lie in"),
-    ("--vq.patch=8", "4 codes a side must be a multiple of 8.*train.region_tags = false"),  # a code would straddle two layout cells
+    ("--vq.patch=8", "4 codes a side must be a multiple of 8.*train.region_tags = false"),  # a code would straddle
+    #                                                                                         two layout cells
 ])
 def test_values_that_cannot_work_are_refused_before_any_work(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -63,7 +64,8 @@ def test_overrides_and_derived_keys():
     for key in ("vocab_size", "n_tags"):
         with pytest.raises(ConfigError, match="derived"):
             load_config(MICRO, [f"--gpt.{key}=10"])
-    assert load_config(MICRO, ["--vq.patch=8", "--train.region_tags=false"])["vq"].patch == 8  # codes may straddle cells untagged
+    # codes may straddle cells untagged
+    assert load_config(MICRO, ["--vq.patch=8", "--train.region_tags=false"])["vq"].patch == 8
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(MICRO, ["--lm_steps=3"])
 
@@ -74,7 +76,8 @@ def test_cosine_schedule():
     assert lr(9) == pytest.approx(1.0)
     assert lr(60) == pytest.approx(0.55)
     assert lr(110) == pytest.approx(0.1)
-    assert [train.cosine_lr(s, 1.0, 10, 60, 1.0) for s in (10, 35, 59)] == [1.0] * 3, "floor = peak: constant after warm-up"
+    assert [train.cosine_lr(s, 1.0, 10, 60, 1.0) for s in (10, 35, 59)] == [1.0] * 3, \
+        "floor = peak: constant after warm-up"
 
 
 def test_micro_run_end_to_end(micro_run, capsys):
