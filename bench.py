@@ -1,9 +1,10 @@
 """
 Performance figures of a trained run on this machine, all measured in the same run:
 - the fp32 matmul peak (a big square matmul, timed), the yardstick of the other figures;
-- training: tokens/s of the run's GPT and of a plain GPT of the same size (nanoGPT's architecture), the
-  model FLOPs utilisation (MFU) of each against that peak, and the peak memory of training; in float32,
-  and our GPT again under bf16 autocast when the run trained that way (train.dtype);
+- training: tokens/s of the run's GPT and of a plain GPT of the same size (nanoGPT's architecture), taking
+  turns on one pretraining batch of the run's, the model FLOPs utilisation (MFU) of each against that
+  peak, and the peak memory of training; in float32, and our GPT again under bf16 autocast when the run
+  trained that way (train.dtype);
 - generation: images/s of the slow reference sampler, the KV-cache sampler, and the KV-cache sampler with
   batched classifier-free guidance; the peak memory of generation; and the bound: images/s if every
   decode step ran at the matmul peak, and the fraction of it reached.
@@ -128,15 +129,13 @@ def bench_batch(cfg, tokenizer, vocab, vq, n, device, seed=0):
     return data.make_batch(ds, data.epoch_batches(ds, np.random.default_rng(seed), tc, n)[0], vocab, device)
 
 
-def bench_training(model, batch, device, peak, steps=5, rounds=3, seed=0, bf16=False):
-    """Tokens/s of forward + backward + AdamW step on a data.Batch (bench_batch); the best of `rounds` rounds
-    of `steps` steps, as the matmul peak is, so that both see the machine at its least busy. Our GPT is given
-    the batch's patches and tags, as in training; the plain GPT has no use for them."""
+def train_step(model, batch, device, seed=0, bf16=False):
+    """One forward + backward + AdamW step of model on a data.Batch, as a function. Our GPT is given the
+    batch's patches and tags, as in training; the plain GPT has no use for them."""
     torch.manual_seed(seed)
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     kw = dict(patch=batch.patch, tags=batch.tags) if isinstance(model, GPT) else {}
-    B, T = batch.x.shape
 
     def step():
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
@@ -145,22 +144,38 @@ def bench_training(model, batch, device, peak, steps=5, rounds=3, seed=0, bf16=F
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    return step
 
-    step()  # warm-up: allocations, thread pools
+
+def bench_training(models, batch, device, peak, steps=3, rounds=5, bf16=False):
+    """Tokens/s of training steps (train_step) on a data.Batch (bench_batch) of each of `models` (name ->
+    module), and the peak memory of the first one's step. In each of `rounds` rounds every model in turn
+    runs `steps` steps; each model's best round counts, as the matmul peak's does: taken in turns, the
+    models see a shared machine alike, and at its least busy."""
+    B, T = batch.x.shape
+    fns = {name: train_step(model, batch, device, bf16=bf16) for name, model in models.items()}
+    for fn in fns.values():
+        fn()  # warm-up: allocations, thread pools
     start = reset_peak_memory(device)
-    best = float("inf")
+    next(iter(fns.values()))()
+    memory = peak_memory(device, start)
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(rounds):
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    tokens_per_s = steps * B * T / best
-    cfg = (len(model.layers), model.cfg.n_embd) if hasattr(model, "layers") else (len(model.blocks.layers), model.wte.embedding_dim)
-    flops = train_flops_per_token(model, *cfg, T)
-    return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops / peak, "params": sum(p.numel() for p in model.parameters()),
-            "batch": B, "T": T, "memory": peak_memory(device, start)}
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            sync(device)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    out = {}
+    for name, model in models.items():
+        tokens_per_s = steps * B * T / best[name]
+        cfg = (len(model.layers), model.cfg.n_embd) if hasattr(model, "layers") else (len(model.blocks.layers), model.wte.embedding_dim)
+        out[name] = {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * train_flops_per_token(model, *cfg, T) / peak,
+                     "params": sum(p.numel() for p in model.parameters()), "batch": B, "T": T}
+    out[next(iter(models))]["memory"] = memory
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -224,7 +239,7 @@ def profile(gpt, batch, vocab, prompts, sample_cfg, device, rows=12):
     sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     model = type(gpt)(gpt.cfg).to(device).train()
     with torch_profile(activities=acts) as prof:
-        bench_training(model, batch, device, peak=1.0, steps=3, rounds=1)
+        bench_training({"ours": model}, batch, device, peak=1.0, steps=3, rounds=1)
     print("training, top ops by self time:\n" + prof.key_averages().table(sort_by=sort, row_limit=rows))
     with torch_profile(activities=acts) as prof:
         generate(gpt, vocab, prompts, sample_cfg, 0)
@@ -254,12 +269,12 @@ def main():
     figures = {  # generation first: its memory is measured before training has grown the process
         "device": args.device, "threads": torch.get_num_threads(), "params": gpt.num_params(), "matmul_peak_gflops": peak / 1e9,
         "generation": bench_generation(gpt, vocab, prompts, sample_cfg, args.device, peak),
-        "training": bench_training(type(gpt)(gc), batch, args.device, peak),
-        "training_plain_gpt": bench_training(PlainGPT(gc.vocab_size, gc.block_size, gc.n_layer, gc.n_head, gc.n_embd), batch, args.device, peak),
     }
+    both = bench_training({"ours": type(gpt)(gc), "plain": PlainGPT(gc.vocab_size, gc.block_size, gc.n_layer, gc.n_head, gc.n_embd)},
+                          batch, args.device, peak)
+    figures["training"], figures["training_plain_gpt"] = both["ours"], both["plain"]
     if use_bf16(cfg["train"]["dtype"], args.device):
-        figures["training_bf16"] = bench_training(type(gpt)(gc), batch, args.device, peak, bf16=True)  # MFU still against the fp32 peak
-    figures["training_plain_gpt"].pop("memory")  # the process already holds what it needs: reads ~0, says nothing
+        figures["training_bf16"] = bench_training({"ours": type(gpt)(gc)}, batch, args.device, peak, bf16=True)["ours"]  # MFU still against the fp32 peak
     t, plain, g = figures["training"], figures["training_plain_gpt"], figures["generation"]
     figures["targets"] = {"cache_guided_at_least_5x_reference": g["speedup_guided"] >= 5,
                           "guidance_at_most_1.5x_unguided": g["guidance_cost"] <= 1.5,
