@@ -57,7 +57,8 @@ def sync(device):
 
 def matmul_params(model):
     """Parameters that take part in a matmul (embedding lookups and norm gains do not)."""
-    return sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "emb" not in n and "wte" not in n and "wpe" not in n)
+    return sum(p.numel() for n, p in model.named_parameters()
+               if p.dim() == 2 and "emb" not in n and "wte" not in n and "wpe" not in n)
 
 
 def train_flops_per_token(model, n_layer, n_embd, T):
@@ -103,7 +104,8 @@ class PlainGPT(nn.Module):
     def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd):
         super().__init__()
         self.wte, self.wpe = nn.Embedding(vocab_size, n_embd), nn.Embedding(block_size, n_embd)
-        layer = nn.TransformerEncoderLayer(n_embd, n_head, 4 * n_embd, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(n_embd, n_head, 4 * n_embd, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False)
         self.ln_f, self.lm_head = nn.LayerNorm(n_embd), nn.Linear(n_embd, vocab_size, bias=False)
 
@@ -121,9 +123,7 @@ def bench_batch(cfg, tokenizer, vocab, vq, n, device, seed=0):
     tc = SimpleNamespace(**cfg["train"])
     if tc.data_dir:
         folder = data.load_folder(tc.data_dir, cfg["vq"]["image_size"])
-        idx = np.arange(16 * n) % len(folder.captions)
-        caps = [data.encode_text(tokenizer, folder.captions[i]) for i in idx]
-        ds = data.LMData(caps, [[] for _ in idx], caps, data.vq_codes(vq, folder.images[idx], device).tolist())
+        ds = data.folder_data(folder, np.arange(16 * n) % len(folder.captions), tokenizer, vq, device)
     else:
         ds = data.world_data(16 * n, seed, "dev", tokenizer, vq, device)
     return data.make_batch(ds, data.epoch_batches(ds, np.random.default_rng(seed), tc, n)[0], vocab, device)
@@ -171,7 +171,8 @@ def bench_training(models, batch, device, peak, steps=3, rounds=5, bf16=False):
     out = {}
     for name, model in models.items():
         tokens_per_s = steps * B * T / best[name]
-        cfg = (len(model.layers), model.cfg.n_embd) if hasattr(model, "layers") else (len(model.blocks.layers), model.wte.embedding_dim)
+        cfg = ((len(model.layers), model.cfg.n_embd) if hasattr(model, "layers")
+               else (len(model.blocks.layers), model.wte.embedding_dim))
         out[name] = {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * train_flops_per_token(model, *cfg, T) / peak,
                      "params": sum(p.numel() for p in model.parameters()), "batch": B, "T": T}
     out[next(iter(models))]["memory"] = memory
@@ -198,7 +199,8 @@ def decode_flops(gpt, rows, prompt_len, steps):
     matmuls plus 4 L C (context) for attention scores and values."""
     n, L, C = matmul_params(gpt), gpt.cfg.n_layer, gpt.cfg.n_embd
     per_token = lambda ctx: 2 * n + 4 * L * C * ctx
-    return rows * (sum(per_token(t + 1) for t in range(prompt_len)) + sum(per_token(prompt_len + s + 1) for s in range(steps)))
+    return rows * (sum(per_token(t + 1) for t in range(prompt_len))
+                   + sum(per_token(prompt_len + s + 1) for s in range(steps)))
 
 
 def bench_generation(gpt, vocab, prompts, sample_cfg, device, peak, seed=0):
@@ -206,7 +208,8 @@ def bench_generation(gpt, vocab, prompts, sample_cfg, device, peak, seed=0):
     guided = replace(sample_cfg, cfg_scale=sample_cfg.cfg_scale if sample_cfg.cfg_scale != 1.0 else 1.5)
     plain = replace(sample_cfg, cfg_scale=1.0)
     out = {"batch": batch}
-    out["reference_guided"], _ = images_per_s(lambda: [generate_reference(gpt, vocab, p, guided, seed) for p in prompts[:4]], len(prompts[:4]))
+    few = prompts[:4]  # the reference sampler is slow: a few prompts suffice
+    out["reference_guided"], _ = images_per_s(lambda: [generate_reference(gpt, vocab, p, guided, seed) for p in few], len(few))
     out["cache"], _ = images_per_s(lambda: generate(gpt, vocab, prompts, plain, seed), batch, 3)
     start = reset_peak_memory(device)
     out["cache_guided"], samples = images_per_s(lambda: generate(gpt, vocab, prompts, guided, seed), batch, 3)
@@ -243,7 +246,8 @@ def profile(gpt, batch, vocab, prompts, sample_cfg, device, rows=12):
     print("training, top ops by self time:\n" + prof.key_averages().table(sort_by=sort, row_limit=rows))
     with torch_profile(activities=acts) as prof:
         generate(gpt, vocab, prompts, sample_cfg, 0)
-    print("generation (KV cache + guidance), top ops by self time:\n" + prof.key_averages().table(sort_by=sort, row_limit=rows))
+    print("generation (KV cache + guidance), top ops by self time:\n"
+          + prof.key_averages().table(sort_by=sort, row_limit=rows))
 
 
 def main():
@@ -252,8 +256,10 @@ def main():
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--batch", type=int, default=16, help="images generated together")
     p.add_argument("--device", default="cpu", help="cpu, cuda or mps")
-    p.add_argument("--profile", action="store_true", help="also print the top ops of training and of sampling (torch.profiler)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default); 1 is steadier on a busy machine")
+    p.add_argument("--profile", action="store_true",
+                   help="also print the top ops of training and of sampling (torch.profiler)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = torch's default); 1 is steadier on a busy machine")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -267,14 +273,16 @@ def main():
     peak = matmul_peak(args.device)
     gc = gpt.cfg
     figures = {  # generation first: its memory is measured before training has grown the process
-        "device": args.device, "threads": torch.get_num_threads(), "params": gpt.num_params(), "matmul_peak_gflops": peak / 1e9,
+        "device": args.device, "threads": torch.get_num_threads(), "params": gpt.num_params(),
+        "matmul_peak_gflops": peak / 1e9,
         "generation": bench_generation(gpt, vocab, prompts, sample_cfg, args.device, peak),
     }
-    both = bench_training({"ours": type(gpt)(gc), "plain": PlainGPT(gc.vocab_size, gc.block_size, gc.n_layer, gc.n_head, gc.n_embd)},
-                          batch, args.device, peak)
+    plain_gpt = PlainGPT(gc.vocab_size, gc.block_size, gc.n_layer, gc.n_head, gc.n_embd)
+    both = bench_training({"ours": type(gpt)(gc), "plain": plain_gpt}, batch, args.device, peak)
     figures["training"], figures["training_plain_gpt"] = both["ours"], both["plain"]
     if use_bf16(cfg["train"]["dtype"], args.device):
-        figures["training_bf16"] = bench_training({"ours": type(gpt)(gc)}, batch, args.device, peak, bf16=True)["ours"]  # MFU still against the fp32 peak
+        # MFU still against the fp32 peak
+        figures["training_bf16"] = bench_training({"ours": type(gpt)(gc)}, batch, args.device, peak, bf16=True)["ours"]
     t, plain, g = figures["training"], figures["training_plain_gpt"], figures["generation"]
     figures["targets"] = {"cache_guided_at_least_5x_reference": g["speedup_guided"] >= 5,
                           "guidance_at_most_1.5x_unguided": g["guidance_cost"] <= 1.5,
@@ -283,16 +291,21 @@ def main():
         print(json.dumps(figures, indent=2))
     else:
         print(f"matmul peak (fp32, {args.device}, {figures['threads']} threads): {peak / 1e9:.1f} GFLOP/s")
-        print(f"training, batch {t['batch']} x T {t['T']}: {t['tokens_per_s']:.0f} tokens/s, MFU {t['mfu']:.1%} ({t['params'] / 1e6:.2f}M params); "
-              f"plain GPT of the same size {plain['tokens_per_s']:.0f} tokens/s, MFU {plain['mfu']:.1%} ({plain['params'] / 1e6:.2f}M params); "
+        print(f"training, batch {t['batch']} x T {t['T']}: {t['tokens_per_s']:.0f} tokens/s, MFU {t['mfu']:.1%} "
+              f"({t['params'] / 1e6:.2f}M params); plain GPT of the same size {plain['tokens_per_s']:.0f} tokens/s, "
+              f"MFU {plain['mfu']:.1%} ({plain['params'] / 1e6:.2f}M params); "
               f"peak memory +{t['memory']['above_start_mb']:.0f} MB")
         if "training_bf16" in figures:
-            print(f"training under bf16 autocast (the run's train.dtype): {figures['training_bf16']['tokens_per_s']:.0f} tokens/s, "
+            print(f"training under bf16 autocast (the run's train.dtype): "
+                  f"{figures['training_bf16']['tokens_per_s']:.0f} tokens/s, "
                   f"{figures['training_bf16']['tokens_per_s'] / t['tokens_per_s']:.2f}x float32")
-        print(f"generation, batch {g['batch']}: reference {g['reference_guided']:.1f} img/s, KV cache {g['cache']:.1f}, "
-              f"KV cache + guidance {g['cache_guided']:.1f} ({g['speedup_guided']:.1f}x the reference; guidance costs {g['guidance_cost']:.2f}x); "
+        print(f"generation, batch {g['batch']}: reference {g['reference_guided']:.1f} img/s, "
+              f"KV cache {g['cache']:.1f}, "
+              f"KV cache + guidance {g['cache_guided']:.1f} ({g['speedup_guided']:.1f}x the reference; "
+              f"guidance costs {g['guidance_cost']:.2f}x); "
               f"peak memory +{g['memory']['above_start_mb']:.0f} MB")
-        print(f"generation bound at the matmul peak: {g['bound_guided']:.0f} img/s (guided); reached {g['fraction_of_bound']:.1%}")
+        print(f"generation bound at the matmul peak: {g['bound_guided']:.0f} img/s (guided); "
+              f"reached {g['fraction_of_bound']:.1%}")
         print("targets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in figures["targets"].items()))
     if args.profile:
         profile(gpt, batch, vocab, prompts, sample_cfg, args.device)

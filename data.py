@@ -390,6 +390,12 @@ def vq_codes(vq, images, device, batch=512):
     return torch.cat([vq.encode(to_float(images[i:i + batch]).to(device)).cpu() for i in range(0, len(images), batch)])
 
 
+def folder_data(folder, idx, tokenizer, vq, device):
+    """LMData of a folder's images idx: each caption is both its text->image prompt and its image->text caption."""
+    caps = [encode_text(tokenizer, folder.captions[i]) for i in idx]
+    return LMData(caps, [[] for _ in idx], caps, vq_codes(vq, folder.images[idx], device).tolist())
+
+
 def world_data(n, seed, split, tokenizer, vq, device):
     """n examples of the shapes world: prompt, plan, a random caption and the scene's codes under the VQ vq."""
     rng = np.random.default_rng(seed)

@@ -444,20 +444,16 @@ def stage_vq(run):
 
 
 def lm_datasets(cfgs, tokenizer, vq, device):
-    """(train, held-out) LMData. A folder's caption is both its text->image prompt and its image->text caption."""
+    """(train, held-out) LMData of the shapes world or of the run's image folder."""
     tc = cfgs["train"]
     if not tc.data_dir:
         return (data.world_data(tc.lm_examples, tc.seed, "train", tokenizer, vq, device),
                 data.world_data(tc.eval_examples, tc.seed + 1, "dev", tokenizer, vq, device))
     folder, train, dev = open_folder(cfgs)
-
-    def subset(idx):
-        caps = [data.encode_text(tokenizer, folder.captions[i]) for i in idx]
-        return data.LMData(caps, [[] for _ in idx], caps, data.vq_codes(vq, folder.images[idx], device).tolist())
     if len(train) < tc.lm_batch:
         raise ConfigError(f"train.data_dir has {len(train)} training images (after holding out {len(dev)}), fewer than "
                           f"train.lm_batch={tc.lm_batch}: lower train.lm_batch or add images")
-    return subset(train), subset(dev)
+    return data.folder_data(folder, train, tokenizer, vq, device), data.folder_data(folder, dev, tokenizer, vq, device)
 
 
 def lm_loss(model, batch, denom=None):
