@@ -209,7 +209,8 @@ def bench_generation(gpt, vocab, prompts, sample_cfg, device, peak, seed=0):
     plain = replace(sample_cfg, cfg_scale=1.0)
     out = {"batch": batch}
     few = prompts[:4]  # the reference sampler is slow: a few prompts suffice
-    out["reference_guided"], _ = images_per_s(lambda: [generate_reference(gpt, vocab, p, guided, seed) for p in few], len(few))
+    reference = lambda: [generate_reference(gpt, vocab, p, guided, seed) for p in few]
+    out["reference_guided"], _ = images_per_s(reference, len(few))
     out["cache"], _ = images_per_s(lambda: generate(gpt, vocab, prompts, plain, seed), batch, 3)
     start = reset_peak_memory(device)
     out["cache_guided"], samples = images_per_s(lambda: generate(gpt, vocab, prompts, guided, seed), batch, 3)
