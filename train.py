@@ -11,7 +11,7 @@ A finished stage is reused (its output file exists): to redo one, delete its fil
 name later stages alone with --stages once the earlier ones are done. The eval stage always runs.
 `--stages=ablations` (ablations.py) runs the post-training ablations on a finished run.
 
-    python train.py tiny_configs/shapes_cpu.toml                     # the main job, about 11-12 minutes
+    python train.py tiny_configs/shapes_cpu.toml                     # the main job, 12-25 minutes
     python train.py tiny_configs/micro.toml --train.out_dir=out/micro  # seconds; what the tests use
     python train.py tiny_configs/shapes_cpu.toml --stages=eval          # re-score a finished run
     python train.py tiny_configs/shapes_cpu.toml --train.lm_steps=300 --train.out_dir=out/short
