@@ -43,6 +43,17 @@ ABLATIONS = {  # variant -> [post] overrides of the run's config; each post-trai
 }
 
 
+def config_rules(ac):
+    """[ablations] values that type-check but cannot work: (holds, message) pairs, checked before any work."""
+    return [
+        (min(ac.seeds, ac.focus_prompts) >= 1 and ac.first_seed >= 0,
+         "ablations.seeds and ablations.focus_prompts must be >= 1, ablations.first_seed >= 0"),
+        (ac.variants == "all" or set(ac.variants.split(",")) <= set(ABLATIONS),
+         f"ablations.variants={ac.variants!r}: "
+         f"expected all or a comma-separated subset of {','.join(ABLATIONS)}"),
+    ]
+
+
 def focus_category(weakness, floor=0.05):
     """The weakest dev category (a knowledge kind on its own; dense by its share of facts) that the base
     model passes at least `floor` of the time: what the ablations measure when the run's post-training is

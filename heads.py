@@ -196,6 +196,18 @@ class RewardsConfig:
     calib_samples: int = 256  # the model's own samples of dev prompts for the calibration table
 
 
+def config_rules(rc):
+    """[rewards] values that type-check but cannot work: (holds, message) pairs, checked before any work."""
+    return [
+        (rc.dim % 4 == 0 and min(rc.dim, rc.layers, rc.batch) >= 2 and rc.examples >= rc.batch,
+         "rewards.dim must be a multiple of 4 (attention heads), rewards.layers and rewards.batch >= 2, "
+         "rewards.examples >= rewards.batch"),
+        (min(rc.calib_examples, rc.calib_samples) >= 2,
+         "rewards.calib_examples and rewards.calib_samples must be >= 2"),
+        (0 <= rc.p_vq <= 1, "rewards.p_vq must lie in [0, 1]"),
+    ]
+
+
 def _transformer(dim, layers):
     layer = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=2 * dim, dropout=0.0, activation="gelu",
                                        batch_first=True, norm_first=True)

@@ -89,6 +89,29 @@ class PostConfig:
     eval_samples: int = 4  # after post-training: samples per benchmark prompt (as train.bench_samples)
 
 
+def config_rules(pc):
+    """[post] values that type-check but cannot work: (holds, message) pairs, checked before any work."""
+    return [
+        (pc.strategy in STRATEGIES,
+         f"post.strategy={pc.strategy!r}: expected one of {', '.join(STRATEGIES)}"),
+        (pc.weighting in WEIGHTINGS,
+         f"post.weighting={pc.weighting!r}: expected one of {', '.join(WEIGHTINGS)}"),
+        (0 <= pc.null_prob <= 1 and 0 <= pc.focus <= 1 and 0 <= pc.anchor < 1,
+         "post.null_prob and post.focus must lie in [0, 1], post.anchor in [0, 1)"),
+        (pc.plan_temperature >= 0, "post.plan_temperature must be >= 0 (0 = greedy plans)"),
+        (0 < pc.precision < 1, "post.precision must lie in (0, 1)"),
+        (pc.target_top >= 0, "post.target_top must be >= 0 (0 = every category)"),
+        (0 < pc.weak_below <= 1 and pc.calib_samples >= 0,
+         "post.weak_below must lie in (0, 1], post.calib_samples >= 0"),
+        (pc.warmup >= 1 and pc.grad_clip > 0, "post.warmup must be >= 1 and post.grad_clip > 0"),
+        (min(pc.rounds, pc.prompts, pc.samples, pc.steps, pc.batch, pc.lora_r, pc.eval_samples) >= 1,
+         "post.rounds, prompts, samples, steps, batch, lora_r and eval_samples must be >= 1"),
+        (pc.beta > 0 and pc.lr > 0 and min(pc.alpha_text, pc.alpha_image, pc.pretrain_weight) >= 0
+         and pc.alpha_text + pc.alpha_image > 0,
+         "post.beta and post.lr must be > 0; post.alpha_text, alpha_image, pretrain_weight >= 0, not both alphas 0"),
+    ]
+
+
 # -----------------------------------------------------------------------------
 # prompts
 

@@ -121,7 +121,7 @@ DERIVED = {("gpt", "vocab_size"), ("gpt", "image_offset"),
 
 def validate(cfgs):
     """Values that type-check but cannot work, refused before any work is done."""
-    tc, vc, rc, pc, ac = cfgs["train"], cfgs["vq"], cfgs["rewards"], cfgs["post"], cfgs["ablations"]
+    tc, vc = cfgs["train"], cfgs["vq"]
     rules = [
         (tc.device in ("auto", "cpu", "cuda", "mps"), f"train.device={tc.device!r}: expected auto, cpu, cuda or mps"),
         (tc.dtype in ("float32", "bfloat16", "auto"), f"train.dtype={tc.dtype!r}: expected float32, bfloat16 or auto"),
@@ -151,39 +151,13 @@ def validate(cfgs):
          "a folder run (train.data_dir) has no reasoning plans: set train.p_plan = 0"),
         (not tc.data_dir or not cfgs["sample"].think,
          "a folder run (train.data_dir) has no reasoning plans: set sample.think = false"),
-        (rc.dim % 4 == 0 and min(rc.dim, rc.layers, rc.batch) >= 2 and rc.examples >= rc.batch,
-         "rewards.dim must be a multiple of 4 (attention heads), rewards.layers and rewards.batch >= 2, "
-         "rewards.examples >= rewards.batch"),
-        (min(rc.calib_examples, rc.calib_samples) >= 2,
-         "rewards.calib_examples and rewards.calib_samples must be >= 2"),
-        (0 <= rc.p_vq <= 1, "rewards.p_vq must lie in [0, 1]"),
-        (pc.strategy in posttrain.STRATEGIES,
-         f"post.strategy={pc.strategy!r}: expected one of {', '.join(posttrain.STRATEGIES)}"),
-        (pc.weighting in posttrain.WEIGHTINGS,
-         f"post.weighting={pc.weighting!r}: expected one of {', '.join(posttrain.WEIGHTINGS)}"),
-        (0 <= pc.null_prob <= 1 and 0 <= pc.focus <= 1 and 0 <= pc.anchor < 1,
-         "post.null_prob and post.focus must lie in [0, 1], post.anchor in [0, 1)"),
-        (pc.plan_temperature >= 0, "post.plan_temperature must be >= 0 (0 = greedy plans)"),
-        (0 < pc.precision < 1, "post.precision must lie in (0, 1)"),
-        (pc.target_top >= 0, "post.target_top must be >= 0 (0 = every category)"),
-        (0 < pc.weak_below <= 1 and pc.calib_samples >= 0,
-         "post.weak_below must lie in (0, 1], post.calib_samples >= 0"),
-        (min(ac.seeds, ac.focus_prompts) >= 1 and ac.first_seed >= 0,
-         "ablations.seeds and ablations.focus_prompts must be >= 1, ablations.first_seed >= 0"),
-        (ac.variants == "all" or set(ac.variants.split(",")) <= set(ablations.ABLATIONS),
-         f"ablations.variants={ac.variants!r}: "
-         f"expected all or a comma-separated subset of {','.join(ablations.ABLATIONS)}"),
         (tc.vq_codebook_lr > 0 and 0 < tc.vq_restart_until <= 1,
          "train.vq_codebook_lr must be > 0, train.vq_restart_until in (0, 1]"),
-        (pc.warmup >= 1 and pc.grad_clip > 0, "post.warmup must be >= 1 and post.grad_clip > 0"),
-        (min(pc.rounds, pc.prompts, pc.samples, pc.steps, pc.batch, pc.lora_r, pc.eval_samples) >= 1,
-         "post.rounds, prompts, samples, steps, batch, lora_r and eval_samples must be >= 1"),
-        (pc.beta > 0 and pc.lr > 0 and min(pc.alpha_text, pc.alpha_image, pc.pretrain_weight) >= 0
-         and pc.alpha_text + pc.alpha_image > 0,
-         "post.beta and post.lr must be > 0; post.alpha_text, alpha_image, pretrain_weight >= 0, not both alphas 0"),
-    ]
+    ]  # each section's own rules live beside its dataclass
+    rules += heads.config_rules(cfgs["rewards"]) + posttrain.config_rules(cfgs["post"])
+    rules += ablations.config_rules(cfgs["ablations"])
     try:
-        rewards.parse_spec(pc.reward)
+        rewards.parse_spec(cfgs["post"].reward)
     except rewards.RewardError as e:
         raise ConfigError(f"post.reward: {e}") from None
     for ok, message in rules:
