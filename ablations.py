@@ -20,6 +20,7 @@ import numpy as np
 
 import evaluate
 import posttrain
+import targeting
 from generate import RunError, load_run, read_json, write_json
 from model import merge_lora
 
@@ -83,7 +84,7 @@ def run(cfgs, run_dir, device, log, report):
             thresholds = posttrain.reward_thresholds(run_dir, pc, device)
             focus = posttrain.aim(cfgs, run_dir, device, pc, weak, thresholds,
                                   (base, vq, vocab, tokenizer), "ablations", calibrated)[0][0]
-        except posttrain.NothingToTarget as e:
+        except targeting.NothingToTarget as e:
             raise RunError(f"no weakness to post-train on, so nothing for the ablations to compare: {e}") from None
     measure = lambda gpt: {
         "focus": evaluate.focus_score(gpt, vq, vocab, tokenizer, cfgs["sample"],

@@ -3,7 +3,7 @@ The post stage: post-training on the model's own samples ("multimodal RWR", docs
 trained run to a LoRA adapter and the benchmarks before and after. Entry point: `run`.
 
 One round:
-  1. prompts from a strategy: `broad` (the pretraining mix), `aligned` (the benchmarks' categories in
+  1. prompts from a strategy (targeting.py): `broad` (the pretraining mix), `aligned` (the benchmarks' categories in
      the benchmarks' proportions), or `targeted` (aimed by the weakness report on dev prompts at the
      categories the model passes sometimes but not reliably and its reward can judge, dense prompts by
      their share of facts, and at the attribute values that fail most; skipped when there is no such
@@ -24,7 +24,6 @@ One round:
 
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -36,15 +35,14 @@ from tqdm import tqdm
 import data
 import evaluate
 import rewards
+import targeting
 import world
 from data import Vocab, build_sequence
 from generate import (RunError, SampleConfig, decode_images, generate, load_run, read_json, read_tensors, save_atomic,
                       write_json)
 from model import add_lora, cosine_lr, lora_state_dict, merge_lora, token_ce, unmerge_lora
 
-STRATEGIES = ("broad", "aligned", "targeted")
 WEIGHTINGS = ("rwr", "exp", "best", "threshold", "uniform")
-ALIGNED_CATEGORIES = evaluate.GENEVAL_TASKS + ("dense", "knowledge")  # what the four benchmarks draw from
 
 
 @dataclass
@@ -85,15 +83,16 @@ class PostConfig:
     weak_below: float = 0.8  # targeted: aim only at categories passed less often than this on dev; when the reward
     #                          can judge none of them, post-training is skipped
     calib_samples: int = 400  # fresh dev samples for a category the eval stage's dev samples cannot settle: too few to
-    #                           call it strong, or too few passing ones to calibrate a threshold (choose_targets)
+    #                           call it strong, or too few passing ones to calibrate a threshold
+    #                           (targeting.choose_targets)
     eval_samples: int = 4  # after post-training: samples per benchmark prompt (as train.bench_samples)
 
 
 def config_rules(pc):
     """[post] values that type-check but cannot work: (holds, message) pairs, checked before any work."""
     return [
-        (pc.strategy in STRATEGIES,
-         f"post.strategy={pc.strategy!r}: expected one of {', '.join(STRATEGIES)}"),
+        (pc.strategy in targeting.STRATEGIES,
+         f"post.strategy={pc.strategy!r}: expected one of {', '.join(targeting.STRATEGIES)}"),
         (pc.weighting in WEIGHTINGS,
          f"post.weighting={pc.weighting!r}: expected one of {', '.join(WEIGHTINGS)}"),
         (0 <= pc.null_prob <= 1 and 0 <= pc.focus <= 1 and 0 <= pc.anchor < 1,
@@ -110,176 +109,6 @@ def config_rules(pc):
          and pc.alpha_text + pc.alpha_image > 0,
          "post.beta and post.lr must be > 0; post.alpha_text, alpha_image, pretrain_weight >= 0, not both alphas 0"),
     ]
-
-
-# -----------------------------------------------------------------------------
-# prompts
-
-
-def draw_example(rng, name, split="train"):
-    """An Example of a category name as the weakness report writes it ("position",
-    "knowledge/comparative"), its prompt from `split`."""
-    category, _, kind = name.partition("/")
-    return world.sample_example(rng, category, split, kind or None)
-
-
-def dev_examples(name, n, seed=evaluate.DEV_SEED):
-    """n dev-split Examples of a category name, to calibrate a reward on (choose_targets): distinct
-    prompts while the world has them, then repeats."""
-    rng = np.random.default_rng([seed, *name.encode()])  # one stream per category name
-    out = world.distinct_examples(lambda found: draw_example(rng, name, "dev"), n, 50 * n)
-    return [out[i % len(out)] for i in range(n)]
-
-
-def names(ex):
-    """The (attribute, value) pairs an example's clauses name, as in evaluate.weakness."""
-    out = set()
-    for r in ex.spec.reqs:
-        out |= {("shape", r.shape), ("colour", r.colour), ("size", r.size), ("count", str(r.count))}
-        if r.row is not None:
-            out.add(("region", f"{world.ROWS[r.row]} {world.COLS[r.col]}"))
-    out |= {("relation", rel) for _, rel, _ in ex.spec.relations}
-    return {(a, str(v)) for a, v in out if v is not None} | {("total", str(ex.spec.total))}
-
-
-def target_shares(weakness, top=0, floor=0.05, judged=None):
-    """Category -> share of targeted prompts, in proportion to pass * (1 - pass) on dev prompts (pass:
-    evaluate.category_score; plus 0.01, so that with top = 0 no category is dropped entirely). Reward-weighted
-    self-training learns only from prompts whose K samples differ in reward: a category the model always
-    passes teaches nothing, and so does one it never passes. pass * (1 - pass) is the variance of a
-    pass/fail reward (for dense's share of facts, an upper bound of its variance).
-    top > 0 keeps only the `top` weakest categories passed at least `floor` of the time: the budget then
-    buys enough good samples of each to move it. judged: the category names the reward can judge
-    (calibrate_thresholds); the others get no prompts."""
-    cats = [c for c in weakness["categories"] if judged is None or c["name"] in judged]
-    if not cats:
-        raise ValueError("the reward cannot judge any dev category (see calibrate_thresholds): nothing to target")
-    score = evaluate.category_score  # the pass rate; dense prompts' share of facts
-    if top:  # only the `top` weakest of those passed at least `floor` of the time
-        live = sorted((c for c in cats if score(c) >= floor), key=score)
-        cats = live[:top] or cats
-    rate = np.array([score(c) for c in cats])
-    w = rate * (1 - rate) + 0.01
-    return {c["name"]: float(x) for c, x in zip(cats, w / w.sum())}
-
-
-class NothingToTarget(Exception):
-    """The targeted strategy found no weak category its reward can judge: it would aim at strong ones."""
-
-
-def min_passing(precision, prior_failures=2):
-    """The fewest passing dev samples with which calibrate_thresholds can find a threshold of a category
-    (every one of them ranked above every failing one): hits >= precision * (hits + prior_failures)."""
-    return math.ceil(precision * prior_failures / (1 - precision) - 1e-9)
-
-
-def wilson_low(rate, n, z=1.96):
-    """The lower end of the 95% Wilson interval of a pass rate seen on n samples (0 with none)."""
-    if n == 0:
-        return 0.0
-    centre, half = rate + z * z / (2 * n), z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
-    return (centre - half) / (1 + z * z / n)
-
-
-def is_weak(name, score, passed, below, floor=0.05):
-    """A category worth aiming at: its score (evaluate.category_score) at least `floor`, so there are good
-    samples to imitate, and passed less often than `below`. A graded category's prompt passes when all
-    its facts hold (`passed`); any other's score is its pass rate (pooled, once measured again)."""
-    return floor <= score and (passed if name in evaluate.GRADED else score) < below
-
-
-def choose_targets(weakness, thresholds, top, below, measure, min_rate=0.0, floor=0.05, min_hits=0):
-    """The categories targeted prompts aim at, weakest first: dev categories passed at least `floor` of
-    the time (one never passed has no good sample to imitate) and less than `below` (one passed more
-    often has little to gain, and aiming at it cost other categories points) whose reward threshold
-    exists, or that is graded (evaluate.GRADED: dense prompts; no threshold needed), up to `top` of them
-    (0 = all). A graded category is ranked and floored by its share of facts and called weak by how
-    often all its facts hold: most of a layout's facts can be right while half its layouts have a mistake.
-    measure(name) -> (pass rate, samples, threshold or None) on fresh dev samples (aim draws
-    post.calib_samples) is called for a category
-    - whose dev samples are too few to tell that it passes at least `below` of the time (the lower end of
-      its 95% interval lies below `below`): the eval stage draws only ~24 of each knowledge kind;
-    - that is a candidate without a threshold and passes at least `min_rate` of the time.
-    Its rate is then pooled with the fresh one and its threshold is the fresh samples' (`thresholds` is
-    updated in place), unless they set none for want of passing samples (fewer than `min_hits`): then the
-    dev threshold stands (with enough of them and none set, the reward cannot judge the category). The
-    walk goes on from the weakest category by the rates as they now stand. Returns (targets, {name:
-    (pooled pass rate, samples)} of the measured categories); no targets means: nothing to target."""
-    rates = {c["name"]: (evaluate.category_score(c), c["n"]) for c in weakness["categories"]}
-    graded = set(evaluate.GRADED)
-    outright = {c["name"]: c["pass_rate"] for c in weakness["categories"]}
-    measured = {}
-
-    def remeasure(name):
-        (rate, n), (fresh, m, threshold) = rates[name], measure(name)
-        rates[name] = measured[name] = ((rate * n + fresh * m) / max(1, n + m), n + m)
-        if threshold is not None or round(fresh * m) >= min_hits:
-            thresholds[name] = threshold
-
-    for name, (rate, n) in list(rates.items()):
-        if rate >= below and wilson_low(rate, n) < below and name not in graded:
-            remeasure(name)
-    targets, seen = [], set()
-    while not top or len(targets) < top:
-        left = [k for k in rates if k not in seen and is_weak(k, rates[k][0], outright[k], below, floor)]
-        if not left:
-            break
-        name = min(left, key=lambda k: rates[k][0])
-        if name in graded:  # no threshold: its samples are weighted by their prompt's best (sample_weights)
-            seen.add(name)
-            targets.append(name)
-            continue
-        if thresholds.get(name) is None and rates[name][0] >= min_rate and name not in measured:
-            remeasure(name)  # its pooled rate may now rank it elsewhere, or out of range: pick again
-            continue
-        seen.add(name)
-        if thresholds.get(name) is not None:
-            targets.append(name)
-    return sorted(targets, key=lambda k: rates[k][0]), measured
-
-
-def with_rates(weakness, measured):
-    """A copy of the weakness report whose measured categories carry their pooled pass rate and sample
-    count (choose_targets), so that target_shares weighs them by what was measured last."""
-    cats = [{**c, "pass_rate": measured[c["name"]][0], "n": measured[c["name"]][1]} if c["name"] in measured else c
-            for c in weakness["categories"]]
-    return {**weakness, "categories": cats}
-
-
-def draw_prompts(strategy, n, rng, weakness=None, focus=0.5, top_attributes=5,
-                 top_categories=0, judged=None, anchor=0.0):
-    """n distinct train-split Examples for a strategy. `targeted` needs the weakness report: categories
-    are drawn with target_shares (among the `judged` ones), and a `focus` share of the prompts must also
-    name one of the `top_attributes` most-failed attribute values; an `anchor` share is drawn as `aligned`
-    draws, from every category the benchmarks draw from."""
-    if strategy == "targeted":
-        if not weakness:
-            raise ValueError("the targeted strategy needs the weakness report (weakness.json): "
-                             "run the eval stage first")
-        shares = target_shares(weakness, top_categories, judged=judged)
-        cats, p = list(shares), np.array(list(shares.values()))
-        weak = {(a["attribute"], a["value"]) for a in weakness["attributes"][:top_attributes]}
-    elif strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-
-    def draw(found):
-        if strategy == "broad":
-            return world.sample_example(rng, split="train")
-        if strategy == "aligned":
-            return world.sample_example(rng, ALIGNED_CATEGORIES[found % len(ALIGNED_CATEGORIES)], split="train")
-        if anchor and rng.random() < anchor:
-            return world.sample_example(rng, ALIGNED_CATEGORIES[rng.integers(len(ALIGNED_CATEGORIES))], split="train")
-        name = cats[rng.choice(len(cats), p=p)]
-        for _ in range(50 if rng.random() < focus else 1):  # a few tries for a prompt naming a weak value
-            ex = draw_example(rng, name)
-            if names(ex) & weak:
-                break
-        return ex
-
-    out = world.distinct_examples(draw, n, 100 * n)
-    if len(out) == n:
-        return out
-    raise RuntimeError(f"only {len(out)} distinct prompts for strategy {strategy}")
 
 
 # -----------------------------------------------------------------------------
@@ -517,13 +346,14 @@ def reward_thresholds(run_dir, pc, device):
 
 
 def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix, calibrated=None):
-    """choose_targets for the targeted strategy. A category whose eval-stage dev samples are
+    """targeting.choose_targets for the targeted strategy. A category whose eval-stage dev samples are
     too few to judge it (a knowledge kind gets ~24; a weak category's ~100 may hold fewer than the ~38
     passing ones a threshold needs) gets post.calib_samples fresh dev samples from the base model: its pass
-    rate is pooled with theirs and its threshold calibrated on them (choose_targets says when the dev one
+    rate is pooled with theirs and its threshold calibrated on them (targeting.choose_targets says when the dev one
     stands). base = (gpt, vq, vocab, tokenizer); calibrated: a dict that keeps those measurements across
     calls on one base (the ablations), since the same seed gives the same samples.
-    Returns (targets, {name: (pooled pass rate, samples)}); raises NothingToTarget when no weak category is left."""
+    Returns (targets, {name: (pooled pass rate, samples)}); raises targeting.NothingToTarget when no weak
+    category is left."""
     tc = cfgs["train"]
     if not weakness:
         raise RunError("the targeted strategy needs the eval stage's weakness.json: run --stages=eval first")
@@ -533,7 +363,7 @@ def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix, calib
         key = (pc.reward, pc.precision, pc.calib_samples, name)
         if calibrated is not None and key in calibrated:
             return calibrated[key]
-        examples = dev_examples(name, max(1, pc.calib_samples // tc.bench_samples))
+        examples = targeting.dev_examples(name, max(1, pc.calib_samples // tc.bench_samples))
         recs = evaluate.sample_and_score(gpt, vq, vocab, tokenizer, examples,
                                          cfgs["sample"], tc.bench_samples, tc.eval_batch, tc.seed)
         reward_fn = rewards.load_reward(run_dir, pc.reward, device, {ex.prompt: ex.spec for ex in examples})
@@ -547,9 +377,9 @@ def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix, calib
             calibrated[key] = out
         return out
 
-    min_rate = min_passing(pc.precision) / max(1, pc.calib_samples)
-    targets, measured = choose_targets(weakness, thresholds, pc.target_top, pc.weak_below, measure, min_rate,
-                                                 min_hits=min_passing(pc.precision))
+    min_rate = targeting.min_passing(pc.precision) / max(1, pc.calib_samples)
+    targets, measured = targeting.choose_targets(weakness, thresholds, pc.target_top, pc.weak_below, measure, min_rate,
+                                                 min_hits=targeting.min_passing(pc.precision))
     if not targets:
         rates = {c["name"]: measured.get(c["name"], (evaluate.category_score(c), c["n"]))
                  for c in weakness["categories"]}
@@ -557,13 +387,13 @@ def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix, calib
         weakest = ", ".join(f"{n} {r:.2f}" + (f" of facts ({outright[n]:.2f} all right)" if n in outright else "")
                             + f" on {k} samples"
                             for n, (r, k) in sorted(rates.items(), key=lambda x: x[1][0])[:3])
-        if any(is_weak(n, r, outright.get(n, r), pc.weak_below) for n, (r, _) in rates.items()):
+        if any(targeting.is_weak(n, r, outright.get(n, r), pc.weak_below) for n, (r, _) in rates.items()):
             why = (f"{pc.reward} cannot judge any dev category passed between 5% and {pc.weak_below:.0%} "
                    "of the time (thresholds: "
                    f"{', '.join(n for n, t in thresholds.items() if t is not None) or 'none'}; weakest: {weakest})")
         else:
             why = f"no dev category is passed between 5% and {pc.weak_below:.0%} of the time (weakest: {weakest})"
-        raise NothingToTarget(
+        raise targeting.NothingToTarget(
             f"{why}, so targeted post-training would aim at categories the model already draws well; more "
             "post.calib_samples, another post.reward or a higher post.weak_below change that")
     return targets, measured
@@ -584,7 +414,7 @@ def post_train(cfgs, run_dir, device, log, pc, seed, adapter="post", log_prefix=
     if pc.strategy == "targeted":
         targets, measured = aim(cfgs, run_dir, device, pc, weakness, thresholds,
                                 (gpt, vq, vocab, tokenizer), log_prefix, calibrated)
-        weakness = with_rates(weakness, measured)  # prompt shares by the pooled rates
+        weakness = targeting.with_rates(weakness, measured)  # prompt shares by the pooled rates
         tqdm.write(f"[{log_prefix}] targeted at {', '.join(targets)}")
     elif pc.weighting == "threshold" and all(t is None for t in thresholds.values()):
         tqdm.write(f"[{log_prefix}] warning: {pc.reward} cannot judge any dev category (too few dev samples pass, "
@@ -610,8 +440,8 @@ def post_train(cfgs, run_dir, device, log, pc, seed, adapter="post", log_prefix=
     rounds = []
     for k in range(pc.rounds):
         t0 = time.time()
-        examples = draw_prompts(pc.strategy, pc.prompts, rng, weakness, pc.focus, top_categories=pc.target_top,
-                                judged=targets, anchor=pc.anchor)
+        examples = targeting.draw_prompts(pc.strategy, pc.prompts, rng, weakness, pc.focus,
+                                          top_categories=pc.target_top, judged=targets, anchor=pc.anchor)
         samples, r, v = scored_samples(examples, seed * 1000 + k * 100_000)
         cut = np.array([np.inf if t is None else t for t in
                         (thresholds.get(evaluate.category_name(examples[i].category, examples[i].kind))
@@ -669,7 +499,7 @@ def run(cfgs, run_dir, device, log, report):
         raise RunError("the post stage compares against the eval stage's benchmarks: run --stages=eval first")
     try:
         gpt, tokenizer, vocab, vq, _, rounds = post_train(cfgs, run_dir, device, log, pc, tc.seed, check=True)
-    except NothingToTarget as e:  # the report says so; no adapter is written, the base model stands
+    except targeting.NothingToTarget as e:  # the report says so; no adapter is written, the base model stands
         print(f"[post] skipped: {e}")
         return {"skipped": str(e)}, {"config": asdict(pc), "skipped": str(e), "before": report["benchmarks"]}
     save_atomic(lora_state_dict(gpt, "post"), os.path.join(run_dir, "lora_post.safetensors"))

@@ -48,6 +48,7 @@ import evaluate
 import heads
 import posttrain
 import rewards
+import targeting
 import world
 from ablations import AblationConfig
 from config import ConfigError
@@ -733,7 +734,7 @@ def main(argv=None):
         try:  # the lm stage runs in every process; the others in rank 0 alone, the rest wait at the barrier
             derive_sizes(cfgs, run_dir)
             figures = STAGE_FNS[stage](run) if stage == "lm" or dist.master else {}
-        except (RunError, ConfigError, rewards.RewardError, posttrain.NothingToTarget) as e:
+        except (RunError, ConfigError, rewards.RewardError, targeting.NothingToTarget) as e:
             raise SystemExit(f"error: {e}")
         except KeyboardInterrupt:
             resume = (f" from the last checkpoint (every {tc.ckpt_every} steps)"

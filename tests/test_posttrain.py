@@ -13,6 +13,7 @@ import ablations
 import data
 import evaluate
 import posttrain
+import targeting
 import train
 import world
 from conftest import MICRO
@@ -51,7 +52,7 @@ def test_weighting_schemes_on_hand_made_rewards():
         posttrain.sample_weights(R, GROUP, "softmax")
 
 
-@pytest.mark.parametrize("strategy", posttrain.STRATEGIES)
+@pytest.mark.parametrize("strategy", targeting.STRATEGIES)
 def test_post_training_prompts_never_equal_benchmark_or_dev_prompts(strategy):
     bench = {e.prompt for exs in evaluate.prompt_sets(50).values() for e in exs}
     bench |= {e.prompt for name in ("counting", "knowledge/comparative")
@@ -60,7 +61,7 @@ def test_post_training_prompts_never_equal_benchmark_or_dev_prompts(strategy):
     weakness = {"categories": [{"name": "dense", "pass_rate": 0.0}, {"name": "knowledge/comparative", "pass_rate": 0.2},
                                {"name": "position", "pass_rate": 0.5}, {"name": "colors", "pass_rate": 1.0}],
                 "attributes": [{"attribute": "relation", "value": "left of", "fail_rate": 0.9}]}
-    exs = posttrain.draw_prompts(strategy, 400, np.random.default_rng(0), weakness)
+    exs = targeting.draw_prompts(strategy, 400, np.random.default_rng(0), weakness)
     prompts = [e.prompt for e in exs]
     assert len(set(prompts)) == 400
     assert not set(prompts) & (bench | dev)
@@ -73,7 +74,7 @@ def test_post_training_prompts_never_equal_benchmark_or_dev_prompts(strategy):
         # never or always passes
         share = {c: cats.count(c) / len(cats) for c in ("position", "knowledge/comparative", "colors", "dense")}
         assert share["position"] > share["knowledge/comparative"] > 4 * max(share["colors"], share["dense"]), share
-        named = np.mean([("relation", "left of") in posttrain.names(e) for e in exs if e.category == "position"])
+        named = np.mean([("relation", "left of") in targeting.names(e) for e in exs if e.category == "position"])
         assert named > 0.5, f"targeted position prompts name the weak relation only {named:.2f} of the time"
 
 
@@ -82,24 +83,24 @@ def test_targeted_top_keeps_only_the_weakest_categories_the_model_sometimes_pass
                                {"name": "color_attr", "pass_rate": 0.3}, {"name": "position", "pass_rate": 0.5},
                                {"name": "colors", "pass_rate": 1.0}]}
     # dense: never passed
-    assert set(posttrain.target_shares(weakness, top=2)) == {"knowledge/comparative", "color_attr"}
-    assert set(posttrain.target_shares(weakness)) == {c["name"] for c in weakness["categories"]}
-    exs = posttrain.draw_prompts("targeted", 200, np.random.default_rng(0),
+    assert set(targeting.target_shares(weakness, top=2)) == {"knowledge/comparative", "color_attr"}
+    assert set(targeting.target_shares(weakness)) == {c["name"] for c in weakness["categories"]}
+    exs = targeting.draw_prompts("targeted", 200, np.random.default_rng(0),
                                  {**weakness, "attributes": []}, top_categories=2)
     assert ({e.category for e in exs} == {"knowledge", "color_attr"}
             and {e.kind for e in exs if e.category == "knowledge"} == {"comparative"})
     # a category the reward cannot judge gets no prompts: the next weakest takes its place
     judged = {"color_attr", "position", "colors"}
-    assert set(posttrain.target_shares(weakness, top=2, judged=judged)) == {"color_attr", "position"}
+    assert set(targeting.target_shares(weakness, top=2, judged=judged)) == {"color_attr", "position"}
     with pytest.raises(ValueError, match="cannot judge any"):
-        posttrain.target_shares(weakness, top=2, judged=set())
+        targeting.target_shares(weakness, top=2, judged=set())
 
 
 def test_an_anchor_share_of_targeted_prompts_comes_from_every_benchmark_category():
     weakness = {"categories": [{"name": "knowledge/comparative", "pass_rate": 0.2},
                                {"name": "colors", "pass_rate": 1.0}],
                 "attributes": []}
-    draw = lambda **kw: posttrain.draw_prompts("targeted", 400, np.random.default_rng(0), weakness,
+    draw = lambda **kw: targeting.draw_prompts("targeted", 400, np.random.default_rng(0), weakness,
                                                top_categories=1, **kw)
     assert [e.prompt for e in draw(anchor=0.0)] == [e.prompt for e in draw()], "anchor 0 draws what it drew before"
     exs = draw(anchor=0.25)
@@ -137,10 +138,10 @@ def test_thresholds_are_calibrated_per_category_on_dev_samples():
 
 def test_min_passing_is_where_calibration_first_finds_a_threshold():
     for precision in (0.8, 0.9, 0.95):
-        n = posttrain.min_passing(precision)
+        n = targeting.min_passing(precision)
         assert posttrain.calibrate_thresholds(np.ones(n), np.ones(n), ["a"] * n, precision)["a"] == 1.0
         assert posttrain.calibrate_thresholds(np.ones(n - 1), np.ones(n - 1), ["a"] * (n - 1), precision)["a"] is None
-    assert posttrain.min_passing(0.95) == 38
+    assert targeting.min_passing(0.95) == 38
 
 
 def test_targets_are_weak_categories_the_reward_can_judge_else_nothing():
@@ -158,21 +159,21 @@ def test_targets_are_weak_categories_the_reward_can_judge_else_nothing():
     # the eval's dev samples judge only strong categories: comparative (too rare to reach min_rate) is not sampled
     # again, color_attr gets a threshold from fresh samples, position none; counting (0.76) is never aimed at
     t = {"counting": 0.2, "colors": 0.1, "color_attr": None, "position": None}
-    out, again = posttrain.choose_targets(weakness, t, 2, 0.7, measure({"color_attr": 0.3}), min_rate=0.2)
+    out, again = targeting.choose_targets(weakness, t, 2, 0.7, measure({"color_attr": 0.3}), min_rate=0.2)
     assert (out == ["color_attr"] and calls == ["color_attr", "position"]
             and t["color_attr"] == 0.3 and t["position"] is None)
     assert again["color_attr"] == (pytest.approx((0.3 * 100 + 0.5 * 400) / 500), 500), "dev and fresh samples pooled"
     # nothing weak can be judged: no targets (the post stage then skips); a higher bar lets counting in
     calls.clear()
-    assert posttrain.choose_targets(weakness, {"counting": 0.2}, 2, 0.7, measure({}))[0] == []
+    assert targeting.choose_targets(weakness, {"counting": 0.2}, 2, 0.7, measure({}))[0] == []
     assert calls == ["knowledge/comparative", "color_attr", "position"], "dense (never passed) is not a candidate"
-    assert posttrain.choose_targets(weakness, {"counting": 0.2}, 2, 0.8, measure({}))[0] == ["counting"]
+    assert targeting.choose_targets(weakness, {"counting": 0.2}, 2, 0.8, measure({}))[0] == ["counting"]
     # judged categories need no fresh samples; the walk stops at `top`
     calls.clear()
     t = {"knowledge/comparative": 0.1, "color_attr": 0.2, "position": None}
-    assert (posttrain.choose_targets(weakness, t, 2, 0.7, measure({})) == (["knowledge/comparative", "color_attr"], {})
+    assert (targeting.choose_targets(weakness, t, 2, 0.7, measure({})) == (["knowledge/comparative", "color_attr"], {})
             and calls == [])
-    assert posttrain.choose_targets(weakness, {"color_attr": 0.2, "position": 0.1},
+    assert targeting.choose_targets(weakness, {"color_attr": 0.2, "position": 0.1},
                                     0, 1.0, measure({}))[0] == ["color_attr", "position"]
 
 
@@ -203,21 +204,21 @@ def test_dense_prompts_are_aimed_at_by_their_share_of_facts_without_a_threshold(
             {"name": "knowledge/comparative", "pass_rate": 0.6, "n": 400}]
     calls = []
     measure = lambda name: calls.append(name) or (0.5, 400, None)
-    assert (posttrain.choose_targets({"categories": cats}, {"counting": 0.2}, 1, 0.8, measure) == (["dense"], {})
+    assert (targeting.choose_targets({"categories": cats}, {"counting": 0.2}, 1, 0.8, measure) == (["dense"], {})
             and calls == [])
     judged = {"counting": 0.2, "knowledge/comparative": 0.3}
-    assert (posttrain.choose_targets({"categories": cats}, judged, 2, 0.8, measure)[0]
+    assert (targeting.choose_targets({"categories": cats}, judged, 2, 0.8, measure)[0]
             == ["dense", "knowledge/comparative"])
-    assert posttrain.target_shares({"categories": cats}, top=1) == {"dense": 1.0}
+    assert targeting.target_shares({"categories": cats}, top=1) == {"dense": 1.0}
     strong = [{**cats[0], "pass_rate": 0.5, "facts": 0.92}, cats[1]]  # most facts right, half the layouts not all right
-    assert (posttrain.choose_targets({"categories": strong}, {"counting": 0.2}, 2, 0.8, measure) == (["dense"], {})
+    assert (targeting.choose_targets({"categories": strong}, {"counting": 0.2}, 2, 0.8, measure) == (["dense"], {})
             and calls == [])
     strong[0].update(pass_rate=0.85, facts=0.97)  # all facts right in most layouts: nothing weak
-    assert posttrain.choose_targets({"categories": strong}, {"counting": 0.2}, 2, 0.8, measure)[0] == []
+    assert targeting.choose_targets({"categories": strong}, {"counting": 0.2}, 2, 0.8, measure)[0] == []
     cats[0]["facts"] = 0.02  # below the floor: nothing right to imitate
-    assert posttrain.choose_targets({"categories": cats}, {"counting": 0.2}, 2, 0.8, measure)[0] == []
+    assert targeting.choose_targets({"categories": cats}, {"counting": 0.2}, 2, 0.8, measure)[0] == []
     del cats[0]["facts"]  # a report without facts: dense by its pass rate, below the floor, and no threshold
-    assert posttrain.choose_targets({"categories": cats}, {"counting": 0.2}, 2, 0.8, measure)[0] == []
+    assert targeting.choose_targets({"categories": cats}, {"counting": 0.2}, 2, 0.8, measure)[0] == []
 
 
 def test_a_category_seen_on_too_few_dev_samples_is_measured_again_before_it_is_called_strong():
@@ -230,19 +231,19 @@ def test_a_category_seen_on_too_few_dev_samples_is_measured_again_before_it_is_c
     fresh = {"knowledge/comparative": (0.70, 400, 0.4), "counting": (0.5, 400, 0.3)}
     measure = lambda name: calls.append(name) or fresh[name]
     t = {"counting": 0.2, "knowledge/comparative": None, "knowledge/colour": None}
-    out, again = posttrain.choose_targets(weakness, t, 2, 0.8, measure)
+    out, again = targeting.choose_targets(weakness, t, 2, 0.8, measure)
     assert calls == ["knowledge/comparative"] and out == ["counting", "knowledge/comparative"]
     assert t["knowledge/comparative"] == 0.4 and again["knowledge/comparative"][1] == 424
     assert again["knowledge/comparative"][0] == pytest.approx((22 + 280) / 424)
     # measured again and found strong: not a target
     fresh["knowledge/comparative"] = (0.95, 400, 0.4)
     calls.clear()
-    assert (posttrain.choose_targets(weakness, {"counting": 0.2}, 2, 0.8, measure)[0] == ["counting"]
+    assert (targeting.choose_targets(weakness, {"counting": 0.2}, 2, 0.8, measure)[0] == ["counting"]
             and calls == ["knowledge/comparative"])
     # the interval: 22 of 24 reaches below 0.8, 24 of 24 does not; 0.85 of 100 does, 0.9 of 100 does not
-    assert posttrain.wilson_low(22 / 24, 24) < 0.8 < posttrain.wilson_low(1.0, 24)
-    assert posttrain.wilson_low(0.85, 100) < 0.8 < posttrain.wilson_low(0.9, 100)
-    assert posttrain.wilson_low(0.5, 0) == 0.0
+    assert targeting.wilson_low(22 / 24, 24) < 0.8 < targeting.wilson_low(1.0, 24)
+    assert targeting.wilson_low(0.85, 100) < 0.8 < targeting.wilson_low(0.9, 100)
+    assert targeting.wilson_low(0.5, 0) == 0.0
 
 
 def test_targets_follow_the_rates_measured_again():
@@ -251,34 +252,34 @@ def test_targets_follow_the_rates_measured_again():
     fresh, calls = {"b": (0.1, 400, 0.2), "a": (0.7, 400, 0.3)}, []
     measure = lambda name: calls.append(name) or fresh[name]
     # b looked weaker than c and stronger than a; measured again it is the weakest of all: first
-    out, again = posttrain.choose_targets(weakness, {"a": 0.1, "b": None, "c": 0.1}, 2, 0.8, measure)
+    out, again = targeting.choose_targets(weakness, {"a": 0.1, "b": None, "c": 0.1}, 2, 0.8, measure)
     assert out == ["b", "a"] and again["b"] == (pytest.approx(0.16), 500) and calls == ["b"]
     # a, measured again, passes 0.62: c (0.5) is weaker and takes the second place
     calls.clear()
-    out, again = posttrain.choose_targets(weakness, {"a": None, "b": 0.1, "c": 0.1}, 2, 0.8, measure)
+    out, again = targeting.choose_targets(weakness, {"a": None, "b": 0.1, "c": 0.1}, 2, 0.8, measure)
     assert out == ["b", "c"] and again["a"] == (pytest.approx(0.62), 500) and calls == ["a"]
     # a passed 22 of 24 on dev: measured again. Fresh samples too rarely passing to set a threshold (20 of
     # 400, fewer than min_hits) leave the dev one standing; 200 passing and still none: the reward cannot judge a
     weakness["categories"][0].update(pass_rate=22 / 24, n=24)
     t = {"a": 0.1, "b": 0.1, "c": 0.1}
-    out, _ = posttrain.choose_targets(weakness, t, 0, 0.8, lambda name: (0.05, 400, None), min_hits=38)
+    out, _ = targeting.choose_targets(weakness, t, 0, 0.8, lambda name: (0.05, 400, None), min_hits=38)
     assert t["a"] == 0.1 and out == ["a", "b", "c"]
     t = {"a": 0.1, "b": 0.1, "c": 0.1}
-    out, _ = posttrain.choose_targets(weakness, t, 0, 0.8, lambda name: (0.5, 400, None), min_hits=38)
+    out, _ = targeting.choose_targets(weakness, t, 0, 0.8, lambda name: (0.5, 400, None), min_hits=38)
     assert t["a"] is None and out == ["b", "c"]
     # prompt shares follow the pooled rate: a passed 22 of 24 on dev, 0.5 measured again, so it gets more
     # prompts than b (0.4), not fewer (pass * (1 - pass) is largest at 0.5)
-    pooled = posttrain.with_rates(weakness, {"a": (0.5, 424)})
+    pooled = targeting.with_rates(weakness, {"a": (0.5, 424)})
     assert pooled["categories"][0] == {"name": "a", "pass_rate": 0.5, "n": 424} and weakness["categories"][0]["n"] == 24
-    before, after = (posttrain.target_shares(weakness, judged={"a", "b"}),
-                     posttrain.target_shares(pooled, judged={"a", "b"}))
+    before, after = (targeting.target_shares(weakness, judged={"a", "b"}),
+                     targeting.target_shares(pooled, judged={"a", "b"}))
     assert before["a"] < before["b"] and after["a"] > after["b"]
 
 
 def test_calibration_prompts_are_dev_prompts_of_the_category():
     bench = {e.prompt for exs in evaluate.prompt_sets(50).values() for e in exs}
     for name in ("position", "knowledge/comparative"):
-        exs = posttrain.dev_examples(name, 100)
+        exs = targeting.dev_examples(name, 100)
         assert len(exs) == 100 and len({e.prompt for e in exs}) == 100
         assert all(world.prompt_split(e.prompt) == "dev" for e in exs) and not {e.prompt for e in exs} & bench
         assert {evaluate.category_name(e.category, e.kind) for e in exs} == {name}
@@ -295,7 +296,7 @@ def test_focus_prompts_are_fixed_bench_prompts_of_one_category_or_knowledge_kind
 
 def test_targeted_needs_a_weakness_report():
     with pytest.raises(ValueError, match="weakness"):
-        posttrain.draw_prompts("targeted", 10, np.random.default_rng(0), None)
+        targeting.draw_prompts("targeted", 10, np.random.default_rng(0), None)
 
 
 def test_weighted_loss_is_the_weighted_sum_of_both_modalities():
@@ -545,7 +546,7 @@ def test_a_weak_category_without_threshold_is_calibrated_on_fresh_dev_samples(mi
     train.derive_sizes(cfgs, run)
     calibrated = {}
     for _ in range(2):  # the second call (as the ablations' next variant) reuses the first one's calibration
-        with pytest.raises(posttrain.NothingToTarget, match="cannot judge") as e:  # the micro model draws noise:
+        with pytest.raises(targeting.NothingToTarget, match="cannot judge") as e:  # the micro model draws noise:
             #                                                                        none pass
             posttrain.post_train(cfgs, run, "cpu", train.Metrics(None).log, cfgs["post"], seed=0,
                                  log_prefix="aim", calibrated=calibrated)
