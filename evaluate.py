@@ -19,11 +19,16 @@ Shapes-world analogues of the benchmarks the post-training paper measures:
            image and a re-render of its parsed scene).
 Every score carries a 95% interval from a bootstrap over prompts (`bootstrap_ci`).
 
-Prompt sets (version BENCH_VERSION) are fixed: drawn with BENCH_SEED from the "bench" split of the
-prompt hash (world.prompt_split), which no training or post-training generator ever emits; n prompts
-per set (the run's train.bench_prompts, 50 by default), n samples each (train.bench_samples, 4).
-The weakness report is computed on the separate "dev" split, never on the benchmark, so post-training
-can aim at it without seeing benchmark prompts.
+Every benchmark also reports its `seen` and `tail` parts: prompts that name a long-tail composition
+(world.TAIL: colour-shape pairs the generator's text-image pairs show rarely) against the others. Half
+of every prompt set's prompts are tail prompts (part_example), so the tail part is measured as closely.
+
+Prompt sets (version BENCH_VERSION) are fixed: drawn with BENCH_SEED from the "bench" split, which is
+split by what a prompt asks (world.split_of hashes its Spec's canonical key, not its words), so no
+training or post-training generator ever asks the same thing in other words; n prompts per set (the run's
+train.bench_prompts, 50 by default), n samples each (train.bench_samples, 4). The weakness report is
+computed on the separate "dev" split, never on the benchmark, so post-training can aim at it without
+seeing benchmark prompts, and recipe choices are read there.
 
     python evaluate.py out/shapes_cpu          # table with intervals, weakness report; PNG grid per benchmark
     python evaluate.py out/shapes_cpu --json   # the `benchmarks` part of report.json
@@ -46,7 +51,7 @@ GENEVAL_TASKS = ("single_object", "two_objects", "counting", "colors", "position
 GRADED = ("dense",)  # scored by their share of facts (category_score); post-training keeps each prompt's best sample
 ONEIG_CATEGORIES = GENEVAL_TASKS + ("knowledge",)  # oneig's mix: every category with something left open
 BENCH_SEED = 2026  # fixes the benchmark prompt sets; change it only with BENCH_VERSION
-BENCH_VERSION = 2  # 1: geneval + wise; 2: + dpg, oneig, intervals
+BENCH_VERSION = 3  # 1: geneval + wise; 2: + dpg, oneig, intervals; 3: split by content, seen and tail parts
 DEV_SEED = 7  # fixes the dev prompts of the weakness report
 BOOTSTRAP = 1000  # bootstrap resamples per interval
 
@@ -55,9 +60,24 @@ BOOTSTRAP = 1000  # bootstrap resamples per interval
 # Prompt sets
 
 
+NO_COMPOSITION = ("two_objects",)  # categories whose prompts name shapes alone, never a colour-shape pair
+
+
+def part_example(rng, category, split, slot, kind=None):
+    """An example for a prompt set's slot: odd slots name a tail composition, even ones none, so that every
+    set has a seen and a tail part of about equal size (a category that names no composition is all seen)."""
+    tail = slot % 2 == 1 and category not in NO_COMPOSITION
+    while True:
+        ex = world.sample_example(rng, category, split, kind)
+        if world.is_tail(ex.spec) == tail:
+            return ex
+
+
 def _distinct(rng, categories, n, split, exclude=()):
-    """n distinct examples of `split`, cycling through categories; prompts in `exclude` are skipped."""
-    draw = lambda found: world.sample_example(rng, category=categories[found % len(categories)], split=split)
+    """n distinct examples of `split`, cycling through categories, half of each category's seen and half
+    tail (part_example); prompts in `exclude` are skipped."""
+    k = len(categories)
+    draw = lambda found: part_example(rng, categories[found % k], split, found // k)
     out = world.distinct_examples(draw, n, 200 * n, exclude)
     if len(out) < n:
         raise RuntimeError(f"only {len(out)} distinct {split} prompts of {', '.join(categories)}; "
@@ -223,6 +243,25 @@ def geneval(by_task):
     return out
 
 
+def parts(bench, records):
+    """A benchmark (records -> dict with "overall" and its interval) on its seen and tail prompts apart:
+    {"seen": {"score", "ci", "prompts"}, "tail": {...}}; a part without prompts is left out."""
+    out = {}
+    for part, tail in (("seen", False), ("tail", True)):
+        sub = [r for r in records if world.is_tail(r["example"].spec) == tail]
+        if sub:
+            b = bench(sub)
+            out[part] = {"score": b["overall"], "ci": b["ci"]["overall"], "prompts": len({r["prompt"] for r in sub})}
+    return out
+
+
+def by_category(records):
+    groups = defaultdict(list)
+    for r in records:
+        groups[r["category"]].append(r)
+    return dict(groups)
+
+
 def fact_share(record):
     """A dense sample's share of DPG facts that hold (0 when it drew no image)."""
     return float(np.mean(list(record["facts"].values()))) if record["facts"] else 0.0
@@ -278,6 +317,7 @@ def oneig(records):
             "reasoning": per_prompt([r for r in records if r["category"] == "knowledge"], lambda r: r["passed"]),
             "diversity": np.array([distinct_correct(recs) for recs in by_prompt.values()]),
             "quality": per_prompt(records, lambda r: r["quality"])}
+    dims = {k: v for k, v in dims.items() if len(v)}  # a seen or tail part may lack knowledge prompts
     overall, ci = score(list(dims.values()))
     out, cis = {"overall": overall}, {"overall": ci}
     for k, v in dims.items():
@@ -295,8 +335,9 @@ def category_score(entry):
 
 def weakness(records, min_n=8):
     """Where the model fails most, on dev prompts: categories ranked by category_score (knowledge split by
-    kind), and attribute values (colour, shape, size, count, region, relation, total) ranked by the
-    failure rate of the clauses that name them. Values named by fewer than min_n clauses are left out."""
+    kind), attribute values (colour, shape, size, count, region, relation, total) ranked by the failure
+    rate of the clauses that name them, and colour-shape compositions ranked by the pass rate of the
+    clauses that name them (the long tail shows there). Values named by fewer than min_n clauses are left out."""
     cats, facts = defaultdict(list), defaultdict(list)
     for r in records:
         name = category_name(r["category"], r["kind"])
@@ -317,6 +358,14 @@ def weakness(records, min_n=8):
         for i, rel, j in spec.relations:
             attrs[("relation", rel)].append(clauses.get(f"relation:{i} {rel} {j}", False))
         attrs[("total", str(spec.total))].append(clauses.get("total", False))
+    comps = defaultdict(list)  # a composition's clauses: whether the object of that colour and shape was drawn
+    for r in records:
+        for req in r["example"].spec.reqs:
+            if req.colour and req.shape:
+                comps[f"{req.colour} {req.shape}"].append(r["clauses"].get(f"count:{req.describe()}", False))
+    tail = {f"{c} {s}" for c, s in world.TAIL}
+    compositions = sorted(({"name": c, "tail": c in tail, "pass_rate": float(np.mean(oks)), "n": len(oks)}
+                           for c, oks in comps.items() if len(oks) >= min_n), key=lambda d: d["pass_rate"])
     categories = [{"name": c, "pass_rate": float(np.mean(v)), "n": len(v)} for c, v in cats.items()]
     for c in categories:
         if c["name"] in facts:
@@ -325,7 +374,7 @@ def weakness(records, min_n=8):
     attributes = sorted(({"attribute": a, "value": v, "fail_rate": 1 - float(np.mean(oks)), "n": len(oks)}
                          for (a, v), oks in attrs.items() if len(oks) >= min_n), key=lambda d: -d["fail_rate"])
     return {"split": "dev", "seed": DEV_SEED, "samples": len(records),
-            "categories": categories, "attributes": attributes}
+            "categories": categories, "attributes": attributes, "compositions": compositions}
 
 
 def score_benchmarks(gpt, vq, vocab, tokenizer, sample_cfg, n_prompts=50, n_samples=4, batch=128, seed=0):
@@ -333,9 +382,9 @@ def score_benchmarks(gpt, vq, vocab, tokenizer, sample_cfg, n_prompts=50, n_samp
     run = lambda exs, k: sample_and_score(gpt, vq, vocab, tokenizer, exs, sample_cfg, k, batch, seed)
     recs = {name: run(exs, max(2, n_samples) if name == "oneig" else n_samples)
             for name, exs in prompt_sets(n_prompts).items()}
-    by_task = {t: recs[f"geneval/{t}"] for t in GENEVAL_TASKS}
-    return {"geneval": geneval(by_task), "dpg": dpg(recs["dpg"]),
-            "wise": wise(recs["wise"]), "oneig": oneig(recs["oneig"])}, recs
+    out = {"geneval": (lambda rs: geneval(by_category(rs)), [r for t in GENEVAL_TASKS for r in recs[f"geneval/{t}"]]),
+           "dpg": (dpg, recs["dpg"]), "wise": (wise, recs["wise"]), "oneig": (oneig, recs["oneig"])}
+    return {name: {**bench(rs), **parts(bench, rs)} for name, (bench, rs) in out.items()}, recs
 
 
 def focus_score(gpt, vq, vocab, tokenizer, sample_cfg, category, n_prompts=150, n_samples=4, seeds=(0, 1), batch=128):
@@ -417,16 +466,22 @@ def dev_samples(records):
 # Tables
 
 
+def rows(b):
+    """A benchmark dict -> [(row name, score, 95% interval or None)]: overall, tasks, other figures, kinds,
+    then the seen and tail parts."""
+    ci = b.get("ci", {})
+    out = [(k, v, ci.get(k)) for k, v in [("overall", b["overall"]), *b.get("tasks", {}).items()]]
+    out += [(k, v, ci.get(k)) for k, v in b.items() if k not in ("overall", "tasks", "ci", "kinds", "seen", "tail")]
+    out += [(f"kind {k}", v, None) for k, v in b.get("kinds", {}).items()]
+    return out + [(p, b[p]["score"], b[p]["ci"]) for p in ("seen", "tail") if p in b]
+
+
 def table(benchmarks):
     """Benchmarks -> a plain-text table, every score with its 95% interval where it has one."""
     lines = [f"{'benchmark':<10}{'score':<22}{'':<2}{'95% interval':>20}"]
     for name, b in benchmarks.items():
-        ci = b.get("ci", {})
-        rows = [("overall", b["overall"])] + list(b.get("tasks", {}).items())
-        rows += [(k, v) for k, v in b.items() if k not in ("overall", "tasks", "ci", "kinds")]
-        rows += [(f"kind {k}", v) for k, v in b.get("kinds", {}).items()]
-        for i, (k, v) in enumerate(rows):
-            lo_hi = f"[{ci[k][0]:.3f}, {ci[k][1]:.3f}]" if k in ci else ""
+        for i, (k, v, ci) in enumerate(rows(b)):
+            lo_hi = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
             lines.append(f"{name if i == 0 else '':<10}{k:<24}{v:>6.3f}   {lo_hi}")
     return "\n".join(lines)
 
@@ -437,25 +492,22 @@ def weakness_table(w, top=8):
                  f"{c['name']} {c['pass_rate']:.2f}" + (f" (facts {c['facts']:.2f})" if "facts" in c else "")
                  for c in w["categories"]),
              "  attributes, most failed first: " + ", ".join(
-                 f"{a['attribute']}={a['value']} {a['fail_rate']:.2f} (n={a['n']})" for a in w["attributes"][:top])]
+                 f"{a['attribute']}={a['value']} {a['fail_rate']:.2f} (n={a['n']})" for a in w["attributes"][:top]),
+             "  compositions, weakest first: " + ", ".join(
+                 f"{c['name']}{' (tail)' if c['tail'] else ''} {c['pass_rate']:.2f} (n={c['n']})"
+                 for c in w.get("compositions", [])[:top])]
     return "\n".join(lines)
 
 
 def compare(before, after):
     """Two `benchmarks` dicts -> before -> after lines, every score with its interval."""
     lines = [f"{'benchmark':<10}{'score':<24}{'before':>28}{'after':>28}{'change':>9}"]
+    fmt = lambda v, ci: f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
     for name, b in before.items():
-        a = after.get(name, {})
-        keys = ["overall"] + list(b.get("tasks", {})) + [k for k in b if k not in ("overall", "tasks", "ci", "kinds")]
-        for i, k in enumerate(keys):
-            get = lambda d: d.get("tasks", {}).get(k, d.get(k))
-            vb, va = get(b), get(a)
-            if vb is None or va is None:
-                continue
-            cb, ca = b.get("ci", {}).get(k), a.get("ci", {}).get(k)
-            fb = f"{vb:.3f}" + (f" [{cb[0]:.3f}, {cb[1]:.3f}]" if cb else "")
-            fa = f"{va:.3f}" + (f" [{ca[0]:.3f}, {ca[1]:.3f}]" if ca else "")
-            lines.append(f"{name if i == 0 else '':<10}{k:<24}{fb:>28}{fa:>28}{va - vb:>+9.3f}")
+        later = {k: (v, ci) for k, v, ci in rows(after[name])} if name in after else {}
+        for i, (k, vb, cb) in enumerate((k, v, ci) for k, v, ci in rows(b) if k in later):
+            va, ca = later[k]
+            lines.append(f"{name if i == 0 else '':<10}{k:<24}{fmt(vb, cb):>28}{fmt(va, ca):>28}{va - vb:>+9.3f}")
     return "\n".join(lines)
 
 

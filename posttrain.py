@@ -305,7 +305,7 @@ def save_round(samples, scores, path):
 def pretraining_batches(tc, batch, seed, rng, tokenizer, vq, vocab, device):
     """A function returning one pretraining batch per call (a small world_data set, reshuffled each
     pass): the data of the anti-drift term."""
-    ds = data.world_data(min(tc.lm_examples, 50 * batch), seed, "train", tokenizer, vq, device)
+    ds = data.world_data(min(tc.lm_examples, 50 * batch), seed, "train", tokenizer, vq, device, tc.tail_keep)
     queue = []
 
     def next_batch():

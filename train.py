@@ -88,6 +88,8 @@ class TrainConfig:
     # LM stage
     lm_examples: int = 30000  # pretraining examples (prompt, plan, caption, image codes);
     #                           a folder run uses all its images
+    tail_keep: float = 1.0  # share of pretraining pairs showing a long-tail composition (world.TAIL) that are kept:
+    #                         below 1 the generator's pairs have the gaps a real dataset has (the VQ and rewards don't)
     lm_steps: int = 2500  # optimiser steps of the lm stage
     lm_batch: int = 32  # sequences per step (the global batch, shared among data-parallel processes)
     lm_lr: float = 1.5e-3  # peak learning rate (AdamW); twice that ends at a higher held-out loss
@@ -135,6 +137,7 @@ def validate(cfgs):
         (0 <= tc.p_plan and 0 <= tc.p_direct and tc.p_plan + tc.p_direct <= 1,
          "train.p_plan + train.p_direct must lie in [0, 1] (the rest are captions)"),
         (0 <= tc.null_prob <= 1, "train.null_prob must lie in [0, 1]"),
+        (0 <= tc.tail_keep <= 1, "train.tail_keep must lie in [0, 1] (1 = the whole world, 0 = the tail never shown)"),
         (tc.vq_init_images * vc.n_codes >= vc.codebook_size,
          f"train.vq_init_images={tc.vq_init_images} images of {vc.n_codes} codes each are fewer encodings than "
          f"vq.codebook_size={vc.codebook_size}: the codebook starts from that many distinct encodings"),
@@ -422,8 +425,8 @@ def lm_datasets(cfgs, tokenizer, vq, device):
     """(train, held-out) LMData of the shapes world or of the run's image folder."""
     tc = cfgs["train"]
     if not tc.data_dir:
-        return (data.world_data(tc.lm_examples, tc.seed, "train", tokenizer, vq, device),
-                data.world_data(tc.eval_examples, tc.seed + 1, "dev", tokenizer, vq, device))
+        return (data.world_data(tc.lm_examples, tc.seed, "train", tokenizer, vq, device, tc.tail_keep),
+                data.world_data(tc.eval_examples, tc.seed + 1, "dev", tokenizer, vq, device, tc.tail_keep))
     folder, train, dev = open_folder(cfgs)
     if len(train) < tc.lm_batch:
         raise ConfigError(f"train.data_dir has {len(train)} training images (after holding out {len(dev)}), fewer than "

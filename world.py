@@ -305,6 +305,18 @@ def clause_share(scene, spec):
     return float(np.mean(list(check(scene, spec).values())))
 
 
+TAIL = (("red", "triangle"), ("blue", "circle"), ("green", "square"))  # compositions the generator's pairs rarely show
+
+
+def compositions(spec):
+    """The colour-shape pairs a spec names, as "red triangle" strings, sorted."""
+    return tuple(sorted({f"{r.colour} {r.shape}" for r in spec.reqs if r.colour and r.shape}))
+
+
+def is_tail(spec):
+    return any(c in {f"{a} {b}" for a, b in TAIL} for c in compositions(spec))
+
+
 # -----------------------------------------------------------------------------
 # Words. Every word a generator can write lives in these constants (the tokenizer corpus lists them).
 
@@ -508,28 +520,58 @@ PRETRAIN_MIX = {("single_object", None): 1, ("single_object", "sized"): 1, ("two
 
 
 # -----------------------------------------------------------------------------
-# Splits: benchmark and dev prompts never appear in training
+# Splits by content: what a benchmark or dev prompt asks for never appears in training, in any wording.
+# The long tail: compositions the generator's text-image pairs show rarely (train.tail_keep), while the VQ
+# and the reward models learn from the whole world, as a real tokenizer and VQAScore model see broad data.
 
 
-def prompt_split(text):
-    """Stable across runs and machines (hashlib, not hash(), which is salted per process)."""
-    h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") % 100
+def spec_key(spec):
+    """A canonical string of what a spec asks: the same for every wording and every order of its clauses
+    ("a circle left of a square" and "a square to the right of a circle" give one key)."""
+    flip = {"right of": "left of", "below": "above"}
+    rels = [(j, flip[r], i) if r in flip else (i, r, j) for i, r, j in spec.relations]
+    order = sorted(range(len(spec.reqs)), key=lambda i: repr(spec.reqs[i]))
+    new = {old: k for k, old in enumerate(order)}
+    reqs = [spec.reqs[i] for i in order]
+    rels = sorted((new[i], r, new[j]) for i, r, j in rels)
+    return f"{reqs!r} {rels!r} total={spec.total}"
+
+
+SPLIT_SALT = "nanoloom-split-1082"  # the first salt giving every category seen and tail specs on dev and bench
+
+
+def split_of(spec):
+    """train / dev / bench by a hash of spec_key: stable across runs and machines (hashlib, not the salted
+    hash()). A tenth of the specs are dev, 15% bench."""
+    h = int.from_bytes(hashlib.sha256((SPLIT_SALT + spec_key(spec)).encode()).digest()[:8], "big") % 100
     return "bench" if h < 15 else "dev" if h < 25 else "train"
 
 
-def sample_example(rng, category=None, split="train", kind=None):
-    """A random Example whose prompt falls in `split`; category None draws from PRETRAIN_MIX; kind picks
-    one kind of knowledge prompt (KNOWLEDGE_KINDS), or "sized" single objects."""
+def shows_tail(scene):
+    """Whether a scene holds an object of a tail composition (the generator's pairs keep it rarely)."""
+    return any((o.colour, o.shape) in TAIL for o in scene.objects)
+
+
+def sample_example(rng, category=None, split="train", kind=None, tail_keep=1.0, composition=None):
+    """A random Example whose spec falls in `split`; category None draws from PRETRAIN_MIX; kind picks
+    one kind of knowledge prompt (KNOWLEDGE_KINDS), or "sized" single objects. tail_keep < 1: an example
+    whose scene shows a tail composition is kept with that probability (the generator's text-image pairs);
+    composition ("red triangle"): only examples whose spec names it."""
     assert split in ("train", "dev", "bench"), split
     mix = list(PRETRAIN_MIX)
     p = np.array([PRETRAIN_MIX[m] for m in mix], dtype=float)
     p /= p.sum()
-    for _ in range(10_000):
-        cat, k = (category, kind) if category else mix[rng.choice(len(mix), p=p)]
+    cat, k = (category, kind) if category else mix[rng.choice(len(mix), p=p)]  # the mix's shares stay exact
+    for _ in range(20_000):
         ex = GENERATORS[cat](rng, k) if k else GENERATORS[cat](rng)
-        if prompt_split(ex.prompt) == split:
+        if composition is not None and composition not in compositions(ex.spec):
+            continue
+        if tail_keep < 1 and shows_tail(ex.scene) and rng.random() >= tail_keep:
+            continue
+        if split_of(ex.spec) == split:
             return ex
-    raise RuntimeError(f"no {split} prompt found for category {category}")
+    raise RuntimeError(f"no {split} prompt found for category {category}"
+                       + (f" naming {composition}" if composition else ""))
 
 
 def distinct_examples(draw, n, tries, exclude=()):

@@ -141,7 +141,8 @@ def test_pretraining_mix_weights_knowledge_kinds_and_leaves_benchmark_prompts_al
     assert held_out() == before
 
 
-FIXED_SPLITS = {"a red circle": "train", "draw a green triangle": "dev", "an orange circle": "bench"}
+FIXED_SPLITS = {"red": "bench", "orange": "train", "yellow": "dev", "green": "bench", "blue": "train",
+                "purple": "dev"}  # of "a <colour> circle"
 
 
 def test_a_sized_single_object_names_its_size_and_plans_it():
@@ -153,15 +154,43 @@ def test_a_sized_single_object_names_its_size_and_plans_it():
         assert world.plan_text(ex.scene, ex.spec).endswith(o.size)
 
 
-def test_splits_are_stable_and_training_never_sees_bench_or_dev():
-    # fixed values: a salted hash (python's hash()) would move prompts between splits from run to run
-    fixed = {p: world.prompt_split(p) for p in ("a red circle", "draw a green triangle", "an orange circle")}
+def test_split_is_by_content_stable_and_training_never_asks_a_bench_or_dev_spec():
+    # fixed values: a salted hash (python's hash()) would move specs between splits from run to run
+    fixed = {c: world.split_of(Spec((Req("circle", c),), total=1)) for c in world.COLOURS}
     assert fixed == FIXED_SPLITS, fixed
+    # one key for every wording and clause order of one request
+    a = Spec((Req("circle", "red"), Req("square", "blue")), ((0, "left of", 1),), 2)
+    b = Spec((Req("square", "blue"), Req("circle", "red")), ((0, "right of", 1),), 2)
+    assert world.spec_key(a) == world.spec_key(b) and world.split_of(a) == world.split_of(b)
+    assert world.spec_key(a) != world.spec_key(Spec(a.reqs, ((1, "left of", 0),), 2))
     rng = np.random.default_rng(0)
-    prompts = [world.sample_example(rng).prompt for _ in range(2000)]
-    assert all(world.prompt_split(p) == "train" for p in prompts)
-    shares = np.mean([world.prompt_split(f"prompt {i}") == "bench" for i in range(5000)])
+    for split in ("train", "dev", "bench"):
+        exs = [world.sample_example(rng, split=split) for _ in range(600)]
+        assert all(world.split_of(e.spec) == split for e in exs)
+    shares = np.mean([world.split_of(Spec((Req(count=n),), total=i)) == "bench" for n in range(60) for i in range(60)])
     assert 0.12 < shares < 0.18, f"bench share {shares}"
+
+
+def test_every_category_has_seen_and_tail_specs_on_dev_and_bench():
+    rng = np.random.default_rng(1)
+    for cat in world.CATEGORIES:
+        for split in ("dev", "bench"):
+            parts = {world.is_tail(world.sample_example(rng, cat, split).spec) for _ in range(400)}
+            assert parts == ({False} if cat in evaluate.NO_COMPOSITION else {False, True}), (cat, split, parts)
+    ex = world.sample_example(rng, "position", "dev", composition="red triangle")
+    assert "red triangle" in world.compositions(ex.spec) and world.split_of(ex.spec) == "dev"
+
+
+def test_tail_keep_thins_the_long_tail_of_training_pairs():
+    rng = np.random.default_rng(2)
+    share = lambda keep: np.mean([world.shows_tail(world.sample_example(rng, tail_keep=keep).scene)
+                                  for _ in range(1500)])
+    full, thin = share(1.0), share(0.05)
+    assert 0.2 < full < 0.5, full  # a third of the world's scenes show a tail composition
+    assert thin < full * 0.2, (thin, full)
+    assert share(0.0) == 0.0
+    assert world.compositions(Spec((Req("circle", "blue"), Req("square"), Req(None, "red")), total=3)) == ("blue circle",)
+    assert world.is_tail(Spec((Req("circle", "blue"),), total=1)) and not world.is_tail(Spec((Req("circle", "red"),)))
 
 
 def test_tokenizer_covers_every_generator_and_refuses_unknown_words(tmp_path):

@@ -33,11 +33,11 @@ def test_prompt_sets_are_fixed_distinct_and_from_the_bench_split(sets):
     assert {k: [e.prompt for e in v] for k, v in sets.items()} == {k: [e.prompt for e in v] for k, v in again.items()}
     prompts = [e.prompt for exs in sets.values() for e in exs]
     assert len(prompts) == len(set(prompts)), "a prompt is shared between benchmark sets"
-    assert all(world.prompt_split(p) == "bench" for p in prompts)
+    assert all(world.split_of(e.spec) == "bench" for exs in sets.values() for e in exs)
     assert {e.category for e in sets["oneig"]} == set(evaluate.ONEIG_CATEGORIES)
 
 
-BENCH_DIGEST = "210f4fa0d6684f91"  # sha256 of the BENCH_VERSION 2 prompt sets (50 per set), as every run scored them
+BENCH_DIGEST = "ab54b39dc1810604"  # sha256 of the BENCH_VERSION 3 prompt sets (50 per set), as every run scored them
 
 
 def test_benchmark_prompts_are_the_ones_every_run_was_scored_on():
@@ -47,14 +47,16 @@ def test_benchmark_prompts_are_the_ones_every_run_was_scored_on():
     assert hashlib.sha256(text.encode()).hexdigest()[:16] == BENCH_DIGEST
 
 
-def test_no_training_or_dev_prompt_is_a_benchmark_prompt():
-    bench = {e.prompt for exs in evaluate.prompt_sets(50).values() for e in exs}
-    dev = {e.prompt for e in evaluate.dev_prompts(25)}
+def test_no_training_or_dev_request_is_a_benchmark_request():
+    """By content, not by string: no pretraining draw (in any wording) asks for what a benchmark prompt asks."""
+    bench = {world.spec_key(e.spec) for exs in evaluate.prompt_sets(50).values() for e in exs}
+    dev = {world.spec_key(e.spec) for e in evaluate.dev_prompts(25)}
     assert not bench & dev
     # what pretraining draws for the shipped seeds (data.world_data uses sample_example(rng, split="train"))
     for seed in (0, 1):
         rng = np.random.default_rng(seed)
-        assert not bench & {world.sample_example(rng, split="train").prompt for _ in range(3000)}
+        train = {world.spec_key(world.sample_example(rng, split="train", tail_keep=0.01).spec) for _ in range(3000)}
+        assert not train & (bench | dev)
 
 
 DENSE = Spec((Req("circle", "red", "large", 1, 0, 0), Req("square", "blue", "small", 1, 2, 2),
@@ -147,7 +149,7 @@ def test_diversity_counts_distinct_correct_scenes():
 def test_weakness_ranks_categories_and_attributes():
     records = []
     for ex in evaluate.dev_prompts(20):
-        assert world.prompt_split(ex.prompt) == "dev"
+        assert world.split_of(ex.spec) == "dev"
         # a model that always draws every purple object green, and is otherwise perfect
         scene = Scene(tuple(Obj(o.shape, "green" if o.colour == "purple" else o.colour, o.size, o.row, o.col)
                             for o in ex.scene.objects))
@@ -188,6 +190,20 @@ def test_run_all_json_shape(micro_run, capsys):
         assert lo <= b["overall"] + 1e-9 and b["overall"] - 1e-9 <= hi
     for name in ("geneval", "dpg", "wise", "oneig"):
         assert os.path.exists(os.path.join(micro_run, f"samples_{name}.png")), name
+    for name in ("geneval", "dpg", "wise"):  # two prompts a set: one seen, one naming a tail composition
+        for part in ("seen", "tail"):
+            p = out[name][part]
+            assert p["ci"][0] - 1e-4 <= p["score"] <= p["ci"][1] + 1e-4 and p["prompts"] >= 1, (name, part)
+
+
+def test_parts_score_seen_and_tail_prompts_apart():
+    seen, tail = Spec((Req("circle", "red"),), total=1), Spec((Req("circle", "blue"),), total=1)
+    ex = lambda spec, i: world.Example(f"prompt {i}", "colors", spec, Scene(()))
+    recs = [{"example": ex(spec, i), "prompt": f"prompt {i}", "category": "colors", "passed": ok}
+            for i, (spec, ok) in enumerate([(seen, True), (seen, True), (tail, False), (tail, True), (tail, False)])]
+    out = evaluate.parts(lambda rs: evaluate.geneval(evaluate.by_category(rs)), recs)
+    assert out["seen"]["score"] == 1.0 and out["seen"]["prompts"] == 2
+    assert out["tail"]["score"] == pytest.approx(1 / 3) and out["tail"]["prompts"] == 3
 
 
 def test_focus_measures_named_categories_closely(micro_run, capsys, monkeypatch):
@@ -209,8 +225,8 @@ def test_focus_measures_named_categories_closely(micro_run, capsys, monkeypatch)
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampled before every category's prompts were checked")
     monkeypatch.setattr(evaluate, "focus_score", no_sampling)
-    with pytest.raises(SystemExit):  # the world has fewer bench prompts of two objects than 150
-        evaluate.main([micro_run, "--focus", "position,two_objects", "--prompts", "150"])
+    with pytest.raises(SystemExit):  # the world has fewer wordings of two objects than 600 on a split
+        evaluate.main([micro_run, "--focus", "position,two_objects", "--prompts", "600"])
     err = capsys.readouterr().err
     assert ("--focus two_objects: only" in err and "distinct bench prompts of two_objects" in err
             and "--prompts at most" in err)
