@@ -98,6 +98,8 @@ class TrainConfig:
     p_plan: float = 0.8  # format mix: text->image with a plan ...
     p_direct: float = 0.1  # ... text->image without a plan; the rest is image->text captions
     null_prob: float = 0.1  # text->image sequences whose condition becomes <null> (for guidance)
+    tail_keep: float = 1.0  # share kept of the examples whose scene shows a world.TAIL pair (1 = no long tail);
+    #                         the post stage's pretraining term draws the same mix
     region_tags: bool = True  # tag plan words and image tokens with their layout region
     #                           (data.Tagger; shapes world only)
     eval_every: int = 250  # steps between held-out loss measurements
@@ -570,7 +572,7 @@ def stage_rewards(run):
 
 
 def stage_eval(run):
-    """The four benchmarks, the weakness report on dev prompts and the dev samples the post stage calibrates on."""
+    """The four benchmarks and the weakness report on dev prompts."""
     cfgs, run_dir, tc = run.cfgs, run.dir, run.cfgs["train"]
     _, tokenizer, vocab, vq, gpt = load_run(run_dir, run.device)
     if tc.data_dir:
@@ -580,7 +582,6 @@ def stage_eval(run):
     else:
         figures = evaluate.run_all(gpt, vq, vocab, tokenizer, cfgs["sample"], run_dir, n_prompts=tc.bench_prompts,
                                    n_samples=tc.bench_samples, batch=tc.eval_batch, seed=tc.seed)
-        posttrain.save_dev_samples(figures.pop("dev_samples"), run_dir)
         run.report["weakness"] = figures.pop("weakness")
         write_json(run.report["weakness"], os.path.join(run_dir, "weakness.json"))
     run.report["benchmarks"] = figures.pop("benchmarks")

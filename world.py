@@ -305,6 +305,18 @@ def clause_share(scene, spec):
     return float(np.mean(list(check(scene, spec).values())))
 
 
+TAIL = (("red", "triangle"), ("blue", "circle"), ("green", "square"))  # compositions the generator's pairs rarely show
+
+
+def compositions(spec):
+    """The colour-shape pairs a spec names, as "red triangle" strings, sorted."""
+    return tuple(sorted({f"{r.colour} {r.shape}" for r in spec.reqs if r.colour and r.shape}))
+
+
+def is_tail(spec):
+    return any(c in {f"{a} {b}" for a, b in TAIL} for c in compositions(spec))
+
+
 # -----------------------------------------------------------------------------
 # Words. Every word a generator can write lives in these constants (the tokenizer corpus lists them).
 
@@ -517,9 +529,11 @@ def prompt_split(text):
     return "bench" if h < 15 else "dev" if h < 25 else "train"
 
 
-def sample_example(rng, category=None, split="train", kind=None):
+def sample_example(rng, category=None, split="train", kind=None, tail_keep=1.0, composition=None):
     """A random Example whose prompt falls in `split`; category None draws from PRETRAIN_MIX; kind picks
-    one kind of knowledge prompt (KNOWLEDGE_KINDS), or "sized" single objects."""
+    one kind of knowledge prompt (KNOWLEDGE_KINDS), or "sized" single objects. composition ("red triangle"):
+    only examples whose spec names it (by rejection); tail_keep < 1: an example whose scene shows a TAIL
+    pair is kept with that probability (the generator's long-tailed text-image pairs)."""
     assert split in ("train", "dev", "bench"), split
     mix = list(PRETRAIN_MIX)
     p = np.array([PRETRAIN_MIX[m] for m in mix], dtype=float)
@@ -527,8 +541,11 @@ def sample_example(rng, category=None, split="train", kind=None):
     for _ in range(10_000):
         cat, k = (category, kind) if category else mix[rng.choice(len(mix), p=p)]
         ex = GENERATORS[cat](rng, k) if k else GENERATORS[cat](rng)
-        if prompt_split(ex.prompt) == split:
-            return ex
+        if prompt_split(ex.prompt) != split or (composition and composition not in compositions(ex.spec)):
+            continue
+        if tail_keep < 1 and any((o.colour, o.shape) in TAIL for o in ex.scene.objects) and rng.random() >= tail_keep:
+            continue
+        return ex
     raise RuntimeError(f"no {split} prompt found for category {category}")
 
 

@@ -209,8 +209,8 @@ def test_focus_measures_named_categories_closely(micro_run, capsys, monkeypatch)
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampled before every category's prompts were checked")
     monkeypatch.setattr(evaluate, "focus_score", no_sampling)
-    with pytest.raises(SystemExit):  # the world has fewer bench prompts of two objects than 150
+    with pytest.raises(SystemExit):  # the world has fewer dev prompts of two objects than 150
         evaluate.main([micro_run, "--focus", "position,two_objects", "--prompts", "150"])
     err = capsys.readouterr().err
-    assert ("--focus two_objects: only" in err and "distinct bench prompts of two_objects" in err
+    assert ("--focus two_objects: only" in err and "distinct dev prompts of two_objects" in err
             and "--prompts at most" in err)
