@@ -27,7 +27,7 @@ can aim at it without seeing benchmark prompts.
 
     python evaluate.py out/shapes_cpu          # table with intervals, weakness report; PNG grid per benchmark
     python evaluate.py out/shapes_cpu --json   # the `benchmarks` part of report.json
-    python evaluate.py out/shapes_cpu --focus knowledge/comparative --adapter post   # one category on dev, 1,200 samples
+    python evaluate.py out/shapes_cpu --focus knowledge/comparative --adapter post   # one category, 1,200 dev samples
 """
 
 import argparse
