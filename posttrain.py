@@ -305,7 +305,7 @@ def post_train(cfgs, run_dir, device, log, pc, seed, adapter="post", log_prefix=
     with the adapter enabled, tokenizer, vocab, vq), the adapter's parameters, the per-round figures and
     what each round drew, for judge: {"examples", "example", "image", "weight"} per round, and with check
     one more entry, the last round's prompts sampled again with the trained adapter (its reward figures go
-    into the last round's). hook(round, step): called after every fine-tuning step (overopt.py)."""
+    into the last round's). hook(gpt, round, step): called after every fine-tuning step (overopt.py)."""
     tc = cfgs["train"]
     _, tokenizer, vocab, vq, gpt = load_run(run_dir, device)
     weakness, targets = None, None  # every category, for the broad and aligned strategies
@@ -346,7 +346,7 @@ def post_train(cfgs, run_dir, device, log, pc, seed, adapter="post", log_prefix=
         write_json([{"prompt": ex.prompt, "category": ex.category, "kind": ex.kind} for ex in examples],
                    os.path.join(run_dir, f"{log_prefix}_round{k}.json"))
         fit = finetune(gpt, params, samples, w, pc, vocab, device, rng, drift_batch,
-                       hook and (lambda step: hook(k, step)))
+                       hook and (lambda step: hook(gpt, k, step)))
         figs = {"round": k, "reward": float(r.mean()),
                 "reward_weighted": float((w * r).sum() / max(w.sum(), 1e-9)),  # what the fine-tune imitates
                 **fit, "targets": None if targets is None else targets[0] + targets[1],
