@@ -6,6 +6,7 @@ import shutil
 from PIL import Image
 
 import overopt
+import rewards
 import train
 from conftest import MICRO
 
@@ -30,7 +31,7 @@ def test_overopt_stage_writes_the_table_and_a_plot(micro_run, tmp_path):
     shutil.copytree(micro_run, run)
     train.main([MICRO, f"--train.out_dir={run}", "--stages=overopt"])  # micro: 2 rounds x 2 steps, every step
     res = json.load(open(os.path.join(run, "overopt", "overopt.json")))
-    assert [p["step"] for p in res["points"]] == [0, 1, 2, 3, 4] and res["reward"] == "vqa"
+    assert [p["step"] for p in res["points"]] == [0, 1, 2, 3, 4] and res["reward"] == rewards.DEFAULT
     assert all(0 <= p["verifier"] <= 1 and p["proxy_se"] >= 0 for p in res["points"])
     md = open(os.path.join(run, "overopt", "overopt.md")).read()
     assert "| LoRA step | round | proxy | verifier |" in md and md.count("\n| ") == 6 and "part" in md
