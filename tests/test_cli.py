@@ -5,7 +5,6 @@ import pytest
 
 import data
 import generate
-from conftest import MICRO as MICRO_CONFIG
 
 
 def test_generate_cli_writes_a_grid(micro_run, capsys):
