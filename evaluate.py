@@ -340,12 +340,11 @@ def score_benchmarks(gpt, vq, vocab, tokenizer, sample_cfg, n_prompts=50, n_samp
             "wise": wise(recs["wise"]), "oneig": oneig(recs["oneig"])}, recs
 
 
-def focus_score(gpt, vq, vocab, tokenizer, sample_cfg, category, n_prompts=150, n_samples=4, seeds=(0, 1), batch=128,
-                split="dev"):
-    """One category ("counting", "knowledge/comparative") measured closely: n_prompts focus_prompts of
-    `split` x n_samples x len(seeds) sampling seeds. Returns the pass rate (and, for dense prompts, DPG's
-    fact score) with intervals over prompts."""
-    exs = focus_prompts(category, n_prompts, split)
+def focus_score(gpt, vq, vocab, tokenizer, sample_cfg, category, n_prompts=150, n_samples=4, seeds=(0, 1), batch=128):
+    """One category ("counting", "knowledge/comparative") measured closely: n_prompts dev prompts
+    (focus_prompts) x n_samples x len(seeds) sampling seeds. Returns the pass rate (and, for dense prompts,
+    DPG's fact score) with intervals over prompts."""
+    exs = focus_prompts(category, n_prompts)
     recs = [r for s in seeds for r in sample_and_score(gpt, vq, vocab, tokenizer, exs, sample_cfg, n_samples, batch, s)]
     out = {"category": category, "samples": len(recs)}
     out["pass_rate"], out["pass_rate_ci"] = score([per_prompt(recs, lambda r: r["passed"])])

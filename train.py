@@ -23,8 +23,8 @@ The lm stage writes a checkpoint every train.ckpt_every steps; an interrupted ru
 from it exactly when the same command is run again.
 
 Overrides are `--section.key=value` for any key of the config file's sections ([train], [vq], [gpt],
-[sample], [rewards], [post], [ablations], [overopt]); an unknown key or a value of the wrong type stops with a message
-naming it (config.py).
+[sample], [rewards], [post], [ablations], [overopt]); an unknown key or a value of the wrong type stops with a
+message naming it (config.py).
 """
 
 import argparse
