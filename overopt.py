@@ -57,13 +57,13 @@ def measure(gpt, vq, vocab, tokenizer, sample_cfg, examples, reward_fn, n_sample
 
 
 def parting(points):
-    """Index of the first point where the proxy still rises (above the point before) while the verifier
-    has fallen from its peak so far by more than the standard error of that drop; None if they never part."""
+    """Index of the first point where the proxy still rises (above the point before, and above where the
+    verifier peaked: a proxy that only recovers from a dip has not gained) while the verifier has fallen
+    from its peak so far by more than the standard error of that drop; None if they never part."""
     for i in range(1, len(points)):
-        peak = max(points[:i], key=lambda p: p["verifier"])
-        drop = peak["verifier"] - points[i]["verifier"]
-        if points[i]["proxy"] > points[i - 1]["proxy"] and drop > math.hypot(peak["verifier_se"],
-                                                                             points[i]["verifier_se"]):
+        peak, p = max(points[:i], key=lambda q: q["verifier"]), points[i]
+        rises = p["proxy"] > max(points[i - 1]["proxy"], peak["proxy"])
+        if rises and peak["verifier"] - p["verifier"] > math.hypot(peak["verifier_se"], p["verifier_se"]):
             return i
     return None
 
@@ -90,7 +90,7 @@ def plot(res, path, size=(640, 400)):
     legend, and a dashed line where they part."""
     img = Image.new("RGB", size, "white")
     d, font = ImageDraw.Draw(img), ImageFont.load_default()
-    left, top, right, bottom = 60, 30, size[0] - 20, size[1] - 50
+    left, top, right, bottom = 60, 50, size[0] - 20, size[1] - 50
     pts = res["points"]
     xs = [p["step"] for p in pts]
     ys = [p[k] for p in pts for k in ("proxy", "verifier")]
@@ -107,7 +107,7 @@ def plot(res, path, size=(640, 400)):
         d.line([(px(x), bottom), (px(x), bottom + 4)], fill="black")
         d.text((px(x) - 6, bottom + 8), str(x), fill="black", font=font)
     d.text(((left + right) / 2 - 30, bottom + 28), "LoRA steps", fill="black", font=font)
-    d.text((8, top - 22), "score", fill="black", font=font)
+    d.text((8, top - 16), "score", fill="black", font=font)
     d.text((left + 10, 8), f"over-optimisation: proxy {res['reward']} vs the exact verifier", fill="black", font=font)
     colours = {"proxy": (31, 119, 180), "verifier": (214, 39, 40)}
     for key, colour in colours.items():
@@ -120,10 +120,10 @@ def plot(res, path, size=(640, 400)):
         for y in range(top, bottom, 8):
             d.line([(x, y), (x, y + 4)], fill="gray")
         d.text((x + 4, top + 2), "they part", fill="gray", font=font)
-    for i, (key, colour) in enumerate(colours.items()):  # the legend, top right
-        y = top + 8 + 16 * i
-        d.line([(right - 150, y + 6), (right - 125, y + 6)], fill=colour, width=3)
-        d.text((right - 118, y), f"{key} ({res['reward']})" if key == "proxy" else "verifier (gold)",
+    for i, (key, colour) in enumerate(colours.items()):  # the legend, above the plot where no line runs
+        x = right - 320 + 160 * i
+        d.line([(x, 32), (x + 25, 32)], fill=colour, width=3)
+        d.text((x + 32, 26), f"proxy ({res['reward']})" if key == "proxy" else "verifier (gold)",
                fill="black", font=font)
     img.save(path)
 

@@ -24,6 +24,8 @@ def test_proxy_and_verifier_part_where_the_proxy_rises_and_the_verifier_falls_be
     assert overopt.parting(parted) == 4, "the first point below the peak beyond its error, the proxy still rising"
     flat = noise + [point(40, 0.74, 0.65), point(50, 0.8, 0.6)]
     assert overopt.parting(flat) == 5, "where the proxy falls too, they have not parted yet"
+    dip = [point(0, 0.8, 0.7), point(10, 0.7, 0.6), point(20, 0.75, 0.55)]
+    assert overopt.parting(dip) is None, "a proxy recovering from a dip, still below where the verifier peaked"
 
 
 def test_overopt_stage_writes_the_table_and_a_plot(micro_run, tmp_path):
