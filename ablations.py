@@ -1,8 +1,9 @@
 """
 The post-training ablations: every variant of ABLATIONS x a few post-training seeds, each a fresh adapter
-on the same pretrained base, measured on one category closely and on the four benchmarks; then the
-paper's claims (targeted vs broad vs aligned prompts, both modalities vs one, reward weighting vs uniform)
-judged by the standard error of the difference.
+on the same pretrained base, measured on one category closely on dev prompts and on the four benchmarks;
+then the paper's claims (targeted vs broad vs aligned prompts, both modalities vs one, reward weighting vs
+uniform, the pretraining term vs self-generated data alone) judged on each figure by the standard error of
+the difference.
 
     python train.py tiny_configs/shapes_cpu.toml --stages=ablations        # after the main job: ~2 min a run
     python train.py tiny_configs/shapes_cpu.toml --stages=ablations --ablations.variants=both,uniform
@@ -30,17 +31,18 @@ class AblationConfig:
     seeds: int = 3  # post-training seeds per variant
     first_seed: int = 0  # first of those seeds (to split one sweep across processes or machines)
     variants: str = "all"  # comma-separated names of ABLATIONS to run, e.g. "both,uniform" (all = every one)
-    focus_prompts: int = 150  # bench prompts of the measured category, x 4 samples x 2 sampling seeds
+    focus_prompts: int = 150  # dev prompts of the measured category, x 4 samples x 2 sampling seeds
 
 
 ABLATIONS = {  # variant -> [post] overrides of the run's config; each post-trains a fresh adapter from the base
-    "both": {},  # the run's [post] config (default: targeted prompts, threshold weights, both modalities, vqa reward)
+    "both": {},  # the run's [post] config (default: targeted prompts, best_above weights, both modalities)
     "uniform": {"weighting": "uniform"},  # plain self-training on the same kind of samples: the control
     "oracle": {"reward": "verifier"},  # the exact verifier as reward: the upper bound of a learned reward
     "text_only": {"alpha_image": 0.0},
     "image_only": {"alpha_text": 0.0},
     "aligned": {"strategy": "aligned"},
     "broad": {"strategy": "broad"},
+    "no_pretrain": {"pretrain_weight": 0.0},  # self-generated data alone, as the seed paper post-trains
 }
 
 
@@ -67,25 +69,23 @@ def focus_category(weakness, floor=0.05):
 
 def run(cfgs, run_dir, device, log, report):
     """Every variant of ABLATIONS x ablations.seeds post-training seeds, from the same pretrained
-    base. Each is measured on the category the run's post-training aims at first (aim; with a [post]
-    strategy other than targeted, focus_category), by focus_score: focus_prompts x 4 samples x 2 sampling
-    seeds = 1,200 samples, and on the four benchmarks (bench_prompts x 1 sample, 2 for oneig): about 2
-    minutes a run on 2 CPU cores, 7 variants x 3 seeds. A base with nothing weak to aim at is refused."""
-    tc, ac = cfgs["train"], cfgs["ablations"]
+    base. Each is measured on the category the run's post-training aims at first (targeting.choose_targets;
+    with a [post] strategy other than targeted, or aimed at compositions only, focus_category), by
+    focus_score on dev prompts: focus_prompts x 4 samples x 2 sampling seeds = 1,200 samples, and on the
+    four benchmarks (bench_prompts x 1 sample, 2 for oneig): about 2 minutes a run on 2 CPU cores, 8
+    variants x 3 seeds. A base with nothing weak to aim at is refused."""
+    tc, ac, pc = cfgs["train"], cfgs["ablations"], cfgs["post"]
     weak = report.get("weakness")
     if not weak:
         raise RunError("ablations need the eval stage's weakness report: run --stages=eval first")
     _, tokenizer, vocab, vq, base = load_run(run_dir, device)
-    calibrated = {}  # aim's fresh dev samples: the same for every variant and seed with the same reward
     focus = focus_category(weak)
-    if cfgs["post"].strategy == "targeted":  # the category the run's post-training aims at first
-        pc = cfgs["post"]
-        try:
-            thresholds = posttrain.reward_thresholds(run_dir, pc, device)
-            focus = posttrain.aim(cfgs, run_dir, device, pc, weak, thresholds,
-                                  (base, vq, vocab, tokenizer), "ablations", calibrated)[0][0]
-        except targeting.NothingToTarget as e:
-            raise RunError(f"no weakness to post-train on, so nothing for the ablations to compare: {e}") from None
+    if pc.strategy == "targeted":  # the category the run's post-training aims at first
+        cats, comps = targeting.choose_targets(weak, pc.target_top, pc.weak_below)
+        if not cats and not comps:
+            raise RunError("no weakness to post-train on, so nothing for the ablations to compare: "
+                           + posttrain.nothing_weak(weak, pc.weak_below))
+        focus = cats[0] if cats else focus
     measure = lambda gpt: {
         "focus": evaluate.focus_score(gpt, vq, vocab, tokenizer, cfgs["sample"],
                                       focus, ac.focus_prompts, batch=tc.eval_batch),
@@ -96,9 +96,9 @@ def run(cfgs, run_dir, device, log, report):
     for seed in range(ac.first_seed, ac.first_seed + ac.seeds):
         for name in (n for n in ABLATIONS if n in chosen):  # ABLATIONS' order, whatever the order given
             t0 = time.time()
-            pc = dataclasses.replace(cfgs["post"], **ABLATIONS[name])
-            gpt, *_, rounds = posttrain.post_train(cfgs, run_dir, device, log, pc, seed=1000 + seed,
-                                                   log_prefix=f"ablations/{name}_s{seed}", calibrated=calibrated)
+            gpt, *_, rounds, _ = posttrain.post_train(cfgs, run_dir, device, log,
+                                                      dataclasses.replace(pc, **ABLATIONS[name]), seed=1000 + seed,
+                                                      log_prefix=f"ablations/{name}_s{seed}")
             merge_lora(gpt)
             res = {**measure(gpt), "rounds": rounds, "seconds": round(time.time() - t0, 1)}
             results["runs"].setdefault(name, []).append(res)
@@ -115,7 +115,9 @@ def run(cfgs, run_dir, device, log, report):
 
 
 ABLATION_TABLES = {"modality weighting": ["both", "text_only", "image_only", "uniform"],
-                   "data strategy": ["broad", "aligned", "both"], "reward": ["both", "oracle", "uniform"]}
+                   "data strategy": ["broad", "aligned", "both"], "reward": ["both", "oracle", "uniform"],
+                   "pretraining term": ["both", "no_pretrain"]}
+BENCHMARKS = ("geneval", "dpg", "wise", "oneig")
 
 
 def merge(parts):
@@ -129,64 +131,77 @@ def merge(parts):
     return merged
 
 
+def figures(res, metric):
+    """One measurement (the base's or a run's) -> {figure: value}: the focus category on dev, then each
+    benchmark's overall score and, where its dict has them, its `seen` and `tail` parts."""
+    out = {"focus": res["focus"][metric]}
+    for b in BENCHMARKS:
+        d = res["benchmarks"][b]
+        out[b] = d["overall"]
+        out.update({f"{b} {part}": d[part] for part in ("seen", "tail") if part in d})
+    return out
+
+
 def summary_table(results, tables=ABLATION_TABLES):
-    """ablations.json -> markdown: per table, mean +- std over seeds of the focus category and the four
-    benchmarks, and the paper's claims checked against the figures."""
+    """ablations.json -> markdown: per table, mean +- std over seeds of every figure (the focus category
+    on dev, the four benchmarks and their seen/tail parts when present), and the paper's claims checked
+    on each figure."""
     focus = results["focus_category"]
     metric = "facts" if focus in evaluate.GRADED else "pass_rate"  # dense is scored by DPG's fact fraction
-    base = results["base"]
-    get = lambda res: [res["focus"][metric]] + [res["benchmarks"][b]["overall"]
-                                                for b in ("geneval", "dpg", "wise", "oneig")]
-    stats = {name: (np.mean([get(r) for r in runs], 0),
-                    np.std([get(r) for r in runs], 0, ddof=min(len(runs) - 1, 1)), len(runs))
-             for name, runs in results["runs"].items()}
-    head = f"| variant | {focus} ({metric}) | change | geneval | dpg | wise | oneig |"
+    base = figures(results["base"], metric)
+    keys = list(base)
+    stats = {}  # variant -> {figure: (mean, sample std, runs)}
+    for name, runs in results["runs"].items():
+        vals = np.array([[figures(r, metric)[k] for k in keys] for r in runs])
+        sd = np.std(vals, 0, ddof=min(len(runs) - 1, 1))
+        stats[name] = {k: (m, s, len(runs)) for k, m, s in zip(keys, vals.mean(0), sd)}
+    names = {"focus": f"{focus} ({metric}, dev)"}
+    head = "| variant | " + " | ".join([names["focus"], "change"] + keys[1:]) + " |"
     out = ["# Post-training ablations", "",
            f"Focus: `{focus}`, the base model's weakest dev category that post-training aims at, "
-           f"measured on {base['focus']['samples']} samples "
-           f"(bench prompts x 4 samples x 2 sampling seeds). Benchmarks: bench prompts x 1 sample (oneig 2). "
+           f"measured on {results['base']['focus']['samples']} samples of dev prompts "
+           f"(x 4 samples x 2 sampling seeds). Benchmarks: bench prompts x 1 sample (oneig 2). "
            f"Mean +- sample std over post-training seeds.", ""]
-    for title, names in tables.items():
-        out += [f"## {title}", "", head, "|---|---|---|---|---|---|---|",
-                "| base (no post-training) | "
-                + " | ".join([f"{get(base)[0]:.3f}", "-"] + [f"{v:.3f}" for v in get(base)[1:]]) + " |"]
-        for n in names:
-            if n in stats:
-                m, sd, k = stats[n]
-                cells = ([f"{m[0]:.3f} +- {sd[0]:.3f}", f"{m[0] - get(base)[0]:+.3f}"]
-                         + [f"{a:.3f} +- {b:.3f}" for a, b in zip(m[1:], sd[1:])])
-                label = f"{n} = targeted, the default" if n == "both" else n  # the run's [post] config
-                out.append(f"| {label} (n={k}) | " + " | ".join(cells) + " |")
+    for title, rows in tables.items():
+        out += [f"## {title}", "", head, "|" + "---|" * (len(keys) + 2),
+                "| base (no post-training) | " + " | ".join([f"{base['focus']:.3f}", "-"]
+                                                          + [f"{base[k]:.3f}" for k in keys[1:]]) + " |"]
+        for n in (n for n in rows if n in stats):
+            st = stats[n]
+            cells = ([f"{st['focus'][0]:.3f} +- {st['focus'][1]:.3f}", f"{st['focus'][0] - base['focus']:+.3f}"]
+                     + [f"{st[k][0]:.3f} +- {st[k][1]:.3f}" for k in keys[1:]])
+            label = f"{n} = targeted, the default" if n == "both" else n  # the run's [post] config
+            out.append(f"| {label} (n={st['focus'][2]}) | " + " | ".join(cells) + " |")
         out.append("")
-    claims = []
-    se = lambda n: stats[n][1][0] / np.sqrt(max(stats[n][2], 1))
 
-    def verdict(claimed, rivals, label):
-        """Whether `claimed` beats every rival beyond the standard error of their difference; a lead
-        smaller than that is no verdict either way (one seed's noise would decide it)."""
-        best = max((claimed, *rivals), key=lambda n: stats[n][0][0])
-        other = max(rivals, key=lambda n: stats[n][0][0]) if best == claimed else claimed  # the comparison that decides
-        gap, err = stats[best][0][0] - stats[other][0][0], float(np.hypot(se(best), se(other)))
+    def verdict(key, claimed, rivals, label):
+        """Whether `claimed` beats every rival on figure `key` beyond the standard error of their
+        difference; a lead smaller than that is no verdict either way (one seed's noise would decide it)."""
+        mean, se = (lambda n: stats[n][key][0]), (lambda n: stats[n][key][1] / np.sqrt(max(stats[n][key][2], 1)))
+        best = max((claimed, *rivals), key=mean)
+        other = max(rivals, key=mean) if best == claimed else claimed  # the comparison that decides
+        gap, err = mean(best) - mean(other), float(np.hypot(se(best), se(other)))
         if gap <= err:
             return (f"**not settled**: {label(best)} leads {label(other)} by {gap:+.3f}, "
                     f"within the standard error {err:.3f}")
         return (f"**{'reproduces' if best == claimed else 'does not reproduce'}** (best: {label(best)}, "
                 f"{gap:+.3f} over {label(other)}, standard error {err:.3f})")
-    if {"both", "text_only", "image_only"} <= stats.keys():
-        claims.append(f"- Weighting both modalities beats text only and image only on {focus}: "
-                      + verdict("both", ("text_only", "image_only"), lambda n: n) + ".")
-    if {"broad", "aligned", "both"} <= stats.keys():
-        claims.append(f"- Targeted prompts beat broad and benchmark-aligned ones on {focus}: "
-                      + verdict("both", ("broad", "aligned"), lambda n: "targeted" if n == "both" else n) + ".")
-    if {"both", "uniform"} <= stats.keys():
-        gain = stats["both"][0][0] - stats["uniform"][0][0]
-        err = float(np.hypot(se("both"), se("uniform")))
-        claims.append(f"- Reward weighting beats plain self-training (uniform) by {gain:+.3f} on {focus}, "
-                      f"standard error {err:.3f}: **{'beyond' if gain > err else 'within'} its standard error**.")
+
+    claims = []
+    same = lambda n: n
+    for text, claimed, rivals, label in (
+            ("Weighting both modalities beats text only and image only", "both", ("text_only", "image_only"), same),
+            ("Targeted prompts beat broad and benchmark-aligned ones", "both", ("broad", "aligned"),
+             lambda n: "targeted" if n == "both" else n),
+            ("Reward weighting beats plain self-training (uniform)", "both", ("uniform",), same),
+            ("The pretraining term beats self-generated data alone", "both", ("no_pretrain",), same)):
+        if {claimed, *rivals} <= stats.keys():
+            claims += [f"- {text}:"] + [f"  - {names.get(k, k)}: " + verdict(k, claimed, rivals, label) for k in keys]
     if {"both", "oracle"} <= stats.keys():
-        claims.append("- Learned reward vs the exact verifier as reward (meant as the upper bound): "
-                      f"{stats['both'][0][0]:.3f} vs {stats['oracle'][0][0]:.3f}.")
+        claims.append("- Learned reward vs the exact verifier as reward (meant as the upper bound), on "
+                      f"{names['focus']}: {stats['both']['focus'][0]:.3f} vs {stats['oracle']['focus'][0]:.3f}.")
     return "\n".join(out + ["## The paper's claims at our scale", ""] + claims)
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Merge and print the tables of ablations.json files of one sweep.")

@@ -400,7 +400,8 @@ def world_data(n, seed, split, tokenizer, vq, device, tail_keep=1.0):
     """n examples of the shapes world: prompt, plan, a random caption and the scene's codes under the VQ vq;
     a scene showing a long-tail composition is kept with probability tail_keep (world.sample_example)."""
     rng = np.random.default_rng(seed)
-    examples = [world.sample_example(rng, split=split, tail_keep=tail_keep) for _ in tqdm(range(n), desc=f"{split} examples", mininterval=2)]
+    examples = [world.sample_example(rng, split=split, tail_keep=tail_keep)
+                for _ in tqdm(range(n), desc=f"{split} examples", mininterval=2)]
     enc = lambda s: encode_text(tokenizer, s)
     prompt = [enc(e.prompt) for e in examples]
     plan = [enc(world.plan_text(e.scene, e.spec)) for e in examples]

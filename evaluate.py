@@ -32,7 +32,7 @@ seeing benchmark prompts, and recipe choices are read there.
 
     python evaluate.py out/shapes_cpu          # table with intervals, weakness report; PNG grid per benchmark
     python evaluate.py out/shapes_cpu --json   # the `benchmarks` part of report.json
-    python evaluate.py out/shapes_cpu --focus knowledge/comparative --adapter post   # one category, 1,200 samples
+    python evaluate.py out/shapes_cpu --focus knowledge/comparative --adapter post   # one category, 1,200 dev samples
 """
 
 import argparse
@@ -93,16 +93,18 @@ def benchmark_prompts(category, n, seed=BENCH_SEED):
 FOCUS_NAMES = [c for c in world.CATEGORIES if c != "knowledge"] + [f"knowledge/{k}" for k in world.KNOWLEDGE_KINDS]
 
 
-def focus_prompts(name, n, seed=BENCH_SEED):
-    """n distinct bench-split examples of a category name as the weakness report writes it ("position",
-    "knowledge/comparative"): one category measured closely (focus_score)."""
+def focus_prompts(name, n, split="dev", seed=BENCH_SEED):
+    """n distinct examples of `split` of a category name as the weakness report writes it ("position",
+    "knowledge/comparative"): one category measured closely (focus_score). Dev by default: decisions are
+    read on dev, the benchmarks only report them; the seed is not the weakness report's, so a category
+    chosen for failing its dev prompts is measured on others. With split "bench" and no kind, these are
+    benchmark_prompts."""
     category, _, kind = name.partition("/")
-    if not kind:
-        return benchmark_prompts(category, n, seed)
-    rng = np.random.default_rng([seed, world.CATEGORIES.index(category), world.KNOWLEDGE_KINDS.index(kind)])
-    out = world.distinct_examples(lambda found: world.sample_example(rng, category, "bench", kind), n, 200 * n)
+    rng = np.random.default_rng([seed, world.CATEGORIES.index(category)]
+                                + ([world.KNOWLEDGE_KINDS.index(kind)] if kind else []))
+    out = world.distinct_examples(lambda found: part_example(rng, category, split, found, kind or None), n, 200 * n)
     if len(out) < n:
-        raise RuntimeError(f"only {len(out)} distinct bench prompts of {name}; the world has too few phrasings")
+        raise RuntimeError(f"only {len(out)} distinct {split} prompts of {name}; the world has too few phrasings")
     return out
 
 
@@ -388,9 +390,9 @@ def score_benchmarks(gpt, vq, vocab, tokenizer, sample_cfg, n_prompts=50, n_samp
 
 
 def focus_score(gpt, vq, vocab, tokenizer, sample_cfg, category, n_prompts=150, n_samples=4, seeds=(0, 1), batch=128):
-    """One category ("counting", "knowledge/comparative") measured closely: n_prompts bench prompts x
-    n_samples x len(seeds) sampling seeds. Returns the pass rate (and, for dense prompts, DPG's fact score)
-    with intervals over prompts."""
+    """One category ("counting", "knowledge/comparative") measured closely: n_prompts dev prompts
+    (focus_prompts) x n_samples x len(seeds) sampling seeds. Returns the pass rate (and, for dense prompts,
+    DPG's fact score) with intervals over prompts."""
     exs = focus_prompts(category, n_prompts)
     recs = [r for s in seeds for r in sample_and_score(gpt, vq, vocab, tokenizer, exs, sample_cfg, n_samples, batch, s)]
     out = {"category": category, "samples": len(recs)}
@@ -422,8 +424,7 @@ def run_all(gpt, vq, vocab, tokenizer, sample_cfg, run_dir, n_prompts=50, n_samp
     if dev:
         dev_recs = sample_and_score(gpt, vq, vocab, tokenizer, dev_prompts(max(1, n_prompts // 2)),
                                     sample_cfg, n_samples, batch, seed)
-        out.update(weakness=weakness(dev_recs), dev_images=len(dev_recs),
-                   dev_samples={**dev_samples(dev_recs), "per_category": max(1, n_prompts // 2)})
+        out.update(weakness=weakness(dev_recs), dev_images=len(dev_recs))
     return out
 
 
@@ -452,14 +453,6 @@ def folder_samples(gpt, vq, vocab, tokenizer, sample_cfg, folder, held_out, seed
 def category_name(category, kind):
     """The weakness report's name of a category: knowledge prompts split by kind ("knowledge/number")."""
     return category + (f"/{kind}" if kind else "")
-
-
-def dev_samples(records):
-    """The dev samples as the post stage calibrates a reward on them: images (N, H, W, 3) uint8, whether
-    each passed, its prompt and its category name."""
-    return {"image": np.stack([r["image"] for r in records]),
-            "passed": np.array([r["passed"] for r in records], dtype=float), "prompt": [r["prompt"] for r in records],
-            "name": [category_name(r["category"], r["kind"]) for r in records]}
 
 
 # -----------------------------------------------------------------------------
@@ -578,7 +571,7 @@ def main(argv=None):
     p.add_argument("--adapter", default=None, help="score the model with a post-training adapter, e.g. post")
     p.add_argument("--focus", default=None, metavar="NAMES",
                    help="instead: measure categories closely, e.g. knowledge/comparative,single_object: "
-                        "--prompts bench prompts x --samples x two sampling seeds "
+                        "--prompts dev prompts x --samples x two sampling seeds "
                         "(by default as the ablations: 150 x 4 x 2)")
     args = p.parse_args(argv)
     for name in ("prompts", "samples"):
@@ -601,7 +594,7 @@ def main(argv=None):
     sample_cfg = sample_config(cfg)
     if focus:
         n_prompts, seed = args.prompts or cfg.get("ablations", {}).get("focus_prompts", 150), args.seed or 0
-        for name in focus:  # before any sampling: the bench split of some categories holds fewer prompts
+        for name in focus:  # before any sampling: the dev split of some categories holds fewer prompts
             try:
                 focus_prompts(name, n_prompts)
             except RuntimeError as e:

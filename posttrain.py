@@ -5,25 +5,25 @@ trained run to a LoRA adapter and the benchmarks before and after. Entry point: 
 One round:
   1. prompts from a strategy (targeting.py): `broad` (the pretraining mix), `aligned` (the benchmarks' categories in
      the benchmarks' proportions), or `targeted` (aimed by the weakness report on dev prompts at the
-     categories the model passes sometimes but not reliably and its reward can judge, dense prompts by
-     their share of facts, and at the attribute values that fail most; skipped when there is no such
-     category); always from the "train" split, so never a benchmark (or dev) prompt;
+     colour-shape compositions and categories the model passes sometimes but not reliably, dense prompts by
+     their share of facts, and at the attribute values that fail most; skipped when there is none);
+     always from the "train" split, so never a benchmark (or dev) prompt;
   2. K samples per prompt from the current model (plan text, then the image it draws by itself);
-  3. a reward per sample (default `vqa`), and the exact verifier beside it to watch for reward hacking;
-  4. weights w_i from the rewards (`threshold`, the default: per category, calibrated on the base model's
-     dev samples, and each dense prompt's best sample; `rwr`, `exp`, `best`, or `uniform` = plain
-     self-training);
+  3. a reward per sample (default rewards.DEFAULT), a black box: nothing else scores the samples in training;
+  4. weights w_i from the rewards alone (`best_above`, the default: each prompt's best sample if its reward
+     reaches post.threshold; `threshold`, `rwr`, `exp`, `best`, or `uniform` = plain self-training);
   5. LoRA fine-tuning on those samples with
         loss_i = alpha_text * CE(plan tokens of sample i) + alpha_image * CE(image tokens of sample i),
         loss   = mean over a mini-batch of w_i * loss_i      (w normalised to mean 1 over the kept samples)
      plus pretrain_weight * the pretraining loss on pretraining data, against drift (Lee et al. 2023).
+After training, `judge` runs the exact verifier on the rounds' samples, to report them and to watch for
+reward hacking; it never feeds back into the weights.
 
     python train.py tiny_configs/shapes_cpu.toml --stages=post               # after the pretraining stages
     python train.py tiny_configs/shapes_cpu.toml --stages=post --post.weighting=uniform --train.out_dir=...
 """
 
 import dataclasses
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -38,11 +38,10 @@ import rewards
 import targeting
 import world
 from data import Vocab, build_sequence
-from generate import (RunError, SampleConfig, decode_images, generate, load_run, read_json, read_tensors, save_atomic,
-                      write_json)
+from generate import RunError, SampleConfig, decode_images, generate, load_run, read_json, save_atomic, write_json
 from model import add_lora, cosine_lr, lora_state_dict, merge_lora, token_ce, unmerge_lora
 
-WEIGHTINGS = ("rwr", "exp", "best", "threshold", "uniform")
+WEIGHTINGS = ("best_above", "rwr", "exp", "best", "threshold", "uniform")
 
 
 @dataclass
@@ -54,12 +53,11 @@ class PostConfig:
     #                                evaluation): weighting samples of a sharpened pi^(1/T) would also collapse
     #                                what the prompt leaves open (layout, size)
     strategy: str = "targeted"  # broad | aligned | targeted
-    reward: str = "vqa"  # reward name or weighted sum, e.g. "vqa + 0.5*aesthetic" (see rewards.py)
-    weighting: str = "threshold"  # rwr | exp | best | threshold | uniform (see sample_weights)
+    reward: str = rewards.DEFAULT  # reward name or weighted sum, e.g. "vqa + 0.5*aesthetic" (see rewards.py)
+    weighting: str = "best_above"  # best_above | rwr | exp | best | threshold | uniform (see sample_weights)
+    threshold: float = 0.5  # best_above and threshold keep rewards >= this, on the reward's own scale (0.5: a
+    #                         probability that the image shows the prompt, as vqascore gives, above even odds)
     beta: float = 0.1  # temperature of rwr and exp: smaller trusts the reward's ranking more
-    precision: float = 0.95  # `threshold` keeps, per category, samples at or above the lowest reward from which this
-    #                          share of the base model's dev samples pass (calibrate_thresholds): one fixed
-    #                          threshold does not fit, since a reward's scale differs between categories
     alpha_text: float = 1.0  # weight of the plan (text) tokens' loss
     alpha_image: float = 1.0  # weight of the image tokens' loss
     pretrain_weight: float = 1.0  # weight of a loss on pretraining data, against drift (0 = off): without it the
@@ -75,16 +73,15 @@ class PostConfig:
     lora_alpha: float = 16.0  # adapter scaling is lora_alpha / lora_r
     lora_dropout: float = 0.0  # dropout on the adapter branch only
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # Linear layers that get adapters
-    focus: float = 0.5  # targeted: share of prompts that must name one of the most-failed attribute values
+    focus: float = 0.5  # targeted: share of category prompts that must name one of the most-failed attribute values
+    composition_share: float = 0.5  # targeted: share of the non-anchor prompts that name a weak composition
+    #                                 of the weakness report (all of them when no category is weak)
     anchor: float = 0.25  # targeted: share of prompts drawn from every benchmark category (as `aligned`), so that a
     #                       round also imitates the model's right samples of what it already draws well
-    target_top: int = 2  # targeted: aim only at this many weakest categories the model passes sometimes (0 = all):
-    #                      spread over all of them, each gets too few good samples a round to move
-    weak_below: float = 0.8  # targeted: aim only at categories passed less often than this on dev; when the reward
-    #                          can judge none of them, post-training is skipped
-    calib_samples: int = 400  # fresh dev samples for a category the eval stage's dev samples cannot settle: too few to
-    #                           call it strong, or too few passing ones to calibrate a threshold
-    #                           (targeting.choose_targets)
+    target_top: int = 2  # targeted: aim only at this many weakest categories, and as many weakest compositions, the
+    #                      model passes sometimes (0 = all): spread over all, each gets too few good samples to move
+    weak_below: float = 0.8  # targeted: aim only at categories and compositions passed less often than this on dev
+    #                          (and at least 5%); with none, post-training is skipped
     eval_samples: int = 4  # after post-training: samples per benchmark prompt (as train.bench_samples)
 
 
@@ -95,13 +92,11 @@ def config_rules(pc):
          f"post.strategy={pc.strategy!r}: expected one of {', '.join(targeting.STRATEGIES)}"),
         (pc.weighting in WEIGHTINGS,
          f"post.weighting={pc.weighting!r}: expected one of {', '.join(WEIGHTINGS)}"),
-        (0 <= pc.null_prob <= 1 and 0 <= pc.focus <= 1 and 0 <= pc.anchor < 1,
-         "post.null_prob and post.focus must lie in [0, 1], post.anchor in [0, 1)"),
+        (0 <= pc.null_prob <= 1 and 0 <= pc.focus <= 1 and 0 <= pc.composition_share <= 1 and 0 <= pc.anchor < 1,
+         "post.null_prob, post.focus and post.composition_share must lie in [0, 1], post.anchor in [0, 1)"),
         (pc.plan_temperature >= 0, "post.plan_temperature must be >= 0 (0 = greedy plans)"),
-        (0 < pc.precision < 1, "post.precision must lie in (0, 1)"),
         (pc.target_top >= 0, "post.target_top must be >= 0 (0 = every category)"),
-        (0 < pc.weak_below <= 1 and pc.calib_samples >= 0,
-         "post.weak_below must lie in (0, 1], post.calib_samples >= 0"),
+        (0 < pc.weak_below <= 1, "post.weak_below must lie in (0, 1]"),
         (pc.warmup >= 1 and pc.grad_clip > 0, "post.warmup must be >= 1 and post.grad_clip > 0"),
         (min(pc.rounds, pc.prompts, pc.samples, pc.steps, pc.batch, pc.lora_r, pc.eval_samples) >= 1,
          "post.rounds, prompts, samples, steps, batch, lora_r and eval_samples must be >= 1"),
@@ -144,27 +139,6 @@ def verifier_scores(images, examples, example_index):
 # weights
 
 
-def calibrate_thresholds(rewards, passed, names, precision=0.95, prior_failures=2):
-    """A reward's threshold per category, from dev samples the verifier has judged: category name -> the
-    lowest reward t such that passing / (samples scoring >= t + prior_failures) >= precision; None where
-    no t qualifies: the reward cannot pick out that category's passing samples, or the dev set is too
-    small to show that it can (the prior failures need >= 38 passing samples at precision 0.95: with 100
-    dev samples per category, one passed less than ~38% of the time cannot qualify, even for the verifier).
-    The dev samples have the evaluation's plan temperature, the rounds' a higher one: expect somewhat lower
-    precision on the rounds."""
-    rewards, passed, names = (np.asarray(rewards, dtype=np.float64), np.asarray(passed, dtype=np.float64),
-                              np.asarray(names))
-    out = {}
-    for name in sorted(set(names.tolist())):
-        order = np.argsort(-rewards[names == name], kind="stable")
-        r, p = rewards[names == name][order], passed[names == name][order]
-        hits = np.cumsum(p)
-        ok = hits >= precision * (np.arange(1, len(p) + 1) + prior_failures)
-        ok &= np.r_[r[1:] != r[:-1], True]  # a threshold keeps every sample tied with it
-        out[name] = float(r[np.nonzero(ok)[0][-1]]) if ok.any() else None
-    return out
-
-
 def best_of_group(r, g):
     """1 for the highest reward of each group (the first on ties), else 0."""
     w = np.zeros_like(r)
@@ -174,25 +148,24 @@ def best_of_group(r, g):
     return w
 
 
-def sample_weights(rewards, group, scheme, beta=0.1, threshold=0.5, graded=None):
+def sample_weights(rewards, group, scheme, beta=0.1, threshold=0.5):
     """Rewards (N,) and each sample's prompt index (N,) -> weights (N,) >= 0, mean 1 over the samples
     with weight > 0 (so the learning rate means the same under every scheme).
+        best_above 1 for the best sample of each prompt if its reward >= threshold, else 0: best-of-K where
+                   the reward believes the best; a prompt it believes none of teaches nothing
         rwr        softmax(r / beta) within each prompt's group: prompts count equally, better samples more
         exp        exp(r / beta) over all samples: prompts with high rewards count more
         best       1 for the best sample of each prompt (RAFT / best-of-K), else 0
-        threshold  1 where r >= threshold (a number, or one per sample: its category's), else 0; samples
-                   marked in `graded` (N,) bool (dense prompts, scored by their share of facts: almost none
-                   passes outright, so no threshold exists) are weighted as `best` instead
+        threshold  1 where r >= threshold, else 0
         uniform    1 for every sample: plain self-training, the control"""
     r = np.asarray(rewards, dtype=np.float64)
     g = np.asarray(group)
     if scheme == "uniform":
         w = np.ones_like(r)
+    elif scheme == "best_above":
+        w = best_of_group(r, g) * (r >= threshold)
     elif scheme == "threshold":
         w = (r >= threshold).astype(np.float64)
-        if graded is not None and np.any(graded):
-            m = np.asarray(graded, dtype=bool)
-            w[m] = best_of_group(r[m], g[m])
     elif scheme == "exp":
         w = np.exp((r - r.max()) / beta)  # shifted for stability; the normalisation below removes the shift
     elif scheme == "best":
@@ -247,10 +220,10 @@ def mean_token_loss(model, batch):
     return (ce * batch.weight).sum() / batch.weight.sum()
 
 
-def finetune(model, params, samples, weights, pc: PostConfig, vocab, device, rng, drift_batch=None):
+def finetune(model, params, samples, weights, pc: PostConfig, vocab, device, rng, drift_batch=None, hook=None):
     """pc.steps AdamW steps on the LoRA parameters over the samples with weight > 0 (drawn without
-    replacement, reshuffled each pass). drift_batch() gives the batches of the
-    pretraining term. Returns the mean loss figures."""
+    replacement, reshuffled each pass). drift_batch() gives the batches of the pretraining term; hook(step),
+    if given, is called after each step with the model in eval mode. Returns the mean loss figures."""
     rows = [i for i in np.nonzero(np.asarray(weights) > 0)[0] if samples["codes"][i] is not None]
     if not rows:
         return {"loss": float("nan"), "text": float("nan"), "image": float("nan"), "kept": 0}
@@ -274,15 +247,16 @@ def finetune(model, params, samples, weights, pc: PostConfig, vocab, device, rng
         torch.nn.utils.clip_grad_norm_(params, pc.grad_clip)
         opt.step()
         logs.append((loss.item(), parts["text"], parts["image"]))
+        if hook:
+            model.eval()
+            hook(step + 1)
+            model.train()
     model.eval()
     mean = np.mean(logs, axis=0)
     return {"loss": float(mean[0]), "text": float(mean[1]), "image": float(mean[2]), "kept": len(rows)}
 
 # -----------------------------------------------------------------------------
 # the stage: a trained run in, an adapter and the benchmarks before and after out
-
-DEV_FILE = "dev_samples.safetensors"  # the eval stage's dev samples, on which the post stage calibrates its reward
-
 
 def save_round(samples, scores, path):
     """One round's self-generated samples and their scores, as safetensors (-1 pads the id lists;
@@ -315,112 +289,35 @@ def pretraining_batches(tc, batch, seed, rng, tokenizer, vq, vocab, device):
     return next_batch
 
 
-def save_dev_samples(dev, run_dir):
-    """The eval stage's dev samples (evaluate.dev_samples): what the post stage calibrates its reward on."""
-    save_atomic({"image": torch.from_numpy(dev["image"]), "passed": torch.tensor(dev["passed"])},
-                os.path.join(run_dir, DEV_FILE),
-                {"prompt": json.dumps(dev["prompt"]), "name": json.dumps(dev["name"]),
-                 "per_category": str(dev["per_category"])})
+
+def nothing_weak(weakness, below):
+    """Why the targeted strategy has nothing to aim at, with the weakest entries of the weakness report."""
+    entries = sorted(weakness["categories"] + weakness.get("compositions", []), key=evaluate.category_score)
+    weakest = ", ".join(f"{c['name']} {evaluate.category_score(c):.2f} on {c['n']} samples" for c in entries[:3])
+    return (f"no dev category or composition is passed between 5% and {below:.0%} of the time (weakest: {weakest}), "
+            "so targeted post-training would aim at what the model already draws well; a higher post.weak_below "
+            "changes that")
 
 
-def oracle_verdict(pc, r, passed):
-    """The rewards a threshold is calibrated on: the exact verifier's own verdict when it is the reward (its
-    graded share of clauses would let a few near misses of a strong category in at 95% precision), else r."""
-    return np.asarray(passed, dtype=np.float64) if pc.reward.strip() == "verifier" else r
-
-
-def reward_thresholds(run_dir, pc, device):
-    """calibrate_thresholds of the post reward on the base model's dev samples (written by the eval stage)."""
-    path = os.path.join(run_dir, DEV_FILE)
-    if not os.path.exists(path):
-        raise RunError(f"{path} is missing (the eval stage writes it): run --stages=eval again")
-    tensors, meta = read_tensors(path)
-    images, passed = tensors["image"], tensors["passed"]
-    prompts, names = json.loads(meta["prompt"]), json.loads(meta["name"])
-    per_category = int(meta.get("per_category",
-                                len(set(prompts)) // len(world.CATEGORIES)))  # evaluate.dev_prompts(per_category)
-    reward_fn = rewards.load_reward(run_dir, pc.reward, device,
-                                    {ex.prompt: ex.spec for ex in evaluate.dev_prompts(per_category)})
-    r = rewards.score(reward_fn, list(images.numpy()), prompts, device)
-    return calibrate_thresholds(oracle_verdict(pc, r, passed.numpy()), passed.numpy(), names, pc.precision)
-
-
-def aim(cfgs, run_dir, device, pc, weakness, thresholds, base, log_prefix, calibrated=None):
-    """targeting.choose_targets for the targeted strategy. A category whose eval-stage dev samples are
-    too few to judge it (a knowledge kind gets ~24; a weak category's ~100 may hold fewer than the ~38
-    passing ones a threshold needs) gets post.calib_samples fresh dev samples from the base model: its pass
-    rate is pooled with theirs and its threshold calibrated on them (targeting.choose_targets says when the dev one
-    stands). base = (gpt, vq, vocab, tokenizer); calibrated: a dict that keeps those measurements across
-    calls on one base (the ablations), since the same seed gives the same samples.
-    Returns (targets, {name: (pooled pass rate, samples)}); raises targeting.NothingToTarget when no weak
-    category is left."""
-    tc = cfgs["train"]
-    if not weakness:
-        raise RunError("the targeted strategy needs the eval stage's weakness.json: run --stages=eval first")
-    gpt, vq, vocab, tokenizer = base
-
-    def measure(name):
-        key = (pc.reward, pc.precision, pc.calib_samples, name)
-        if calibrated is not None and key in calibrated:
-            return calibrated[key]
-        examples = targeting.dev_examples(name, max(1, pc.calib_samples // tc.bench_samples))
-        recs = evaluate.sample_and_score(gpt, vq, vocab, tokenizer, examples,
-                                         cfgs["sample"], tc.bench_samples, tc.eval_batch, tc.seed)
-        reward_fn = rewards.load_reward(run_dir, pc.reward, device, {ex.prompt: ex.spec for ex in examples})
-        r = rewards.score(reward_fn, [x["image"] for x in recs], [x["prompt"] for x in recs], device)
-        passed = np.array([x["passed"] for x in recs], dtype=float)
-        t = calibrate_thresholds(oracle_verdict(pc, r, passed), passed, [name] * len(recs), pc.precision)[name]
-        tqdm.write(f"[{log_prefix}] {name}: {len(recs)} more dev samples, {passed.mean():.2f} pass, threshold on them "
-                   + ("none" if t is None else f"{t:.3f}"))
-        out = (float(passed.mean()), len(recs), t)
-        if calibrated is not None:
-            calibrated[key] = out
-        return out
-
-    min_rate = targeting.min_passing(pc.precision) / max(1, pc.calib_samples)
-    targets, measured = targeting.choose_targets(weakness, thresholds, pc.target_top, pc.weak_below, measure, min_rate,
-                                                 min_hits=targeting.min_passing(pc.precision))
-    if not targets:
-        rates = {c["name"]: measured.get(c["name"], (evaluate.category_score(c), c["n"]))
-                 for c in weakness["categories"]}
-        outright = {c["name"]: c["pass_rate"] for c in weakness["categories"] if c["name"] in evaluate.GRADED}
-        weakest = ", ".join(f"{n} {r:.2f}" + (f" of facts ({outright[n]:.2f} all right)" if n in outright else "")
-                            + f" on {k} samples"
-                            for n, (r, k) in sorted(rates.items(), key=lambda x: x[1][0])[:3])
-        if any(targeting.is_weak(n, r, outright.get(n, r), pc.weak_below) for n, (r, _) in rates.items()):
-            why = (f"{pc.reward} cannot judge any dev category passed between 5% and {pc.weak_below:.0%} "
-                   "of the time (thresholds: "
-                   f"{', '.join(n for n, t in thresholds.items() if t is not None) or 'none'}; weakest: {weakest})")
-        else:
-            why = f"no dev category is passed between 5% and {pc.weak_below:.0%} of the time (weakest: {weakest})"
-        raise targeting.NothingToTarget(
-            f"{why}, so targeted post-training would aim at categories the model already draws well; more "
-            "post.calib_samples, another post.reward or a higher post.weak_below change that")
-    return targets, measured
-
-
-def post_train(cfgs, run_dir, device, log, pc, seed, adapter="post", log_prefix="post", check=False, calibrated=None):
-    """Rounds of generate -> score -> weight -> fine-tune a fresh LoRA adapter on the run's GPT. Returns
-    the run's (gpt with the adapter enabled, tokenizer, vocab, vq), the adapter's parameters and the
-    per-round figures. check: sample the last round's prompts again with the trained adapter, so that the
-    last round's figures hold the reward and the verifier on the same prompts before and after.
-    calibrated: thresholds from fresh dev samples to reuse (see aim)."""
+def post_train(cfgs, run_dir, device, log, pc, seed, adapter="post", log_prefix="post", check=False, hook=None):
+    """Rounds of generate -> score -> weight -> fine-tune a fresh LoRA adapter on the run's GPT, from the
+    reward alone: the exact verifier is never called here (judge does, afterwards). Returns the run's (gpt
+    with the adapter enabled, tokenizer, vocab, vq), the adapter's parameters, the per-round figures and
+    what each round drew, for judge: {"examples", "example", "image", "weight"} per round, and with check
+    one more entry, the last round's prompts sampled again with the trained adapter (its reward figures go
+    into the last round's). hook(gpt, round, step): called after every fine-tuning step (overopt.py)."""
     tc = cfgs["train"]
     _, tokenizer, vocab, vq, gpt = load_run(run_dir, device)
-    wpath = os.path.join(run_dir, "weakness.json")
-    weakness = read_json(wpath) if os.path.exists(wpath) else None
-    thresholds = reward_thresholds(run_dir, pc, device)
-    targets, measured = None, {}  # every category, for the broad and aligned strategies
+    weakness, targets = None, None  # every category, for the broad and aligned strategies
     if pc.strategy == "targeted":
-        targets, measured = aim(cfgs, run_dir, device, pc, weakness, thresholds,
-                                (gpt, vq, vocab, tokenizer), log_prefix, calibrated)
-        weakness = targeting.with_rates(weakness, measured)  # prompt shares by the pooled rates
-        tqdm.write(f"[{log_prefix}] targeted at {', '.join(targets)}")
-    elif pc.weighting == "threshold" and all(t is None for t in thresholds.values()):
-        tqdm.write(f"[{log_prefix}] warning: {pc.reward} cannot judge any dev category (too few dev samples pass, "
-                   f"or it cannot tell them from the failing ones): threshold weights keep nothing")
-    tqdm.write(f"[{log_prefix}] {pc.reward} thresholds on dev samples: "
-               + ", ".join(f"{n} {'-' if t is None else f'{t:.3f}'}" for n, t in thresholds.items()))
+        wpath = os.path.join(run_dir, "weakness.json")
+        if not os.path.exists(wpath):
+            raise RunError("the targeted strategy needs the eval stage's weakness.json: run --stages=eval first")
+        weakness = read_json(wpath)
+        targets = targeting.choose_targets(weakness, pc.target_top, pc.weak_below)
+        if not any(targets):
+            raise targeting.NothingToTarget(nothing_weak(weakness, pc.weak_below))
+        tqdm.write(f"[{log_prefix}] targeted at {', '.join(targets[0] + targets[1])}")
     params = add_lora(gpt, adapter, tuple(pc.lora_targets.split(",")), pc.lora_r, pc.lora_alpha, pc.lora_dropout)
     rng = np.random.default_rng([seed, 1])
     torch.manual_seed(seed)
@@ -429,57 +326,63 @@ def post_train(cfgs, run_dir, device, log, pc, seed, adapter="post", log_prefix=
     sample_cfg = dataclasses.replace(cfgs["sample"], text_temperature=pc.plan_temperature)
 
     def scored_samples(examples, sample_seed):
-        """K samples of every example from the current model, their rewards and verifier scores."""
+        """K samples of every example from the current model and their rewards."""
         reward_fn = rewards.load_reward(run_dir, pc.reward, device, specs={ex.prompt: ex.spec for ex in examples})
         merge_lora(gpt)  # sample with the adapter folded into the weights: same outputs, fewer matmuls
         samples = self_generate(gpt, vq, vocab, tokenizer, examples, pc.samples, sample_cfg, sample_seed, tc.eval_batch)
         unmerge_lora(gpt)
-        r = rewards.score(reward_fn, samples["image"], [examples[i].prompt for i in samples["example"]], device)
-        return samples, r, verifier_scores(samples["image"], examples, samples["example"])
+        return samples, rewards.score(reward_fn, samples["image"], [examples[i].prompt for i in samples["example"]],
+                                      device)
 
-    rounds = []
+    rounds, drawn = [], []
     for k in range(pc.rounds):
         t0 = time.time()
-        examples = targeting.draw_prompts(pc.strategy, pc.prompts, rng, weakness, pc.focus,
-                                          top_categories=pc.target_top, judged=targets, anchor=pc.anchor)
-        samples, r, v = scored_samples(examples, seed * 1000 + k * 100_000)
-        cut = np.array([np.inf if t is None else t for t in
-                        (thresholds.get(evaluate.category_name(examples[i].category, examples[i].kind))
-                         for i in samples["example"])])
-        graded = [examples[i].category in evaluate.GRADED for i in samples["example"]]  # dense: each prompt's best
-        w = sample_weights(r, samples["example"], pc.weighting, pc.beta, cut, graded)
+        examples = targeting.draw_prompts(pc.strategy, pc.prompts, rng, weakness, targets, pc.focus, pc.anchor,
+                                          pc.composition_share)
+        samples, r = scored_samples(examples, seed * 1000 + k * 100_000)
+        w = sample_weights(r, samples["example"], pc.weighting, pc.beta, pc.threshold)
         os.makedirs(os.path.dirname(os.path.join(run_dir, log_prefix)), exist_ok=True)
-        save_round(samples, {"reward": r, "verifier": v, "weight": w},
-                   os.path.join(run_dir, f"{log_prefix}_round{k}.safetensors"))
+        save_round(samples, {"reward": r, "weight": w}, os.path.join(run_dir, f"{log_prefix}_round{k}.safetensors"))
         write_json([{"prompt": ex.prompt, "category": ex.category, "kind": ex.kind} for ex in examples],
                    os.path.join(run_dir, f"{log_prefix}_round{k}.json"))
-        fit = finetune(gpt, params, samples, w, pc, vocab, device, rng, drift_batch)
-        figs = {"round": k, "reward": float(r.mean()), "verifier": float(v.mean()),
-                "verifier_weighted": float((w * v).sum() / max(w.sum(), 1e-9)),  # what the fine-tune imitates
-                "categories": {c: float(np.mean([v[j] for j, i in enumerate(samples["example"])
-                                                 if examples[i].category == c]))
-                               for c in sorted({ex.category for ex in examples})},
-                **fit, "thresholds": thresholds, "targets": targets,
-                "measured_again": {n: {"pass_rate": r, "samples": m} for n, (r, m) in measured.items()},
+        fit = finetune(gpt, params, samples, w, pc, vocab, device, rng, drift_batch,
+                       hook and (lambda step: hook(gpt, k, step)))
+        figs = {"round": k, "reward": float(r.mean()),
+                "reward_weighted": float((w * r).sum() / max(w.sum(), 1e-9)),  # what the fine-tune imitates
+                **fit, "targets": None if targets is None else targets[0] + targets[1],
                 "seconds": round(time.time() - t0, 1)}
         rounds.append(figs)
-        log(stage=log_prefix, **{key: val for key, val in figs.items() if key not in ("categories", "thresholds")})
-        tqdm.write(f"[{log_prefix}] round {k}: reward {figs['reward']:.3f}, verifier {figs['verifier']:.3f} "
-                   f"(weighted {figs['verifier_weighted']:.3f}), loss {fit['loss']:.3f}, {figs['seconds']:.0f}s")
+        drawn.append({"examples": examples, "example": samples["example"], "image": samples["image"], "weight": w})
+        log(stage=log_prefix, **figs)
+        tqdm.write(f"[{log_prefix}] round {k}: reward {figs['reward']:.3f} (weighted {figs['reward_weighted']:.3f}), "
+                   f"{fit['kept']} samples kept, loss {fit['loss']:.3f}, {figs['seconds']:.0f}s")
     if check:
-        _, r, v = scored_samples(examples, seed * 1000 + pc.rounds * 100_000)
-        rounds[-1].update(reward_after=float(r.mean()), verifier_after=float(v.mean()),
-                          reward_after_se=float(r.std() / np.sqrt(len(r))),
-                          verifier_after_se=float(v.std() / np.sqrt(len(v))))
-        tqdm.write(f"[{log_prefix}] the last round's prompts after fine-tuning: reward {r.mean():.3f}, "
-                   f"verifier {v.mean():.3f}")
-    return gpt, tokenizer, vocab, vq, params, rounds
+        samples, r = scored_samples(examples, seed * 1000 + pc.rounds * 100_000)
+        rounds[-1].update(reward_after=float(r.mean()), reward_after_se=float(r.std() / np.sqrt(len(r))))
+        drawn.append({"examples": examples, "example": samples["example"], "image": samples["image"]})
+        tqdm.write(f"[{log_prefix}] the last round's prompts after fine-tuning: reward {r.mean():.3f}")
+    return gpt, tokenizer, vocab, vq, params, rounds, drawn
+
+
+def judge(rounds, drawn):
+    """After training: the exact verifier on what post_train drew, in place into its round figures: each
+    round's mean, its mean weighted as the fine-tune imitated it, and its mean per category; with post_train's
+    check, the last round's prompts after fine-tuning (verifier_after). Returns the rounds."""
+    for figs, d in zip(rounds, drawn):
+        v, w = verifier_scores(d["image"], d["examples"], d["example"]), d["weight"]
+        cats = np.array([d["examples"][i].category for i in d["example"]])
+        figs.update(verifier=float(v.mean()), verifier_weighted=float((w * v).sum() / max(w.sum(), 1e-9)),
+                    categories={c: float(v[cats == c].mean()) for c in sorted(set(cats))})
+    if len(drawn) > len(rounds):
+        v = verifier_scores(drawn[-1]["image"], drawn[-1]["examples"], drawn[-1]["example"])
+        rounds[-1].update(verifier_after=float(v.mean()), verifier_after_se=float(v.std() / np.sqrt(len(v))))
+    return rounds
 
 
 def hacking(rounds):
-    """A proxy reward that rises while the exact verifier stays flat or falls: on the last round's prompts
-    before and after fine-tuning (post_train's check), else from the first round to the last; None
-    with one round and no check."""
+    """A proxy reward that rises while the exact verifier stays flat or falls (judged rounds): on the last
+    round's prompts before and after fine-tuning (post_train's check), else from the first round to the
+    last; None with one round and no check."""
     last = rounds[-1]
     if "reward_after" in last:  # a rise within twice its standard error is sampling noise, not a rise: for the
         #                         reward that makes it no rise, for the verifier "flat" (older reports lack its SE)
@@ -491,6 +394,8 @@ def hacking(rounds):
 
 
 def run(cfgs, run_dir, device, log, report):
+    """The post stage: post_train (the reward alone), then judge (the verifier), the adapter saved and the
+    benchmarks again."""
     tc, pc = cfgs["train"], cfgs["post"]
     if tc.data_dir:
         print("post-training skipped: its prompts, verifier and benchmarks belong to the shapes world")
@@ -498,10 +403,13 @@ def run(cfgs, run_dir, device, log, report):
     if not report.get("benchmarks"):
         raise RunError("the post stage compares against the eval stage's benchmarks: run --stages=eval first")
     try:
-        gpt, tokenizer, vocab, vq, _, rounds = post_train(cfgs, run_dir, device, log, pc, tc.seed, check=True)
+        gpt, tokenizer, vocab, vq, _, rounds, drawn = post_train(cfgs, run_dir, device, log, pc, tc.seed, check=True)
     except targeting.NothingToTarget as e:  # the report says so; no adapter is written, the base model stands
         print(f"[post] skipped: {e}")
         return {"skipped": str(e)}, {"config": asdict(pc), "skipped": str(e), "before": report["benchmarks"]}
+    rounds = judge(rounds, drawn)
+    for r in rounds:
+        tqdm.write(f"[post] round {r['round']}: verifier {r['verifier']:.3f} (weighted {r['verifier_weighted']:.3f})")
     save_atomic(lora_state_dict(gpt, "post"), os.path.join(run_dir, "lora_post.safetensors"))
     write_json(asdict(pc), os.path.join(run_dir, "lora_post.json"))
     merge_lora(gpt)

@@ -10,6 +10,7 @@ Every training stage of nanoloom behind one command. Stages, in order:
 A finished stage is reused (its output file exists): to redo one, delete its file and run again, or
 name later stages alone with --stages once the earlier ones are done. The eval stage always runs.
 `--stages=ablations` (ablations.py) runs the post-training ablations on a finished run.
+`--stages=overopt` (overopt.py) measures over-optimisation of the post reward on a finished run.
 
     python train.py tiny_configs/shapes_cpu.toml                     # the main job, 12-25 minutes
     python train.py tiny_configs/micro.toml --train.out_dir=out/micro  # seconds; what the tests use
@@ -22,8 +23,8 @@ The lm stage writes a checkpoint every train.ckpt_every steps; an interrupted ru
 from it exactly when the same command is run again.
 
 Overrides are `--section.key=value` for any key of the config file's sections ([train], [vq], [gpt],
-[sample], [rewards], [post], [ablations]); an unknown key or a value of the wrong type stops with a message
-naming it (config.py).
+[sample], [rewards], [post], [ablations], [overopt]); an unknown key or a value of the wrong type stops with a
+message naming it (config.py).
 """
 
 import argparse
@@ -46,6 +47,7 @@ import config
 import data
 import evaluate
 import heads
+import overopt
 import posttrain
 import rewards
 import targeting
@@ -56,11 +58,12 @@ from data import Vocab
 from generate import (RunError, SampleConfig, load_run, load_weights, read_json, save_atomic, save_grid, vq_round_trip,
                       write_json)
 from model import GPT, VQ, GPTConfig, VQConfig, cosine_lr, token_ce, use_bf16
+from overopt import OverOptConfig
 from posttrain import PostConfig
 
 STAGES = ("tokenizer", "vq", "lm", "eval", "rewards", "post")  # the main job: the benchmarks first,
 #                                                                then what post-training needs
-EXTRA_STAGES = ("ablations",)  # run only when named: --stages=ablations
+EXTRA_STAGES = ("ablations", "overopt")  # run only when named: --stages=ablations, --stages=overopt
 
 
 @dataclass
@@ -113,7 +116,8 @@ class TrainConfig:
 
 
 SECTIONS = {"train": TrainConfig, "vq": VQConfig, "gpt": GPTConfig, "sample": SampleConfig,
-            "rewards": heads.RewardsConfig, "post": PostConfig, "ablations": AblationConfig}
+            "rewards": heads.RewardsConfig, "post": PostConfig, "ablations": AblationConfig,
+            "overopt": OverOptConfig}
 DERIVED = {("gpt", "vocab_size"), ("gpt", "image_offset"),
            ("gpt", "n_image_tokens"), ("gpt", "n_tags")}  # set from tokenizer + VQ
 
@@ -159,7 +163,7 @@ def validate(cfgs):
          "train.vq_codebook_lr must be > 0, train.vq_restart_until in (0, 1]"),
     ]  # each section's own rules live beside its dataclass
     rules += heads.config_rules(cfgs["rewards"]) + posttrain.config_rules(cfgs["post"])
-    rules += ablations.config_rules(cfgs["ablations"])
+    rules += ablations.config_rules(cfgs["ablations"]) + overopt.config_rules(cfgs["overopt"])
     try:
         rewards.parse_spec(cfgs["post"].reward)
     except rewards.RewardError as e:
@@ -573,7 +577,7 @@ def stage_rewards(run):
 
 
 def stage_eval(run):
-    """The four benchmarks, the weakness report on dev prompts and the dev samples the post stage calibrates on."""
+    """The four benchmarks and the weakness report on dev prompts."""
     cfgs, run_dir, tc = run.cfgs, run.dir, run.cfgs["train"]
     _, tokenizer, vocab, vq, gpt = load_run(run_dir, run.device)
     if tc.data_dir:
@@ -583,7 +587,6 @@ def stage_eval(run):
     else:
         figures = evaluate.run_all(gpt, vq, vocab, tokenizer, cfgs["sample"], run_dir, n_prompts=tc.bench_prompts,
                                    n_samples=tc.bench_samples, batch=tc.eval_batch, seed=tc.seed)
-        posttrain.save_dev_samples(figures.pop("dev_samples"), run_dir)
         run.report["weakness"] = figures.pop("weakness")
         write_json(run.report["weakness"], os.path.join(run_dir, "weakness.json"))
     run.report["benchmarks"] = figures.pop("benchmarks")
@@ -605,8 +608,13 @@ def stage_ablations(run):
     return ablations.run(run.cfgs, run.dir, run.device, run.metrics.log, run.report)
 
 
+def stage_overopt(run):
+    return overopt.run(run.cfgs, run.dir, run.device, run.metrics.log, run.report)
+
+
 STAGE_FNS = {"tokenizer": stage_tokenizer, "vq": stage_vq, "lm": stage_lm, "eval": stage_eval, "rewards": stage_rewards,
-             "post": stage_post, "ablations": stage_ablations}
+             "post": stage_post, "ablations": stage_ablations,
+             "overopt": stage_overopt}
 OUTPUTS = {"tokenizer": "tokenizer.json", "vq": "vq.safetensors", "lm": "gpt.safetensors", "rewards": heads.HEADS_FILE,
            "post": "lora_post.safetensors"}  # a stage whose output exists is finished: it is reused, not redone
 

@@ -228,5 +228,5 @@ def test_focus_measures_named_categories_closely(micro_run, capsys, monkeypatch)
     with pytest.raises(SystemExit):  # the world has fewer wordings of two objects than 600 on a split
         evaluate.main([micro_run, "--focus", "position,two_objects", "--prompts", "600"])
     err = capsys.readouterr().err
-    assert ("--focus two_objects: only" in err and "distinct bench prompts of two_objects" in err
+    assert ("--focus two_objects: only" in err and "distinct dev prompts of two_objects" in err
             and "--prompts at most" in err)
