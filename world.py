@@ -305,6 +305,18 @@ def clause_share(scene, spec):
     return float(np.mean(list(check(scene, spec).values())))
 
 
+TAIL = (("red", "triangle"), ("blue", "circle"), ("green", "square"))  # compositions the generator's pairs rarely show
+
+
+def compositions(spec):
+    """The colour-shape pairs a spec names, as "red triangle" strings, sorted."""
+    return tuple(sorted({f"{r.colour} {r.shape}" for r in spec.reqs if r.colour and r.shape}))
+
+
+def is_tail(spec):
+    return any(c in {f"{a} {b}" for a, b in TAIL} for c in compositions(spec))
+
+
 # -----------------------------------------------------------------------------
 # Words. Every word a generator can write lives in these constants (the tokenizer corpus lists them).
 
