@@ -54,7 +54,7 @@ class PostConfig:
     #                                evaluation): weighting samples of a sharpened pi^(1/T) would also collapse
     #                                what the prompt leaves open (layout, size)
     strategy: str = "targeted"  # broad | aligned | targeted
-    reward: str = "vqa"  # reward name or weighted sum, e.g. "vqa + 0.5*aesthetic" (see rewards.py)
+    reward: str = rewards.DEFAULT  # reward name or weighted sum, e.g. "vqascore + 0.5*aesthetic" (see rewards.py)
     weighting: str = "threshold"  # rwr | exp | best | threshold | uniform (see sample_weights)
     beta: float = 0.1  # temperature of rwr and exp: smaller trusts the reward's ranking more
     precision: float = 0.95  # `threshold` keeps, per category, samples at or above the lowest reward from which this

@@ -192,7 +192,7 @@ def test_the_verifier_scores_the_share_of_clauses_and_the_oracle_threshold_is_it
     pc = posttrain.PostConfig(reward="verifier")
     assert posttrain.calibrate_thresholds(r, passed, ["x"] * len(r))["x"] == 0.9
     assert posttrain.calibrate_thresholds(posttrain.oracle_verdict(pc, r, passed), passed, ["x"] * len(r))["x"] == 1.0
-    assert posttrain.oracle_verdict(posttrain.PostConfig(reward="vqa"), r, passed) is r
+    assert posttrain.oracle_verdict(posttrain.PostConfig(reward="structured"), r, passed) is r
 
 
 def test_dense_prompts_are_aimed_at_by_their_share_of_facts_without_a_threshold():
@@ -555,4 +555,4 @@ def test_a_weak_category_without_threshold_is_calibrated_on_fresh_dev_samples(mi
     assert "position: 6 more dev samples, 0.00 pass, threshold on them none" in out.out + out.err
     assert (out.out + out.err).count("more dev samples") == 2, \
         "colors (surely above weak_below) is not sampled, the others once"
-    assert calibrated == {("vqa", 0.5, 6, name): (0.0, 6, None) for name in ("position", "single_object")}
+    assert calibrated == {("vqascore", 0.5, 6, name): (0.0, 6, None) for name in ("position", "single_object")}
