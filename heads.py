@@ -486,7 +486,7 @@ def vqascore_pairs(n, rng, vq, split, p_vq, edits=2):
     `edits` edited scenes (heads.perturb) with the same prompt, and the own scene with another example's
     prompt; every pair labelled by world.passes on the scene constructed. Images are shown through the VQ a
     p_vq share of the time. Returns (images uint8 (n * (1 + edits), H, W, 3), prompts, labels, image index
-    per pair (n * (2 + edits),))."""
+    per pair, prompt index (the example's) per pair), n * (2 + edits) pairs."""
     exs = [world.sample_example(rng, split=split) for _ in range(n)]
     scenes = [e.scene for e in exs] + [perturb(e.scene, rng) for _ in range(edits) for e in exs]
     imgs = np.stack([world.render(s, vq.cfg.image_size) for s in scenes])
@@ -495,8 +495,8 @@ def vqascore_pairs(n, rng, vq, split, p_vq, edits=2):
     specs = [e.spec for e in exs] * (1 + edits) + [exs[j].spec for j in other]
     which = np.r_[np.arange(len(scenes)), np.arange(n)]
     labels = np.array([world.passes(scenes[i], sp) for i, sp in zip(which, specs)], dtype=np.float32)
-    prompts = [e.prompt for e in exs] * (1 + edits) + [exs[j].prompt for j in other]
-    return imgs, prompts, labels, which
+    prompt = np.r_[np.tile(np.arange(n), 1 + edits), other]  # which example's prompt each pair asks
+    return imgs, [exs[j].prompt for j in prompt], labels, which, prompt
 
 
 def caption_pairs(n, rng, vq, split, p_vq):
@@ -640,7 +640,7 @@ def train_heads(cfg, tokenizer, vq, seed, device, log=lambda **kv: None):
     pairs = vqascore_pairs(cfg.vqascore_examples, np.random.default_rng([seed, 4, 2]), vq, "train", cfg.p_vq,
                            cfg.vqascore_edits)
     ids = padded_text_ids(tokenizer, pairs[1], cfg.max_text)
-    figures.update(vqascore.train(heads.vqascore, cfg, vq, (pairs[0], ids, pairs[2], pairs[3]), seed, device, log))
+    figures.update(vqascore.train(heads.vqascore, cfg, vq, (pairs[0], ids, *pairs[2:]), seed, device, log))
     figures["train_seconds"] = round(time.time() - t0, 1)
     return heads.eval(), figures
 

@@ -62,28 +62,41 @@ class VQAScore(nn.Module):
         return self.out(self.norm(self.body(x, img, tgt_key_padding_mask=pad)[:, 0])).squeeze(-1)
 
 
+def ranking_loss(logits, labels, prompt):
+    """Logistic loss of every (yes, no) pair of the batch that shares a prompt: the image that fits must score
+    above the one that does not. Only the image differs, so the prompt's prior cannot lower this loss."""
+    same = (prompt[:, None] == prompt[None, :]) & (labels[:, None] > labels[None, :])  # (B, B): row yes, column no
+    if not same.any():
+        return logits.sum() * 0
+    return F.softplus(logits[None, :] - logits[:, None])[same].mean()
+
+
 def train(net, cfg, vq, pairs, seed, device, log=lambda **kv: None):
     """Train a VQAScore net (heads.Heads' own) on pairs = (images uint8 (N, H, W, 3), ids (P, L), labels (P,),
-    image index per pair (P,)): pairs share images (one render, several prompts), so each image's features
-    are computed once. cfg: heads.RewardsConfig. Returns figures."""
-    imgs, ids, labels, which = pairs
+    image index per pair (P,), prompt index per pair (P,)): pairs share images (one render, several prompts),
+    so each image's features are computed once. A batch is a run of pairs in order of prompt length, a
+    prompt's pairs together, so that it holds few pads and the pairs ranking_loss compares.
+    cfg: heads.RewardsConfig. Returns figures."""
+    imgs, ids, labels, which, prompt = pairs
     t0 = time.time()
     net.encoder.load_state_dict(vq.encoder.state_dict())
     with torch.no_grad():
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2)
         feats = torch.cat([net.features(x[k:k + 512].float().div(255).to(device)) for k in range(0, len(x), 512)])
     g = torch.Generator().manual_seed(seed)
-    y = torch.as_tensor(labels, dtype=torch.float32)
+    y, prompt = torch.as_tensor(labels, dtype=torch.float32), torch.as_tensor(prompt)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.vqascore_lr, weight_decay=0.01)
-    steps, B = cfg.vqascore_steps, cfg.batch
-    order = torch.argsort((ids != PAD).sum(1) + torch.rand(len(ids), generator=g))  # batches of neighbours in
-    #                                                     length (prompts run from 5 to ~70 tokens), ties shuffled
+    steps, B, n = cfg.vqascore_steps, cfg.batch, int(prompt.max()) + 1
+    shuffled = torch.randperm(n, generator=g)[prompt]  # prompts of one length in a random order
+    order = torch.sort((ids != PAD).sum(1) * n + shuffled, stable=True).indices
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, cfg.vqascore_lr, steps // 20, steps, 0.1 * cfg.vqascore_lr)
         i = order[int(torch.randint(0, len(which) - B + 1, (1,), generator=g)):][:B]
         t = ids[i][:, :int((ids[i] != PAD).sum(1).max())]  # (B, L): the batch's longest prompt, no more padding
-        loss = F.binary_cross_entropy_with_logits(net.score(feats[which[i]], t.to(device)), y[i].to(device))
+        z = net.score(feats[which[i]], t.to(device))  # (B,)
+        loss = F.binary_cross_entropy_with_logits(z, y[i].to(device)) + ranking_loss(z, y[i].to(device),
+                                                                                      prompt[i].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
