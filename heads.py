@@ -202,7 +202,7 @@ class RewardsConfig:
     geometry_steps: int = 600  # from clip's image encoder
     geometry_lr: float = 4e-3  # after a warm-up over a tenth of its steps; at rewards.lr it ends far less settled
     calib_examples: int = 600  # held-out (dev split) renders for the calibration table
-    calib_samples: int = 256  # the model's own samples of dev prompts for the calibration table
+    calib_samples: int = 512  # the model's own samples of dev prompts for the calibration table, rewards.K per prompt
 
 
 def config_rules(rc):
