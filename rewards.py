@@ -260,7 +260,7 @@ def ranking(scores, labels, groups, rng, boots=200):
     out = {"n": len(s), "across": auc(s, y)}
     out["within"], out["prompts_within"] = within_auc(s, y, groups)
     draws = {"across": [], "within": []}
-    for _ in range(boots):
+    for _ in range(boots * (len(ids) > 0)):  # no prompts (say, no tail ones): no figures
         pick = rng.choice(ids, len(ids))
         idx = np.concatenate([rows[k] for k in pick])
         draws["across"].append(auc(s[idx], y[idx]))
@@ -359,13 +359,13 @@ def table(cal):
     for name in ALL:
         for k, part in enumerate(("seen", "tail")):
             r = s[name][part]
-            note = "; ".join([f"{b} ranks worse than chance" for b in r["below_chance"]]
-                             + [f"corr_with_composition {fmt(s[name]['corr_with_composition'], 0)}"] * (
-                                 k == 0 and "corr_with_composition" in s[name]))
+            note = [f"{b} ranks worse than chance" for b in r["below_chance"]]
+            if k == 0 and "corr_with_composition" in s[name]:
+                note.append(f"corr_with_composition {fmt(s[name]['corr_with_composition'], 0)}")
             lines.append(f"{name if k == 0 else '':<12}{part:<8}{r['n']:>5}"
                          f"{fmt(r['across'], 9)}{fmt(r['across_se'], 7)}"
                          f"{fmt(r['within'], 9)}{fmt(r['within_se'], 7)}{r['prompts_within']:>10}"
-                         f"{fmt(s[name]['mean']) if k == 0 else '':>8}   {note}")
+                         f"{fmt(s[name]['mean']) if k == 0 else '':>8}   {'; '.join(note)}")
     return "\n".join(lines)
 
 

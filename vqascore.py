@@ -75,7 +75,7 @@ def train(net, cfg, vq, pairs, seed, device, log=lambda **kv: None):
     """Train a VQAScore net (heads.Heads' own) on pairs = (images uint8 (N, H, W, 3), ids (P, L), labels (P,),
     image index per pair (P,), prompt index per pair (P,)): pairs share images (one render, several prompts),
     so each image's features are computed once. A batch is a run of pairs in order of prompt length, a
-    prompt's pairs together, so that it holds few pads and the pairs ranking_loss compares.
+    prompt's pairs together: few pads, and the pairs ranking_loss compares.
     cfg: heads.RewardsConfig. Returns figures."""
     imgs, ids, labels, which, prompt = pairs
     t0 = time.time()
