@@ -9,7 +9,7 @@ One round:
      their share of facts, and at the attribute values that fail most; skipped when there is no such
      category); always from the "train" split, so never a benchmark (or dev) prompt;
   2. K samples per prompt from the current model (plan text, then the image it draws by itself);
-  3. a reward per sample (default `vqa`), and the exact verifier beside it to watch for reward hacking;
+  3. a reward per sample (default `vqascore`), and the exact verifier beside it to watch for reward hacking;
   4. weights w_i from the rewards (`threshold`, the default: per category, calibrated on the base model's
      dev samples, and each dense prompt's best sample; `rwr`, `exp`, `best`, or `uniform` = plain
      self-training);
