@@ -7,12 +7,16 @@ model, trained on (image, prompt, yes/no) pairs. The default post-training rewar
 
 The image side is the run's frozen VQ encoder: one unit vector per 4x4 patch (B, 64, 16), the features the
 codes are picked from, projected up and given a learned row and column embedding. (A pixel transformer
-trained from scratch for the same time never learned which colour goes with which shape: AUC 0.55.) The
-text side embeds the prompt's word ids with a position each. One transformer runs over
-[cls, text tokens, image tokens]; the cls token's output is the yes/no logit. Nothing in the model knows the
-world: no cells, attributes, relations or counts (this file imports no world rules); it learns them from
+trained from scratch for 120 s never learned which colour goes with which shape: AUC 0.55.) The text side
+embeds the prompt's word ids with a position each. As BLIP's image-text matching encoder, [cls, text tokens]
+attend to themselves and then to the image tokens in each layer; the cls output is the yes/no logit. (One
+joint transformer over [cls, text, 64 image tokens] cost 2-3x the time a step.) Nothing in the model knows
+the world: no cells, attributes, relations or counts (this file imports no world rules); it learns them from
 its pairs, which heads.vqascore_pairs draws from the whole world with hard negatives. The VQ encoder is
 continuous, so the reward passes gradients to the pixels.
+
+Training adds to the pairs' cross-entropy a ranking loss over pairs that share a prompt: on held-out dev
+prompts, the true scene above a failing edit 0.67 of the time without it, 0.82 with it (1,500 steps).
 """
 
 import time
