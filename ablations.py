@@ -35,7 +35,7 @@ class AblationConfig:
 
 
 ABLATIONS = {  # variant -> [post] overrides of the run's config; each post-trains a fresh adapter from the base
-    "both": {},  # the run's [post] config (default: targeted prompts, best_above weights, both modalities)
+    "both": {},  # the run's [post] config (default: targeted prompts, best_above weights, both modalities, vqascore)
     "uniform": {"weighting": "uniform"},  # plain self-training on the same kind of samples: the control
     "oracle": {"reward": "verifier"},  # the exact verifier as reward: the upper bound of a learned reward
     "text_only": {"alpha_image": 0.0},

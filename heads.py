@@ -6,9 +6,11 @@ never on the model's own samples. rewards.py turns them into rewards.
 
     python train.py tiny_configs/shapes_cpu.toml --stages=rewards   # train the heads (minutes on a CPU)
 
-The image encoders of vqa and clip are also trained to name each layout cell's shape, colour and size (a
-probe on their cell tokens, as the exact parser reads them): free, dense labels that make the tokens
-meaningful fast; vqa reads the cells through that probe. The heads pass gradients to the input pixels;
+vqascore, the default reward, is a generic vision-language model (vqascore.py) trained here on pairs from
+the whole world with hard negatives (vqascore_pairs). The image encoders of structured and clip are also
+trained to name each layout cell's shape, colour and size (a probe on their cell tokens, as the exact parser
+reads them): free, dense labels that make the tokens meaningful fast; structured reads the cells through
+that probe. The heads pass gradients to the input pixels;
 their weights are frozen (requires_grad False), so only the images get gradients.
 """
 
@@ -26,10 +28,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
+import vqascore
 import world
 from data import PAD
 from generate import RunError, load_weights, read_tensors, vq_round_trip
-from model import cosine_lr
+from model import VQConfig, cosine_lr
 
 HEADS_FILE = "rewards.safetensors"  # every trained head, one file, architecture config in its metadata
 
@@ -178,22 +181,28 @@ def composition(scene):
 @dataclass
 class RewardsConfig:
     dim: int = 64  # width of every head's encoders
-    layers: int = 2  # transformer layers of the vqa fusion and of the clip text tower
+    layers: int = 2  # transformer layers of the structured prompt reader and of the clip text tower
     max_text: int = 96  # longest prompt or caption in tokens (the world's longest prompts are ~70)
     batch: int = 64  # training batch of every head
     lr: float = 2e-3  # AdamW, cosine to a tenth
-    examples: int = 6000  # rendered training examples of each data set (clip and the vqa probe share one; geometry)
+    examples: int = 6000  # rendered training examples of each data set (clip and the structured probe share one)
     p_vq: float = 0.5  # share of training images shown after a round trip through the run's VQ, as samples are drawn
-    vqa_probe_steps: int = 300  # the vqa image encoder learning to read cells as the parser does
-    vqa_steps: int = 2000  # the vqa prompt reader: with far fewer it reads sizes at chance
-    vqa_prompts: int = 20000  # prompts with their Specs for the vqa prompt reader (text only: cheap)
+    structured_probe_steps: int = 300  # the structured image encoder learning to read cells as the parser does
+    structured_steps: int = 2000  # the structured prompt reader: with far fewer it reads sizes at chance
+    structured_prompts: int = 20000  # prompts with their Specs for the structured prompt reader (text only: cheap)
+    vqascore_dim: int = 64  # width of the vqascore model
+    vqascore_layers: int = 2  # its text-to-image transformer layers
+    vqascore_examples: int = 6000  # world examples it trains on, each as 1 + vqascore_edits images and 2 + edits pairs
+    vqascore_edits: int = 2  # hard negatives per example: the same prompt on an edited scene (perturb)
+    vqascore_steps: int = 1500  # AdamW steps of rewards.batch pairs
+    vqascore_lr: float = 2e-3  # peak, after a warm-up over a twentieth of the steps, cosine to a tenth
     clip_steps: int = 300  # the clip dual encoder, contrastive with hard-negative captions
     aesthetic_steps: int = 300  # the aesthetic MLP on clip's image embedding
     quality_steps: int = 150  # the clean-vs-degraded classifier
     geometry_steps: int = 600  # from clip's image encoder
     geometry_lr: float = 4e-3  # after a warm-up over a tenth of its steps; at rewards.lr it ends far less settled
     calib_examples: int = 600  # held-out (dev split) renders for the calibration table
-    calib_samples: int = 256  # the model's own samples of dev prompts for the calibration table
+    calib_samples: int = 512  # the model's own samples of dev prompts for the calibration table, rewards.K per prompt
 
 
 def config_rules(rc):
@@ -232,7 +241,7 @@ class ImageEncoder(nn.Module):
         self.pos = nn.Parameter(torch.zeros(1, (world.LATTICE // 2 + 1) ** 2, dim))
         # training only: reads each cell's shape, colour and size (or empty) off its token. This dense,
         # free supervision makes the tokens mean something within a few hundred steps; without it the
-        # vqa fusion learned far slower from its one bit per pair
+        # structured head learned far slower from its one bit per pair
         self.probe = nn.Linear(dim, len(world.SHAPES) + len(world.COLOURS) + len(world.SIZES) + 3)
 
     def forward(self, x):
@@ -288,7 +297,7 @@ RELATE = torch.tensor([[[world.holds(world.Obj("circle", "red", "small", k // 3,
                        for rel in world.RELATIONS]).float()  # (4, 9, 9): rel holds from cell k to l
 
 
-class VQAHead(nn.Module):
+class StructuredHead(nn.Module):
     """P(yes | image, prompt) as a neuro-symbolic VQA model (NS-VQA, Yi et al. 2018): two learned readers
     and a fixed soft executor. The image encoder's probe reads each of the 9 cells as probabilities of a
     shape, colour and size (or empty). A text transformer reads the prompt into up to MAX_OBJECTS object
@@ -296,7 +305,9 @@ class VQAHead(nn.Module):
     0 = slot unused), the scene's total and the relations between slots. The executor then computes the
     probability that the cells satisfy the program, differentiably: per slot the probability that each
     cell matches, the count of matches as a Poisson-binomial, relations over the cells where each slot's
-    single match may be. Both readers learn from dense labels, not from the one bit of a pair's label."""
+    single match may be. Both readers learn from dense labels, not from the one bit of a pair's label.
+    A structured, near-oracle reward: its executor's rules (RELATE from world.holds, exact counts, the
+    program's slots) are the verifier's own, so it agrees with the verifier almost exactly."""
 
     def __init__(self, cfg, vocab_size, image_size):
         super().__init__()
@@ -359,7 +370,7 @@ def _counts(p):
 
 
 def program_targets(specs):
-    """data.Specs -> what VQAHead.read predicts: slots (B, S, 6) long (0 = any / unused), total (B,) long,
+    """data.Specs -> what StructuredHead.read predicts: slots (B, S, 6) long (0 = any / unused), total (B,) long,
     relations (B, S, S, 4) float."""
     S = world.MAX_OBJECTS
     slots, rel = np.zeros((len(specs), S, 6), np.int64), np.zeros((len(specs), S, S, len(world.RELATIONS)), np.float32)
@@ -423,12 +434,14 @@ class ImageClassifier(nn.Module):
 
 
 class Heads(nn.Module):
-    """Every trained head; the aesthetic MLP reads the clip image embedding."""
+    """Every trained head; the aesthetic MLP reads the clip image embedding, vqascore the run's VQ encoder
+    (vq_cfg: its model.VQConfig)."""
 
-    def __init__(self, cfg, vocab_size, image_size):
+    def __init__(self, cfg, vocab_size, vq_cfg):
         super().__init__()
-        self.cfg, self.vocab_size, self.image_size = cfg, vocab_size, image_size
-        self.vqa, self.clip = VQAHead(cfg, vocab_size, image_size), CLIPHead(cfg, vocab_size, image_size)
+        self.cfg, self.vocab_size, self.vq_cfg, image_size = cfg, vocab_size, vq_cfg, vq_cfg.image_size
+        self.vqascore = vqascore.VQAScore(cfg.vqascore_dim, cfg.vqascore_layers, vocab_size, cfg.max_text, vq_cfg)
+        self.structured, self.clip = StructuredHead(cfg, vocab_size, image_size), CLIPHead(cfg, vocab_size, image_size)
         self.aesthetic = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, 1))
         self.quality, self.geometry = ImageClassifier(cfg, image_size), ImageClassifier(cfg, image_size)
 
@@ -457,14 +470,33 @@ def vq_round_trip_some(vq, u8, mask):
     return out
 
 
-def vqa_pairs(n, rng, vq, split, p_vq):
-    """n (image, example, label, scene drawn) for vqa: the example's own scene (40%) or an edit of it, rendered, shown
-    through the VQ a p_vq share of the time, and labelled by the exact verifier on the image shown."""
+def verified_pairs(n, rng, vq, split, p_vq):
+    """n (image, example, label, scene drawn) for a prompt reward: the example's own scene (40%) or an edit of it,
+    rendered, shown through the VQ a p_vq share of the time, and labelled by the exact verifier on the image
+    shown."""
     exs = [world.sample_example(rng, split=split) for _ in range(n)]
     scenes = [e.scene if rng.random() < 0.4 else perturb(e.scene, rng) for e in exs]
     imgs = vq_round_trip_some(vq, np.stack([world.render(s, vq.cfg.image_size) for s in scenes]), rng.random(n) < p_vq)
     labels = np.array([world.passes(s, e.spec) for s, e in zip(world.parse_batch(imgs), exs)])
     return imgs, exs, labels, scenes
+
+
+def vqascore_pairs(n, rng, vq, split, p_vq, edits=2):
+    """vqascore's training pairs from n examples of the whole world: each example's own scene with its prompt,
+    `edits` edited scenes (heads.perturb) with the same prompt, and the own scene with another example's
+    prompt; every pair labelled by world.passes on the scene constructed. Images are shown through the VQ a
+    p_vq share of the time. Returns (images uint8 (n * (1 + edits), H, W, 3), prompts, labels, image index
+    per pair, prompt index (the example's) per pair), n * (2 + edits) pairs."""
+    exs = [world.sample_example(rng, split=split) for _ in range(n)]
+    scenes = [e.scene for e in exs] + [perturb(e.scene, rng) for _ in range(edits) for e in exs]
+    imgs = np.stack([world.render(s, vq.cfg.image_size) for s in scenes])
+    imgs = vq_round_trip_some(vq, imgs, rng.random(len(imgs)) < p_vq)
+    other = (np.arange(n) + rng.integers(1, n, n)) % n  # another example's prompt
+    specs = [e.spec for e in exs] * (1 + edits) + [exs[j].spec for j in other]
+    which = np.r_[np.arange(len(scenes)), np.arange(n)]
+    labels = np.array([world.passes(scenes[i], sp) for i, sp in zip(which, specs)], dtype=np.float32)
+    prompt = np.r_[np.tile(np.arange(n), 1 + edits), other]  # which example's prompt each pair asks
+    return imgs, [exs[j].prompt for j in prompt], labels, which, prompt
 
 
 def caption_pairs(n, rng, vq, split, p_vq):
@@ -511,34 +543,35 @@ def _fit(name, params, loss_fn, steps, cfg, log, warmup=0):
     return loss.item()
 
 
-def train_vqa(heads, cfg, tokenizer, x, parsed, rng, g, device, log):
-    """The vqa head's two readers. The image probe: clip's image encoder, trained further on images x
+def train_structured(heads, cfg, tokenizer, x, parsed, rng, g, device, log):
+    """The structured head's two readers. The image probe: clip's image encoder, trained further on images x
     (N, 3, H, W) to read each cell as the exact parser reads it (parsed, from cell_targets). The prompt
     reader: prompts against their exact Specs (text only, so many are cheap)."""
-    B, vqa = cfg.batch, heads.vqa
-    vqa.image.load_state_dict(heads.clip.image.state_dict())
-    vqa.text.load_state_dict(heads.clip.text.state_dict())
+    B, st = cfg.batch, heads.structured
+    st.image.load_state_dict(heads.clip.image.state_dict())
+    st.text.load_state_dict(heads.clip.text.state_dict())
 
     def probe_loss(step):
         i = torch.randint(0, len(x), (B,), generator=g)
-        return vqa.image.cell_loss(vqa.image(x[i].to(device)), parsed[i].to(device))
-    figures = {"vqa_probe_loss": _fit("vqa_probe", vqa.image.parameters(), probe_loss, cfg.vqa_probe_steps, cfg, log)}
+        return st.image.cell_loss(st.image(x[i].to(device)), parsed[i].to(device))
+    figures = {"structured_probe_loss": _fit("structured_probe", st.image.parameters(), probe_loss,
+                                             cfg.structured_probe_steps, cfg, log)}
 
-    exs = [world.sample_example(rng, split="train") for _ in range(cfg.vqa_prompts)]
+    exs = [world.sample_example(rng, split="train") for _ in range(cfg.structured_prompts)]
     ids = padded_text_ids(tokenizer, [e.prompt for e in exs], cfg.max_text)
     slots, total, rel = program_targets([e.spec for e in exs])
     order = torch.argsort((ids != PAD).sum(1))  # batches of neighbours in length: prompts run from 5 to ~70 tokens
-    reader = [p for name, p in vqa.named_parameters() if not name.startswith("image.")]
+    reader = [p for name, p in st.named_parameters() if not name.startswith("image.")]
 
     def reader_loss(step):
         i = order[int(torch.randint(0, len(ids) - B + 1, (1,), generator=g)):][:B]
         t = ids[i][:, :int((ids[i] != PAD).sum(1).max())]
-        s, n, r = vqa.read(t.to(device))
+        s, n, r = st.read(t.to(device))
         ce = sum(F.cross_entropy(p.flatten(0, 1), slots[i][..., k].flatten().to(device))
                  for k, p in enumerate(s.split(SLOT_ATTRS, -1)))
         return (ce + F.cross_entropy(n, total[i].to(device))
                 + F.binary_cross_entropy_with_logits(r, rel[i].to(device)) * r[0].numel())
-    figures["vqa_train_loss"] = _fit("vqa", reader, reader_loss, cfg.vqa_steps, cfg, log)
+    figures["structured_train_loss"] = _fit("structured", reader, reader_loss, cfg.structured_steps, cfg, log)
     return figures
 
 
@@ -547,7 +580,7 @@ def train_heads(cfg, tokenizer, vq, seed, device, log=lambda **kv: None):
     rng, g = np.random.default_rng([seed, 4]), torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     S, B, n = vq.cfg.image_size, cfg.batch, cfg.examples
-    heads = Heads(cfg, tokenizer.get_vocab_size(), S).to(device).train()
+    heads = Heads(cfg, tokenizer.get_vocab_size(), vq.cfg).to(device).train()
     pick = lambda size: torch.randint(0, size, (B,), generator=g).numpy()
     figures, t0 = {}, time.time()
 
@@ -578,8 +611,9 @@ def train_heads(cfg, tokenizer, vq, seed, device, log=lambda **kv: None):
     figures["aesthetic_train_loss"] = _fit("aesthetic", heads.aesthetic.parameters(), aesthetic_loss,
                                            cfg.aesthetic_steps, cfg, log)
 
-    # vqa draws from its own stream so that its prompt count leaves the later heads' data unchanged
-    figures.update(train_vqa(heads, cfg, tokenizer, xc, cells, np.random.default_rng([seed, 4, 1]), g, device, log))
+    # structured draws from its own stream so that its prompt count leaves the later heads' data unchanged
+    figures.update(train_structured(heads, cfg, tokenizer, xc, cells, np.random.default_rng([seed, 4, 1]), g, device,
+                                    log))
 
     clean = np.stack([world.render(world.random_scene(rng), S) for _ in range(n)])
 
@@ -601,6 +635,12 @@ def train_heads(cfg, tokenizer, vq, seed, device, log=lambda **kv: None):
     figures["geometry_train_loss"] = _fit("geometry", heads.geometry.parameters(), geometry_loss, cfg.geometry_steps,
                                           dataclasses.replace(cfg, lr=cfg.geometry_lr), log,
                                           warmup=cfg.geometry_steps // 10)
+
+    # last, from its own stream: the other heads' data stay as they were before it existed
+    pairs = vqascore_pairs(cfg.vqascore_examples, np.random.default_rng([seed, 4, 2]), vq, "train", cfg.p_vq,
+                           cfg.vqascore_edits)
+    ids = padded_text_ids(tokenizer, pairs[1], cfg.max_text)
+    figures.update(vqascore.train(heads.vqascore, cfg, vq, (pairs[0], ids, *pairs[2:]), seed, device, log))
     figures["train_seconds"] = round(time.time() - t0, 1)
     return heads.eval(), figures
 
@@ -608,7 +648,7 @@ def train_heads(cfg, tokenizer, vq, seed, device, log=lambda **kv: None):
 def heads_metadata(heads):
     """What load_heads needs to rebuild the networks, stored inside the safetensors file."""
     return {"config": json.dumps(asdict(heads.cfg)), "vocab_size": str(heads.vocab_size),
-            "image_size": str(heads.image_size)}
+            "vq_config": json.dumps(asdict(heads.vq_cfg))}
 
 
 def load_heads(run_dir, device="cpu"):
@@ -617,8 +657,9 @@ def load_heads(run_dir, device="cpu"):
     if not os.path.exists(path):
         raise RunError(f"missing {path}: train the heads with `python train.py CONFIG --stages=rewards`")
     meta = read_tensors(path)[1]
-    if "config" not in meta:
-        raise RunError(f"{path} has no head config in its metadata: retrain it with --stages=rewards")
+    if "config" not in meta or "vq_config" not in meta:  # heads of an older version: no vqascore
+        raise RunError(f"{path} was written by an older version (no vqascore head): delete it and retrain the "
+                       "heads with --stages=rewards")
     heads = Heads(RewardsConfig(**json.loads(meta["config"])),
-                  int(meta["vocab_size"]), int(meta["image_size"])).to(device)
+                  int(meta["vocab_size"]), VQConfig(**json.loads(meta["vq_config"]))).to(device)
     return load_weights(heads, path).eval().requires_grad_(False)

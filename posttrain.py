@@ -53,7 +53,7 @@ class PostConfig:
     #                                evaluation): weighting samples of a sharpened pi^(1/T) would also collapse
     #                                what the prompt leaves open (layout, size)
     strategy: str = "targeted"  # broad | aligned | targeted
-    reward: str = rewards.DEFAULT  # reward name or weighted sum, e.g. "vqa + 0.5*aesthetic" (see rewards.py)
+    reward: str = rewards.DEFAULT  # reward name or weighted sum, e.g. "vqascore + 0.5*aesthetic" (see rewards.py)
     weighting: str = "best_above"  # best_above | rwr | exp | best | threshold | uniform (see sample_weights)
     threshold: float = 0.5  # best_above and threshold keep rewards >= this, on the reward's own scale (0.5: a
     #                         probability that the image shows the prompt, as vqascore gives, above even odds)

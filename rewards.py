@@ -4,7 +4,7 @@ GPT's own belief), and their calibration.
 
 A reward is any callable `reward(images, prompts) -> Tensor[B]`: images (B, 3, H, W) floats in [0, 1],
 prompts a list of B strings. Rewards are registered by name in one dict, REWARDS, and chosen by a
-spec string: one name, or a weighted sum such as "vqa + 0.5*aesthetic". `load_reward` turns a spec
+spec string: one name, or a weighted sum such as "vqascore + 0.5*aesthetic". `load_reward` turns a spec
 into one callable; every term is checked on every call (a term that raises, returns the wrong shape
 or NaN is named in the error, with what it returned).
 
@@ -12,17 +12,20 @@ or NaN is named in the error, with what it returned).
     python rewards.py out/shapes_cpu                                 # calibration table (--json for report.json's)
 
     import rewards
-    reward = rewards.load_reward("out/shapes_cpu", "vqa + 0.5*aesthetic")
+    reward = rewards.load_reward("out/shapes_cpu", "vqascore + 0.5*aesthetic")
     r = reward(images, ["a red circle", "two blue squares"])        # (2,)
 
 The built-in rewards, and what each stands in for (heads are trained on rendered shapes-world scenes):
-    vqa        VQAScore, P(yes | image, "does this show {prompt}?") from a VLM, here a neuro-symbolic one
-               (NS-VQA): a learned image probe reads the 9 cells (shape, colour, size or empty), a learned
-               prompt reader writes the prompt as a program (object slots, counts, total, relations), and a
-               fixed soft executor scores the program on the cells. The probe learns from renders labelled
-               cell by cell by the exact parser (half through the run's VQ), the reader from prompts and
-               their Specs; neither sees the model's samples. The DEFAULT post-training reward; long dense
-               prompts are its weak spot (every slot of a 4-object layout must be read right).
+    vqascore   VQAScore, P(yes | image, prompt) from a small generic vision-language model (vqascore.py):
+               the run's frozen VQ encoder features, a text transformer that attends to them, a yes/no
+               logit; no world rules in its architecture. Trained on renders of the whole world (half
+               through the run's VQ), their edits as hard negatives and mismatched prompts, each labelled by
+               construction; never on the model's samples. The DEFAULT post-training reward.
+    structured a structured, near-oracle reward (NS-VQA): a learned image probe reads the 9 cells (shape,
+               colour, size or empty), a learned prompt reader writes the prompt as a program (object slots,
+               counts, total, relations), and a fixed soft executor, whose rules are the verifier's own,
+               scores the program on the cells. The verifier in all but name: an upper bound for learned
+               rewards, not a stand-in for a real reward model.
     clip       CLIPScore: a dual encoder trained contrastively with hard-negative captions; the reward is
                the cosine of the image and text embeddings, in [-1, 1].
     aesthetic  the LAION aesthetic predictor: an MLP on the clip image embedding regressing `heads.composition`
@@ -38,7 +41,7 @@ The built-in rewards, and what each stands in for (heads are trained on rendered
     self       the unified GPT's own belief: the per-token geometric mean of p(prompt | image), the image
                read through the VQ encoder (image-to-text format). In [0, 1]. Not differentiable (the VQ
                encoder picks codes by argmax).
-The trained heads (vqa, clip, aesthetic, quality, geometry; heads.py) pass gradients to the input
+The trained heads (vqascore, structured, clip, aesthetic, quality, geometry; heads.py) pass gradients to the input
 pixels; their weights are frozen, so only the images get gradients.
 """
 
@@ -58,7 +61,7 @@ import world
 from generate import RunError, decode_images, generate, load_run, read_json, sample_config
 from model import token_ce
 
-DEFAULT = "vqa"  # the post-training reward unless a config names another
+DEFAULT = "vqascore"  # the post-training reward unless a config names another
 
 # -----------------------------------------------------------------------------
 # protocol and registry
@@ -88,20 +91,20 @@ _TERM = re.compile(r"^(?:(\d+\.?\d*|\.\d+)\s*\*\s*)?([A-Za-z_]\w*)(?:\s*\*\s*(\d
 
 
 def parse_spec(spec):
-    """'vqa + 0.5*aesthetic - 0.1*self' -> [(1.0, 'vqa'), (0.5, 'aesthetic'), (-0.1, 'self')]."""
+    """'vqascore + 0.5*aesthetic - 0.1*self' -> [(1.0, 'vqascore'), (0.5, 'aesthetic'), (-0.1, 'self')]."""
     if not isinstance(spec, str) or not spec.strip():
-        raise RewardError(f"empty reward spec {spec!r}; expected e.g. 'vqa' or 'vqa + 0.5*aesthetic'")
+        raise RewardError(f"empty reward spec {spec!r}; expected e.g. 'vqascore' or 'vqascore + 0.5*aesthetic'")
     parts = re.split(r"([+-])", spec)  # [term, sign, term, sign, term ...]
     pairs = [("+", parts[0])] + list(zip(parts[1::2], parts[2::2]))
     if not parts[0].strip() and len(parts) > 1:
-        pairs = pairs[1:]  # a leading sign: "-0.1*self + vqa"
+        pairs = pairs[1:]  # a leading sign: "-0.1*self + vqascore"
     terms = []
     for sign, term in pairs:
         m = _TERM.match(term.strip())
         if not m or (m.group(1) and m.group(3)):
             raise RewardError(f"bad reward spec {spec!r} at {term.strip() or sign!r}: "
                               "terms look like NAME, WEIGHT*NAME or NAME*WEIGHT "
-                              "joined by + or -, e.g. 'vqa + 0.5*aesthetic'")
+                              "joined by + or -, e.g. 'vqascore + 0.5*aesthetic'")
         weight = float(m.group(1) or m.group(3) or 1.0) * (-1 if sign == "-" else 1)
         if m.group(2) not in REWARDS:
             hint = difflib.get_close_matches(m.group(2), REWARDS, n=1)
@@ -174,7 +177,8 @@ def _head_reward(name):
         tok = data.load_tokenizer(os.path.join(run_dir, "tokenizer.json"))
         ids = lambda prompts, images: heads.padded_text_ids(tok, prompts, net.cfg.max_text).to(images.device)
         return {
-            "vqa": lambda images, prompts: torch.sigmoid(net.vqa(images, ids(prompts, images))),
+            "vqascore": lambda images, prompts: torch.sigmoid(net.vqascore(images, ids(prompts, images))),
+            "structured": lambda images, prompts: torch.sigmoid(net.structured(images, ids(prompts, images))),
             "clip": lambda images, prompts: (net.clip.embed_images(images)
                                              * net.clip.embed_texts(ids(prompts, images))).sum(-1),
             "aesthetic": (lambda images, prompts:
@@ -185,7 +189,8 @@ def _head_reward(name):
     return build
 
 
-for _name in ("vqa", "clip", "aesthetic", "quality", "geometry"):
+HEADS = ("vqascore", "structured", "clip", "aesthetic", "quality", "geometry")  # the rewards heads.py trains
+for _name in HEADS:
     register(_name, from_run=True)(_head_reward(_name))
 
 
@@ -236,6 +241,39 @@ def auc(scores, labels):
     return float((ranks[y].sum() - y.sum() * (y.sum() + 1) / 2) / (y.sum() * (~y).sum()))
 
 
+def within_auc(scores, labels, groups):
+    """The mean AUC over groups (a prompt's K samples) that have both outcomes, and how many such groups:
+    how well a reward ranks one prompt's samples, which is what reward weighting uses. (None, 0) if none."""
+    s, y, groups = np.asarray(scores, float), np.asarray(labels, bool), np.asarray(groups)
+    aucs = [auc(s[groups == k], y[groups == k]) for k in np.unique(groups)]
+    aucs = [a for a in aucs if a is not None]
+    return (float(np.mean(aucs)) if aucs else None), len(aucs)
+
+
+def ranking(scores, labels, groups, rng, boots=200):
+    """AUC against the verifier across prompts (pooled) and within a prompt's samples (within_auc), each with
+    its standard error from a bootstrap over prompts, and below_chance: the AUCs more than 2 standard errors
+    under 0.5. groups: a prompt id per sample."""
+    s, y, groups = np.asarray(scores, float), np.asarray(labels, bool), np.asarray(groups)
+    ids = np.unique(groups)
+    rows = {k: np.nonzero(groups == k)[0] for k in ids}
+    out = {"n": len(s), "across": auc(s, y)}
+    out["within"], out["prompts_within"] = within_auc(s, y, groups)
+    draws = {"across": [], "within": []}
+    for _ in range(boots * (len(ids) > 0)):  # no prompts (say, no tail ones): no figures
+        pick = rng.choice(ids, len(ids))
+        idx = np.concatenate([rows[k] for k in pick])
+        draws["across"].append(auc(s[idx], y[idx]))
+        regroup = np.repeat(np.arange(len(pick)), [len(rows[k]) for k in pick])  # a drawn prompt twice is two prompts
+        draws["within"].append(within_auc(s[idx], y[idx], regroup)[0])
+    for k, d in draws.items():
+        d = [v for v in d if v is not None]
+        out[f"{k}_se"] = float(np.std(d)) if out[k] is not None and len(d) > 1 else None
+    out["below_chance"] = [k for k in ("across", "within") if out[k] is not None and out[f"{k}_se"] is not None
+                           and out[k] + 2 * out[f"{k}_se"] < 0.5]
+    return out
+
+
 def _corr(a, b):
     a, b = np.asarray(a, float), np.asarray(b, float)
     return None if a.std() == 0 or b.std() == 0 else float(np.corrcoef(a, b)[0, 1])
@@ -248,37 +286,43 @@ def score(fn, images, prompts, device, batch=256):
                                for i in range(0, len(prompts), batch)])
 
 
+K = 4  # samples per dev prompt in calibration: the within-prompt ranking is what reward weighting uses
+ALL = HEADS + ("verifier", "self")  # every built-in reward, calibrated
+PROMPT_REWARDS = ("vqascore", "structured", "clip", "verifier", "self")  # those that read the prompt
+
+
 def calibrate(run_dir, device="cpu", n_examples=600, n_samples=256, seed=0):
     """Each reward against the verifier or its target property, on held-out (dev split) renders and on the
-    run's own samples of dev prompts. Returns {"held_out": {...}, "samples": {...}} of plain floats."""
+    run's own samples: n_samples // K dev prompts, K samples each, ranked across and within prompts, seen
+    and tail (world.is_tail) apart. Returns {"held_out": {...}, "samples": {...}} of plain floats."""
     cfg, tok, vocab, vq, gpt = load_run(run_dir, device)
     rng, g = np.random.default_rng([seed, 5]), torch.Generator().manual_seed(seed + 5)
-    imgs, exs, labels, _ = heads.vqa_pairs(n_examples, rng, vq, "dev", 0.5)
+    imgs, exs, labels, _ = heads.verified_pairs(n_examples, rng, vq, "dev", 0.5)
     cap_imgs, scenes, caps, negs = heads.caption_pairs(n_examples, rng, vq, "dev", 0.5)
     geo_imgs, geo_labels = heads.geometry_pairs(n_examples // 2, rng, vq, 0.5)
     clean = np.stack([world.render(world.random_scene(rng), vq.cfg.image_size) for _ in range(n_examples)])
     q_imgs, q_labels = zip(*[heads.quality_batch(clean[i:i + 64], vq, g, device) for i in range(0, n_examples, 64)])
     q_imgs, q_labels = data.to_u8(torch.cat(q_imgs)), torch.cat(q_labels).cpu().numpy()
 
-    # the model's own samples of dev prompts, judged by the verifier
-    sample_exs = [world.sample_example(rng, split="dev") for _ in range(n_samples)]
+    # the model's own samples of dev prompts, K each, judged by the verifier
+    sample_exs = [e for e in (world.sample_example(rng, split="dev") for _ in range(max(1, n_samples // K)))
+                  for _ in range(K)]
     sample_cfg = sample_config(cfg)
     samples = []
-    for i in range(0, n_samples, 128):
+    for i in range(0, len(sample_exs), 128):
         chunk = sample_exs[i:i + 128]
         samples += generate(gpt, vocab, [data.encode_text(tok, e.prompt) for e in chunk], sample_cfg, seed=seed + i)
     s_imgs = np.stack(decode_images(vq, samples))
     s_prompts = [e.prompt for e in sample_exs]
     s_scenes = world.parse_batch(s_imgs)
     s_pass = np.array([world.passes(s, e.spec) for s, e in zip(s_scenes, sample_exs)])
+    group = np.arange(len(sample_exs)) // K
+    tail = np.array([world.is_tail(e.spec) for e in sample_exs])
 
     specs = {e.prompt: e.spec for e in exs + sample_exs}
-    R = {name: load_reward(run_dir, name, device, specs)
-         for name in ("vqa", "clip", "aesthetic", "quality", "geometry", "verifier", "self")}
+    R = {name: load_reward(run_dir, name, device, specs) for name in ALL}
     prompts = [e.prompt for e in exs]
-    held = {}
-    for name in ("vqa", "clip", "verifier", "self"):
-        held[name] = {"auc_vs_verifier": auc(score(R[name], imgs, prompts, device), labels)}
+    held = {name: {"auc_vs_verifier": auc(score(R[name], imgs, prompts, device), labels)} for name in PROMPT_REWARDS}
     n = len(caps)
     pos, neg = score(R["clip"], np.concatenate([cap_imgs, cap_imgs]), caps + negs, device).reshape(2, n)
     held["clip"]["caption_vs_hard_negative"] = float((pos > neg).mean())
@@ -288,28 +332,40 @@ def calibrate(run_dir, device="cpu", n_examples=600, n_samples=256, seed=0):
     held["geometry"] = {"auc_clean_vs_malformed": auc(score(R["geometry"], geo_imgs, [""] * len(geo_imgs), device),
                                                       geo_labels)}
 
-    on_samples = {"n": n_samples, "verifier_pass_rate": float(s_pass.mean())}
+    on_samples = {"n": len(sample_exs), "k": K, "verifier_pass_rate": float(s_pass.mean()),
+                  "tail_share": float(tail.mean())}
     for name, fn in R.items():
         scores = score(fn, s_imgs, s_prompts, device)
-        on_samples[name] = {"auc_vs_verifier": auc(scores, s_pass), "mean": float(scores.mean())}
+        on_samples[name] = {"mean": float(scores.mean()),
+                            **{part: ranking(scores[m], s_pass[m], group[m], np.random.default_rng([seed, 6]))
+                               for part, m in (("seen", ~tail), ("tail", tail))}}
         if name == "aesthetic":  # its own target, on the scene the parser reads from each sample
             on_samples[name]["corr_with_composition"] = _corr(scores, [heads.composition(s) for s in s_scenes])
     return {"held_out": held, "samples": on_samples}
 
 
 def table(cal):
-    """The calibration dict as a text table."""
-    fmt = lambda v: "  -  " if v is None else f"{v:.3f}"
-    s = cal["samples"]
-    lines = [f"{'reward':<10}{'held-out renders (dev prompts)':<42}"
-             f"model samples (n={s['n']}, verifier pass {s['verifier_pass_rate']:.3f})",
-             f"{'':<10}{'metric':<34}{'value':>8}{'AUC vs verifier':>18}{'mean':>8}   other"]
+    """The calibration dict as text: held-out renders, then the ranking of the model's own samples."""
+    fmt = lambda v, w=8: f"{'-':>{w}}" if v is None else f"{v:>{w}.3f}"
+    lines = ["held-out renders (dev prompts)", f"{'reward':<12}{'metric':<34}{'value':>8}"]
     for name, figs in cal["held_out"].items():
-        for k, (metric, v) in enumerate(figs.items()):
-            sam = s[name] if k == 0 else {}
-            other = "; ".join(f"{m} {fmt(x)}" for m, x in sam.items() if m not in ("auc_vs_verifier", "mean"))
-            lines.append(f"{name if k == 0 else '':<10}{metric:<34}{fmt(v):>8}"
-                         + (f"{fmt(sam['auc_vs_verifier']):>18}{fmt(sam['mean']):>8}   {other}" if sam else ""))
+        lines += [f"{name if k == 0 else '':<12}{metric:<34}{fmt(v)}" for k, (metric, v) in enumerate(figs.items())]
+    s = cal["samples"]
+    lines += ["", f"model samples: {s['n']} = {s['n'] // s['k']} dev prompts x {s['k']}, verifier pass "
+              f"{s['verifier_pass_rate']:.3f}, tail prompts {s['tail_share']:.3f}; AUC vs verifier +- bootstrap "
+              "standard error, across prompts (pooled) and within a prompt's samples (prompts with both outcomes)",
+              f"{'reward':<12}{'prompts':<8}{'n':>5}{'across':>9}{'+-':>7}{'within':>9}{'+-':>7}{'(prompts)':>10}"
+              f"{'mean':>8}   note"]
+    for name in ALL:
+        for k, part in enumerate(("seen", "tail")):
+            r = s[name][part]
+            note = [f"{b} ranks worse than chance" for b in r["below_chance"]]
+            if k == 0 and "corr_with_composition" in s[name]:
+                note.append(f"corr_with_composition {fmt(s[name]['corr_with_composition'], 0)}")
+            lines.append(f"{name if k == 0 else '':<12}{part:<8}{r['n']:>5}"
+                         f"{fmt(r['across'], 9)}{fmt(r['across_se'], 7)}"
+                         f"{fmt(r['within'], 9)}{fmt(r['within_se'], 7)}{r['prompts_within']:>10}"
+                         f"{fmt(s[name]['mean']) if k == 0 else '':>8}   {'; '.join(note)}")
     return "\n".join(lines)
 
 

@@ -6,8 +6,8 @@ import os
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 # a file may import only files of a lower level; config.py, model.py and world.py know nothing of the project
-LEVELS = {"config": 0, "model": 0, "world": 0, "data": 1, "generate": 2, "heads": 3, "evaluate": 3, "rewards": 4,
-          "targeting": 4, "posttrain": 5, "ablations": 6, "overopt": 6, "train": 7, "bench": 7}
+LEVELS = {"config": 0, "model": 0, "world": 0, "data": 1, "generate": 2, "vqascore": 3, "evaluate": 3, "heads": 4,
+          "rewards": 5, "targeting": 5, "posttrain": 6, "ablations": 7, "overopt": 7, "train": 8, "bench": 8}
 
 
 def project_imports(path):

@@ -14,22 +14,23 @@ import train
 import world
 from rewards import RewardError, load_reward, parse_spec
 
-HEADS = ("vqa", "clip", "aesthetic", "quality", "geometry")
+HEADS = rewards.HEADS
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 
 
 def test_spec_parsing():
-    assert parse_spec("vqa") == [(1.0, "vqa")]
-    assert parse_spec("vqa + 0.5*aesthetic - 0.25*self") == [(1.0, "vqa"), (0.5, "aesthetic"), (-0.25, "self")]
+    assert parse_spec("vqascore") == [(1.0, "vqascore")]
+    assert parse_spec("vqascore + 0.5*aesthetic - 0.25*self") == [(1.0, "vqascore"), (0.5, "aesthetic"),
+                                                                  (-0.25, "self")]
     assert parse_spec(" -clip*2 + quality ") == [(-2.0, "clip"), (1.0, "quality")]
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("vqa + aesthtic", "unknown reward 'aesthtic'.*did you mean 'aesthetic'"),
-    ("vqa +", "bad reward spec"),
+    ("vqascore + aesthtic", "unknown reward 'aesthtic'.*did you mean 'aesthetic'"),
+    ("vqascore +", "bad reward spec"),
     ("0.5*", "bad reward spec"),
-    ("2*vqa*3", "bad reward spec"),
-    ("vqa 0.5", "bad reward spec"),
+    ("2*vqascore*3", "bad reward spec"),
+    ("vqascore 0.5", "bad reward spec"),
     ("", "empty reward spec"),
 ])
 def test_bad_specs_are_named(spec, message):
@@ -60,8 +61,8 @@ def test_weighted_sum_and_misbehaving_rewards_are_named(monkeypatch):
 
 
 def test_heads_need_a_trained_run(tmp_path):
-    with pytest.raises(RewardError, match="reward 'vqa' needs a trained run.*--stages=rewards"):
-        load_reward(str(tmp_path), "vqa")
+    with pytest.raises(RewardError, match="reward 'vqascore' needs a trained run.*--stages=rewards"):
+        load_reward(str(tmp_path), "vqascore")
 
 
 def test_heads_shapes_ranges_and_gradients(micro_run):
@@ -127,7 +128,7 @@ def test_auc():
 
 def test_each_head_beats_chance_after_micro_training(micro_run):
     cal = json.load(open(os.path.join(micro_run, "report.json")))["stages"]["rewards"]["calibration"]["held_out"]
-    figures = {"vqa": cal["vqa"]["auc_vs_verifier"], "clip": cal["clip"]["caption_vs_hard_negative"],
+    figures = {"structured": cal["structured"]["auc_vs_verifier"], "clip": cal["clip"]["caption_vs_hard_negative"],
                "quality": cal["quality"]["auc_clean_vs_degraded"],
                "geometry": cal["geometry"]["auc_clean_vs_malformed"], "verifier": cal["verifier"]["auc_vs_verifier"]}
     for name, value in figures.items():
@@ -139,6 +140,7 @@ def test_calibration_cli_prints_a_table(micro_run, capsys):
     rewards.main([micro_run, "--examples", "32", "--samples", "4"])
     out = capsys.readouterr().out
     assert all(name in out for name in HEADS + ("verifier", "self")) and "AUC vs verifier" in out
+    assert "within" in out and "tail" in out
 
 
 def test_changed_reward_settings_name_the_heads_file(micro_run):
@@ -156,7 +158,7 @@ def test_readme_example_runs(micro_run, monkeypatch, capsys):
     assert "tensor(" in capsys.readouterr().out
 
 
-def test_vqa_executor_on_exact_cells_and_programs_is_the_verifier():
+def test_structured_executor_on_exact_cells_and_programs_is_the_verifier():
     # the soft executor, fed certain cells (one-hot scenes) and certain programs (the Specs as near-infinite
     # logits), must agree with world.passes on true scenes and on their edits
     rng = np.random.default_rng(3)
@@ -165,7 +167,7 @@ def test_vqa_executor_on_exact_cells_and_programs_is_the_verifier():
     slots, total, rel = heads.program_targets([e.spec for e in exs])
     sure = lambda t, n: 50.0 * torch.nn.functional.one_hot(t, n).float()
     slot_logits = torch.cat([sure(slots[..., k], n) for k, n in enumerate(heads.SLOT_ATTRS)], -1)
-    head = heads.VQAHead(heads.RewardsConfig(dim=8, layers=1), 100, 32)
+    head = heads.StructuredHead(heads.RewardsConfig(dim=8, layers=1), 100, 32)
     targets = heads.cell_targets(scenes)  # (B, 9, 3): the exact scene, one-hot as ImageEncoder.cell_probs gives it
     cells = torch.cat([torch.nn.functional.one_hot(targets[..., k], n).float()
                        for k, n in enumerate(heads.CELL_ATTRS)], -1)
