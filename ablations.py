@@ -69,8 +69,9 @@ def focus_category(weakness, floor=0.05):
 
 def run(cfgs, run_dir, device, log, report):
     """Every variant of ABLATIONS x ablations.seeds post-training seeds, from the same pretrained
-    base. Each is measured on the category the run's post-training aims at first (targeting.choose_targets;
-    with a [post] strategy other than targeted, or aimed at compositions only, focus_category), by
+    base. Each is measured on what the run's post-training aims at (targeting.choose_targets): the tail's
+    prompts when it aims at a tail composition, else its first category (with a [post] strategy other than
+    targeted, or aimed at other compositions only, focus_category), by
     focus_score on dev prompts: focus_prompts x 4 samples x 2 sampling seeds = 1,200 samples, and on the
     four benchmarks (bench_prompts x 1 sample, 2 for oneig): about 2 minutes a run on 2 CPU cores, 8
     variants x 3 seeds. A base with nothing weak to aim at is refused."""
@@ -85,7 +86,7 @@ def run(cfgs, run_dir, device, log, report):
         if not cats and not comps:
             raise RunError("no weakness to post-train on, so nothing for the ablations to compare: "
                            + posttrain.nothing_weak(weak, pc.weak_below))
-        focus = cats[0] if cats else focus
+        focus = "tail" if set(comps) & set(evaluate.TAIL_NAMES) else cats[0] if cats else focus
     measure = lambda gpt: {
         "focus": evaluate.focus_score(gpt, vq, vocab, tokenizer, cfgs["sample"],
                                       focus, ac.focus_prompts, batch=tc.eval_batch),

@@ -61,6 +61,7 @@ BOOTSTRAP = 1000  # bootstrap resamples per interval
 
 
 NO_COMPOSITION = ("two_objects",)  # categories whose prompts name shapes alone, never a colour-shape pair
+TAIL_NAMES = tuple(f"{c} {s}" for c, s in world.TAIL)  # as the weakness report names compositions
 
 
 def part_example(rng, category, split, slot, kind=None):
@@ -90,19 +91,26 @@ def benchmark_prompts(category, n, seed=BENCH_SEED):
     return _distinct(np.random.default_rng([seed, world.CATEGORIES.index(category)]), (category,), n, "bench")
 
 
-FOCUS_NAMES = [c for c in world.CATEGORIES if c != "knowledge"] + [f"knowledge/{k}" for k in world.KNOWLEDGE_KINDS]
+FOCUS_NAMES = ([c for c in world.CATEGORIES if c != "knowledge"] + [f"knowledge/{k}" for k in world.KNOWLEDGE_KINDS]
+               + ["tail", "seen"])  # tail: prompts naming a tail composition, from every category that can name one
 
 
 def focus_prompts(name, n, split="dev", seed=BENCH_SEED):
     """n distinct examples of `split` of a category name as the weakness report writes it ("position",
-    "knowledge/comparative"): one category measured closely (focus_score). Dev by default: decisions are
-    read on dev, the benchmarks only report them; the seed is not the weakness report's, so a category
-    chosen for failing its dev prompts is measured on others. With split "bench" and no kind, these are
-    benchmark_prompts."""
-    category, _, kind = name.partition("/")
-    rng = np.random.default_rng([seed, world.CATEGORIES.index(category)]
-                                + ([world.KNOWLEDGE_KINDS.index(kind)] if kind else []))
-    out = world.distinct_examples(lambda found: part_example(rng, category, split, found, kind or None), n, 200 * n)
+    "knowledge/comparative"), or of a part, "tail" or "seen", drawn from every category in turn: one thing
+    measured closely (focus_score). Dev by default: decisions are read on dev, the benchmarks only report
+    them; the seed is not the weakness report's, so a category chosen for failing its dev prompts is
+    measured on others. With split "bench" and no kind, a category's are benchmark_prompts."""
+    if name in ("tail", "seen"):
+        cats = [c for c in world.CATEGORIES if name == "seen" or c not in NO_COMPOSITION]
+        rng = np.random.default_rng([seed, 200 + (name == "tail")])
+        draw = lambda found: part_example(rng, cats[found % len(cats)], split, int(name == "tail"))
+    else:
+        category, _, kind = name.partition("/")
+        rng = np.random.default_rng([seed, world.CATEGORIES.index(category)]
+                                    + ([world.KNOWLEDGE_KINDS.index(kind)] if kind else []))
+        draw = lambda found: part_example(rng, category, split, found, kind or None)
+    out = world.distinct_examples(draw, n, 200 * n)
     if len(out) < n:
         raise RuntimeError(f"only {len(out)} distinct {split} prompts of {name}; the world has too few phrasings")
     return out
@@ -365,8 +373,7 @@ def weakness(records, min_n=8):
         for req in r["example"].spec.reqs:
             if req.colour and req.shape:
                 comps[f"{req.colour} {req.shape}"].append(r["clauses"].get(f"count:{req.describe()}", False))
-    tail = {f"{c} {s}" for c, s in world.TAIL}
-    compositions = sorted(({"name": c, "tail": c in tail, "pass_rate": float(np.mean(oks)), "n": len(oks)}
+    compositions = sorted(({"name": c, "tail": c in TAIL_NAMES, "pass_rate": float(np.mean(oks)), "n": len(oks)}
                            for c, oks in comps.items() if len(oks) >= min_n), key=lambda d: d["pass_rate"])
     categories = [{"name": c, "pass_rate": float(np.mean(v)), "n": len(v)} for c, v in cats.items()]
     for c in categories:
@@ -390,9 +397,9 @@ def score_benchmarks(gpt, vq, vocab, tokenizer, sample_cfg, n_prompts=50, n_samp
 
 
 def focus_score(gpt, vq, vocab, tokenizer, sample_cfg, category, n_prompts=150, n_samples=4, seeds=(0, 1), batch=128):
-    """One category ("counting", "knowledge/comparative") measured closely: n_prompts dev prompts
-    (focus_prompts) x n_samples x len(seeds) sampling seeds. Returns the pass rate (and, for dense prompts,
-    DPG's fact score) with intervals over prompts."""
+    """One category ("counting", "knowledge/comparative") or part ("tail") measured closely: n_prompts dev
+    prompts (focus_prompts) x n_samples x len(seeds) sampling seeds. Returns the pass rate (and, for dense
+    prompts, DPG's fact score) with intervals over prompts."""
     exs = focus_prompts(category, n_prompts)
     recs = [r for s in seeds for r in sample_and_score(gpt, vq, vocab, tokenizer, exs, sample_cfg, n_samples, batch, s)]
     out = {"category": category, "samples": len(recs)}

@@ -230,3 +230,10 @@ def test_focus_measures_named_categories_closely(micro_run, capsys, monkeypatch)
     err = capsys.readouterr().err
     assert ("--focus two_objects: only" in err and "distinct dev prompts of two_objects" in err
             and "--prompts at most" in err)
+
+
+def test_focus_on_the_tail_draws_dev_prompts_naming_a_tail_composition_from_every_category():
+    tail, seen = evaluate.focus_prompts("tail", 40), evaluate.focus_prompts("seen", 40)
+    assert all(world.is_tail(e.spec) and world.split_of(e.spec) == "dev" for e in tail)
+    assert not any(world.is_tail(e.spec) for e in seen) and all(world.split_of(e.spec) == "dev" for e in seen)
+    assert {e.category for e in tail} == set(world.CATEGORIES) - set(evaluate.NO_COMPOSITION)
