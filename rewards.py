@@ -365,7 +365,7 @@ def table(cal):
             lines.append(f"{name if k == 0 else '':<12}{part:<8}{r['n']:>5}"
                          f"{fmt(r['across'], 9)}{fmt(r['across_se'], 7)}"
                          f"{fmt(r['within'], 9)}{fmt(r['within_se'], 7)}{r['prompts_within']:>10}"
-                         f"{fmt(s[name]['mean']) if k == 0 else '':>8}   {'; '.join(note)}")
+                         f"{fmt(s[name]['mean']) if k == 0 else '':>8}   {'; '.join(note)}".rstrip())
     return "\n".join(lines)
 
 
