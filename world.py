@@ -561,8 +561,10 @@ def sample_example(rng, category=None, split="train", kind=None, tail_keep=1.0, 
     mix = list(PRETRAIN_MIX)
     p = np.array([PRETRAIN_MIX[m] for m in mix], dtype=float)
     p /= p.sum()
-    cat, k = (category, kind) if category else mix[rng.choice(len(mix), p=p)]  # the mix's shares stay exact
-    for _ in range(20_000):
+    for attempt in range(20_000):
+        if attempt % 500 == 0:  # a category of the mix, kept while it is rejected for the split (so the mix's
+            #                     shares stay exact), drawn again if it cannot name `composition`
+            cat, k = (category, kind) if category else mix[rng.choice(len(mix), p=p)]
         ex = GENERATORS[cat](rng, k) if k else GENERATORS[cat](rng)
         if composition is not None and composition not in compositions(ex.spec):
             continue

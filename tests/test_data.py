@@ -179,6 +179,9 @@ def test_every_category_has_seen_and_tail_specs_on_dev_and_bench():
             assert parts == ({False} if cat in evaluate.NO_COMPOSITION else {False, True}), (cat, split, parts)
     ex = world.sample_example(rng, "position", "dev", composition="red triangle")
     assert "red triangle" in world.compositions(ex.spec) and world.split_of(ex.spec) == "dev"
+    # from the mix, some of whose categories (two objects) never name a composition
+    exs = [world.sample_example(rng, composition="green square") for _ in range(200)]
+    assert all("green square" in world.compositions(e.spec) for e in exs)
 
 
 def test_tail_keep_thins_the_long_tail_of_training_pairs():
