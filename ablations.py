@@ -139,7 +139,7 @@ def figures(res, metric):
     for b in BENCHMARKS:
         d = res["benchmarks"][b]
         out[b] = d["overall"]
-        out.update({f"{b} {part}": d[part] for part in ("seen", "tail") if part in d})
+        out.update({f"{b} {part}": d[part]["score"] for part in ("seen", "tail") if part in d})
     return out
 
 

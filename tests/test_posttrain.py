@@ -415,7 +415,8 @@ def test_split_ablation_sweeps_merge(capsys, tmp_path):
 
 
 def test_ablation_claims_need_a_lead_beyond_the_standard_error_on_every_figure():
-    bench = lambda x, tail=None: {b: {"overall": x, **({} if tail is None else {"seen": x, "tail": tail})}
+    bench = lambda x, tail=None: {b: {"overall": x, **({} if tail is None else {"seen": {"score": x},
+                                                                                "tail": {"score": tail}})}
                                   for b in ("geneval", "dpg", "wise", "oneig")}
     base = {"focus": {"pass_rate": 0.3, "samples": 16}, "benchmarks": bench(0.5)}
     runs = lambda *xs: [{"focus": {"pass_rate": x}, "benchmarks": bench(0.5)} for x in xs]
