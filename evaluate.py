@@ -68,10 +68,12 @@ def part_example(rng, category, split, slot, kind=None):
     """An example for a prompt set's slot: odd slots name a tail composition, even ones none, so that every
     set has a seen and a tail part of about equal size (a category that names no composition is all seen)."""
     tail = slot % 2 == 1 and category not in NO_COMPOSITION
-    while True:
+    for _ in range(5_000):
         ex = world.sample_example(rng, category, split, kind)
         if world.is_tail(ex.spec) == tail:
             return ex
+    raise RuntimeError(f"no {split} prompt of {category} that {'names' if tail else 'names no'} a tail composition: "
+                       "world.SPLIT_SALT must give every category seen and tail requests on dev and bench")
 
 
 def _distinct(rng, categories, n, split, exclude=()):

@@ -237,3 +237,9 @@ def test_focus_on_the_tail_draws_dev_prompts_naming_a_tail_composition_from_ever
     assert all(world.is_tail(e.spec) and world.split_of(e.spec) == "dev" for e in tail)
     assert not any(world.is_tail(e.spec) for e in seen) and all(world.split_of(e.spec) == "dev" for e in seen)
     assert {e.category for e in tail} == set(world.CATEGORIES) - set(evaluate.NO_COMPOSITION)
+
+
+def test_a_prompt_set_part_the_split_lacks_is_an_error_not_a_hang(monkeypatch):
+    monkeypatch.setattr(world, "is_tail", lambda spec: False)  # a world whose dev split has no tail request
+    with pytest.raises(RuntimeError, match="names a tail composition"):
+        evaluate.part_example(np.random.default_rng(0), "colors", "dev", slot=1)
