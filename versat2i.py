@@ -281,7 +281,10 @@ def run(cfgs, run_dir, device, log, report):
         raise RunError("versat2i needs the shapes world (its prompts, heads and verifier): not a folder run")
     aspects = aspect_names(vc)
     check_heads(run_dir, aspects)
-    t_start, times = time.time(), {}
+    t_start, times, peaks = time.time(), {}, {}
+
+    def done(phase, t0):  # its seconds, and the process's peak memory so far
+        times[phase], peaks[phase] = round(time.time() - t0, 1), round(peak_mb())
     pc = dataclasses.replace(cfgs["post"], steps=vc.steps, pretrain_weight=vc.pretrain_weight)
     out = os.path.join(run_dir, "versat2i")
     os.makedirs(out, exist_ok=True)
@@ -299,7 +302,7 @@ def run(cfgs, run_dir, device, log, report):
     r = {a: rewards.score(fn, samples["image"], texts, device) for a, fn in fns.items()}
     w = {a: select(r[a], samples["example"], vc.quantile) for a in aspects}
     union = np.maximum.reduce([w[a] for a in aspects])
-    times["self_generate_and_select"] = round(time.time() - t0, 1)
+    done("self_generate_and_select", t0)
     gold = posttrain.verifier_scores(samples["image"], prompts, samples["example"])  # reported, never used to choose
     selection = {a: {"reward": ASPECTS[a], "threshold": float(np.quantile(r[a], vc.quantile)),
                      "kept": int(w[a].sum()), "reward_all": float(r[a].mean()),
@@ -321,7 +324,7 @@ def run(cfgs, run_dir, device, log, report):
         pa = pc if a != "union" else dataclasses.replace(pc, steps=vc.steps * len(aspects))
         loras[a], fits[a] = train_lora(base, a, samples, union if a == "union" else w[a], pa, vocab, device, rng,
                                        drift, 1000 * vc.seed + k)
-        times[f"lora_{a}"] = round(time.time() - t0, 1)
+        done(f"lora_{a}", t0)
         save_atomic(loras[a], os.path.join(out, f"lora_{a}.safetensors"))
         write_json(asdict(pa), os.path.join(out, f"lora_{a}.json"))  # as posttrain writes lora_post.json
         log(stage="versat2i", lora=a, **fits[a])
@@ -335,7 +338,7 @@ def run(cfgs, run_dir, device, log, report):
     torch.manual_seed(vc.seed)
     rows = [i for i in np.nonzero(union)[0] if samples["codes"][i] is not None]
     gate_fit = train_gates(mol, gates, samples, rows, pc, vc, vocab, device, rng)
-    times["mol_gates"] = round(time.time() - t0, 1)
+    done("mol_gates", t0)
     save_atomic({k: v for k, v in mol.state_dict().items() if ".gate." in k},
                 os.path.join(out, "mol_gates.safetensors"))
     print(f"[versat2i] MoL gates: loss {gate_fit['gen_loss']:.3f}, balance {gate_fit['balance_loss']:.3f}, "
@@ -360,7 +363,7 @@ def run(cfgs, run_dir, device, log, report):
             merge_lora(model)  # a merged adapter samples at the base's cost; MoL's gates depend on the input
         results[name], s = measure(model, vq, vocab, tokenizer, cfgs["sample"], examples, fns, vc, tc.eval_batch,
                                    tc.seed, device)
-        times[f"measure_{name}"] = round(time.time() - t0, 1)
+        done(f"measure_{name}", t0)
         first = {i: s["example"].index(i) for i in grid_rows}
         grid += [(f"{name}: {examples[i].prompt}", s["image"][first[i]],
                   results[name]["dev"]["verifier"]["per_prompt"][i] == 1.0) for i in grid_rows]
@@ -372,6 +375,7 @@ def run(cfgs, run_dir, device, log, report):
     save_grid([g[1] for g in grid], [g[0] for g in grid], os.path.join(out, "versat2i.png"), cols=len(grid_rows),
               marks=[g[2] for g in grid])
     cost = {"seconds": round(time.time() - t_start, 1), "peak_rss_mb": round(peak_mb(), 1), "phases": times,
+            "peak_rss_mb_after": peaks,
             "threads": torch.get_num_threads(),
             "mol_vs_merged_sampling": results["mol"]["dev_seconds"] / results["average"]["dev_seconds"],
             "mol_vs_merged_benchmarks": results["mol"]["bench_seconds"] / results["average"]["bench_seconds"]}
@@ -484,12 +488,12 @@ def summary(runs):
         else:
             out.append(f"- {a}: own reward, LoRA vs base: {verdict(runs, a, 'base', a)}")
     cats = list(r0["variants"]["base"]["categories"])
-    out += ["", "Alignment (vqascore) by category, dev (seed " + str(r0["seed"]) + "): where a corner-asking "
-            "prompt meets the centre-loving aesthetic", "", "| variant | " + " | ".join(cats) + " |",
-            "|---" * (len(cats) + 1) + "|"]
-    if "alignment" in aspects:
-        out += [f"| {v} | " + " | ".join(f"{r0['variants'][v]['categories'][cat]['alignment']:.3f}" for cat in cats)
-                + " |" for v in names]
+    for key in [k for k in ("alignment", "aesthetic", "verifier") if k in dev_keys]:  # dense prompts name corners
+        out += ["", f"{key} by category, dev (mean over {n} seed(s)): where a prompt that names a corner meets "
+                "the centre-loving aesthetic", "", "| variant | " + " | ".join(cats) + " |",
+                "|---" * (len(cats) + 1) + "|"]
+        out += [f"| {v} | " + " | ".join(f"{np.mean([r['variants'][v]['categories'][cat][key] for r in runs]):.3f}"
+                                         for cat in cats) + " |" for v in names]
     best = lambda r: max(singles, key=lambda a: value(r["variants"][a], "aspects"))  # chosen on dev, per seed
     picks = [best(r) for r in runs]
     out += ["", "## The paper's claims at our scale", "",
@@ -508,12 +512,13 @@ def summary(runs):
         out += [f"  - {k}: {verdict(runs, 'mol', 'union', k)}" for k in ["aspects", "verifier"] + bench_keys]
     else:
         out.append("- the best single LoRA differs across seeds: each seed's own is compared in its versat2i.md")
-    g = r0["variants"]["mol"]["gates"]
-    out += ["", f"## What the gates chose (seed {r0['seed']}; mean weight over plan and image positions of MoL's dev "
-            "samples)", "", "| | " + " | ".join(aspects) + " |", "|---" * (len(aspects) + 1) + "|"]
-    out += [f"| {cat} | " + " | ".join(f"{x:.3f}" for x in w) + " |" for cat, w in g["categories"].items()]
-    out += [f"| ({m} tokens) | " + " | ".join(f"{x:.3f}" for x in w) + " |" for m, w in g["modalities"].items()]
-    out += [f"| {layer} | " + " | ".join(f"{x:.3f}" for x in w) + " |" for layer, w in g["layers"].items()]
+    gates = [r["variants"]["mol"]["gates"] for r in runs]
+    out += ["", f"## What the gates chose (mean weight over the plan and image positions of MoL's dev samples, mean "
+            f"over {n} seed(s))", "", "| | " + " | ".join(aspects) + " |", "|---" * (len(aspects) + 1) + "|"]
+    for part, label in (("categories", "{}"), ("modalities", "({} tokens)"), ("layers", "{}")):
+        for k in gates[0][part]:
+            w = np.mean([g[part][k] for g in gates if k in g[part]], axis=0)
+            out.append(f"| {label.format(k)} | " + " | ".join(f"{x:.3f}" for x in w) + " |")
     cost = [r["cost"] for r in runs]
     out += ["", "## Cost", "", f"The whole comparison: {np.mean([x['seconds'] for x in cost]) / 60:.1f} min "
             f"({', '.join('%.0f s' % x['seconds'] for x in cost)}), peak memory (RSS) "
