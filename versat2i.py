@@ -411,18 +411,27 @@ def ci(rec, key):
     return rec["benchmarks"][b][part]["ci"] if part else rec["benchmarks"][b]["ci"]["overall"]
 
 
-def difference(runs, a, b, key):
-    """(mean of a - b, its standard error): over seeds, the spread of the per-seed differences; with one run,
-    paired over the same dev prompts, or from the two benchmark intervals (half-width / 1.96, independent)."""
-    if len(runs) > 1:
-        d = np.array([value(r["variants"][a], key) - value(r["variants"][b], key) for r in runs])
-        return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
-    va, vb = runs[0]["variants"][a], runs[0]["variants"][b]
+def run_difference(run, a, b, key):
+    """Within one run: (a - b, its standard error), paired over the same dev prompts, or for a benchmark from
+    the two intervals (half-width / 1.96, as if independent)."""
+    va, vb = run["variants"][a], run["variants"][b]
     if key in va["dev"]:
         d = np.array(va["dev"][key]["per_prompt"]) - np.array(vb["dev"][key]["per_prompt"])
         return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
     half = lambda v: (ci(v, key)[1] - ci(v, key)[0]) / 2 / 1.96
     return value(va, key) - value(vb, key), float(math.hypot(half(va), half(vb)))
+
+
+def difference(runs, a, b, key):
+    """(mean of a - b over the runs, its standard error): one run's own; over seeds, the spread of the per-seed
+    differences, but never below the runs' own sampling error / sqrt(seeds) (two or three seeds can agree by
+    chance: an SE of 0.000 from two points measures nothing)."""
+    per = [run_difference(r, a, b, key) for r in runs]
+    if len(runs) == 1:
+        return per[0]
+    d, own = np.array([x for x, _ in per]), np.array([s for _, s in per])
+    floor = math.sqrt(np.mean(own ** 2) / len(runs))
+    return float(d.mean()), float(max(d.std(ddof=1) / math.sqrt(len(d)), floor))
 
 
 def verdict(runs, claimed, rival, key):
@@ -479,14 +488,12 @@ def summary(runs):
             cells.append(f"{gap:+.3f} +- {se:.3f}{mark}")
         out.append(f"| {a} | " + " | ".join(cells) + " |")
     out += [""]
-    for a in singles:
-        base_hi = ci(runs[0]["variants"]["base"], a)[1] if n == 1 else None
+    for a in singles:  # the base is the same model in every seed's run, scored with the same sampling seed
+        lo, hi = ci(r0["variants"]["base"], a)
         mine = np.mean([value(r["variants"][a], a) for r in runs])
-        if n == 1:
-            out.append(f"- {a}: its LoRA {mine:.3f} vs the base's interval up to {base_hi:.3f}: "
-                       + ("raised beyond it" if mine > base_hi else "**not** beyond it"))
-        else:
-            out.append(f"- {a}: own reward, LoRA vs base: {verdict(runs, a, 'base', a)}")
+        out.append(f"- {a}: its LoRA {mine:.3f} against the base's interval [{lo:.3f}, {hi:.3f}]: "
+                   + ("raised beyond it" if mine > hi else "**not** beyond it")
+                   + f"; LoRA vs base: {verdict(runs, a, 'base', a)}")
     cats = list(r0["variants"]["base"]["categories"])
     for key in [k for k in ("alignment", "aesthetic", "verifier") if k in dev_keys]:  # dense prompts name corners
         out += ["", f"{key} by category, dev (mean over {n} seed(s)): where a prompt that names a corner meets "

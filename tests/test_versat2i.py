@@ -164,3 +164,23 @@ def test_versat2i_stage_writes_the_matrix_the_gates_and_the_grid(micro_run, tmp_
     os.remove(os.path.join(run, "rewards.safetensors"))
     with pytest.raises(SystemExit, match="--stages=rewards,versat2i"):
         train.main([MICRO, f"--train.out_dir={run}", *TINY])
+
+
+def fake_run(a, b):
+    """A run whose variants a and b have these per-prompt alignment figures (and nothing else)."""
+    rec = lambda v: {"dev": {"alignment": {"mean": float(np.mean(v)), "per_prompt": list(v)}}}
+    return {"variants": {"a": rec(a), "b": rec(b)}}
+
+
+def test_two_seeds_that_agree_by_chance_keep_their_own_sampling_error():
+    rng = np.random.default_rng(0)
+    b, z = rng.random(40), rng.standard_normal(40)
+    noise = 0.1 * (z - z.mean()) / z.std(ddof=1)  # paired differences of sample std 0.1: SE 0.1 / sqrt(40) = 0.016
+    one = fake_run(b + 0.01 + noise, b)
+    gap, se = versat2i.difference([one], "a", "b", "alignment")
+    assert gap == pytest.approx(0.01) and se == pytest.approx(0.1 / np.sqrt(40))
+    assert "not settled" in versat2i.verdict([one], "a", "b", "alignment"), "a gap within one SE"
+    assert "**reproduces**" in versat2i.verdict([fake_run(b + 0.05 + noise, b)], "a", "b", "alignment")
+    assert "does not reproduce" in versat2i.verdict([fake_run(b - 0.05 + noise, b)], "a", "b", "alignment")
+    gap2, se2 = versat2i.difference([one, one], "a", "b", "alignment")  # the same difference twice: spread 0
+    assert gap2 == pytest.approx(gap) and se2 == pytest.approx(se / np.sqrt(2)), "the floor: own error / sqrt(seeds)"
