@@ -11,6 +11,7 @@ A finished stage is reused (its output file exists): to redo one, delete its fil
 name later stages alone with --stages once the earlier ones are done. The eval stage always runs.
 `--stages=ablations` (ablations.py) runs the post-training ablations on a finished run.
 `--stages=overopt` (overopt.py) measures over-optimisation of the post reward on a finished run.
+`--stages=textcraftor` (textcraftor.py) tunes the prompt side by differentiable rewards on a finished run.
 
     python train.py tiny_configs/shapes_cpu.toml                     # the main job, 12-25 minutes
     python train.py tiny_configs/micro.toml --train.out_dir=out/micro  # seconds; what the tests use
@@ -23,8 +24,8 @@ The lm stage writes a checkpoint every train.ckpt_every steps; an interrupted ru
 from it exactly when the same command is run again.
 
 Overrides are `--section.key=value` for any key of the config file's sections ([train], [vq], [gpt],
-[sample], [rewards], [post], [ablations], [overopt]); an unknown key or a value of the wrong type stops with a
-message naming it (config.py).
+[sample], [rewards], [post], [ablations], [overopt], [textcraftor]); an unknown key or a value of the wrong type
+stops with a message naming it (config.py).
 """
 
 import argparse
@@ -51,6 +52,7 @@ import overopt
 import posttrain
 import rewards
 import targeting
+import textcraftor
 import world
 from ablations import AblationConfig
 from config import ConfigError
@@ -60,10 +62,11 @@ from generate import (RunError, SampleConfig, load_run, load_weights, read_json,
 from model import GPT, VQ, GPTConfig, VQConfig, cosine_lr, token_ce, use_bf16
 from overopt import OverOptConfig
 from posttrain import PostConfig
+from textcraftor import TextCraftorConfig
 
 STAGES = ("tokenizer", "vq", "lm", "eval", "rewards", "post")  # the main job: the benchmarks first,
 #                                                                then what post-training needs
-EXTRA_STAGES = ("ablations", "overopt")  # run only when named: --stages=ablations, --stages=overopt
+EXTRA_STAGES = ("ablations", "overopt", "textcraftor")  # run only when named: --stages=ablations, ...
 
 
 @dataclass
@@ -117,7 +120,7 @@ class TrainConfig:
 
 SECTIONS = {"train": TrainConfig, "vq": VQConfig, "gpt": GPTConfig, "sample": SampleConfig,
             "rewards": heads.RewardsConfig, "post": PostConfig, "ablations": AblationConfig,
-            "overopt": OverOptConfig}
+            "overopt": OverOptConfig, "textcraftor": TextCraftorConfig}
 DERIVED = {("gpt", "vocab_size"), ("gpt", "image_offset"),
            ("gpt", "n_image_tokens"), ("gpt", "n_tags")}  # set from tokenizer + VQ
 
@@ -164,6 +167,7 @@ def validate(cfgs):
     ]  # each section's own rules live beside its dataclass
     rules += heads.config_rules(cfgs["rewards"]) + posttrain.config_rules(cfgs["post"])
     rules += ablations.config_rules(cfgs["ablations"]) + overopt.config_rules(cfgs["overopt"])
+    rules += textcraftor.config_rules(cfgs["textcraftor"], cfgs["vq"].image_size // cfgs["vq"].patch)
     try:
         rewards.parse_spec(cfgs["post"].reward)
     except rewards.RewardError as e:
@@ -612,9 +616,13 @@ def stage_overopt(run):
     return overopt.run(run.cfgs, run.dir, run.device, run.metrics.log, run.report)
 
 
+def stage_textcraftor(run):
+    return textcraftor.run(run.cfgs, run.dir, run.device, run.metrics.log, run.report)
+
+
 STAGE_FNS = {"tokenizer": stage_tokenizer, "vq": stage_vq, "lm": stage_lm, "eval": stage_eval, "rewards": stage_rewards,
              "post": stage_post, "ablations": stage_ablations,
-             "overopt": stage_overopt}
+             "overopt": stage_overopt, "textcraftor": stage_textcraftor}
 OUTPUTS = {"tokenizer": "tokenizer.json", "vq": "vq.safetensors", "lm": "gpt.safetensors", "rewards": heads.HEADS_FILE,
            "post": "lora_post.safetensors"}  # a stage whose output exists is finished: it is reused, not redone
 
