@@ -136,11 +136,14 @@ class PromptSide:
         for p in self.offsets.values():
             p.requires_grad_(False)
         if oc.side == "embed":
-            self.offsets[name] = nn.Parameter(torch.zeros(self.text_size, self.gpt.cfg.n_embd,
-                                                          device=self.gpt.lm_head.weight.device))
+            w = self.gpt.lm_head.weight
+            self.offsets[name] = nn.Parameter(torch.zeros(self.text_size, self.gpt.cfg.n_embd, device=w.device,
+                                                          dtype=w.dtype))
             self.gpt.requires_grad_(False)
             return [self.offsets[name]]
         params = add_lora(self.gpt, name, tuple(oc.lora_targets.split(",")), oc.lora_r, oc.lora_alpha)
+        for p in params:  # add_lora makes float32 adapters: the model's dtype instead
+            p.data = p.data.to(self.gpt.lm_head.weight.dtype)
         for _, layer in lora_layers(self.gpt):
             layer.gate = functools.partial(self._gate, layer)
         return params
@@ -241,7 +244,8 @@ def differentiable_images(gpt, vq, vocab, prompts, sample_cfg, k, tau, seed):
     early = torch.tensor([drawn[i]["codes"][:m] for i in keep], dtype=torch.long, device=dev).view(B, m)
     P = idx.shape[1] - N - 1  # column of <boi>
     idx[:, P + 1:P + 1 + m] = off + early.repeat(1 + guided, 1)
-    empty = idx.new_zeros(idx.shape[0], cfg.n_kv_head, 0, cfg.n_embd // cfg.n_head, dtype=torch.float32)
+    dtype = gpt.lm_head.weight.dtype
+    empty = idx.new_zeros(idx.shape[0], cfg.n_kv_head, 0, cfg.n_embd // cfg.n_head, dtype=dtype)
     past = [[empty] * cfg.n_layer, [empty] * cfg.n_layer]  # keys, values: per layer (R, nkv, L, hd)
 
     def call(a, b, past, embeds=None):
@@ -260,27 +264,27 @@ def differentiable_images(gpt, vq, vocab, prompts, sample_cfg, k, tau, seed):
         with torch.no_grad():  # <boi> and the first rows but the last code: no gradient (constant keys, values)
             _, far = call(P, P + m, past)
         past = [[torch.cat([p, f[:, :, P:]], 2) for p, f in zip(ps, fs)] for ps, fs in zip(past, far)]
-    out = [F.one_hot(early, vq.cfg.codebook_size).float()]  # (B, m, K)
+    out = [F.one_hot(early, vq.cfg.codebook_size).to(dtype)]  # (B, m, K)
     embed = gpt.embed_tokens.weight[off:]  # (K, C) the frozen input embeddings of the codes
     a, x = P + m, None  # the last hard token (<boi> or the last early code) is fed with gradients
     gen = torch.Generator(device=dev).manual_seed(seed)
     for t in range(N - m):
         res = checkpoint(step, a, x, *past[0], *past[1], use_reentrant=False)
         logits, past = res[0], [list(res[1:1 + cfg.n_layer]), list(res[1 + cfg.n_layer:])]
-        codes = logits[:, off:].float()
+        codes = logits[:, off:]
         if guided:
             codes = guide(codes[:B], codes[B:], sample_cfg.cfg_scale)
         if sample_cfg.temperature > 0:
             z = codes / sample_cfg.temperature
             if sample_cfg.top_k > 0:
                 z = z.masked_fill(z < torch.topk(z, sample_cfg.top_k, -1).values[:, -1:], float("-inf"))
-            u = torch.rand(z.shape, generator=gen, device=dev).clamp(1e-9, 1 - 1e-9)
+            u = torch.rand(z.shape, generator=gen, device=dev, dtype=dtype).clamp(1e-9, 1 - 1e-9)
             z = z.log_softmax(-1) - torch.log(-torch.log(u))  # log p + Gumbel noise
         else:
             z = codes  # greedy: no noise, as generate at temperature 0
         hard = z.argmax(-1)  # (B,)
         soft = (z / tau).softmax(-1)
-        y = F.one_hot(hard, soft.shape[-1]).float() + soft - soft.detach()  # straight-through: forward = hard
+        y = F.one_hot(hard, soft.shape[-1]).to(dtype) + soft - soft.detach()  # straight-through: forward = hard
         out.append(y.unsqueeze(1))
         a += 1
         idx[:, a] = off + hard.repeat(1 + guided)
@@ -344,8 +348,8 @@ def train(gpt, vq, vocab, tokenizer, side, name, spec, reward_fns, oc, sample_cf
             opt.step()
         secs.append(time.time() - t0)
         mem.append(saved.bytes)
-        logs.append({n: float(v.mean()) for n, v in values.items()})
-        log(stage=f"textcraftor/{name}", step=step, loss=float(loss), **logs[-1])
+        logs.append({n: v.mean().item() for n, v in values.items()})
+        log(stage=f"textcraftor/{name}", step=step, loss=loss.item(), **logs[-1])
     side.offsets.requires_grad_(False)
     for p in params:
         p.requires_grad_(False)
