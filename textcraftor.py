@@ -224,6 +224,25 @@ def _sequences(vocab, prompts, samples, guided, n_codes):
     return out[0], out[1], out[2], out[3], out[4].bool()
 
 
+def soft_token(logits, sample_cfg, tau, gen):
+    """The image-code logits of one step (R, K), R = B conditional rows then, when guided, B null rows -> (the hard
+    codes (B,), drawn as generate draws them: guidance, temperature, top-k; straight-through Gumbel-softmax
+    one-hots (B, K), forward the hard code, backward that of softmax((log p + g) / tau))."""
+    if sample_cfg.cfg_scale != 1.0:
+        B = logits.shape[0] // 2
+        logits = guide(logits[:B], logits[B:], sample_cfg.cfg_scale)
+    z = logits  # greedy at temperature 0: no noise, as generate
+    if sample_cfg.temperature > 0:
+        z = logits / sample_cfg.temperature
+        if sample_cfg.top_k > 0:
+            z = z.masked_fill(z < torch.topk(z, sample_cfg.top_k, -1).values[:, -1:], float("-inf"))
+        u = torch.rand(z.shape, generator=gen, device=z.device, dtype=z.dtype).clamp(1e-9, 1 - 1e-9)
+        z = z.log_softmax(-1) - torch.log(-torch.log(u))  # log p + Gumbel noise: its argmax is a draw from p
+    hard = z.argmax(-1)
+    soft = (z / tau).softmax(-1)
+    return hard, F.one_hot(hard, z.shape[-1]).to(z.dtype) + soft - soft.detach()
+
+
 def differentiable_images(gpt, vq, vocab, prompts, sample_cfg, k, tau, seed):
     """Prompts (lists of ids) -> (images (B, 3, H, W) whose last k code rows carry gradients to the prompt
     side, the indices of the prompts that got an image, the hard codes (B, N)). The plan and the first rows come
@@ -255,9 +274,16 @@ def differentiable_images(gpt, vq, vocab, prompts, sample_cfg, k, tau, seed):
                      pos=pos[:, a:b], key_valid=valid[:, :b], cache=cache, embeds=embeds)
         return logits, [list(cache.k), list(cache.v)]
 
-    def step(a, embeds, *flat):  # one soft token, checkpointed: backward recomputes it instead of keeping it
-        logits, new = call(a, a + 1, [list(flat[:cfg.n_layer]), list(flat[cfg.n_layer:])], embeds)
-        return (logits[:, -1], *new[0], *new[1])
+    def step(a, embeds, *flat):
+        """One token, checkpointed: backward recomputes it instead of keeping it. flat: the keys and values
+        before the soft rows (per layer), then each soft step's own (per layer, one position): the history is
+        joined here and never kept, so the memory held grows by one position a step, not by the history."""
+        n = 2 * cfg.n_layer
+        chunks = [flat[i:i + n] for i in range(0, len(flat), n)]  # [keys (n_layer), values (n_layer)] per part
+        past = [[torch.cat([c[i + j * cfg.n_layer] for c in chunks], 2) for i in range(cfg.n_layer)] for j in (0, 1)]
+        logits, new = call(a, a + 1, past, embeds)
+        return (logits[:, -1], *[t[:, :, -1:].clone() for t in new[0] + new[1]])  # (R, V); a copy, so that the
+        #                                                                        history it is cut from is freed
 
     _, past = call(0, P, past)  # the prompt and plan, with gradients
     if m:
@@ -267,24 +293,12 @@ def differentiable_images(gpt, vq, vocab, prompts, sample_cfg, k, tau, seed):
     out = [F.one_hot(early, vq.cfg.codebook_size).to(dtype)]  # (B, m, K)
     embed = gpt.embed_tokens.weight[off:]  # (K, C) the frozen input embeddings of the codes
     a, x = P + m, None  # the last hard token (<boi> or the last early code) is fed with gradients
+    flat = past[0] + past[1]
     gen = torch.Generator(device=dev).manual_seed(seed)
-    for t in range(N - m):
-        res = checkpoint(step, a, x, *past[0], *past[1], use_reentrant=False)
-        logits, past = res[0], [list(res[1:1 + cfg.n_layer]), list(res[1 + cfg.n_layer:])]
-        codes = logits[:, off:]
-        if guided:
-            codes = guide(codes[:B], codes[B:], sample_cfg.cfg_scale)
-        if sample_cfg.temperature > 0:
-            z = codes / sample_cfg.temperature
-            if sample_cfg.top_k > 0:
-                z = z.masked_fill(z < torch.topk(z, sample_cfg.top_k, -1).values[:, -1:], float("-inf"))
-            u = torch.rand(z.shape, generator=gen, device=dev, dtype=dtype).clamp(1e-9, 1 - 1e-9)
-            z = z.log_softmax(-1) - torch.log(-torch.log(u))  # log p + Gumbel noise
-        else:
-            z = codes  # greedy: no noise, as generate at temperature 0
-        hard = z.argmax(-1)  # (B,)
-        soft = (z / tau).softmax(-1)
-        y = F.one_hot(hard, soft.shape[-1]).to(dtype) + soft - soft.detach()  # straight-through: forward = hard
+    for _ in range(N - m):
+        res = checkpoint(step, a, x, *flat, use_reentrant=False)
+        logits, flat = res[0], flat + list(res[1:])
+        hard, y = soft_token(logits[:, off:], sample_cfg, tau, gen)
         out.append(y.unsqueeze(1))
         a += 1
         idx[:, a] = off + hard.repeat(1 + guided)
@@ -501,7 +515,8 @@ def run(cfgs, run_dir, device, log, report):
     if oc.complement:  # the same budget of optimiser steps: all prompt side (arm b), all generator side, half each
         tokenizer, vocab, vq, g_only = load()
         fig = generator_side(cfgs, run_dir, g_only, vq, vocab, tokenizer, oc.steps, tc.seed, oc, device)
-        res["arms"]["generator"] = {"train": fig, "dev": summary(m(g_only), frozen), "bench": bench(g_only, "generator")}
+        res["arms"]["generator"] = {"train": fig, "dev": summary(m(g_only), frozen),
+                                    "bench": bench(g_only, "generator")}
         tokenizer, vocab, vq, both = load()
         fig = tune(both, PromptSide(both, vocab), "b", oc.reward_b, oc.steps // 2)
         fig_g = generator_side(cfgs, run_dir, both, vq, vocab, tokenizer, oc.steps - oc.steps // 2, tc.seed, oc, device)
@@ -565,7 +580,8 @@ def table(results):
                        f"{np.mean([x['saved_mb'] for x in t]):.1f} |")
         inter = rs[0].get("interpolation")
         if inter:
-            out += ["", f"Interpolation from a (0) to b (1), seed {rs[0]['seed']}: rewards and verifier on dev prompts.",
+            out += ["", f"Interpolation from a (0) to b (1), seed {rs[0]['seed']}: rewards and verifier on dev "
+                    "prompts.",
                     "", "| alpha | space | " + " | ".join(names) + " |", "|---|---" + "|---" * len(names) + "|"]
             out += [f"| {p['alpha']:.2f} | {p['space']} | " + " | ".join(f"{p[n][0]:.3f}" for n in names) + " |"
                     for p in inter]

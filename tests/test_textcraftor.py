@@ -11,7 +11,7 @@ import textcraftor as tc
 from data import BOI, BOS, NULL, PAD, THINK
 from generate import SampleConfig, generate
 from model import VQ, VQConfig, adapters_only_at, lora_layers
-from test_generate import PROMPTS, VOCAB, grammar_model
+from test_generate import N_IMG, PROMPTS, VOCAB, grammar_model
 
 VQ_CFG = VQConfig(image_size=12, patch=4, codebook_size=VOCAB.codebook_size, code_dim=4, hidden=8)  # 3 x 3 codes
 GREEDY = SampleConfig(temperature=0.0, text_temperature=0.0, cfg_scale=2.0, max_plan_tokens=8)
@@ -78,6 +78,45 @@ def test_soft_path_greedy_draws_generate_s_tokens_and_image(k):
     assert codes.tolist() == [ref[i]["codes"] for i in keep]
     assert torch.allclose(images, vq.decode(codes), atol=1e-12)
     assert images.requires_grad
+
+
+def reference_images(gpt, vq, prompts, sample_cfg, tau, seed):
+    """The differentiable path for k = all rows, slow and plain: no cache, no checkpoint; every step runs the
+    whole sequence again, the soft tokens so far given as input vectors."""
+    drawn = generate(gpt, VOCAB, prompts, sample_cfg, seed=seed)
+    keep = [i for i, s in enumerate(drawn) if s["codes"] is not None]
+    guided = sample_cfg.cfg_scale != 1.0
+    idx, patch, tags, pos, valid = tc._sequences(VOCAB, [prompts[i] for i in keep], [drawn[i] for i in keep], guided,
+                                                 N_IMG)
+    P, off = idx.shape[1] - N_IMG - 1, VOCAB.image_offset
+    x = gpt.embed_tokens(idx[:, :P + 1])  # (R, P + 1, C) the prompt, plan and <boi>
+    gen, ys = torch.Generator().manual_seed(seed), []
+    for t in range(N_IMG):
+        e = P + 1 + t
+        logits = gpt(idx[:, :e], patch=patch[:, :e], tags=tags[:, :e], pos=pos[:, :e], key_valid=valid[:, :e],
+                     embeds=x)[:, -1]
+        hard, y = tc.soft_token(logits[:, off:], sample_cfg, tau, gen)
+        ys.append(y)
+        idx[:, e] = off + hard.repeat(1 + guided)
+        x = torch.cat([x, (y @ gpt.embed_tokens.weight[off:]).repeat(1 + guided, 1).unsqueeze(1)], 1)
+    return vq.decode_soft(torch.stack(ys, 1))
+
+
+def test_soft_path_equals_the_slow_reference_with_its_gradients():
+    """All rows soft: the cached, checkpointed path gives the plain path's image and gradients."""
+    gpt, vq, ps = setup()
+    sample = dataclasses.replace(GREEDY, temperature=1.0, top_k=5)
+    params = [layer.lora_B["a"] for _, layer in lora_layers(gpt)]
+    grads = []
+    for fn in (lambda: tc.differentiable_images(gpt, vq, VOCAB, PROMPTS, sample, 3, 0.5, 7)[0],
+               lambda: reference_images(gpt, vq, PROMPTS, sample, 0.5, 7)):
+        images = fn()
+        grads.append(torch.autograd.grad(images.square().mean(), params))
+        grads[-1] = (images.detach(), grads[-1])
+    (fast, g_fast), (ref, g_ref) = grads
+    assert torch.allclose(fast, ref, atol=1e-10)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(g_fast, g_ref))
+    assert any(a.abs().sum() > 0 for a in g_fast)
 
 
 def test_soft_codes_at_low_temperature_decode_the_hard_image():
@@ -156,7 +195,8 @@ def test_interpolation_ends_are_the_two_prompt_sides():
     alone = {}
     for name in ("a", "b"):
         gpt, _, side = setup(names=(name,))
-        gpt.load_state_dict({n: p for n, p in both.state_dict().items() if not n.endswith(".b" if name == "a" else ".a")})
+        other = ".b" if name == "a" else ".a"
+        gpt.load_state_dict({n: p for n, p in both.state_dict().items() if not n.endswith(other)})
         alone[name] = [s["tokens"] for s in generate(gpt, VOCAB, PROMPTS, GREEDY)]
     assert alone["a"] != alone["b"], "the two prompt sides must differ for the test to mean anything"
     for alpha, name in ((0.0, "a"), (1.0, "b")):
