@@ -67,6 +67,7 @@ class TextCraftorConfig:
     blend: int = 5  # points of each interpolation curve from reward_a (0) to reward_b (1); 0 = no interpolation
     complement: bool = True  # prompt side vs generator side (the post stage's round) vs both, same step budget
     post_prompts: int = 64  # prompts of the generator side's round (x post.samples samples)
+    seed: int = 0  # seed of the training (prompts, Gumbel noise, the generator side's round); the base run stays
 
 
 def mix_terms(spec):
@@ -83,8 +84,9 @@ def config_rules(oc, grid=None):
     """[textcraftor] values that type-check but cannot work: (holds, message) pairs, checked before any work.
     grid: the VQ's codes per side, the image rows k may name."""
     rules = [(oc.side in ("lora", "embed"), f"textcraftor.side={oc.side!r}: expected lora or embed"),
-             (min(oc.steps, oc.batch, oc.lora_r, oc.dev_prompts, oc.samples, oc.post_prompts) >= 1 and oc.k >= 0,
-              "textcraftor.steps, batch, lora_r, dev_prompts, samples, post_prompts must be >= 1 and k >= 0"),
+             (min(oc.steps, oc.batch, oc.lora_r, oc.dev_prompts, oc.samples, oc.post_prompts) >= 1
+              and min(oc.k, oc.seed) >= 0,
+              "textcraftor.steps, batch, lora_r, dev_prompts, samples, post_prompts must be >= 1, k and seed >= 0"),
              (oc.lr > 0 and oc.tau > 0 and oc.warmup >= 1, "textcraftor.lr and tau must be > 0, warmup >= 1"),
              (oc.blend != 1 and oc.blend >= 0 and oc.bench_prompts >= 0,
               "textcraftor.blend must be 0 (off) or >= 2 points, bench_prompts >= 0"),
@@ -483,18 +485,18 @@ def run(cfgs, run_dir, device, log, report):
     tokenizer, vocab, vq, gpt = load()
     out = os.path.join(run_dir, "textcraftor")
     os.makedirs(out, exist_ok=True)
-    torch.manual_seed(tc.seed)
+    torch.manual_seed(oc.seed)
     names = sorted({"aesthetic", "vqascore", "clip"} | {n for s in (oc.reward_a, oc.reward_b) for _, n in mix_terms(s)})
     reward_fns = {n: rewards.load_reward(run_dir, n, device) for n in names}
     dev = evaluate.dev_prompts(oc.dev_prompts)
-    pool = targeting.draw_prompts("aligned", oc.steps * oc.batch, np.random.default_rng([tc.seed, 2403]))
+    pool = targeting.draw_prompts("aligned", oc.steps * oc.batch, np.random.default_rng([oc.seed, 2403]))
     m = lambda model: measure(model, vq, vocab, tokenizer, scfg, dev, reward_fns, oc.samples, tc.eval_batch, device)
     bench = lambda model, tag: benchmarks(model, vq, vocab, tokenizer, scfg, run_dir, oc, tc.eval_batch, tag)
     tune = lambda model, side, name, spec, steps=None: train(model, vq, vocab, tokenizer, side, name, spec, reward_fns,
-                                                             oc, scfg, pool, tc.seed, log, steps)
+                                                             oc, scfg, pool, oc.seed, log, steps)
     side = PromptSide(gpt, vocab)
     frozen = m(gpt)
-    res = {"config": asdict(oc), "seed": tc.seed, "dev_prompts": len(dev), "samples": oc.samples,
+    res = {"config": asdict(oc), "seed": oc.seed, "dev_prompts": len(dev), "samples": oc.samples,
            "arms": {"frozen": {"dev": summary(frozen), "bench": bench(gpt, "frozen")}}}
     for name, spec in (("a", oc.reward_a), ("b", oc.reward_b)):
         fig = tune(gpt, side, name, spec)
@@ -514,12 +516,13 @@ def run(cfgs, run_dir, device, log, report):
               os.path.join(out, "interpolation.png"))
     if oc.complement:  # the same budget of optimiser steps: all prompt side (arm b), all generator side, half each
         tokenizer, vocab, vq, g_only = load()
-        fig = generator_side(cfgs, run_dir, g_only, vq, vocab, tokenizer, oc.steps, tc.seed, oc, device)
+        fig = generator_side(cfgs, run_dir, g_only, vq, vocab, tokenizer, oc.steps, oc.seed, oc, device)
         res["arms"]["generator"] = {"train": fig, "dev": summary(m(g_only), frozen),
                                     "bench": bench(g_only, "generator")}
         tokenizer, vocab, vq, both = load()
         fig = tune(both, PromptSide(both, vocab), "b", oc.reward_b, oc.steps // 2)
-        fig_g = generator_side(cfgs, run_dir, both, vq, vocab, tokenizer, oc.steps - oc.steps // 2, tc.seed, oc, device)
+        fig_g = generator_side(cfgs, run_dir, both, vq, vocab, tokenizer, oc.steps - oc.steps // 2, oc.seed, oc,
+                               device)
         res["arms"]["both"] = {"train": {"prompt": fig, "generator": fig_g}, "dev": summary(m(both), frozen),
                                "bench": bench(both, "both")}
     write_json(res, os.path.join(out, "textcraftor.json"))
