@@ -55,7 +55,7 @@ class TextCraftorConfig:
     k: int = 2  # last image rows the gradient flows through (earlier rows are drawn without it); 0 = no training
     steps: int = 30  # AdamW steps per prompt side
     batch: int = 8  # prompts per step
-    lr: float = 3e-3  # prompt-side learning rate (constant after the warm-up)
+    lr: float = 1e-2  # prompt-side learning rate (constant after the warm-up); 3e-2 broke plans after 10 steps
     warmup: int = 5  # steps of linear warm-up
     tau: float = 1.0  # Gumbel-softmax temperature of the backward pass (the forward is always the hard token)
     lora_r: int = 4  # adapter rank
