@@ -22,6 +22,7 @@ tuned on different reward mixes; tune the generator on top and see whether the t
     -> COPY/textcraftor/textcraftor.{json,md} and interpolation.png
 """
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -57,6 +58,8 @@ class TextCraftorConfig:
     batch: int = 8  # prompts per step
     lr: float = 1e-2  # prompt-side learning rate (constant after the warm-up); 3e-2 broke plans after 10 steps
     warmup: int = 5  # steps of linear warm-up
+    plan_kl: float = 1.0  # weight of KL(tuned || frozen) of the plan's next-token distributions: keeps the prompt
+    #                       side from rewriting the plan (without it, plans collapsed onto one for every prompt)
     tau: float = 1.0  # Gumbel-softmax temperature of the backward pass (the forward is always the hard token)
     lora_r: int = 4  # adapter rank
     lora_alpha: float = 8.0  # adapter scaling is lora_alpha / lora_r
@@ -87,7 +90,8 @@ def config_rules(oc, grid=None):
              (min(oc.steps, oc.batch, oc.lora_r, oc.dev_prompts, oc.samples, oc.post_prompts) >= 1
               and min(oc.k, oc.seed) >= 0,
               "textcraftor.steps, batch, lora_r, dev_prompts, samples, post_prompts must be >= 1, k and seed >= 0"),
-             (oc.lr > 0 and oc.tau > 0 and oc.warmup >= 1, "textcraftor.lr and tau must be > 0, warmup >= 1"),
+             (oc.lr > 0 and oc.tau > 0 and oc.warmup >= 1 and oc.plan_kl >= 0,
+              "textcraftor.lr and tau must be > 0, warmup >= 1, plan_kl >= 0"),
              (oc.blend != 1 and oc.blend >= 0 and oc.bench_prompts >= 0,
               "textcraftor.blend must be 0 (off) or >= 2 points, bench_prompts >= 0"),
              (not oc.complement or oc.steps >= 2, "textcraftor.complement splits the steps in two: steps >= 2")]
@@ -153,6 +157,16 @@ class PromptSide:
     def set(self, **weights):
         """Weights of the prompt sides, e.g. set(a=1, b=0); names left out keep theirs."""
         self.weights.update(weights)
+
+    @contextlib.contextmanager
+    def off(self):
+        """Inside the block the GPT is the frozen one."""
+        kept = dict(self.weights)
+        self.set(**{n: 0.0 for n in kept})
+        try:
+            yield
+        finally:
+            self.weights = kept
 
     def _find_prompt(self, module, args, kwargs):
         idx = args[0] if args else kwargs["idx"]
@@ -245,11 +259,12 @@ def soft_token(logits, sample_cfg, tau, gen):
     return hard, F.one_hot(hard, z.shape[-1]).to(z.dtype) + soft - soft.detach()
 
 
-def differentiable_images(gpt, vq, vocab, prompts, sample_cfg, k, tau, seed):
+def differentiable_images(gpt, vq, vocab, prompts, sample_cfg, k, tau, seed, side=None):
     """Prompts (lists of ids) -> (images (B, 3, H, W) whose last k code rows carry gradients to the prompt
-    side, the indices of the prompts that got an image, the hard codes (B, N)). The plan and the first rows come
-    from generate (no gradient); the prompt and plan are then run again with gradients, the first rows without,
-    and the last k rows drawn by straight-through Gumbel-softmax, one soft token at a time."""
+    side, the indices of the prompts that got an image, the hard codes (B, N), and with side (the PromptSide) the
+    mean KL(tuned || frozen) of the next-token distributions at the plan's positions, else None). The plan and the
+    first rows come from generate (no gradient); the prompt and plan are then run again with gradients, the first
+    rows without, and the last k rows drawn by straight-through Gumbel-softmax, one soft token at a time."""
     dev, cfg = gpt.lm_head.weight.device, gpt.cfg
     G, N, off = vq.cfg.grid, vq.cfg.n_codes, vocab.image_offset
     if not 0 <= k <= G:
@@ -258,7 +273,7 @@ def differentiable_images(gpt, vq, vocab, prompts, sample_cfg, k, tau, seed):
         drawn = generate(gpt, vocab, prompts, sample_cfg, seed=seed)
     keep = [i for i, s in enumerate(drawn) if s["codes"] is not None and len(s["codes"]) == N]
     if not keep:
-        return None, keep, None
+        return None, keep, None, None
     B, guided, m = len(keep), sample_cfg.cfg_scale != 1.0, (G - k) * G  # m: codes drawn without gradient
     idx, patch, tags, pos, valid = (t.to(dev) for t in _sequences(vocab, [prompts[i] for i in keep],
                                                                    [drawn[i] for i in keep], guided, N))
@@ -287,7 +302,16 @@ def differentiable_images(gpt, vq, vocab, prompts, sample_cfg, k, tau, seed):
         return (logits[:, -1], *[t[:, :, -1:].clone() for t in new[0] + new[1]])  # (R, V); a copy, so that the
         #                                                                        history it is cut from is freed
 
-    _, past = call(0, P, past)  # the prompt and plan, with gradients
+    fresh = past
+    logits, past = call(0, P, past)  # the prompt and plan, with gradients
+    kl = None
+    if side is not None:
+        with torch.no_grad(), side.off():
+            ref = call(0, P, fresh)[0]
+        plan = (~prompt_positions(idx[:B, :P]) | (idx[:B, :P] == THINK)).to(dtype)  # <think> and the plan predict
+        #                                                                              the plan's words and <boi>
+        logp, logq = logits[:B].log_softmax(-1), ref[:B].log_softmax(-1)  # (B, P, V)
+        kl = ((logp.exp() * (logp - logq)).sum(-1) * plan).sum() / plan.sum()
     if m:
         with torch.no_grad():  # <boi> and the first rows but the last code: no gradient (constant keys, values)
             _, far = call(P, P + m, past)
@@ -306,7 +330,7 @@ def differentiable_images(gpt, vq, vocab, prompts, sample_cfg, k, tau, seed):
         idx[:, a] = off + hard.repeat(1 + guided)
         x = (y @ embed).repeat(1 + guided, 1).unsqueeze(1)  # (R, 1, C) its codebook mixture, fed back
     probs = torch.cat(out, 1)  # (B, N, K)
-    return vq.decode_soft(probs), keep, probs.argmax(-1)
+    return vq.decode_soft(probs), keep, probs.argmax(-1), kl
 
 
 class SavedBytes:
@@ -346,8 +370,8 @@ def train(gpt, vq, vocab, tokenizer, side, name, spec, reward_fns, oc, sample_cf
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, oc.lr, oc.warmup, steps, oc.lr)
         with SavedBytes() as saved:
-            images, keep, _ = differentiable_images(gpt, vq, vocab, [ids[i] for i in pick], sample_cfg, oc.k, oc.tau,
-                                                    seed * 100_003 + step)
+            images, keep, _, kl = differentiable_images(gpt, vq, vocab, [ids[i] for i in pick], sample_cfg, oc.k,
+                                                        oc.tau, seed * 100_003 + step, side)
             if images is None:  # no sample drew an image: nothing to score
                 continue
             prompts = [examples[pick[i]].prompt for i in keep]
@@ -357,14 +381,14 @@ def train(gpt, vq, vocab, tokenizer, side, name, spec, reward_fns, oc, sample_cf
                     values[n] = reward_fns[n](images, prompts)
                 except rewards.RewardError as e:  # NaN, a wrong shape: stop, naming the step
                     raise rewards.RewardError(f"textcraftor {name} ({spec}) at step {step}: {e}") from None
-            loss = -sum(w * values[n].mean() for w, n in terms)
-        if loss.requires_grad:  # k = 0: no row carries a gradient and nothing trains
+            loss = -sum(w * values[n].mean() for w, n in terms) + oc.plan_kl * kl
+        if oc.k > 0:  # k = 0: no row carries the reward's gradient, and the KL's is 0 (up to rounding): no step
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         secs.append(time.time() - t0)
         mem.append(saved.bytes)
-        logs.append({n: v.mean().item() for n, v in values.items()})
+        logs.append({**{n: v.mean().item() for n, v in values.items()}, "plan_kl": kl.item()})
         log(stage=f"textcraftor/{name}", step=step, loss=loss.item(), **logs[-1])
     side.offsets.requires_grad_(False)
     for p in params:

@@ -73,7 +73,7 @@ def test_soft_path_greedy_draws_generate_s_tokens_and_image(k):
     with its own cache) draws the codes generate draws, and its soft image is the hard tokens' image."""
     gpt, vq, _ = setup()
     ref = generate(gpt, VOCAB, PROMPTS, GREEDY)
-    images, keep, codes = tc.differentiable_images(gpt, vq, VOCAB, PROMPTS, GREEDY, k, 1.0, 0)
+    images, keep, codes, _ = tc.differentiable_images(gpt, vq, VOCAB, PROMPTS, GREEDY, k, 1.0, 0)
     assert keep == [i for i, s in enumerate(ref) if s["codes"] is not None] and len(keep) >= 3
     assert codes.tolist() == [ref[i]["codes"] for i in keep]
     assert torch.allclose(images, vq.decode(codes), atol=1e-12)
@@ -131,7 +131,7 @@ def test_soft_codes_at_low_temperature_decode_the_hard_image():
 def test_gradients_reach_only_the_prompt_side(side):
     gpt, vq, ps = setup(side=side)
     sample = dataclasses.replace(GREEDY, temperature=1.0, top_k=0)
-    images, _, _ = tc.differentiable_images(gpt, vq, VOCAB, PROMPTS, sample, 1, 1.0, 0)
+    images, _, _, _ = tc.differentiable_images(gpt, vq, VOCAB, PROMPTS, sample, 1, 1.0, 0)
     images.square().mean().backward()
     prompt_side = {id(p) for p in ps.offsets.values()} | {id(p) for n, p in gpt.named_parameters() if ".lora_" in n}
     for n, p in list(gpt.named_parameters()) + list(vq.named_parameters()):
@@ -218,3 +218,13 @@ def test_bad_input_is_refused_with_a_message():
     with pytest.raises(rewards.RewardError, match="at step 0.*returned NaN"):
         tc.train(gpt, vq, VOCAB, Tok(), ps, "a", "aesthetic + clip", checked_rewards(float("nan")),
                  dataclasses.replace(OC, k=1), GREEDY, [Ex(p) for p in PROMPTS], 0, lambda **kv: None)
+
+
+def test_plan_kl_is_zero_for_the_frozen_model_and_grows_with_the_prompt_side():
+    sample = dataclasses.replace(GREEDY, temperature=1.0, top_k=0)
+    gpt, vq, ps = setup(names=())
+    ps.add("a", OC)  # B = 0: the tuned model is the frozen one
+    assert abs(tc.differentiable_images(gpt.double(), vq, VOCAB, PROMPTS, sample, 1, 1.0, 0, ps)[3].item()) < 1e-12
+    gpt, vq, ps = setup()
+    kl = tc.differentiable_images(gpt, vq, VOCAB, PROMPTS, sample, 1, 1.0, 0, ps)[3]
+    assert kl.item() > 1e-3 and kl.requires_grad
