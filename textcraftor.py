@@ -333,24 +333,21 @@ def differentiable_images(gpt, vq, vocab, prompts, sample_cfg, k, tau, seed, sid
     return vq.decode_soft(probs), keep, probs.argmax(-1), kl
 
 
-class SavedBytes:
-    """Bytes of the distinct storages autograd keeps for the backward pass while the block runs: the memory the
-    differentiable path costs (a CPU build of torch reports no allocator peak)."""
+class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Bytes of the distinct storages autograd keeps for the backward pass while the block runs (.bytes): the
+    memory the differentiable path costs (a CPU build of torch reports no allocator peak)."""
 
-    def __enter__(self):
+    def __init__(self):
         self.storages = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._hooks.__enter__()
-        return self
+        super().__init__(self._pack, lambda t: t)
 
     def _pack(self, t):
-        s = t.untyped_storage()
-        self.storages[s.data_ptr()] = s.nbytes()
+        self.storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
-        self.bytes = sum(self.storages.values())
+    @property
+    def bytes(self):
+        return sum(self.storages.values())
 
 
 def train(gpt, vq, vocab, tokenizer, side, name, spec, reward_fns, oc, sample_cfg, examples, seed, log, steps=None):
@@ -458,7 +455,7 @@ def generator_side(cfgs, run_dir, gpt, vq, vocab, tokenizer, steps, seed, oc, de
     """The post stage's round on top of whatever prompt side the GPT holds: post.samples samples of
     oc.post_prompts aligned train-split prompts, post.reward, post.weighting, then `steps` LoRA steps of a new
     adapter "gen" (posttrain.finetune, with its pretraining term). Returns its figures."""
-    tc = cfgs["train"]
+    tc, t0 = cfgs["train"], time.time()
     pc = dataclasses.replace(cfgs["post"], steps=steps, warmup=min(cfgs["post"].warmup, steps))
     rng = np.random.default_rng([seed, 33])
     examples = targeting.draw_prompts("aligned", oc.post_prompts, rng)
@@ -472,7 +469,7 @@ def generator_side(cfgs, run_dir, gpt, vq, vocab, tokenizer, steps, seed, oc, de
              if pc.pretrain_weight > 0 else None)
     torch.manual_seed(seed)
     fit = posttrain.finetune(gpt, params, s, w, pc, vocab, device, rng, drift)
-    return {"reward": float(r.mean()), **fit}
+    return {"reward": float(r.mean()), **fit, "seconds": round(time.time() - t0, 1)}
 
 
 # -----------------------------------------------------------------------------
