@@ -341,6 +341,10 @@ class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
         self.storages = {}
         super().__init__(self._pack, lambda t: t)
 
+    def __enter__(self):
+        super().__enter__()
+        return self
+
     def _pack(self, t):
         self.storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
