@@ -119,6 +119,14 @@ class VQ(nn.Module):
         zq = self._codebook()[codes].view(codes.shape[0], g, g, -1).permute(0, 3, 1, 2)  # (B, D, g, g)
         return self.decode_latents(zq).clamp(0, 1)
 
+    def decode_soft(self, probs):
+        """probs (B, h*w, K), a distribution over the codebook at each patch -> images (B, 3, H, W) in [0, 1]:
+        each patch decodes the probs-weighted mixture of the code vectors, differentiable in probs; one-hot
+        probs give decode's image."""
+        g = self.cfg.grid
+        zq = (probs @ self._codebook()).view(probs.shape[0], g, g, -1).permute(0, 3, 1, 2)  # (B, D, g, g)
+        return self.decode_latents(zq).clamp(0, 1)
+
     @torch.no_grad()
     def init_codebook(self, z_sample):
         """Farthest-point initialisation from l2-normalised encoder outputs z_sample (M, D), M >= K: each
@@ -348,7 +356,7 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, patch=None, tags=None, pos=None, key_valid=None, cache=None):
+    def forward(self, idx, patch=None, tags=None, pos=None, key_valid=None, cache=None, embeds=None):
         """
         idx:       (B, T) token ids.
         patch:     (B, T) 1 + the index of each image token's patch in its image (1 .. n_image_tokens), 0 for
@@ -357,12 +365,14 @@ class GPT(nn.Module):
         pos:       (B, T) RoPE positions; default 0..T-1 after what the cache holds.
         key_valid: (B, L) False for left-padding keys, L = cache length after this call (or T without cache).
         cache:     a KVCache to read and extend, or None.
+        embeds:    (B, T, n_embd) input vectors used instead of embed_tokens(idx), e.g. a soft token's mixture
+                   of the codebook's embeddings (textcraftor.py); patch and tag vectors are still added.
         Returns logits (B, T, vocab_size).
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         assert start + T <= self.cfg.block_size, f"sequence of {start + T} > block_size {self.cfg.block_size}"
-        x = self.embed_tokens(idx)  # (B, T, C)
+        x = self.embed_tokens(idx) if embeds is None else embeds  # (B, T, C)
         if self.patch_embed is not None and patch is not None:
             x = x + self.patch_embed(patch)
         if self.tag_embed is not None and tags is not None:

@@ -12,6 +12,7 @@ name later stages alone with --stages once the earlier ones are done. The eval s
 `--stages=ablations` (ablations.py) runs the post-training ablations on a finished run.
 `--stages=overopt` (overopt.py) measures over-optimisation of the post reward on a finished run.
 `--stages=versat2i` (versat2i.py) compares per-aspect LoRAs and a Mixture of LoRA on a finished run.
+`--stages=textcraftor` (textcraftor.py) tunes the prompt side by differentiable rewards on a finished run.
 
     python train.py tiny_configs/shapes_cpu.toml                     # the main job, 12-25 minutes
     python train.py tiny_configs/micro.toml --train.out_dir=out/micro  # seconds; what the tests use
@@ -24,8 +25,8 @@ The lm stage writes a checkpoint every train.ckpt_every steps; an interrupted ru
 from it exactly when the same command is run again.
 
 Overrides are `--section.key=value` for any key of the config file's sections ([train], [vq], [gpt],
-[sample], [rewards], [post], [ablations], [overopt], [versat2i]); an unknown key or a value of the wrong type
-stops with a message naming it (config.py).
+[sample], [rewards], [post], [ablations], [overopt], [versat2i], [textcraftor]); an unknown key or a value of the wrong
+type stops with a message naming it (config.py).
 """
 
 import argparse
@@ -52,6 +53,7 @@ import overopt
 import posttrain
 import rewards
 import targeting
+import textcraftor
 import versat2i
 import world
 from ablations import AblationConfig
@@ -62,11 +64,12 @@ from generate import (RunError, SampleConfig, load_run, load_weights, read_json,
 from model import GPT, VQ, GPTConfig, VQConfig, cosine_lr, token_ce, use_bf16
 from overopt import OverOptConfig
 from posttrain import PostConfig
+from textcraftor import TextCraftorConfig
 from versat2i import VersaT2IConfig
 
 STAGES = ("tokenizer", "vq", "lm", "eval", "rewards", "post")  # the main job: the benchmarks first,
 #                                                                then what post-training needs
-EXTRA_STAGES = ("ablations", "overopt", "versat2i")  # run only when named, e.g. --stages=versat2i
+EXTRA_STAGES = ("ablations", "overopt", "versat2i", "textcraftor")  # run only when named: --stages=versat2i
 
 
 @dataclass
@@ -120,7 +123,7 @@ class TrainConfig:
 
 SECTIONS = {"train": TrainConfig, "vq": VQConfig, "gpt": GPTConfig, "sample": SampleConfig,
             "rewards": heads.RewardsConfig, "post": PostConfig, "ablations": AblationConfig,
-            "overopt": OverOptConfig, "versat2i": VersaT2IConfig}
+            "overopt": OverOptConfig, "versat2i": VersaT2IConfig, "textcraftor": TextCraftorConfig}
 DERIVED = {("gpt", "vocab_size"), ("gpt", "image_offset"),
            ("gpt", "n_image_tokens"), ("gpt", "n_tags")}  # set from tokenizer + VQ
 
@@ -168,6 +171,7 @@ def validate(cfgs):
     rules += heads.config_rules(cfgs["rewards"]) + posttrain.config_rules(cfgs["post"])
     rules += ablations.config_rules(cfgs["ablations"]) + overopt.config_rules(cfgs["overopt"])
     rules += versat2i.config_rules(cfgs["versat2i"])
+    rules += textcraftor.config_rules(cfgs["textcraftor"], cfgs["vq"].image_size // cfgs["vq"].patch)
     try:
         rewards.parse_spec(cfgs["post"].reward)
     except rewards.RewardError as e:
@@ -608,21 +612,15 @@ def stage_post(run):
     return figures
 
 
-def stage_ablations(run):
-    return ablations.run(run.cfgs, run.dir, run.device, run.metrics.log, run.report)
-
-
-def stage_overopt(run):
-    return overopt.run(run.cfgs, run.dir, run.device, run.metrics.log, run.report)
-
-
-def stage_versat2i(run):
-    return versat2i.run(run.cfgs, run.dir, run.device, run.metrics.log, run.report)
+def extra_stage(module):
+    """An extra stage (ablations, overopt, versat2i, textcraftor): a module whose run() works on a finished run."""
+    return lambda run: module.run(run.cfgs, run.dir, run.device, run.metrics.log, run.report)
 
 
 STAGE_FNS = {"tokenizer": stage_tokenizer, "vq": stage_vq, "lm": stage_lm, "eval": stage_eval, "rewards": stage_rewards,
-             "post": stage_post, "ablations": stage_ablations,
-             "overopt": stage_overopt, "versat2i": stage_versat2i}
+             "post": stage_post, **{name: extra_stage(m) for name, m in
+                                    (("ablations", ablations), ("overopt", overopt), ("versat2i", versat2i),
+                                     ("textcraftor", textcraftor))}}
 OUTPUTS = {"tokenizer": "tokenizer.json", "vq": "vq.safetensors", "lm": "gpt.safetensors", "rewards": heads.HEADS_FILE,
            "post": "lora_post.safetensors"}  # a stage whose output exists is finished: it is reused, not redone
 
