@@ -284,6 +284,9 @@ def run(cfgs, run_dir, device, log, folder, train, dev):
     drift = data.folder_data(folder, train[:50 * pc.batch], tokenizer, vq, device)
     fit = posttrain.finetune(gpt, params, samples, w, pc, vocab, device, rng,
                              posttrain.drift_batches(drift, tc, pc.batch, rng, vocab, device))
+    if not fit["kept"]:
+        print(f"[post] no sample was kept by post.weighting={pc.weighting} (post.threshold={pc.threshold}): the adapter "
+              "did not train; the reward's scale may sit below the threshold: try post.weighting=best")
     save_atomic(lora_state_dict(gpt, "post"), os.path.join(run_dir, "lora_post.safetensors"))
     write_json(dataclasses.asdict(pc), os.path.join(run_dir, "lora_post.json"))
     merge_lora(gpt)
