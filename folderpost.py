@@ -226,11 +226,14 @@ def draw(gpt, vq, vocab, tokenizer, captions, k, sample_cfg, seed, batch):
     return posttrain.self_generate(gpt, vq, vocab, tokenizer, prompts, k, sample_cfg, seed, batch)
 
 
-def paired(before, after):
-    """Means before and after (the same captions and seeds) and the standard error of the paired difference."""
+def paired(before, after, caption):
+    """Means before and after (the same captions and seeds) and the standard error of the paired difference,
+    over captions (a caption's samples averaged first: they are not independent)."""
     d = np.asarray(after, float) - np.asarray(before, float)
+    caption = np.asarray(caption)
+    per = np.array([d[caption == c].mean() for c in np.unique(caption)])
     return {"before": float(np.mean(before)), "after": float(np.mean(after)), "change": float(d.mean()),
-            "change_se": float(d.std() / np.sqrt(len(d)))}
+            "change_se": float(per.std() / np.sqrt(len(per)))}
 
 
 def scene_spec(scene):
@@ -293,7 +296,8 @@ def run(cfgs, run_dir, device, log, folder, train, dev):
     after = draw(gpt, vq, vocab, tokenizer, test_caps, pc.eval_samples, sc, tc.seed + 1, tc.eval_batch)
     log(stage="post", reward=float(r_train.mean()), **fit)
 
-    held = {name: paired(scored(fn, before, test_caps), scored(fn, after, test_caps)) for name, fn in checks.items()}
+    held = {name: paired(scored(fn, before, test_caps), scored(fn, after, test_caps), before["example"])
+            for name, fn in checks.items()}
     trained = {n for _, n in rewards.parse_spec(pc.reward)}
     rose = lambda f: f["change"] > 2 * f["change_se"]
     round_figs = {"prompts": len(prompts), "samples": len(r_train), "weak_words": sorted(weak),
@@ -316,7 +320,8 @@ def run(cfgs, run_dir, device, log, folder, train, dev):
         names = [folder.names[test_half[i]] for i in before["example"]]
         (vb, pb), (va, pa) = judge(before["image"], names, scenes), judge(after["image"], names, scenes)
         vr, _ = judge(samples["image"], [folder.names[train[chosen[i]]] for i in samples["example"]], scenes)
-        post["verifier"] = {"clause_share": paired(vb, va), "pass_rate": paired(pb, pa),
+        post["verifier"] = {"clause_share": paired(vb, va, before["example"]),
+                            "pass_rate": paired(pb, pa, before["example"]),
                             "round": float(vr.mean()), "round_weighted": float((w * vr).sum() / max(w.sum(), 1e-9))}
         post["hacking"]["verifier_rose"] = rose(post["verifier"]["clause_share"])
         marks = (pb, pa)
