@@ -555,6 +555,8 @@ def write_report_md(report, path):
         parts += ["## Weakness report (dev prompts)", "", "```", weakness_table(report["weakness"], top=12), "```", ""]
     if report.get("post"):
         parts += post_section(report["post"])
+    for title, text in report.get("folder", {}).items():  # a folder run's rewards and post stages (folderpost.py)
+        parts += [f"## {title}", "", "```", text, "```", ""]
     parts += ["## Stages", ""]
     for stage, figs in report.get("stages", {}).items():
         flat = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

@@ -433,17 +433,34 @@ class ImageClassifier(nn.Module):
         return self.out(torch.cat([f.mean(1), f.amax(1)], -1)).squeeze(-1)  # (B,)
 
 
-class Heads(nn.Module):
-    """Every trained head; the aesthetic MLP reads the clip image embedding, vqascore the run's VQ encoder
-    (vq_cfg: its model.VQConfig)."""
+NAMES = ("vqascore", "structured", "clip", "aesthetic", "quality", "geometry")  # every head, in Heads' order
 
-    def __init__(self, cfg, vocab_size, vq_cfg):
+
+class Heads(nn.Module):
+    """The trained heads (`names`: all of NAMES, or some, as a folder run's vqascore and clip); the aesthetic
+    MLP reads the clip image embedding, vqascore the run's VQ encoder (vq_cfg: its model.VQConfig)."""
+
+    def __init__(self, cfg, vocab_size, vq_cfg, names=NAMES):
         super().__init__()
         self.cfg, self.vocab_size, self.vq_cfg, image_size = cfg, vocab_size, vq_cfg, vq_cfg.image_size
-        self.vqascore = vqascore.VQAScore(cfg.vqascore_dim, cfg.vqascore_layers, vocab_size, cfg.max_text, vq_cfg)
-        self.structured, self.clip = StructuredHead(cfg, vocab_size, image_size), CLIPHead(cfg, vocab_size, image_size)
-        self.aesthetic = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, 1))
-        self.quality, self.geometry = ImageClassifier(cfg, image_size), ImageClassifier(cfg, image_size)
+        self.names = tuple(n for n in NAMES if n in names)
+        build = {"vqascore": lambda: vqascore.VQAScore(cfg.vqascore_dim, cfg.vqascore_layers, vocab_size,
+                                                       cfg.max_text, vq_cfg),
+                 "structured": lambda: StructuredHead(cfg, vocab_size, image_size),
+                 "clip": lambda: CLIPHead(cfg, vocab_size, image_size),
+                 "aesthetic": lambda: nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, 1)),
+                 "quality": lambda: ImageClassifier(cfg, image_size),
+                 "geometry": lambda: ImageClassifier(cfg, image_size)}
+        for name in self.names:
+            setattr(self, name, build[name]())
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in NAMES:  # a head this run did not train: say so, not a bare AttributeError
+                raise RunError(f"this run trained only the {', '.join(self.names)} reward head(s), not {name}") from None
+            raise
 
 
 def padded_text_ids(tokenizer, prompts, max_text):
@@ -575,6 +592,19 @@ def train_structured(heads, cfg, tokenizer, x, parsed, rng, g, device, log):
     return figures
 
 
+def clip_contrastive(clip, x, cap_ids, neg_ids):
+    """The clip dual encoder's loss on images x (B, 3, H, W), their captions and a hard-negative caption each
+    (ids (B, L)): symmetric InfoNCE, each image against every caption and negative of the batch. Also returns
+    the image tokens (train_heads adds the cell probe's loss on them)."""
+    B = len(x)
+    tokens = clip.image(x)
+    zi = clip.pool(tokens)  # (B, D)
+    zt = clip.embed_texts(torch.cat([cap_ids, neg_ids]))  # (2B, D): captions, then hard negatives
+    logits = clip.logit_scale.exp() * zi @ zt.t()  # (B, 2B)
+    target = torch.arange(B, device=x.device)
+    return F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :B].t(), target), tokens
+
+
 def train_heads(cfg, tokenizer, vq, seed, device, log=lambda **kv: None):
     """Train every head on rendered data (train split prompts). Returns (Heads, figures)."""
     rng, g = np.random.default_rng([seed, 4]), torch.Generator().manual_seed(seed)
@@ -590,14 +620,8 @@ def train_heads(cfg, tokenizer, vq, seed, device, log=lambda **kv: None):
 
     def clip_loss(step):
         i = pick(n)
-        tokens = heads.clip.image(xc[i].to(device))
-        zi = heads.clip.pool(tokens)  # (B, D)
-        zt = heads.clip.embed_texts(torch.cat([cap_ids[i], neg_ids[i]]).to(device))  # (2B, D):
-        #                                                                              captions, then hard negatives
-        logits = heads.clip.logit_scale.exp() * zi @ zt.t()  # (B, 2B)
-        target = torch.arange(B, device=device)
-        contrastive = F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :B].t(), target)
-        return contrastive + heads.clip.image.cell_loss(tokens, cells[i].to(device))
+        loss, tokens = clip_contrastive(heads.clip, xc[i].to(device), cap_ids[i].to(device), neg_ids[i].to(device))
+        return loss + heads.clip.image.cell_loss(tokens, cells[i].to(device))
     figures["clip_train_loss"] = _fit("clip", heads.clip.parameters(), clip_loss, cfg.clip_steps, cfg, log)
 
     with torch.no_grad():  # the aesthetic MLP reads the frozen clip embedding, as LAION's does
@@ -648,7 +672,7 @@ def train_heads(cfg, tokenizer, vq, seed, device, log=lambda **kv: None):
 def heads_metadata(heads):
     """What load_heads needs to rebuild the networks, stored inside the safetensors file."""
     return {"config": json.dumps(asdict(heads.cfg)), "vocab_size": str(heads.vocab_size),
-            "vq_config": json.dumps(asdict(heads.vq_cfg))}
+            "vq_config": json.dumps(asdict(heads.vq_cfg)), "heads": ",".join(heads.names)}
 
 
 def load_heads(run_dir, device="cpu"):
@@ -660,6 +684,6 @@ def load_heads(run_dir, device="cpu"):
     if "config" not in meta or "vq_config" not in meta:  # heads of an older version: no vqascore
         raise RunError(f"{path} was written by an older version (no vqascore head): delete it and retrain the "
                        "heads with --stages=rewards")
-    heads = Heads(RewardsConfig(**json.loads(meta["config"])),
-                  int(meta["vocab_size"]), VQConfig(**json.loads(meta["vq_config"]))).to(device)
+    heads = Heads(RewardsConfig(**json.loads(meta["config"])), int(meta["vocab_size"]),
+                  VQConfig(**json.loads(meta["vq_config"])), meta.get("heads", ",".join(NAMES)).split(",")).to(device)
     return load_weights(heads, path).eval().requires_grad_(False)

@@ -115,7 +115,8 @@ def self_generate(gpt, vq, vocab, tokenizer, examples, k, sample_cfg: SampleConf
     example index, prompt/plan/code ids (codes None when no image was drawn) and the decoded image."""
     jobs = [(i, ex) for i, ex in enumerate(examples) for _ in range(k)]
     ids = [data.encode_text(tokenizer, ex.prompt) for ex in examples]
-    out = {"example": [], "prompt": [], "plan": [], "codes": [], "image": []}
+    out = {"example": [], "prompt": [], "plan": [], "codes": [], "image": [],
+           "format": "plan" if sample_cfg.think else "direct"}  # how sample_batch rebuilds them for training
     for start in range(0, len(jobs), batch):
         chunk = jobs[start:start + batch]
         samples = generate(gpt, vocab, [ids[i] for i, _ in chunk], sample_cfg, seed=seed + start)
@@ -187,11 +188,12 @@ def sample_weights(rewards, group, scheme, beta=0.1, threshold=0.5):
 
 
 def sample_batch(samples, rows, vocab: Vocab, device, nulls=None):
-    """Samples -> a data.Batch, as the pretraining batches: <bos> prompt <think> plan <boi> codes <eoi> <eos>,
-    loss on everything after the prompt; rows where nulls is True get the null condition (image tokens only),
+    """Samples -> a data.Batch, as the pretraining batches: <bos> prompt <think> plan <boi> codes <eoi> <eos>
+    (without <think> and plan for samples drawn without one), loss on everything after the prompt; rows where nulls is True get the null condition (image tokens only),
     as in pretraining."""
     nulls = [False] * len(rows) if nulls is None else nulls
-    seqs = [build_sequence("plan", vocab, samples["prompt"][i], samples["plan"][i], samples["codes"][i], null=bool(n))
+    seqs = [build_sequence(samples.get("format", "plan"), vocab, samples["prompt"][i], samples["plan"][i],
+                           samples["codes"][i], null=bool(n))
             for i, n in zip(rows, nulls)]
     return data.collate(seqs, vocab, device)
 
@@ -280,6 +282,12 @@ def pretraining_batches(tc, batch, seed, rng, tokenizer, vq, vocab, device):
     """A function returning one pretraining batch per call (a small world_data set, reshuffled each
     pass): the data of the anti-drift term."""
     ds = data.world_data(min(tc.lm_examples, 50 * batch), seed, "train", tokenizer, vq, device, tc.tail_keep)
+    return drift_batches(ds, tc, batch, rng, vocab, device)
+
+
+def drift_batches(ds, tc, batch, rng, vocab, device):
+    """A function returning one batch of the data.LMData ds per call, in tc's format mix, reshuffled each pass
+    (data.epoch_batches): the anti-drift term's data, the world's or a folder's."""
     queue = []
 
     def next_batch():
@@ -397,9 +405,6 @@ def run(cfgs, run_dir, device, log, report):
     """The post stage: post_train (the reward alone), then judge (the verifier), the adapter saved and the
     benchmarks again."""
     tc, pc = cfgs["train"], cfgs["post"]
-    if tc.data_dir:
-        print("post-training skipped: its prompts, verifier and benchmarks belong to the shapes world")
-        return {"skipped": "post-training (it needs the shapes world)"}, None
     if not report.get("benchmarks"):
         raise RunError("the post stage compares against the eval stage's benchmarks: run --stages=eval first")
     try:

@@ -48,6 +48,7 @@ import ablations
 import config
 import data
 import evaluate
+import folderpost
 import heads
 import overopt
 import posttrain
@@ -566,10 +567,13 @@ def train_lm(cfgs, run_dir, device, metrics, dist):
 def stage_rewards(run):
     cfgs, run_dir, device = run.cfgs, run.dir, run.device
     tc, rc = cfgs["train"], cfgs["rewards"]
-    if tc.data_dir:
-        print("reward heads skipped: they learn from the shapes world's scenes and prompts, "
-              "which a folder run does not have")
-        return {"skipped": "reward heads (they are trained on the shapes world)"}
+    if tc.data_dir:  # vqascore and clip learnt from the folder's own captions (folderpost.py)
+        folder, train, dev = open_folder(cfgs)
+        figures, text = folderpost.train_reward(cfgs, run_dir, device, folder, train, dev,
+                                                lambda **kv: run.metrics.log(stage="rewards", **kv))
+        run.report.setdefault("folder", {})["Reward calibration (held-out images of the folder)"] = text
+        print(text)
+        return figures
     tokenizer = data.load_tokenizer(os.path.join(run_dir, "tokenizer.json"))
     vq = load_weights(VQ(cfgs["vq"]).to(device), os.path.join(run_dir, "vq.safetensors")).eval()
     net, figures = heads.train_heads(rc, tokenizer, vq, tc.seed, device,
@@ -604,6 +608,13 @@ def stage_eval(run):
 
 
 def stage_post(run):
+    if run.cfgs["train"].data_dir:  # the folder's captions, its learnt reward, held-out captions (folderpost.py)
+        folder, train, dev = open_folder(run.cfgs)
+        figures, run.report["folder_post"], tables = folderpost.run(run.cfgs, run.dir, run.device, run.metrics.log,
+                                                                    folder, train, dev)
+        run.report.setdefault("folder", {}).update(tables)
+        print("\n\n".join(tables.values()))
+        return figures
     figures, post = posttrain.run(run.cfgs, run.dir, run.device, run.metrics.log, run.report)
     if post:
         run.report["post"] = post
@@ -740,8 +751,6 @@ def main(argv=None):
             print(f"[{stage}] reusing {os.path.join(run_dir, OUTPUTS[stage])}")
             continue
         needs = STAGES[:STAGES.index(stage)] if stage in STAGES else [s for s in STAGES if s != "post"]
-        if tc.data_dir:  # a folder run trains no reward heads
-            needs = [s for s in needs if s != "rewards"]
         missing = [s for s in needs if s in OUTPUTS and not os.path.exists(os.path.join(run_dir, OUTPUTS[s]))]
         if missing:
             raise SystemExit(f"stage {stage} needs the {missing[0]} stage first: "

@@ -90,8 +90,9 @@ def test_folder_run_end_to_end(tmp_path, capsys, one_thread):
     data.make_folder(str(folder), 48, seed=3)
     Image.new("LA", (20, 30)).save(folder / "extra.png")  # not in metadata.jsonl: ignored
     out = tmp_path / "run"
-    train.main([MICRO, f"--train.out_dir={out}", f"--train.data_dir={folder}",
+    train.main([MICRO, f"--train.out_dir={out}", f"--train.data_dir={folder}", "--stages=tokenizer,vq,lm,eval",
                 "--train.p_plan=0", "--train.p_direct=0.8", "--sample.think=false", "--train.lm_steps=4"])
+    # (the rewards and post stages of a folder run: tests/test_folder.py)
     assert "benchmarks skipped" in capsys.readouterr().out
     report = json.load(open(out / "report.json"))
     assert report["benchmarks"] == {} and report["stages"]["eval"]["images"] >= 1
