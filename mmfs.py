@@ -3,7 +3,7 @@ MM-Interleaved's pieces for sequences of several images (arXiv 2401.10208), as t
 them when its config asks, and knows when an image closes; this file knows nothing of the world or the tokens.
 
 - ImageFeatures: an image's codes, embedded, become a small multi-scale feature pyramid (8x8, 4x4, 2x2 at the
-  default grid), every level one learned projection of the one below: the "encoder features" of the image.
+  default grid), each level average-pooled from the one above and projected: the "encoder features" of the image.
 - Resampler: a fixed number of learned queries cross-attend to those features: an image that has closed enters
   the rest of the sequence as that many context tokens only (the paper's few visual tokens), so detail is lost.
 - Synchronizer (MMFS): every few layers, each position cross-attends to the feature pyramids of the images that
@@ -29,27 +29,29 @@ def rms(x, weight):
 
 
 class ImageFeatures(nn.Module):
-    """Embedded codes (N, g*g, C) -> the pyramid (N, P, C), P = g^2 + (g/2)^2 + ...: a 3x3 convolution at the
-    full grid, then stride-2 convolutions down to 2x2, each level tagged with a learned scale vector."""
+    """Embedded codes (N, g*g, C) -> the pyramid (N, P, C), P = g^2 + (g/2)^2 + ... + 2^2: the code embeddings plus
+    a learned position, average-pooled 2x2 level by level, each level through its own projection and tagged with a
+    learned scale vector. No convolutions: the codes of this world's VQ are already local features, and sampling
+    recomputes the pyramid of every closed image at every step, so it has to be cheap."""
 
     def __init__(self, n_embd, grid):
         super().__init__()
         self.grid = grid
         self.pos = nn.Parameter(torch.zeros(grid * grid, n_embd))  # where each code lies in its image
-        levels = [grid]
-        while levels[-1] > 2:
-            levels.append(levels[-1] // 2)
-        self.convs = nn.ModuleList([nn.Conv2d(n_embd, n_embd, 3, padding=1)]
-                                   + [nn.Conv2d(n_embd, n_embd, 3, stride=2, padding=1) for _ in levels[1:]])
-        self.scale = nn.Parameter(torch.zeros(len(levels), n_embd))
+        n_levels = 1
+        while grid >> n_levels >= 2:
+            n_levels += 1
+        self.proj = nn.ModuleList(nn.Linear(n_embd, n_embd, bias=False) for _ in range(n_levels))
+        self.scale = nn.Parameter(torch.zeros(n_levels, n_embd))
 
     def forward(self, emb):
         N, n, C = emb.shape
         m = (emb + self.pos).transpose(1, 2).reshape(N, C, self.grid, self.grid)  # (N, C, g, g)
         out = []
-        for i, conv in enumerate(self.convs):
-            m = F.gelu(conv(m))  # (N, C, g / 2^i, g / 2^i)
-            out.append(m.flatten(2).transpose(1, 2) + self.scale[i])  # (N, (g / 2^i)^2, C)
+        for i, proj in enumerate(self.proj):
+            if i:
+                m = F.avg_pool2d(m, 2)  # (N, C, g / 2^i, g / 2^i)
+            out.append(proj(m.flatten(2).transpose(1, 2)) + self.scale[i])  # (N, (g / 2^i)^2, C)
         return torch.cat(out, 1)  # (N, P, C)
 
 

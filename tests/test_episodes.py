@@ -94,12 +94,16 @@ def toy_cfg(**kw):
 
 
 @functools.lru_cache(maxsize=None)
-def toy_model(k, sync_every, steps=60):
+def toy_model(k, sync_every, steps=100):
     """A tiny GPT trained for a moment on toy episodes, so that greedy samples open three images by themselves;
-    its synchronizers then turned up (gate 1, output x20), so that a wrong visibility changes what it samples. float64."""
+    its synchronizers open (gate 1) from the start, so that they learn to matter and a wrong visibility changes
+    what it samples. float64."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     model = GPT(toy_cfg(ctx_tokens=k, sync_every=sync_every))
+    with torch.no_grad():
+        for s in getattr(model, "syncs", {}).values():
+            s.gate.fill_(1.0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(steps):
         b = toy_batch(rng, k)
@@ -107,10 +111,6 @@ def toy_model(k, sync_every, steps=60):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        for s in getattr(model, "syncs", {}).values():
-            s.gate.fill_(1.0)
-            s.attn.o.weight *= 20
     return model.double().eval()
 
 
