@@ -22,6 +22,7 @@ sequence and its episodes.context_layout every step; tests/test_episodes.py chec
 Usage (after `python train.py tiny_configs/shapes_cpu.toml`):
     python generate.py out/shapes_cpu "a red circle" "three blue squares" "a square the colour of grass"
     python generate.py out/shapes_cpu "two triangles" --n 8 --seed 1 --cfg_scale 1 --out out/two.png
+    python generate.py out/interleaved "a big red circle at the top left" --images 3   # text, an image, text, ...
 """
 
 import argparse
@@ -276,6 +277,23 @@ def generate_interleaved_reference(model, vocab, prefix, cfg: SampleConfig, max_
         else:
             n_codes += 1
     return out
+
+
+def split_interleaved(tokens, image_offset):
+    """The tokens of an interleaved sample -> [(text ids before an image, its codes)], then (the text after the
+    last image, None); placeholders dropped."""
+    pieces, text, codes = [], [], None
+    for t in tokens:
+        if t == BOI:
+            codes = []
+        elif t == EOI and codes is not None:
+            pieces.append((text, codes))
+            text, codes = [], None
+        elif codes is not None:
+            codes.append(t - image_offset)
+        elif t not in (PAD, THINK, EOS):
+            text.append(t)
+    return pieces + [(text, None)]
 
 
 @torch.no_grad()
@@ -546,6 +564,20 @@ def save_grid(images, captions, path, cols=8, scale=4, marks=None):
     sheet.save(path)
 
 
+def save_interleaved(vq, tokenizer, vocab, outs, n_images, path):
+    """Interleaved samples -> a grid, one row each: every image with the text written before it."""
+    images, captions = [], []
+    for tokens in outs:
+        pieces = [p for p in split_interleaved(tokens, vocab.image_offset)
+                  if p[1] is not None][:n_images]
+        print(" | ".join(decode_text(tokenizer, text) + " [image]" for text, _ in pieces) or "[no image]")
+        pieces += [([], None)] * (n_images - len(pieces))
+        images += decode_images(vq, [{"codes": c} for _, c in pieces])
+        captions += [decode_text(tokenizer, text) for text, _ in pieces]
+    save_grid(images, captions, path, cols=n_images)
+    print(f"wrote {path}")
+
+
 def strict_bool(s):
     if s.lower() not in ("true", "false", "1", "0"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
@@ -559,6 +591,8 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=4, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/generate.png)")
+    p.add_argument("--images", type=int, default=1, help="images per sample: above 1 the model goes on after each "
+                   "<eoi> (generate_interleaved; one row per sample; no guidance, so cfg_scale is 1)")
     p.add_argument("--adapter", default=None,
                    help="sample with a post-training adapter, e.g. post (RUN_DIR/lora_post.safetensors)")
     for f in fields(SampleConfig):  # every sampling setting can be overridden; defaults come from the run
@@ -576,6 +610,12 @@ def main(argv=None):
                 setattr(sample_cfg, f.name, getattr(args, f.name))
         prompt_ids = [encode_text(tokenizer, p) for p in args.prompts]
         batch = [ids for ids in prompt_ids for _ in range(args.n)]
+        if args.images > 1:
+            sample_cfg.cfg_scale = 1.0
+            outs = generate_interleaved(gpt, vocab, [[BOS] + ids + [THINK] * sample_cfg.think for ids in batch],
+                                        sample_cfg, args.images, args.seed)
+            out = args.out or os.path.join(args.run_dir, "generate.png")
+            return save_interleaved(vq, tokenizer, vocab, outs, args.images, out)
         samples = generate(gpt, vocab, batch, sample_cfg, seed=args.seed)
     except (RunError, ValueError) as e:
         raise SystemExit(f"error: {e}")

@@ -209,3 +209,26 @@ def test_world_episode_batch_trains():
     loss = (token_ce(model(b.x, patch=b.patch, context=b.context), b.y) * b.weight).sum() / b.weight.sum()
     loss.backward()
     assert torch.isfinite(loss) and model.syncs["1"].gate.grad is not None
+
+
+def test_the_interleaved_scorers():
+    """The caption parser reads every caption of the world back; score_step credits exactly what an edit asks."""
+    from interleaved import parse_caption, score_step
+    rng = np.random.default_rng(4)
+    for _ in range(100):
+        scene = world.random_scene(rng)
+        assert parse_caption(world.caption_text(scene, rng)) == scene
+    ep = episodes.sample_episodes(1, 3, "bench", n_images=2)[0]
+    prev, step = ep.steps
+    assert score_step(ep, 1, step.scene) == {"exact": 1.0, "persist": 1.0, "edit": 1.0}
+    unchanged = score_step(ep, 1, prev.scene)
+    assert unchanged["exact"] == 0.0 and unchanged["edit"] == 0.0 and unchanged["persist"] == 1.0
+    nothing = score_step(ep, 1, None)
+    assert nothing["exact"] == nothing["edit"] == 0.0
+
+
+def test_split_interleaved():
+    from generate import split_interleaved
+    off = VOCAB.image_offset
+    toks = [20, THINK, 9, BOI, off + 1, off + 2, EOI, PAD, PAD, 21, BOI, off + 3, EOI, 22, EOS]
+    assert split_interleaved(toks, off) == [([20, 9], [1, 2]), ([21], [3]), ([22], None)]
