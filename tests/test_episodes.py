@@ -2,6 +2,7 @@
 import dataclasses
 import functools
 import json
+import os
 
 import numpy as np
 import pytest
@@ -232,3 +233,13 @@ def test_split_interleaved():
     off = VOCAB.image_offset
     toks = [20, THINK, 9, BOI, off + 1, off + 2, EOI, PAD, PAD, 21, BOI, off + 3, EOI, 22, EOS]
     assert split_interleaved(toks, off) == [([20, 9], [1, 2]), ([21], [3]), ([22], None)]
+
+
+def test_the_interleaved_config_loads_and_is_checked():
+    import train
+    from config import ConfigError
+    path = os.path.join(os.path.dirname(__file__), "..", "tiny_configs", "interleaved.toml")
+    cfgs = train.load_config(path)
+    assert cfgs["gpt"].interleaved and cfgs["train"].episode_share > 0 and cfgs["train"].lm_init
+    with pytest.raises(ConfigError, match="train.episode_images=5 must lie in 1..gpt.max_images=4"):
+        train.load_config(path, ["train.episode_images=5"])
