@@ -126,6 +126,10 @@ def test_interleaved_fast_equals_reference_on_three_images(k, sync_every):
     ref = [generate_interleaved_reference(model, VOCAB, p, cfg, max_images=3) for p in prefixes]
     assert [f[:len(r)] for f, r in zip(fast, ref)] == ref
     assert ref[0].count(EOI) == 3, f"the test must sample a 3-image episode: {ref[0]}"
+    plain = [one[:one.index(EOI) + 1], [BOS, 26, THINK]]  # pair sequences, no layout: e.g. an image to caption
+    fast = generate_interleaved(model, VOCAB, plain, cfg, max_images=1, plain=True)
+    ref = [generate_interleaved_reference(model, VOCAB, p, cfg, max_images=1, plain=True) for p in plain]
+    assert [f[:len(r)] for f, r in zip(fast, ref)] == ref
 
 
 def test_no_position_sees_a_later_image():
