@@ -113,6 +113,8 @@ class TrainConfig:
     episode_examples: int = 4000  # training episodes generated for them (and a sixteenth of that held out)
     episode_images: int = 4  # images per episode, uniform in 1..this
     episode_batch: int = 8  # episodes per episode step (an episode is about 2.5 pairs long)
+    new_lr_mult: float = 1.0  # with lm_init: learning-rate multiplier of the interleaved modules (NEW_MODULES), which
+    #                           start from scratch; a synchronizer's zero gate grows by about one lr per step
     eval_every: int = 250  # steps between held-out loss measurements
     log_every: int = 25  # steps between training-loss lines in metrics.jsonl
     ckpt_every: int = 250  # steps between resumable checkpoints of the lm stage (0 = none)
@@ -464,6 +466,9 @@ def lm_loss(model, batch, denom=None):
     return loss, parts
 
 
+NEW_MODULES = ("image_features.", "resampler.", "syncs.")  # what an interleaved GPT has beyond a plain one
+
+
 def load_init(model, run_dir, lm_init):
     """The lm stage continues lm_init's GPT: its weights, and fresh ones for the modules it lacks (the resampler and
     synchronizers of an interleaved config); the run must use lm_init's tokenizer and VQ."""
@@ -477,7 +482,7 @@ def load_init(model, run_dir, lm_init):
         missing, unexpected = model.load_state_dict(tensors, strict=False)
     except RuntimeError as e:
         raise ConfigError(f"train.lm_init={lm_init}: its GPT does not fit this [gpt] config: {str(e)[:300]}") from None
-    bad = [k for k in missing if not k.startswith(("image_features.", "resampler.", "syncs."))] + unexpected
+    bad = [k for k in missing if not k.startswith(NEW_MODULES)] + unexpected
     if bad:
         raise ConfigError(f"train.lm_init={lm_init}: its GPT does not fit this [gpt] config ({', '.join(bad[:3])})")
 
@@ -520,11 +525,12 @@ def train_lm(cfgs, run_dir, device, metrics, dist):
         ep_val = episodes.episode_data(max(tc.episode_batch, tc.episode_examples // 16), tc.seed + 1, "dev", *ep_args)
         ep_batch = lambda seqs: episodes.make_batch(seqs, vocab, vq.cfg.n_codes, gc.ctx_tokens, device)
         val_episodes = [ep_batch(ep_val[i:i + tc.episode_batch]) for i in range(0, len(ep_val), tc.episode_batch)]
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=tc.lm_lr, betas=(0.9, 0.95), fused=device.startswith("cuda"))
+    mult = lambda n: tc.new_lr_mult if tc.lm_init and n.startswith(NEW_MODULES) else 1.0
+    groups = [{"params": [p for n, p in model.named_parameters() if (p.dim() >= 2) == matrix and mult(n) == m],
+               "weight_decay": tc.weight_decay if matrix else 0.0, "lr_mult": m}
+              for matrix in (True, False) for m in sorted({mult(n) for n, _ in model.named_parameters()})]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lm_lr, betas=(0.9, 0.95),
+                            fused=device.startswith("cuda"))
     rng = np.random.default_rng(tc.seed)  # draws each epoch's formats and order:
     #                                       the data position is (its state, batches done)
     start, batches, done, epoch_state = 0, [], 0, None
@@ -575,7 +581,7 @@ def train_lm(cfgs, run_dir, device, metrics, dist):
             batch = data.make_batch(train_ds, items[dist.rank::dist.world], vocab, device)  # this process's share
         lr = cosine_lr(step, tc.lm_lr, tc.lm_warmup, tc.lm_steps, tc.lm_min_lr)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_mult"]
         # each process divides its token loss sum by the global batch's token count / world, and DDP
         # averages over the world: the gradient of the global batch's mean, as in one process
         denom = dist_mean(batch.weight.sum(), dist)
