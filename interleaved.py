@@ -142,29 +142,33 @@ def table(report):
     return "\n".join(lines)
 
 
-def late_exact(records):
-    """Per episode: the mean exact score over the steps with 2 or 3 images in context (steps 3 and 4)."""
-    return np.mean([[r["exact"] for r in records["steps"][s]] for s in (2, 3)], axis=0)
+def late(records, metric):
+    """Per episode: the mean of a step metric over the steps with 2 or 3 images in context (steps 3 and 4)."""
+    return np.mean([[r[metric] for r in records["steps"][s]] for s in (2, 3)], axis=0)
 
 
 def compare(runs, seed=0, n=1000):
-    """{name: run dir} with few, mmfs and full -> lines: each run's late exact score, and the share of the gap
-    (full - few) that mmfs closes, with a paired bootstrap interval over episodes (the same bench episodes)."""
+    """{name: run dir} with few, mmfs and full -> lines: per metric (persist: the objects an edit leaves must stay;
+    exact: the whole scene), each run's score at steps 3-4, the paired differences with their standard errors, and
+    the share of the gap (full - few) that mmfs closes, with a paired bootstrap interval over the bench episodes."""
     recs = {name: read_json(os.path.join(d, "interleaved_records.json")) for name, d in runs.items()}
-    late = {name: late_exact(r) for name, r in recs.items()}
-    lines = [f"{name}: exact at steps 3-4 {v.mean():.3f} {bootstrap_ci([v])}" for name, v in late.items()]
-    if {"few", "mmfs", "full"} <= set(late):
-        few, mm, full = late["few"], late["mmfs"], late["full"]
+    lines = []
+    for metric in ("persist", "exact"):
+        v = {name: late(r, metric) for name, r in recs.items()}
+        lines += [f"{metric} at steps 3-4: " + ", ".join(f"{k} {x.mean():.3f} {bootstrap_ci([x])}" for k, x in v.items())]
+        if not {"few", "mmfs", "full"} <= set(v):
+            continue
+        few, mm, full = v["few"], v["mmfs"], v["full"]
         for a, b in (("mmfs", "few"), ("full", "few"), ("full", "mmfs")):
-            d = late[a] - late[b]
-            lines.append(f"{a} - {b}: {d.mean():+.3f} (standard error of the paired difference {d.std(ddof=1) / np.sqrt(len(d)):.3f})")
-        rng = np.random.default_rng(seed)
-        idx = rng.integers(0, len(few), (n, len(few)))
-        gaps = (full[idx].mean(1) - few[idx].mean(1))
+            d = v[a] - v[b]
+            lines.append(f"  {a} - {b}: {d.mean():+.3f} (standard error of the paired difference "
+                         f"{d.std(ddof=1) / np.sqrt(len(d)):.3f})")
+        idx = np.random.default_rng(seed).integers(0, len(few), (n, len(few)))
+        gaps = full[idx].mean(1) - few[idx].mean(1)
         closed = (mm[idx].mean(1) - few[idx].mean(1)) / np.where(gaps == 0, np.nan, gaps)
         point = (mm.mean() - few.mean()) / (full.mean() - few.mean()) if full.mean() != few.mean() else float("nan")
         lo, hi = np.nanpercentile(closed, [2.5, 97.5])
-        lines.append(f"share of the gap mmfs closes: {point:.2f} [{lo:.2f}, {hi:.2f}] (the aim: >= 0.5)")
+        lines.append(f"  share of the gap mmfs closes: {point:.2f} [{lo:.2f}, {hi:.2f}] (the aim: >= 0.5)")
     return lines
 
 
