@@ -172,12 +172,16 @@ def split_of(ep):
     return "bench" if h < 15 else "dev" if h < 25 else "train"
 
 
-def sample_episodes(n, seed, split, max_images=MAX_OBJECTS, n_images=None):
-    """n episodes of `split`, of n_images images each (default: uniform in 1..max_images)."""
+def sample_episodes(n, seed, split, max_images=MAX_OBJECTS, n_images=None, tail_keep=1.0):
+    """n episodes of `split`, of n_images images each (default: uniform in 1..max_images). tail_keep < 1: an episode
+    with a long-tail composition (world.TAIL) in any image is kept with that probability, as the generator's pairs
+    are (train.tail_keep): episodes must not show the GPT what its pairs hide."""
     rng = np.random.default_rng(seed)
     out = []
     while len(out) < n:
         ep = random_episode(rng, n_images or int(rng.integers(1, max_images + 1)))
+        if tail_keep < 1 and any(world.shows_tail(s.scene) for s in ep.steps) and rng.random() >= tail_keep:
+            continue
         if split_of(ep) == split:
             out.append(ep)
     return out
@@ -280,8 +284,8 @@ def episode_codes(eps, vq, device):
     return out
 
 
-def episode_data(n, seed, split, tokenizer, vocab, vq, device, ctx_tokens, block_size, max_images):
+def episode_data(n, seed, split, tokenizer, vocab, vq, device, ctx_tokens, block_size, max_images, tail_keep=1.0):
     """n episodes as training sequences (data.build_sequence's triples)."""
-    eps = sample_episodes(n, seed, split, max_images)
+    eps = sample_episodes(n, seed, split, max_images, tail_keep=tail_keep)
     return [episode_sequence(ep, tokenizer, vocab, c, ctx_tokens, block_size)
             for ep, c in zip(eps, episode_codes(eps, vq, device))]

@@ -521,8 +521,9 @@ def train_lm(cfgs, run_dir, device, metrics, dist):
                    for b in data.epoch_batches(val_ds, val_rng, tc, min(tc.lm_batch, len(val_ds)))]
     if tc.episode_share:  # the episodes' own held-out batches, so that their loss is read apart from the pairs'
         ep_args = (tokenizer, vocab, vq, device, gc.ctx_tokens, gc.block_size, tc.episode_images)
-        ep_train = episodes.episode_data(tc.episode_examples, tc.seed, "train", *ep_args)
-        ep_val = episodes.episode_data(max(tc.episode_batch, tc.episode_examples // 16), tc.seed + 1, "dev", *ep_args)
+        ep_train = episodes.episode_data(tc.episode_examples, tc.seed, "train", *ep_args, tc.tail_keep)
+        ep_val = episodes.episode_data(max(tc.episode_batch, tc.episode_examples // 16), tc.seed + 1, "dev", *ep_args,
+                                       tc.tail_keep)
         ep_batch = lambda seqs: episodes.make_batch(seqs, vocab, vq.cfg.n_codes, gc.ctx_tokens, device)
         val_episodes = [ep_batch(ep_val[i:i + tc.episode_batch]) for i in range(0, len(ep_val), tc.episode_batch)]
     mult = lambda n: tc.new_lr_mult if tc.lm_init and n.startswith(NEW_MODULES) else 1.0

@@ -54,6 +54,14 @@ def test_instructions_use_only_the_worlds_words():
         assert ids.count(BOI) == ids.count(EOI) == len(ep.steps) and ids.count(PAD) == 2 * len(ep.steps)
 
 
+def test_episodes_keep_the_long_tail_as_the_pairs_do():
+    """With train.tail_keep = 0 no episode shows a long-tail composition in any of its images (it would teach the
+    GPT what its pairs hide); with 1 many do."""
+    shows = lambda eps: sum(any(world.shows_tail(s.scene) for s in ep.steps) for ep in eps)
+    assert shows(episodes.sample_episodes(200, 0, "train", tail_keep=0.0)) == 0
+    assert shows(episodes.sample_episodes(200, 0, "train")) > 50
+
+
 def test_bad_input_is_a_clear_error():
     scene = world.Scene((world.Obj("circle", "red", "small", 0, 0),))
     ghost = world.Obj("square", "blue", "large", 1, 1)
