@@ -415,6 +415,7 @@ class Batch:
     patch: torch.Tensor  # (B, T-1) patch of each input (patch_positions), 0 for text and padding
     tags: torch.Tensor  # (B, T-1) tag of each input (vocab.tagger), all 0 without a tagger
     modality: torch.Tensor  # (B, T-1) TEXT or IMAGE of each target
+    context: object = None  # episodes: a model.ImageContext of the inputs (episodes.make_batch); None for pairs
 
 
 def collate(seqs, vocab, device):

@@ -13,9 +13,16 @@ reference computes them from the whole sequence, the fast sampler carries them a
 Grammar: outside an image only text tokens (and <boi>, <eos>); inside, only codes, exactly N of them,
 then <eoi>. Nothing ever inserts <boi>: if the model never emits it, the sample has no image.
 
+Several images in one sequence (episodes.py): `generate_interleaved` goes on after an <eoi>, writes text, opens
+the next image by itself, ..., up to max_images new images, <eos> or block_size, in one KV cache; a closed image's
+text (and, with gpt.ctx_tokens, its codes) is hidden from what follows by the cache's per-key visibility, and its
+resampler placeholders are fed as the next positions. `generate_interleaved_reference` recomputes the whole
+sequence and its episodes.context_layout every step; tests/test_episodes.py checks they agree token for token.
+
 Usage (after `python train.py tiny_configs/shapes_cpu.toml`):
     python generate.py out/shapes_cpu "a red circle" "three blue squares" "a square the colour of grass"
     python generate.py out/shapes_cpu "two triangles" --n 8 --seed 1 --cfg_scale 1 --out out/two.png
+    python generate.py out/interleaved "a big red circle at the top left" --images 3   # text, an image, text, ...
 """
 
 import argparse
@@ -32,7 +39,8 @@ from safetensors.torch import save_file
 
 from data import (BOI, BOS, EOI, EOS, NULL, PAD, THINK, Vocab, check_world_run, decode_text, encode_text,
                   load_tokenizer, patch_positions, region_tagger, to_u8, vq_codes)
-from model import GPT, VQ, GPTConfig, KVCache, VQConfig, load_lora, merge_lora
+from episodes import context_inputs, context_layout
+from model import GPT, NEVER, VQ, GPTConfig, ImageContext, KVCache, VQConfig, load_lora, merge_lora
 
 
 @dataclass
@@ -219,6 +227,182 @@ def generate(model, vocab, prompts_ids, cfg: SampleConfig, seed=0):
 
 
 # -----------------------------------------------------------------------------
+# several images in one sequence
+
+
+def check_interleaved(model, cfg):
+    if cfg.cfg_scale != 1.0:
+        raise ValueError(f"interleaved sampling has no classifier-free guidance (what would the null branch of an "
+                         f"episode be?): set cfg_scale = 1, not {cfg.cfg_scale}")
+    return model.cfg.ctx_tokens
+
+
+@torch.no_grad()
+def generate_interleaved_reference(model, vocab, prefix, cfg: SampleConfig, max_images=1, seed=0, plain=False):
+    """One prefix (ids that end in text, resampler placeholders after each closed image, as
+    episodes.episode_sequence writes them) -> the tokens that follow it: text, images, the placeholders after
+    each image that closes, until <eos>, the end of the max_images-th new image, max_plan_tokens text tokens in a
+    row, or block_size. A <boi> beyond max_images ends it. No cache: every step re-runs the whole sequence with
+    its episodes.context_layout. plain=True: no layout at all (a pair sequence, e.g. an image to caption)."""
+    k = 0 if plain else check_interleaved(model, cfg)
+    dev = next(model.parameters()).device
+    n_img = model.cfg.n_image_tokens
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    seq, out = list(prefix), []
+    phase, n_codes, n_text, images = 0, 0, 0, 0
+    while len(seq) < model.cfg.block_size:
+        idx = torch.tensor([seq], device=dev)
+        patch = torch.tensor([patch_positions(seq, vocab.image_offset)], device=dev)
+        tags = torch.tensor([vocab.tagger.tags(seq)], device=dev) if vocab.tagger is not None else None
+        ctx = None if plain else context_inputs([context_layout(seq, vocab.image_offset, n_img, k)], n_img, dev)
+        logits = model(idx, patch=patch, tags=tags, context=ctx)[:, -1]
+        allowed = allowed_tokens(vocab, torch.tensor([phase], device=dev), torch.tensor([n_codes], device=dev), n_img, dev)
+        temp = torch.tensor([cfg.temperature if phase == 1 else cfg.text_temperature], device=dev)
+        tok = sample_next(logits, allowed, temp, cfg.top_k, cfg.top_p, gen).item()
+        out.append(tok)
+        seq.append(tok)
+        if phase == 0:
+            n_text += 1
+            if tok == EOS or (tok == BOI and images >= max_images) or (tok != BOI and n_text >= cfg.max_plan_tokens):
+                break
+            if tok == BOI:
+                phase, n_codes = 1, 0
+        elif tok == EOI:
+            images += 1
+            if images >= max_images or len(seq) + k > model.cfg.block_size:
+                break
+            phase, n_text = 0, 0
+            seq += [PAD] * k
+            out += [PAD] * k
+        else:
+            n_codes += 1
+    return out
+
+
+def split_interleaved(tokens, image_offset):
+    """The tokens of an interleaved sample -> [(text ids before an image, its codes)], then (the text after the
+    last image, None); placeholders dropped."""
+    pieces, text, codes = [], [], None
+    for t in tokens:
+        if t == BOI:
+            codes = []
+        elif t == EOI and codes is not None:
+            pieces.append((text, codes))
+            text, codes = [], None
+        elif codes is not None:
+            codes.append(t - image_offset)
+        elif t not in (PAD, THINK, EOS):
+            text.append(t)
+    return pieces + [(text, None)]
+
+
+@torch.no_grad()
+def generate_interleaved(model, vocab, prefixes, cfg: SampleConfig, max_images=1, seed=0, plain=False):
+    """A batch of prefixes -> the tokens that follow each, as generate_interleaved_reference, in one KV cache:
+    left-padded prefixes, then one token per row per step. A closed image's placeholders are forced, one per step,
+    while the other rows sample on."""
+    k = 0 if plain else check_interleaved(model, cfg)
+    dev = next(model.parameters()).device
+    B, n_img, bs = len(prefixes), model.cfg.n_image_tokens, model.cfg.block_size
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    lens = [len(p) for p in prefixes]
+    if max(lens) >= bs:
+        raise ValueError(f"a prefix of {max(lens)} tokens leaves no room within block_size {bs}")
+    P = max(lens)
+    L = P + bs - min(lens)  # the cache's columns: padding, then up to block_size positions per row
+    layouts = [context_layout(p, vocab.image_offset, n_img, k) for p in prefixes]
+    shift = [P - n for n in lens]  # left padding: a row's column = its position + shift
+    n_imgs = [len(lay[2]) for lay in layouts]
+    I = max(1, max(n_imgs) + max_images)
+    codes = torch.zeros(B, I, n_img, dtype=torch.long, device=dev)
+    closed = torch.full((B, I), NEVER, dtype=torch.long, device=dev)
+    until = torch.full((B, L), NEVER, dtype=torch.long, device=dev)
+    slot = torch.zeros(B, P, dtype=torch.long, device=dev)
+    idx = torch.full((B, P), PAD, dtype=torch.long, device=dev)
+    patch = torch.zeros(B, P, dtype=torch.long, device=dev)
+    valid = torch.ones(B, L, dtype=torch.bool, device=dev)
+    for b, (p, (u, s, c, cl)) in enumerate(zip(prefixes, layouts)):
+        o = shift[b]
+        idx[b, o:] = torch.tensor(p, device=dev)
+        patch[b, o:] = torch.tensor(patch_positions(p, vocab.image_offset), device=dev)
+        until[b, o:P] = torch.tensor([x + o if x != NEVER else NEVER for x in u], device=dev)
+        slot[b, o:] = torch.tensor(s, device=dev)
+        valid[b, :o] = False
+        if c:
+            codes[b, :len(c)] = torch.tensor(c, device=dev)
+            closed[b, :len(c)] = torch.tensor(cl, device=dev) + o
+    pos = (valid[:, :P].long().cumsum(1) - 1).clamp(min=0)
+    cache = KVCache(model.cfg, B, L, dev, next(model.parameters()).dtype)
+    tags = region = None
+    if vocab.tagger is not None:
+        tags, region = vocab.tagger.step(torch.zeros(B, dtype=torch.long, device=dev), idx, patch)
+    ctx = None if plain else ImageContext(codes, closed, slot, until)
+    logits = model(idx, patch=patch, tags=tags, pos=pos, key_valid=valid[:, :P], cache=cache, context=ctx)[:, -1]
+    next_pos = torch.tensor(lens, device=dev)
+    # per row: phase (0 text, 1 image), codes and text tokens so far, new images, placeholders still to feed,
+    # the column where its current step began and of its last <boi>, and the codes of the image it draws
+    phase, n_codes, n_text = [0] * B, [0] * B, [0] * B
+    images, pending = [0] * B, [0] * B
+    start = [(s + lay[3][-1] + 1 + k) if lay[3] else s + 1 for s, lay in zip(shift, layouts)]
+    boi_col, drawing = [0] * B, [[] for _ in range(B)]
+    done = [False] * B
+    out = [[] for _ in range(B)]
+    while not all(done):
+        col = cache.length  # the column the tokens of this step take
+        allowed = allowed_tokens(vocab, torch.tensor(phase, device=dev), torch.tensor(n_codes, device=dev), n_img, dev)
+        temp = torch.tensor([cfg.temperature if ph == 1 else cfg.text_temperature for ph in phase], device=dev)
+        drawn = sample_next(logits, allowed, temp, cfg.top_k, cfg.top_p, gen).tolist()
+        feed, feed_patch, feed_slot = [PAD] * B, [0] * B, [0] * B
+        for b in range(B):
+            if done[b]:
+                continue
+            if pending[b]:  # a closed image's placeholder: forced, not sampled
+                j = k - pending[b]
+                pending[b] -= 1
+                out[b].append(PAD)
+                feed_slot[b] = 1 + (n_imgs[b] - 1) * k + j
+            else:
+                tok = drawn[b]
+                out[b].append(tok)
+                feed[b] = tok
+                if phase[b] == 0:
+                    n_text[b] += 1
+                    if tok == EOS or (tok == BOI and images[b] >= max_images) or \
+                            (tok != BOI and n_text[b] >= cfg.max_plan_tokens):
+                        done[b] = True
+                    elif tok == BOI:
+                        phase[b], n_codes[b], boi_col[b], drawing[b] = 1, 0, col, []
+                elif tok == EOI:  # the image closes: hide its step from what follows, then feed its placeholders
+                    codes[b, n_imgs[b]] = torch.tensor(drawing[b], device=dev)
+                    closed[b, n_imgs[b]] = col
+                    until[b, start[b]:col + 1 if k else boi_col[b]] = col
+                    n_imgs[b] += 1
+                    images[b] += 1
+                    row_len = col - shift[b] + 1
+                    if images[b] >= max_images or row_len + k > bs:
+                        done[b] = True
+                    phase[b], n_text[b], pending[b], start[b] = 0, 0, k, col + 1 + k
+                else:
+                    drawing[b].append(tok - vocab.image_offset)
+                    feed_patch[b] = n_codes[b] + 1
+                    n_codes[b] += 1
+            if not done[b] and col - shift[b] + 1 >= bs:  # the row is full: nothing more can be fed
+                done[b] = True
+        if all(done):
+            break
+        feed_t = torch.tensor(feed, device=dev).unsqueeze(1)  # (B, 1)
+        patch_t = torch.tensor(feed_patch, device=dev).unsqueeze(1)
+        if vocab.tagger is not None:
+            tags, region = vocab.tagger.step(region, feed_t, patch_t)
+        if not plain:
+            ctx = ImageContext(codes, closed, torch.tensor(feed_slot, device=dev).unsqueeze(1), until)
+        logits = model(feed_t, patch=patch_t, tags=tags, pos=next_pos.unsqueeze(1), key_valid=valid[:, :col + 1],
+                       cache=cache, context=ctx)[:, -1]
+        next_pos = next_pos + 1
+    return out
+
+
+# -----------------------------------------------------------------------------
 # runs on disk, images out
 
 
@@ -380,6 +564,20 @@ def save_grid(images, captions, path, cols=8, scale=4, marks=None):
     sheet.save(path)
 
 
+def save_interleaved(vq, tokenizer, vocab, outs, n_images, path):
+    """Interleaved samples -> a grid, one row each: every image with the text written before it."""
+    images, captions = [], []
+    for tokens in outs:
+        pieces = [p for p in split_interleaved(tokens, vocab.image_offset)
+                  if p[1] is not None][:n_images]
+        print(" | ".join(decode_text(tokenizer, text) + " [image]" for text, _ in pieces) or "[no image]")
+        pieces += [([], None)] * (n_images - len(pieces))
+        images += decode_images(vq, [{"codes": c} for _, c in pieces])
+        captions += [decode_text(tokenizer, text) for text, _ in pieces]
+    save_grid(images, captions, path, cols=n_images)
+    print(f"wrote {path}")
+
+
 def strict_bool(s):
     if s.lower() not in ("true", "false", "1", "0"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
@@ -393,6 +591,8 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=4, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/generate.png)")
+    p.add_argument("--images", type=int, default=1, help="images per sample: above 1 the model goes on after each "
+                   "<eoi> (generate_interleaved; one row per sample; no guidance, so cfg_scale is 1)")
     p.add_argument("--adapter", default=None,
                    help="sample with a post-training adapter, e.g. post (RUN_DIR/lora_post.safetensors)")
     for f in fields(SampleConfig):  # every sampling setting can be overridden; defaults come from the run
@@ -410,6 +610,12 @@ def main(argv=None):
                 setattr(sample_cfg, f.name, getattr(args, f.name))
         prompt_ids = [encode_text(tokenizer, p) for p in args.prompts]
         batch = [ids for ids in prompt_ids for _ in range(args.n)]
+        if args.images > 1:
+            sample_cfg.cfg_scale = 1.0
+            outs = generate_interleaved(gpt, vocab, [[BOS] + ids + [THINK] * sample_cfg.think for ids in batch],
+                                        sample_cfg, args.images, args.seed)
+            out = args.out or os.path.join(args.run_dir, "generate.png")
+            return save_interleaved(vq, tokenizer, vocab, outs, args.images, out)
         samples = generate(gpt, vocab, batch, sample_cfg, seed=args.seed)
     except (RunError, ValueError) as e:
         raise SystemExit(f"error: {e}")

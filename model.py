@@ -8,10 +8,13 @@ The networks of nanoloom, in one file: the VQ image tokenizer, the unified GPT a
   cache (one tensor per layer, written by index) makes sampling cheap. Besides its id, a token may carry
   its patch (which part of its image an image token draws) and a tag (any per-token label the caller
   computes, e.g. data.Tagger's layout regions): each adds a learned vector to the token's embedding.
+- Several images in one sequence (optional, off by default): a closed image may reach the rest of the sequence
+  through a few resampler tokens only, and synchronizers may cross-attend to the images before each position
+  (mmfs.py, MM-Interleaved); the caller says where the images are (ImageContext, episodes.context_inputs).
 - LoRA: named low-rank adapters on chosen Linear layers (post-training), merged into the weights only by
   an explicit call.
 
-This file knows tensors, not the shapes world: it imports nothing of the project.
+This file knows tensors, not the shapes world: it imports nothing of the project but mmfs.py (tensors too).
 Quick check that it builds:  python model.py
 """
 
@@ -22,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from mmfs import ImageFeatures, Resampler, Synchronizer, image_visibility
 
 # -----------------------------------------------------------------------------
 # VQ image tokenizer
@@ -174,6 +179,28 @@ class GPTConfig:
     rope_theta: float = 10000.0  # RoPE base: the longest wavelength, in positions
     patch_emb: bool = True  # add a learned embedding of each image token's patch (its row and column in the image)
     n_tags: int = 0  # rows of the tag embedding, row 0 (untagged) fixed at zero; 0 = no tags; set by the caller
+    ctx_tokens: int = 0  # interleaved sequences: a closed image reaches later positions only through this many
+    #                      resampler tokens (mmfs.Resampler); 0 = through its codes, which stay in context
+    sync_every: int = 0  # MMFS: a synchronizer (mmfs.Synchronizer) after every this many blocks; 0 = none
+    max_images: int = 4  # most images in one sequence: rows of the synchronizer's relative-image embedding
+
+    @property
+    def interleaved(self):  # the model has modules for several images per sequence
+        return self.ctx_tokens > 0 or self.sync_every > 0
+
+
+@dataclass
+class ImageContext:
+    """What the GPT needs to know of a sequence's images besides its tokens (episodes.context_inputs builds it).
+    Columns count from the start of the sequence (of the cache, when there is one), padding included."""
+    codes: torch.Tensor  # (B, I, n_image_tokens) each image's codes (0..K-1), in the order the images close
+    closed: torch.Tensor  # (B, I) the column of each image's <eoi>; NEVER for an image that has not closed
+    slot: torch.Tensor  # (B, T) 1 + i * ctx_tokens + j at image i's j-th resampler token, 0 elsewhere
+    until: torch.Tensor  # (B, L) the last column whose query may see each key: a step's text (and, with
+    #                      ctx_tokens, its image) is hidden from what follows it; NEVER = always visible
+
+
+NEVER = 1 << 30  # ImageContext's column "not closed" / "never hidden"
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -336,6 +363,11 @@ class GPT(nn.Module):
         # vector, so an image token finds its object's colour and shape by matching a vector it already holds
         self.tag_embed = nn.Embedding(cfg.n_tags, cfg.n_embd, padding_idx=0) if cfg.n_tags else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        if cfg.interleaved:  # built only when asked, so a default GPT draws the same initial weights as ever
+            self.image_features = ImageFeatures(cfg.n_embd, math.isqrt(cfg.n_image_tokens))
+            self.resampler = Resampler(cfg.n_embd, cfg.n_head, cfg.ctx_tokens) if cfg.ctx_tokens else None
+            self.syncs = nn.ModuleDict({str(i): Synchronizer(cfg.n_embd, cfg.n_head, cfg.max_images)
+                                        for i in range(cfg.n_layer) if cfg.sync_every and (i + 1) % cfg.sync_every == 0})
         self.norm = RMSNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
@@ -356,7 +388,7 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, patch=None, tags=None, pos=None, key_valid=None, cache=None, embeds=None):
+    def forward(self, idx, patch=None, tags=None, pos=None, key_valid=None, cache=None, context=None, embeds=None):
         """
         idx:       (B, T) token ids.
         patch:     (B, T) 1 + the index of each image token's patch in its image (1 .. n_image_tokens), 0 for
@@ -365,13 +397,15 @@ class GPT(nn.Module):
         pos:       (B, T) RoPE positions; default 0..T-1 after what the cache holds.
         key_valid: (B, L) False for left-padding keys, L = cache length after this call (or T without cache).
         cache:     a KVCache to read and extend, or None.
+        context:   an ImageContext for a sequence of several images (an interleaved model), or None.
         embeds:    (B, T, n_embd) input vectors used instead of embed_tokens(idx), e.g. a soft token's mixture
                    of the codebook's embeddings (textcraftor.py); patch and tag vectors are still added.
         Returns logits (B, T, vocab_size).
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
-        assert start + T <= self.cfg.block_size, f"sequence of {start + T} > block_size {self.cfg.block_size}"
+        longest = start + T if pos is None else int(pos.max()) + 1  # explicit positions: left padding takes none
+        assert longest <= self.cfg.block_size, f"sequence of {longest} > block_size {self.cfg.block_size}"
         x = self.embed_tokens(idx) if embeds is None else embeds  # (B, T, C)
         if self.patch_embed is not None and patch is not None:
             x = x + self.patch_embed(patch)
@@ -381,20 +415,36 @@ class GPT(nn.Module):
             cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         else:
             cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (B, 1, T, hd/2)
+        feats = None
+        if context is not None and self.cfg.interleaved and context.codes.shape[1]:
+            I = context.codes.shape[1]
+            feats = self.image_features(self.embed_tokens(context.codes.flatten(0, 1) + self.cfg.image_offset))
+            feats = feats.view(B, I, -1, feats.shape[-1])  # (B, I, P, C) each image's feature pyramid
+            if self.resampler is not None:  # resampler tokens replace the placeholders at their slots
+                ctx = self.resampler(feats.flatten(0, 1)).view(B, -1, x.shape[-1])  # (B, I * ctx_tokens, C)
+                at = (context.slot - 1).clamp(min=0).unsqueeze(-1).expand_as(x)
+                x = torch.where(context.slot.unsqueeze(-1) > 0, ctx.gather(1, at), x)
         mask = None
-        if cache is not None or key_valid is not None:
+        if cache is not None or key_valid is not None or context is not None:
             # explicit mask: key j is visible to query i (absolute index start+i) if j <= start+i and j is valid
             L = start + T
             q_abs = torch.arange(start, L, device=idx.device).unsqueeze(1)  # (T, 1)
             mask = torch.arange(L, device=idx.device).unsqueeze(0) <= q_abs  # (T, L)
             mask = mask.unsqueeze(0).unsqueeze(0)  # (1, 1, T, L)
+            if context is not None:  # a key hidden after its step closed
+                mask = mask & (q_abs <= context.until[:, None, None, :L])  # (B, 1, T, L)
             if key_valid is not None:
                 # a padding query still sees itself, so its softmax has a finite entry and no NaN leaks
                 # into the values that later (valid) queries mask out anyway
                 own = torch.arange(L, device=idx.device).unsqueeze(0) == q_abs  # (T, L)
                 mask = (mask & key_valid[:, None, None, :L]) | own  # (B, 1, T, L)
-        for layer in self.layers:
+        if feats is not None and self.syncs:
+            visible, rel = image_visibility(torch.arange(start, start + T, device=idx.device).expand(B, T),
+                                            context.closed)
+        for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache)
+            if feats is not None and str(i) in self.syncs:
+                x = x + self.syncs[str(i)](x, feats, visible, rel)
         if cache is not None:
             cache.length += T
         return self.lm_head(self.norm(x))  # (B, T, vocab)

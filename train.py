@@ -47,6 +47,7 @@ from tqdm import tqdm
 import ablations
 import config
 import data
+import episodes
 import evaluate
 import folderpost
 import heads
@@ -60,7 +61,8 @@ import world
 from ablations import AblationConfig
 from config import ConfigError
 from data import Vocab
-from generate import (RunError, SampleConfig, load_run, load_weights, read_json, save_atomic, save_grid, vq_round_trip,
+from generate import (RunError, SampleConfig, load_run, load_weights, read_json, read_tensors, save_atomic, save_grid,
+                      vq_round_trip,
                       write_json)
 from model import GPT, VQ, GPTConfig, VQConfig, cosine_lr, token_ce, use_bf16
 from overopt import OverOptConfig
@@ -112,6 +114,14 @@ class TrainConfig:
     null_prob: float = 0.1  # text->image sequences whose condition becomes <null> (for guidance)
     region_tags: bool = True  # tag plan words and image tokens with their layout region
     #                           (data.Tagger; shapes world only)
+    lm_init: str = ""  # a finished run directory whose GPT the lm stage continues from (same tokenizer and VQ:
+    #                    copy its tokenizer.json and vq.safetensors into out_dir); "" = from scratch
+    episode_share: float = 0.0  # share of lm steps that train on a batch of interleaved episodes (episodes.py)
+    episode_examples: int = 4000  # training episodes generated for them (and a sixteenth of that held out)
+    episode_images: int = 4  # images per episode, uniform in 1..this
+    episode_batch: int = 8  # episodes per episode step (an episode is about 2.5 pairs long)
+    new_lr_mult: float = 1.0  # with lm_init: learning-rate multiplier of the interleaved modules (NEW_MODULES), which
+    #                           start from scratch; a synchronizer's zero gate grows by about one lr per step
     eval_every: int = 250  # steps between held-out loss measurements
     log_every: int = 25  # steps between training-loss lines in metrics.jsonl
     ckpt_every: int = 250  # steps between resumable checkpoints of the lm stage (0 = none)
@@ -148,6 +158,12 @@ def validate(cfgs):
         (0 <= tc.p_plan and 0 <= tc.p_direct and tc.p_plan + tc.p_direct <= 1,
          "train.p_plan + train.p_direct must lie in [0, 1] (the rest are captions)"),
         (0 <= tc.null_prob <= 1, "train.null_prob must lie in [0, 1]"),
+        (0 <= tc.episode_share <= 1 and tc.episode_batch >= 1, "train.episode_share must lie in [0, 1], "
+         "train.episode_batch be >= 1"),
+        (not tc.episode_share or 1 <= tc.episode_images <= cfgs["gpt"].max_images,
+         f"train.episode_images={tc.episode_images} must lie in 1..gpt.max_images={cfgs['gpt'].max_images}"),
+        (not tc.episode_share or not tc.data_dir, "episodes are of the shapes world: a folder run "
+         "(train.data_dir) needs train.episode_share = 0"),
         (0 <= tc.tail_keep <= 1, "train.tail_keep must lie in [0, 1] (1 = the whole world, 0 = the tail never shown)"),
         (tc.vq_init_images * vc.n_codes >= vc.codebook_size,
          f"train.vq_init_images={tc.vq_init_images} images of {vc.n_codes} codes each are fewer encodings than "
@@ -450,12 +466,34 @@ def lm_datasets(cfgs, tokenizer, vq, device):
 def lm_loss(model, batch, denom=None):
     """Mean cross-entropy over a data.Batch's target tokens; also the text and image parts separately (for the
     log). denom: the number of target tokens to divide by (default: this batch's)."""
-    ce, w = token_ce(model(batch.x, patch=batch.patch, tags=batch.tags), batch.y), batch.weight  # (B, T)
+    ce = token_ce(model(batch.x, patch=batch.patch, tags=batch.tags, context=batch.context), batch.y)  # (B, T)
+    w = batch.weight
     loss = (ce * w).sum() / (w.sum() if denom is None else denom)
     with torch.no_grad():
         parts = {name: ((ce * w * (batch.modality == m)).sum() / (w * (batch.modality == m)).sum().clamp(min=1)).item()
                  for name, m in (("text", data.TEXT), ("image", data.IMAGE))}
     return loss, parts
+
+
+NEW_MODULES = ("image_features.", "resampler.", "syncs.")  # what an interleaved GPT has beyond a plain one
+
+
+def load_init(model, run_dir, lm_init):
+    """The lm stage continues lm_init's GPT: its weights, and fresh ones for the modules it lacks (the resampler and
+    synchronizers of an interleaved config); the run must use lm_init's tokenizer and VQ."""
+    for name in ("tokenizer.json", "vq.safetensors"):
+        a, b = os.path.join(lm_init, name), os.path.join(run_dir, name)
+        if not os.path.exists(a) or not os.path.exists(b) or open(a, "rb").read() != open(b, "rb").read():
+            raise ConfigError(f"train.lm_init={lm_init}: {run_dir} must hold the same {name} as it "
+                              f"(cp {a} {run_dir}/ before the tokenizer and vq stages)")
+    tensors, _ = read_tensors(os.path.join(lm_init, "gpt.safetensors"))
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:
+        raise ConfigError(f"train.lm_init={lm_init}: its GPT does not fit this [gpt] config: {str(e)[:300]}") from None
+    bad = [k for k in missing if not k.startswith(NEW_MODULES)] + unexpected
+    if bad:
+        raise ConfigError(f"train.lm_init={lm_init}: its GPT does not fit this [gpt] config ({', '.join(bad[:3])})")
 
 
 def stage_lm(run):
@@ -477,6 +515,8 @@ def train_lm(cfgs, run_dir, device, metrics, dist):
                   data.region_tagger(tokenizer, vq.cfg.n_codes) if gc.n_tags else None)
     torch.manual_seed(tc.seed)
     model = GPT(gc).to(device)
+    if tc.lm_init:
+        load_init(model, run_dir, tc.lm_init)
     print(f"GPT: {model.num_params() / 1e6:.2f}M parameters, "
           f"vocabulary {vocab.size} ({vocab.text_size} text + {vocab.codebook_size} codes)")
     train_ds, val_ds = lm_datasets(cfgs, tokenizer, vq, device)
@@ -488,11 +528,19 @@ def train_lm(cfgs, run_dir, device, metrics, dist):
     val_rng = np.random.default_rng(tc.seed + 2)
     val_batches = [data.make_batch(val_ds, b, vocab, device)
                    for b in data.epoch_batches(val_ds, val_rng, tc, min(tc.lm_batch, len(val_ds)))]
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=tc.lm_lr, betas=(0.9, 0.95), fused=device.startswith("cuda"))
+    if tc.episode_share:  # the episodes' own held-out batches, so that their loss is read apart from the pairs'
+        ep_args = (tokenizer, vocab, vq, device, gc.ctx_tokens, gc.block_size, tc.episode_images)
+        ep_train = episodes.episode_data(tc.episode_examples, tc.seed, "train", *ep_args, tc.tail_keep)
+        ep_val = episodes.episode_data(max(tc.episode_batch, tc.episode_examples // 16), tc.seed + 1, "dev", *ep_args,
+                                       tc.tail_keep)
+        ep_batch = lambda seqs: episodes.make_batch(seqs, vocab, vq.cfg.n_codes, gc.ctx_tokens, device)
+        val_episodes = [ep_batch(ep_val[i:i + tc.episode_batch]) for i in range(0, len(ep_val), tc.episode_batch)]
+    mult = lambda n: tc.new_lr_mult if tc.lm_init and n.startswith(NEW_MODULES) else 1.0
+    groups = [{"params": [p for n, p in model.named_parameters() if (p.dim() >= 2) == matrix and mult(n) == m],
+               "weight_decay": tc.weight_decay if matrix else 0.0, "lr_mult": m}
+              for matrix in (True, False) for m in sorted({mult(n) for n, _ in model.named_parameters()})]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lm_lr, betas=(0.9, 0.95),
+                            fused=device.startswith("cuda"))
     rng = np.random.default_rng(tc.seed)  # draws each epoch's formats and order:
     #                                       the data position is (its state, batches done)
     start, batches, done, epoch_state = 0, [], 0, None
@@ -500,9 +548,10 @@ def train_lm(cfgs, run_dir, device, metrics, dist):
     if os.path.exists(ckpt):
         state = load_checkpoint(ckpt, model, opt, resolved_config(cfgs))
         start, epoch_state, done = state["step"], state["epoch_rng"], state["batches_done"]
-        rng.bit_generator.state = epoch_state
-        batches = data.epoch_batches(train_ds, rng, tc)  # the same epoch again, minus the batches it had used
-        del batches[len(batches) - done:]
+        if epoch_state is not None:  # None: only episode steps so far
+            rng.bit_generator.state = epoch_state
+            batches = data.epoch_batches(train_ds, rng, tc)  # the same epoch again, minus the batches it had used
+            del batches[len(batches) - done:]
         print(f"resuming the lm stage at step {start} from {ckpt}")
         metrics.log(stage="lm", step=start, resumed_from=ckpt)
     # DDP averages the gradients over the processes after every backward; the model saved is the plain one
@@ -516,22 +565,33 @@ def train_lm(cfgs, run_dir, device, metrics, dist):
         with torch.no_grad(), autocast(tc, device):
             res = [lm_loss(model, b) for b in val_batches]
         model.train()
-        return {"val_loss": float(np.mean([r[0].item() for r in res])),
-                "val_text": float(np.mean([r[1]["text"] for r in res])),
-                "val_image": float(np.mean([r[1]["image"] for r in res]))}
+        out = {"val_loss": float(np.mean([r[0].item() for r in res])),
+               "val_text": float(np.mean([r[1]["text"] for r in res])),
+               "val_image": float(np.mean([r[1]["image"] for r in res]))}
+        if tc.episode_share:
+            model.eval()
+            with torch.no_grad(), autocast(tc, device):
+                out["val_episode"] = float(np.mean([lm_loss(model, b)[0].item() for b in val_episodes]))
+            model.train()
+        return out
 
     model.train()
     for step in (bar := tqdm(range(start, tc.lm_steps), initial=start, total=tc.lm_steps,
                              desc="lm", mininterval=2, disable=not dist.master)):
-        if not batches:  # a new epoch: new formats, a new shuffle
-            epoch_state, done = rng.bit_generator.state, 0
-            batches = data.epoch_batches(train_ds, rng, tc)
-        items = batches.pop()
-        done += 1
-        batch = data.make_batch(train_ds, items[dist.rank::dist.world], vocab, device)  # this process's share
+        if int((step + 1) * tc.episode_share) > int(step * tc.episode_share):  # an episode step: drawn by the
+            #                                                                    step alone, so resuming is exact
+            pick = np.random.default_rng((tc.seed, step)).choice(len(ep_train), tc.episode_batch, replace=False)
+            batch = ep_batch([ep_train[i] for i in pick[dist.rank::dist.world]])
+        else:
+            if not batches:  # a new epoch: new formats, a new shuffle
+                epoch_state, done = rng.bit_generator.state, 0
+                batches = data.epoch_batches(train_ds, rng, tc)
+            items = batches.pop()
+            done += 1
+            batch = data.make_batch(train_ds, items[dist.rank::dist.world], vocab, device)  # this process's share
         lr = cosine_lr(step, tc.lm_lr, tc.lm_warmup, tc.lm_steps, tc.lm_min_lr)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_mult"]
         # each process divides its token loss sum by the global batch's token count / world, and DDP
         # averages over the world: the gradient of the global batch's mean, as in one process
         denom = dist_mean(batch.weight.sum(), dist)
