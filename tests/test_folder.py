@@ -11,6 +11,7 @@ import torch
 import data
 import folderpost
 import posttrain
+import pretrain
 import train
 import vqascore
 import world
@@ -136,7 +137,7 @@ def test_the_folder_training_path_never_calls_the_verifier(folder_run, tmp_path,
     cfgs = train.load_config(MICRO, [f"--train.out_dir={copy}", f"--train.data_dir={plain}", *FOLDER,
                                      "--rewards.clip_steps=4", "--rewards.vqascore_steps=4"])
     train.derive_sizes(cfgs, copy)
-    f, tr, dev = train.open_folder(cfgs)
+    f, tr, dev = pretrain.open_folder(cfgs)
 
     def verifier(*args, **kwargs):
         raise AssertionError("the verifier was called in the training path")

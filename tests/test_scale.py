@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import data
 import generate
+import pretrain
 import train
 
 MICRO = os.path.join(os.path.dirname(__file__), "..", "tiny_configs", "micro.toml")
@@ -138,10 +139,11 @@ def _lm_worker(rank, world, run_dir, port, overrides):
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cfgs = train.load_config(MICRO, [f"--train.out_dir={run_dir}", *overrides])
-    dist, device = train.dist_setup(cfgs["train"], "cpu")
+    dist, device = pretrain.dist_setup(cfgs["train"], "cpu")
     train.derive_sizes(cfgs, run_dir)
     metrics = train.Metrics(os.path.join(run_dir, "metrics.jsonl") if dist.master else None)
-    model, _ = train.train_lm(cfgs, run_dir, device, metrics, dist)
+    model, _ = pretrain.train_lm(cfgs, run_dir, device, metrics, dist, train.resolved_config(cfgs),
+                                    train.config_diff)
     generate.save_atomic(model.state_dict(), os.path.join(run_dir, f"rank{rank}.safetensors"))
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -171,30 +173,30 @@ def test_interrupted_run_resumes_exactly(tmp_path, micro_run, monkeypatch, capsy
     ref = lm_ready(micro_run, tmp_path / "ref")
     train.main([MICRO, f"--train.out_dir={ref}", *args])
     run = lm_ready(micro_run, tmp_path / "run")
-    real_lr = train.cosine_lr
+    real_lr = pretrain.cosine_lr
 
     def ctrl_c_at_step_7(step, *schedule):
         if step == 7:
             raise KeyboardInterrupt
         return real_lr(step, *schedule)
-    monkeypatch.setattr(train, "cosine_lr", ctrl_c_at_step_7)
+    monkeypatch.setattr(pretrain, "cosine_lr", ctrl_c_at_step_7)
     with pytest.raises(SystemExit, match="interrupted in the lm stage; run the same command again to resume"):
         train.main([MICRO, f"--train.out_dir={run}", *args])
-    monkeypatch.setattr(train, "cosine_lr", real_lr)
-    assert os.path.exists(os.path.join(run, train.CKPT)) and not os.path.exists(os.path.join(run, "gpt.safetensors"))
+    monkeypatch.setattr(pretrain, "cosine_lr", real_lr)
+    assert os.path.exists(os.path.join(run, pretrain.CKPT)) and not os.path.exists(os.path.join(run, "gpt.safetensors"))
     # the checkpoint refuses another config, naming the difference
     with pytest.raises(SystemExit, match=r"checkpoint of another config \(train.lm_lr: 0.0015 -> 0.001\)"):
         train.main([MICRO, f"--train.out_dir={run}", *args, "--train.lm_lr=0.001"])
     # config.json is rewritten only when a stage finishes, so beside a checkpoint it may still be an older
     # version's (no n_tags, no plan_version): the checkpoint's own config says whether its GPT is older
-    with safe_open(os.path.join(run, train.CKPT), "pt") as f:
+    with safe_open(os.path.join(run, pretrain.CKPT), "pt") as f:
         cfg = json.loads(f.metadata()["config"])
     del cfg["gpt"]["n_tags"]
     del cfg["plan_version"]
     json.dump(cfg, open(os.path.join(run, "config.json"), "w"))
     train.main([MICRO, f"--train.out_dir={run}", *args])
     assert "resuming the lm stage at step 4" in capsys.readouterr().out
-    assert not os.path.exists(os.path.join(run, train.CKPT))  # the finished model supersedes it
+    assert not os.path.exists(os.path.join(run, pretrain.CKPT))  # the finished model supersedes it
     a, b = lm_losses(ref), lm_losses(run)
     assert a == b, "the resumed loss curve differs from the uninterrupted one"
     wa, wb = load_file(os.path.join(ref, "gpt.safetensors")), load_file(os.path.join(run, "gpt.safetensors"))

@@ -5,6 +5,7 @@ import os
 import pytest
 
 import train
+from model import cosine_lr
 from train import ConfigError, load_config
 
 MICRO = os.path.join(os.path.dirname(__file__), "..", "tiny_configs", "micro.toml")
@@ -71,12 +72,12 @@ def test_overrides_and_derived_keys():
 
 
 def test_cosine_schedule():
-    lr = lambda step: train.cosine_lr(step, peak=1.0, warmup=10, total=110, floor=0.1)
+    lr = lambda step: cosine_lr(step, peak=1.0, warmup=10, total=110, floor=0.1)
     assert lr(0) == pytest.approx(0.1)
     assert lr(9) == pytest.approx(1.0)
     assert lr(60) == pytest.approx(0.55)
     assert lr(110) == pytest.approx(0.1)
-    assert [train.cosine_lr(s, 1.0, 10, 60, 1.0) for s in (10, 35, 59)] == [1.0] * 3, \
+    assert [cosine_lr(s, 1.0, 10, 60, 1.0) for s in (10, 35, 59)] == [1.0] * 3, \
         "floor = peak: constant after warm-up"
 
 
