@@ -157,7 +157,7 @@ def test_versat2i_stage_writes_the_matrix_the_gates_and_the_grid(micro_run, tmp_
     gates = res["variants"]["mol"]["gates"]
     assert all(abs(sum(w) - 1) < 1e-4 for w in [*gates["categories"].values(), *gates["layers"].values()])
     md = open(os.path.join(run, "versat2i", "versat2i.md")).read()
-    assert "## Aspect x variant (dev)" in md and "MoL beats the plain average" in md and "## Cost" in md
+    assert "## Aspect x variant (dev)" in md and "MoL beats the best single LoRA:" in md and "## Cost" in md
     assert Image.open(os.path.join(run, "versat2i", "versat2i.png")).size[0] > 8 * 128
     for a in [*versat2i.ASPECTS, "union"]:
         assert os.path.exists(os.path.join(run, "versat2i", f"lora_{a}.safetensors"))
