@@ -157,7 +157,8 @@ def test_versat2i_stage_writes_the_matrix_the_gates_and_the_grid(micro_run, tmp_
     gates = res["variants"]["mol"]["gates"]
     assert all(abs(sum(w) - 1) < 1e-4 for w in [*gates["categories"].values(), *gates["layers"].values()])
     md = open(os.path.join(run, "versat2i", "versat2i.md")).read()
-    assert "## Aspect x variant (dev)" in md and "MoL beats the plain average" in md and "## Cost" in md
+    assert "## Aspect x variant (dev)" in md and "MoL beats the best single LoRA:" in md and "## Cost" in md
+    assert "asked corners kept" in md and set(res["variants"]["base"]["placement"]) >= {"centre", "asked_corner_kept"}
     assert Image.open(os.path.join(run, "versat2i", "versat2i.png")).size[0] > 8 * 128
     for a in [*versat2i.ASPECTS, "union"]:
         assert os.path.exists(os.path.join(run, "versat2i", f"lora_{a}.safetensors"))
@@ -184,3 +185,15 @@ def test_two_seeds_that_agree_by_chance_keep_their_own_sampling_error():
     assert "does not reproduce" in versat2i.verdict([fake_run(b - 0.05 + noise, b)], "a", "b", "alignment")
     gap2, se2 = versat2i.difference([one, one], "a", "b", "alignment")  # the same difference twice: spread 0
     assert gap2 == pytest.approx(gap) and se2 == pytest.approx(se / np.sqrt(2)), "the floor: own error / sqrt(seeds)"
+
+
+def test_placement_counts_centred_objects_and_the_corners_a_prompt_asks_for():
+    from types import SimpleNamespace
+
+    from world import Obj, Req, Scene, Spec
+    ask = SimpleNamespace(spec=Spec(reqs=(Req(shape="circle", row=0, col=0), Req(shape="square", row=1, col=1)),
+                                    total=2))
+    obj = lambda r, c: Obj("circle", "red", "small", r, c)
+    kept, moved = Scene((obj(0, 0), obj(1, 1))), Scene((obj(1, 1), obj(0, 1)))
+    p = versat2i.placement([kept, moved], [ask], [0, 0])
+    assert p == {"centre": 0.5, "corners": 0.25, "asked_corner_kept": 0.5, "asked_corners": 2}
