@@ -585,7 +585,7 @@ def table(results):
                 f"Gains over the frozen model on {rs[0]['dev_prompts']} dev prompts x {rs[0]['samples']} samples "
                 "(the verifier judges, it never trains); a = `" + c["reward_a"] + "`, b = `" + c["reward_b"] + "`.", "",
                 "| arm | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-        arms = [a for a in rs[0]["arms"] if a != "frozen"]
+        arms = [a for a in rs[0]["arms"] if a != "frozen" and all(a in r["arms"] for r in rs)]
         for arm in arms:
             cells = [_pm([r["arms"][arm]["dev"][f"{n}_gain"][0] for r in rs],
                          [r["arms"][arm]["dev"][f"{n}_gain"][1] for r in rs]) for n in names]
@@ -595,7 +595,7 @@ def table(results):
             out += ["", "Benchmarks, overall (one seed: [95% interval]; several: the gain over frozen +- its SE over "
                     "seeds):", "", "| arm | " + " | ".join(benches) + " |", "|---" * (len(benches) + 1) + "|"]
             for arm in ["frozen"] + arms:
-                if len(rs) == 1:
+                if len(rs) == 1 or arm == "frozen":  # the frozen model: the same samples in every seed's run
                     cells = [f"{v[0]:.3f} [{v[1][0]:.3f}, {v[1][1]:.3f}]" for v in rs[0]["arms"][arm]["bench"].values()]
                 else:
                     cells = [_pm([r["arms"][arm]["bench"][b][0] - r["arms"]["frozen"]["bench"][b][0] for r in rs],
@@ -606,10 +606,9 @@ def table(results):
             t = [r["arms"][arm]["train"] for r in rs]
             out.append(f"| {arm} | {np.mean([x['seconds_per_step'] for x in t]):.2f} | "
                        f"{np.mean([x['saved_mb'] for x in t]):.1f} |")
-        inter = rs[0].get("interpolation")
+        seed, inter = next(((r["seed"], r["interpolation"]) for r in rs if r.get("interpolation")), (None, None))
         if inter:
-            out += ["", f"Interpolation from a (0) to b (1), seed {rs[0]['seed']}: rewards and verifier on dev "
-                    "prompts.",
+            out += ["", f"Interpolation from a (0) to b (1), seed {seed}: rewards and verifier on dev prompts.",
                     "", "| alpha | space | " + " | ".join(names) + " |", "|---|---" + "|---" * len(names) + "|"]
             out += [f"| {p['alpha']:.2f} | {p['space']} | " + " | ".join(f"{p[n][0]:.3f}" for n in names) + " |"
                     for p in inter]
