@@ -3,22 +3,20 @@ TextCraftor (Li et al. 2024, arXiv 2403.18978) for a decoder-only model: tune on
 generator by backpropagating differentiable rewards, from prompts alone; interpolate between prompt sides
 tuned on different reward mixes; tune the generator on top and see whether the two add up.
 
-- The prompt side: LoRA adapters that act only at the prompt's positions (<bos> prompt <think>, as the
-  sampler's first forward reads them); every later position (plan, image) runs the frozen weights and sees
-  the prompt only through its keys and values, as a diffusion model sees a text encoder's output.
-  (side = "embed": an offset on the prompt's word embeddings alone, the textual-inversion end of the range.)
-- The differentiable path, for a batch of train-split prompts: the plan and the first image rows are sampled
-  without gradient; the last k rows are drawn with straight-through Gumbel-softmax (the forward is the hard
-  token, the backward that of softmax((log p + g) / tau)), each soft token's codebook mixture fed back as the
-  next input; all codes decoded by VQ.decode_soft and scored by the differentiable reward heads;
-  loss = -sum_j w_j R_j, into the prompt side only. Each soft step is checkpointed, so the graph keeps only
-  the keys and values it reads.
-- Measurements on held-out dev prompts (the verifier judges; it never trains), the four benchmarks, the
-  interpolation in weight space and in output space (logits), and prompt side vs generator side vs both.
+- The prompt side: LoRA adapters that act only at the prompt's positions (<bos> prompt <think>, what the
+  sampler's first forward reads); every later position (plan, image) runs the frozen weights and sees the
+  prompt only through its keys and values, as a U-Net sees a text encoder's output. (side = "embed": an
+  offset on the prompt's word embeddings alone.) A KL term keeps the plan's distributions near the frozen ones.
+- The differentiable path: the plan and the first image rows are sampled without gradient; the last k rows are
+  drawn by straight-through Gumbel-softmax, each soft token's codebook mixture fed back as the next input
+  (each step checkpointed); VQ.decode_soft decodes; loss = -sum_j w_j R_j of the differentiable heads.
+- Measured on held-out dev prompts (the verifier judges; it never trains) and the four benchmarks; the
+  interpolation in weight and output (logit) space; prompt side vs generator side vs both.
 
-    python train.py tiny_configs/shapes_cpu.toml --train.out_dir=COPY --stages=textcraftor   # ~12 min, 2 cores
+    python train.py tiny_configs/shapes_cpu.toml --train.out_dir=COPY --stages=textcraftor   # ~10 min, 1 core
     python train.py tiny_configs/shapes_cpu.toml --train.out_dir=COPY --stages=textcraftor --textcraftor.k=8 \
-        --textcraftor.complement=false --textcraftor.blend=0                                 # one ablation
+        --textcraftor.complement=false --textcraftor.blend=0 --textcraftor.bench_prompts=0   # an ablation, ~5 min
+    python textcraftor.py COPY*/textcraftor/textcraftor.json          # seeds and ablations in one table
     -> COPY/textcraftor/textcraftor.{json,md} and interpolation.png
 """
 
@@ -585,7 +583,7 @@ def table(results):
                 f"Gains over the frozen model on {rs[0]['dev_prompts']} dev prompts x {rs[0]['samples']} samples "
                 "(the verifier judges, it never trains); a = `" + c["reward_a"] + "`, b = `" + c["reward_b"] + "`.", "",
                 "| arm | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-        arms = [a for a in rs[0]["arms"] if a != "frozen"]
+        arms = [a for a in rs[0]["arms"] if a != "frozen" and all(a in r["arms"] for r in rs)]
         for arm in arms:
             cells = [_pm([r["arms"][arm]["dev"][f"{n}_gain"][0] for r in rs],
                          [r["arms"][arm]["dev"][f"{n}_gain"][1] for r in rs]) for n in names]
@@ -595,7 +593,7 @@ def table(results):
             out += ["", "Benchmarks, overall (one seed: [95% interval]; several: the gain over frozen +- its SE over "
                     "seeds):", "", "| arm | " + " | ".join(benches) + " |", "|---" * (len(benches) + 1) + "|"]
             for arm in ["frozen"] + arms:
-                if len(rs) == 1:
+                if len(rs) == 1 or arm == "frozen":  # the frozen model: the same samples in every seed's run
                     cells = [f"{v[0]:.3f} [{v[1][0]:.3f}, {v[1][1]:.3f}]" for v in rs[0]["arms"][arm]["bench"].values()]
                 else:
                     cells = [_pm([r["arms"][arm]["bench"][b][0] - r["arms"]["frozen"]["bench"][b][0] for r in rs],
@@ -606,10 +604,9 @@ def table(results):
             t = [r["arms"][arm]["train"] for r in rs]
             out.append(f"| {arm} | {np.mean([x['seconds_per_step'] for x in t]):.2f} | "
                        f"{np.mean([x['saved_mb'] for x in t]):.1f} |")
-        inter = rs[0].get("interpolation")
+        seed, inter = next(((r["seed"], r["interpolation"]) for r in rs if r.get("interpolation")), (None, None))
         if inter:
-            out += ["", f"Interpolation from a (0) to b (1), seed {rs[0]['seed']}: rewards and verifier on dev "
-                    "prompts.",
+            out += ["", f"Interpolation from a (0) to b (1), seed {seed}: rewards and verifier on dev prompts.",
                     "", "| alpha | space | " + " | ".join(names) + " |", "|---|---" + "|---" * len(names) + "|"]
             out += [f"| {p['alpha']:.2f} | {p['space']} | " + " | ".join(f"{p[n][0]:.3f}" for n in names) + " |"
                     for p in inter]
