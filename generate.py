@@ -314,6 +314,9 @@ def generate_interleaved(model, vocab, prefixes, cfg: SampleConfig, max_images=1
     shift = [P - n for n in lens]  # left padding: a row's column = its position + shift
     n_imgs = [len(lay[2]) for lay in layouts]
     I = max(1, max(n_imgs) + max_images)
+    if model.cfg.sync_every and I > model.cfg.max_images:
+        raise ValueError(f"{max(n_imgs)} images in a prefix + {max_images} new ones > gpt.max_images="
+                         f"{model.cfg.max_images}: the synchronizer has no relative embedding for more")
     codes = torch.zeros(B, I, n_img, dtype=torch.long, device=dev)
     closed = torch.full((B, I), NEVER, dtype=torch.long, device=dev)
     until = torch.full((B, L), NEVER, dtype=torch.long, device=dev)
