@@ -71,6 +71,9 @@ def dist_setup(tc, device):
     d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", 0)))
     if tc.lm_batch % world:
         raise ConfigError(f"train.lm_batch={tc.lm_batch} is the global batch: it must divide among {world} processes")
+    if tc.episode_share and tc.episode_batch % world:
+        raise ConfigError(f"train.episode_batch={tc.episode_batch} is the global batch of an episode step: it must "
+                          f"divide among {world} processes")
     if device == "cuda":
         device = f"cuda:{d.local_rank}"
         torch.cuda.set_device(device)
@@ -240,8 +243,11 @@ def train_lm(cfgs, run_dir, device, metrics, dist, cfg_json, config_diff):
             del batches[len(batches) - done:]
         print(f"resuming the lm stage at step {start} from {ckpt}")
         metrics.log(stage="lm", step=start, resumed_from=ckpt)
-    # DDP averages the gradients over the processes after every backward; the model saved is the plain one
-    wrapped = (DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+    # DDP averages the gradients over the processes after every backward; the model saved is the plain one.
+    # A pair step leaves the interleaved modules without gradients, which DDP must be told to expect.
+    unused = any(n.startswith(NEW_MODULES) for n, _ in model.named_parameters())
+    wrapped = (DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None,
+                                       find_unused_parameters=unused)
                if dist.world > 1 else model)
     step_fn = torch.compile(wrapped) if tc.compile else wrapped
     tokens, t0, ev = 0, time.time(), {}

@@ -156,8 +156,9 @@ def validate(cfgs):
         (0 <= tc.null_prob <= 1, "train.null_prob must lie in [0, 1]"),
         (0 <= tc.episode_share <= 1 and tc.episode_batch >= 1, "train.episode_share must lie in [0, 1], "
          "train.episode_batch be >= 1"),
-        (not tc.episode_share or 1 <= tc.episode_images <= cfgs["gpt"].max_images,
-         f"train.episode_images={tc.episode_images} must lie in 1..gpt.max_images={cfgs['gpt'].max_images}"),
+        (not tc.episode_share or 1 <= tc.episode_images <= min(cfgs["gpt"].max_images, len(world.NUMBER_WORDS) - 1),
+         f"train.episode_images={tc.episode_images} must lie in 1..gpt.max_images={cfgs['gpt'].max_images} and "
+         f"1..{len(world.NUMBER_WORDS) - 1} (questions name pictures by the world's number words)"),
         (not tc.episode_share or not tc.data_dir, "episodes are of the shapes world: a folder run "
          "(train.data_dir) needs train.episode_share = 0"),
         (0 <= tc.tail_keep <= 1, "train.tail_keep must lie in [0, 1] (1 = the whole world, 0 = the tail never shown)"),

@@ -149,9 +149,15 @@ def _lm_worker(rank, world, run_dir, port, overrides):
         torch.distributed.destroy_process_group()
 
 
-def test_two_processes_match_one(tmp_path, micro_run, one_thread):
-    """2 gloo processes, each with half of every global batch of 8, against 1 process with all of it."""
-    overrides = ["--train.log_every=1", "--train.lm_steps=6"]
+EPISODES = ["--train.episode_share=0.5", "--train.episode_examples=64", "--train.episode_batch=2",
+            "--train.episode_images=2", "--gpt.block_size=256", "--gpt.ctx_tokens=2", "--gpt.sync_every=1"]
+
+
+@pytest.mark.parametrize("extra", [[], EPISODES], ids=["pairs", "episodes"])
+def test_two_processes_match_one(tmp_path, micro_run, one_thread, extra):
+    """2 gloo processes, each with half of every global batch of 8, against 1 process with all of it; with episodes,
+    the pair steps leave the interleaved modules without gradients."""
+    overrides = ["--train.log_every=1", "--train.lm_steps=6", *extra]
     one, two = lm_ready(micro_run, tmp_path / "one"), lm_ready(micro_run, tmp_path / "two")
     _lm_worker(0, 1, one, None, overrides)
     with socket.socket() as s:

@@ -110,3 +110,10 @@ def test_micro_run_end_to_end(micro_run, capsys):
 def test_stage_order_is_enforced(tmp_path):
     with pytest.raises(SystemExit, match="needs the tokenizer stage first"):
         train.main([MICRO, f"--train.out_dir={tmp_path / 'r'}", "--stages=lm"])
+
+
+def test_episode_images_are_bounded_by_the_number_words():
+    path = os.path.join(os.path.dirname(__file__), "..", "tiny_configs", "interleaved.toml")
+    load_config(path, ["--gpt.max_images=6", "--train.episode_images=4"])
+    with pytest.raises(ConfigError, match=r"train.episode_images=5 must lie in 1..gpt.max_images=6 and 1..4"):
+        load_config(path, ["--gpt.max_images=6", "--train.episode_images=5"])
