@@ -135,61 +135,6 @@ def folder_scenes(folder):
     return {r["file_name"]: world.Scene(tuple(world.Obj(*o) for o in r["scene"])) for r in rows}
 
 
-WORD = re.compile(r"\w+(?:-\w+)*")  # a word as the tokenizer splits it (train_tokenizer), punctuation left out
-
-
-def caption_words(caption):
-    """A caption's words, lower-cased as the tokenizer reads them, punctuation dropped."""
-    return WORD.findall(caption.lower())
-
-
-def swap_table(captions, top=4, most=2000):
-    """word -> up to `top` other words of the captions' vocabulary used most like it: the cosine of their
-    counts of neighbouring words (the word before, the word after) is highest and above 0. Words used alike
-    are the ones a caption could have said instead (a colour for a colour, a place for a place), so a swap
-    makes a plausible caption that is false. Only the `most` most common words take part (memory)."""
-    contexts, count = {}, {}
-    for c in set(captions):
-        w = ["<s>"] + caption_words(c) + ["</s>"]
-        for i in range(1, len(w) - 1):
-            ctx = contexts.setdefault(w[i], {})
-            for key in ("<" + w[i - 1], ">" + w[i + 1]):
-                ctx[key] = ctx.get(key, 0) + 1
-            count[w[i]] = count.get(w[i], 0) + 1
-    words = sorted(count, key=lambda x: (-count[x], x))[:most]
-    keys = sorted({k for w in words for k in contexts[w]})
-    col = {k: j for j, k in enumerate(keys)}
-    m = np.zeros((len(words), len(keys)), np.float32)  # (W, contexts)
-    for i, w in enumerate(words):
-        for k, v in contexts[w].items():
-            m[i, col[k]] = v
-    m /= np.linalg.norm(m, axis=1, keepdims=True).clip(min=1e-9)
-    sim = m @ m.T  # (W, W) cosine
-    np.fill_diagonal(sim, 0)
-    out = {}
-    for i, w in enumerate(words):
-        best = [j for j in np.argsort(-sim[i], kind="stable")[:top] if sim[i, j] > 0]
-        if best:
-            out[w] = [words[j] for j in best]
-    return out
-
-
-def word_swap(caption, table, rng):
-    """The caption with one word replaced by a word of table[word] that the caption lacks (lower-cased,
-    punctuation glued back), or None when no word of it can be swapped."""
-    words = caption_words(caption)
-    have = set(words)
-    options = [(i, [v for v in table.get(w, ()) if v not in have]) for i, w in enumerate(words)]
-    options = [(i, vs) for i, vs in options if vs]
-    if not options:
-        return None
-    i, vs = options[rng.integers(len(options))]
-    toks = re.findall(r"\w+(?:-\w+)*|[^\w\s]+", caption.lower())  # words and punctuation, in order
-    k = [j for j, t in enumerate(toks) if WORD.fullmatch(t)][i]
-    toks[k] = vs[rng.integers(len(vs))]
-    return re.sub(r" ([,.;:!?])", r"\1", " ".join(toks))
-
-
 # -----------------------------------------------------------------------------
 # Text tokenizer: word level, trained on the world's own text
 

@@ -10,7 +10,7 @@ for the demo folder (data.py --make-folder), whose metadata.jsonl holds each cap
 
 The reward (rewards stage): vqascore (vqascore.py, the default post reward) and clip (heads.CLIPHead),
 trained on the folder's training images. Negatives: each caption with one word swapped for another word of
-the folder's vocabulary that the caption lacks, used as it is used (data.swap_table), another image's
+the folder's vocabulary that the caption lacks, used as it is used (swap_table), another image's
 caption, and the caption on the image of the most similar other caption. The held-out images give each
 reward's calibration: how often it puts the true caption above each kind of negative (AUC).
 
@@ -26,6 +26,7 @@ verifier.
 
 import dataclasses
 import os
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -50,6 +51,63 @@ NEGATIVES = ("swap", "other_caption", "other_image")  # the kinds of negative pa
 # the reward's pairs
 
 
+WORD = re.compile(r"\w+(?:-\w+)*")  # a word as the tokenizer splits it (train_tokenizer), punctuation left out
+
+
+def caption_words(caption):
+    """A caption's words, lower-cased as the tokenizer reads them, punctuation dropped."""
+    return WORD.findall(caption.lower())
+
+
+def swap_table(captions, top=4, most=2000):
+    """word -> up to `top` other words of the captions' vocabulary used most like it: the cosine of their
+    counts of neighbouring words (the word before, the word after) is highest and above 0. Words used alike
+    are the ones a caption could have said instead (a colour for a colour, a place for a place), so a swap
+    makes a plausible caption that is false. Only the `most` most common words take part (memory)."""
+    contexts, count = {}, {}
+    for c in set(captions):
+        w = ["<s>"] + caption_words(c) + ["</s>"]
+        for i in range(1, len(w) - 1):
+            ctx = contexts.setdefault(w[i], {})
+            for key in ("<" + w[i - 1], ">" + w[i + 1]):
+                ctx[key] = ctx.get(key, 0) + 1
+            count[w[i]] = count.get(w[i], 0) + 1
+    words = sorted(count, key=lambda x: (-count[x], x))[:most]
+    keys = sorted({k for w in words for k in contexts[w]})
+    col = {k: j for j, k in enumerate(keys)}
+    m = np.zeros((len(words), len(keys)), np.float32)  # (W, contexts)
+    for i, w in enumerate(words):
+        for k, v in contexts[w].items():
+            m[i, col[k]] = v
+    m /= np.linalg.norm(m, axis=1, keepdims=True).clip(min=1e-9)
+    sim = m @ m.T  # (W, W) cosine
+    np.fill_diagonal(sim, 0)
+    out = {}
+    for i, w in enumerate(words):
+        best = [j for j in np.argsort(-sim[i], kind="stable")[:top] if sim[i, j] > 0]
+        if best:
+            out[w] = [words[j] for j in best]
+    return out
+
+
+def word_swap(caption, table, rng):
+    """The caption with one word replaced by a word of table[word] that the caption lacks (lower-cased,
+    punctuation glued back), or None when no word of it can be swapped."""
+    words = caption_words(caption)
+    have = set(words)
+    options = [(i, [v for v in table.get(w, ()) if v not in have]) for i, w in enumerate(words)]
+    options = [(i, vs) for i, vs in options if vs]
+    if not options:
+        return None
+    i, vs = options[rng.integers(len(options))]
+    toks = re.findall(r"\w+(?:-\w+)*|[^\w\s]+", caption.lower())  # words and punctuation, in order
+    k = [j for j, t in enumerate(toks) if WORD.fullmatch(t)][i]
+    toks[k] = vs[rng.integers(len(vs))]
+    return re.sub(r" ([,.;:!?])", r"\1", " ".join(toks))
+
+
+
+
 def check_folder(folder, train, dev):
     """Bad folders for a reward stop here, with what to do about it."""
     caps = {folder.captions[i] for i in train}
@@ -66,11 +124,11 @@ def check_folder(folder, train, dev):
 def nearest_other(captions):
     """For each caption, the index of the most similar other one (most shared words over words in either,
     the Jaccard index) whose text differs; -1 if every other caption is the same text."""
-    words = sorted({w for c in captions for w in data.caption_words(c)})
+    words = sorted({w for c in captions for w in caption_words(c)})
     col = {w: j for j, w in enumerate(words)}
     m = np.zeros((len(captions), len(words)), np.float32)  # (N, W) which words each caption holds
     for i, c in enumerate(captions):
-        m[i, [col[w] for w in data.caption_words(c)]] = 1
+        m[i, [col[w] for w in caption_words(c)]] = 1
     text = np.array(captions, dtype=object)
     out = np.full(len(captions), -1)
     for a in range(0, len(captions), 512):  # (512, N) at a time
@@ -99,7 +157,7 @@ def reward_pairs(captions, rng, table, swaps):
     for i, c in enumerate(captions):
         rows.append((i, c, 1, i, 0))
         for _ in range(swaps):
-            s = data.word_swap(c, table, rng)
+            s = word_swap(c, table, rng)
             rows.append((i, s, 0, i, 1) if s else (i, other(i), 0, i, 2))
         rows.append((i, other(i), 0, i, 2))
         if near[i] >= 0:
@@ -121,7 +179,7 @@ def train_reward(cfgs, run_dir, device, folder, train, dev, log):
     rng = np.random.default_rng([tc.seed, 31])
     torch.manual_seed(tc.seed)
     caps = [folder.captions[i] for i in train]
-    table = data.swap_table(caps)
+    table = swap_table(caps)
     image, caption, label, group, kind = reward_pairs(caps, rng, table, rc.vqascore_edits)
     swapped = float((kind == 1).sum() / max(1, len(caps) * rc.vqascore_edits))
     if swapped == 0:
@@ -193,7 +251,7 @@ def word_weakness(captions, scores, min_captions=3):
     [{"word", "captions", "mean", "se"}], words held by at least min_captions captions."""
     by_word = {}
     for c, s in zip(captions, scores):
-        for w in set(data.caption_words(c)):
+        for w in set(caption_words(c)):
             by_word.setdefault(w, []).append(float(s))
     rows = [{"word": w, "captions": len(v), "mean": float(np.mean(v)), "se": float(np.std(v) / np.sqrt(len(v)))}
             for w, v in by_word.items() if len(v) >= min_captions]
@@ -211,7 +269,7 @@ def weakness_table(rows, overall, top=12):
 def choose_prompts(captions, weak, n, focus, rng):
     """Indices of n training captions: a `focus` share of them holding one of the weak words (when any does),
     the rest drawn from all."""
-    holding = [i for i, c in enumerate(captions) if weak & set(data.caption_words(c))]
+    holding = [i for i, c in enumerate(captions) if weak & set(caption_words(c))]
     k = round(n * focus) if holding else 0
     return [holding[j] for j in rng.integers(0, len(holding), k)] + rng.integers(0, len(captions), n - k).tolist()
 

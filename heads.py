@@ -193,7 +193,8 @@ class RewardsConfig:
     vqascore_dim: int = 64  # width of the vqascore model
     vqascore_layers: int = 2  # its text-to-image transformer layers
     vqascore_examples: int = 6000  # world examples it trains on, each as 1 + vqascore_edits images and 2 + edits pairs
-    vqascore_edits: int = 2  # hard negatives per example: the same prompt on an edited scene (perturb)
+    vqascore_edits: int = 2  # hard negatives per example: the same prompt on an edited scene (perturb); in a
+    #                          folder run, word-swapped captions per image
     vqascore_steps: int = 1500  # AdamW steps of rewards.batch pairs
     vqascore_lr: float = 2e-3  # peak, after a warm-up over a twentieth of the steps, cosine to a tenth
     clip_steps: int = 300  # the clip dual encoder, contrastive with hard-negative captions
@@ -201,7 +202,7 @@ class RewardsConfig:
     quality_steps: int = 150  # the clean-vs-degraded classifier
     geometry_steps: int = 600  # from clip's image encoder
     geometry_lr: float = 4e-3  # after a warm-up over a tenth of its steps; at rewards.lr it ends far less settled
-    calib_examples: int = 600  # held-out (dev split) renders for the calibration table
+    calib_examples: int = 600  # held-out (dev split) renders for the calibration table; a folder run: held-out images
     calib_samples: int = 512  # the model's own samples of dev prompts for the calibration table, rewards.K per prompt
 
 

@@ -123,7 +123,7 @@ class TrainConfig:
     ckpt_every: int = 250  # steps between resumable checkpoints of the lm stage (0 = none)
     eval_examples: int = 256  # held-out (dev split) examples for that loss
     # eval stage
-    bench_prompts: int = 50  # prompts per benchmark task
+    bench_prompts: int = 50  # prompts per benchmark task; a folder run: held-out captions drawn before and after post
     bench_samples: int = 4  # samples per prompt
     eval_batch: int = 128  # prompts sampled together
 
@@ -187,9 +187,12 @@ def validate(cfgs):
     rules += versat2i.config_rules(cfgs["versat2i"])
     rules += textcraftor.config_rules(cfgs["textcraftor"], cfgs["vq"].image_size // cfgs["vq"].patch)
     try:
-        rewards.parse_spec(cfgs["post"].reward)
+        post_terms = {n for _, n in rewards.parse_spec(cfgs["post"].reward)}
     except rewards.RewardError as e:
         raise ConfigError(f"post.reward: {e}") from None
+    rules.append((not tc.data_dir or post_terms <= set(folderpost.CHECKS),
+                  f"post.reward={cfgs['post'].reward!r}: a folder run has the rewards {', '.join(folderpost.CHECKS)} "
+                  f"(the others are the shapes world's); e.g. --post.reward=vqascore"))
     for ok, message in rules:
         if not ok:
             raise ConfigError(message)
@@ -412,8 +415,14 @@ def stage_post(run):
 
 
 def extra_stage(module):
-    """An extra stage (ablations, overopt, versat2i, textcraftor): a module whose run() works on a finished run."""
-    return lambda run: module.run(run.cfgs, run.dir, run.device, run.metrics.log, run.report)
+    """An extra stage (ablations, overopt, versat2i, textcraftor): a module whose run() works on a finished run of
+    the shapes world (its prompts, reward heads and verifier)."""
+    def stage(run):
+        if run.cfgs["train"].data_dir:
+            raise RunError(f"--stages={module.__name__} needs the shapes world (its prompts, reward heads and "
+                           f"verifier), and {run.dir} is a folder run (train.data_dir): run it on a shapes-world run")
+        return module.run(run.cfgs, run.dir, run.device, run.metrics.log, run.report)
+    return stage
 
 
 STAGE_FNS = {"tokenizer": stage_tokenizer, "vq": stage_vq, "lm": stage_lm, "eval": stage_eval, "rewards": stage_rewards,
