@@ -19,7 +19,6 @@ reads them and a trained run can be continued on episodes.
 
     python interleaved.py --show 3     # out/episodes.png: random episodes, one row of images each
 """
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,15 +61,11 @@ class Question:
 @dataclass(frozen=True)
 class Episode:
     steps: tuple  # of Step
-    question: Question = None
+    question: Question  # about one of its images, asked after the last
 
 
 # -----------------------------------------------------------------------------
 # edits and instructions
-
-
-def region(row, col):
-    return "in the center" if (row, col) == (1, 1) else f"at the {world.ROWS[row]} {world.COLS[col]}"
 
 
 def refer(scene, o, use_colour=True):
@@ -81,7 +76,7 @@ def refer(scene, o, use_colour=True):
         return o.shape
     if use_colour and sum(p.colour == o.colour for p in same_shape) == 1:
         return f"{o.colour} {o.shape}"
-    return f"{o.shape} {region(o.row, o.col)}"
+    return f"{o.shape} {world.region(o.row, o.col)}"
 
 
 def apply_edit(scene, edit):
@@ -92,15 +87,15 @@ def apply_edit(scene, edit):
     objs = list(scene.objects)
     if edit.kind != "add":
         if edit.target not in objs:
-            have = "; ".join(f"{o.colour} {o.shape} {region(o.row, o.col)}" for o in objs) or "nothing"
+            have = "; ".join(f"{o.colour} {o.shape} {world.region(o.row, o.col)}" for o in objs) or "nothing"
             raise EpisodeError(f"the {edit.kind} edit names a {edit.target.colour} {edit.target.shape} "
-                               f"{region(edit.target.row, edit.target.col)} that the scene lacks (it holds: {have})")
+                               f"{world.region(edit.target.row, edit.target.col)} that the scene lacks (it holds: {have})")
         objs.remove(edit.target)
     if edit.obj is not None:
         if edit.obj == edit.target:
             raise EpisodeError(f"the {edit.kind} edit changes nothing in {edit.target}")
         if any((o.row, o.col) == (edit.obj.row, edit.obj.col) for o in objs):
-            raise EpisodeError(f"the {edit.kind} edit puts an object {region(edit.obj.row, edit.obj.col)}, "
+            raise EpisodeError(f"the {edit.kind} edit puts an object {world.region(edit.obj.row, edit.obj.col)}, "
                                "where the scene already has one")
         if len(objs) >= MAX_OBJECTS:
             raise EpisodeError(f"the add edit would make {len(objs) + 1} objects (at most {MAX_OBJECTS})")
@@ -113,7 +108,7 @@ def instruction(scene, edit):
     'there is no red circle', 'the square is in the center'."""
     if edit.kind == "add":
         o = edit.obj
-        return f"and a {o.size} {o.colour} {o.shape} {region(o.row, o.col)}"
+        return f"and a {o.size} {o.colour} {o.shape} {world.region(o.row, o.col)}"
     if edit.target not in scene.objects:  # the same check as apply_edit, before any words are made
         apply_edit(scene, edit)
     ref = refer(scene, edit.target, use_colour=edit.kind != "recolour")
@@ -121,7 +116,7 @@ def instruction(scene, edit):
         return f"make the {ref} {edit.obj.colour}"
     if edit.kind == "remove":
         return f"there is no {ref}"
-    return f"the {ref} is {region(edit.obj.row, edit.obj.col)}"
+    return f"the {ref} is {world.region(edit.obj.row, edit.obj.col)}"
 
 
 def random_edit(rng, scene):
@@ -149,27 +144,25 @@ def ask(rng, ep_scenes, image):
     where = f"in picture {NUMBER_WORDS[image + 1]}"
     if QUESTIONS[int(rng.integers(len(QUESTIONS)))] == "colour":
         return Question(f"the colour of the {refer(scene, o, use_colour=False)} {where}", o.colour, image)
-    return Question(f"the shape {region(o.row, o.col)} {where}", o.shape, image)
+    return Question(f"the shape {world.region(o.row, o.col)} {where}", o.shape, image)
 
 
-def random_episode(rng, n_images, question=True):
-    """n_images steps (a described scene, then random edits) and, if asked, a question about a random image."""
+def random_episode(rng, n_images):
+    """n_images steps (a described scene, then random edits) and a question about a random image."""
     scene = world.random_scene(rng)
     steps = [Step(world.caption_text(scene, rng), scene)]
     for _ in range(n_images - 1):
         edit = random_edit(rng, scene)
         steps.append(Step(instruction(scene, edit), apply_edit(scene, edit), edit))
         scene = steps[-1].scene
-    q = ask(rng, [s.scene for s in steps], int(rng.integers(n_images))) if question else None
-    return Episode(tuple(steps), q)
+    return Episode(tuple(steps), ask(rng, [s.scene for s in steps], int(rng.integers(n_images))))
 
 
 def split_of(ep):
     """train / dev / bench by a hash of what the episode shows and asks (its scenes, edits and question), in the
     proportions of world.split_of: stable across runs and machines."""
-    key = repr(([(s.scene, s.edit) for s in ep.steps], ep.question and (ep.question.image, ep.question.text)))
-    h = int.from_bytes(hashlib.sha256((world.SPLIT_SALT + key).encode()).digest()[:8], "big") % 100
-    return "bench" if h < 15 else "dev" if h < 25 else "train"
+    key = repr(([(s.scene, s.edit) for s in ep.steps], (ep.question.image, ep.question.text)))
+    return world.split_by_key(key)
 
 
 def sample_episodes(n, seed, split, max_images=MAX_OBJECTS, n_images=None, tail_keep=1.0):
@@ -210,10 +203,8 @@ def episode_sequence(ep, tokenizer, vocab, codes, ctx_tokens, block_size, upto=N
         add([PAD] * ctx_tokens, TEXT, 0)
     if upto is not None and upto < len(ep.steps):
         add(enc(ep.steps[upto].instruction) + [THINK], TEXT, 1)
-    elif ep.question is not None:
+    else:
         add(enc(ep.question.text) + [THINK] + (enc(ep.question.answer) + [EOS] if upto is None else []), TEXT, 1)
-    elif upto is None:
-        add([EOS], TEXT, 1)
     if len(ids) > block_size:
         raise EpisodeError(f"an episode of {len(ep.steps)} images is {len(ids)} tokens, more than gpt.block_size="
                            f"{block_size}: raise gpt.block_size or lower train.episode_images")

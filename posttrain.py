@@ -192,7 +192,7 @@ def sample_batch(samples, rows, vocab: Vocab, device, nulls=None):
     (without <think> and plan for samples drawn without one), loss on everything after the prompt; rows where nulls is True get the null condition (image tokens only),
     as in pretraining."""
     nulls = [False] * len(rows) if nulls is None else nulls
-    seqs = [build_sequence(samples.get("format", "plan"), vocab, samples["prompt"][i], samples["plan"][i],
+    seqs = [build_sequence(samples["format"], vocab, samples["prompt"][i], samples["plan"][i],
                            samples["codes"][i], null=bool(n))
             for i, n in zip(rows, nulls)]
     return data.collate(seqs, vocab, device)

@@ -189,7 +189,7 @@ def _head_reward(name):
     return build
 
 
-HEADS = ("vqascore", "structured", "clip", "aesthetic", "quality", "geometry")  # the rewards heads.py trains
+HEADS = heads.NAMES  # the rewards heads.py trains
 for _name in HEADS:
     register(_name, from_run=True)(_head_reward(_name))
 

@@ -366,7 +366,8 @@ def _np(o, size=False, rng=None):
     return _an(" ".join(words))
 
 
-def _region(row, col):
+def region(row, col):
+    """A layout cell in words: "in the center", "at the top left"."""
     if (row, col) == (1, 1):
         return "in the center"
     return f"at the {ROWS[row]} {COLS[col]}"
@@ -461,7 +462,7 @@ def gen_color_attr(rng):
 def gen_dense(rng):
     s = _distinct_pairs(rng, int(rng.integers(3, MAX_OBJECTS + 1)))
     objs = [s.objects[i] for i in rng.permutation(len(s.objects))]
-    parts = [f"{_np(o, True, rng)} {_region(o.row, o.col)}" for o in objs]
+    parts = [f"{_np(o, True, rng)} {region(o.row, o.col)}" for o in objs]
     text = _wrap(rng, ", ".join(parts[:-1]) + " and " + parts[-1]).rstrip(".")
     relations, sentences = [], []
     for _ in range(int(rng.integers(1, 3))):
@@ -541,9 +542,14 @@ SPLIT_SALT = "nanoloom-split-1082"  # the first salt giving every category seen 
 
 
 def split_of(spec):
-    """train / dev / bench by a hash of spec_key: stable across runs and machines (hashlib, not the salted
-    hash()). A tenth of the specs are dev, 15% bench."""
-    h = int.from_bytes(hashlib.sha256((SPLIT_SALT + spec_key(spec)).encode()).digest()[:8], "big") % 100
+    """train / dev / bench by a hash of spec_key."""
+    return split_by_key(spec_key(spec))
+
+
+def split_by_key(key):
+    """train / dev / bench by a hash of a string: stable across runs and machines (hashlib, not the salted
+    hash()). A tenth of the keys are dev, 15% bench."""
+    h = int.from_bytes(hashlib.sha256((SPLIT_SALT + key).encode()).digest()[:8], "big") % 100
     return "bench" if h < 15 else "dev" if h < 25 else "train"
 
 
@@ -644,7 +650,7 @@ def caption_text(scene, rng=None):
     objs = list(scene.objects)
     if rng is not None:
         objs = [objs[i] for i in rng.permutation(len(objs))]
-    parts = [f"{_np(o, True, rng)} {_region(o.row, o.col)}" for o in objs]
+    parts = [f"{_np(o, True, rng)} {region(o.row, o.col)}" for o in objs]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return text if rng is None else _pick(rng, ("", "there is ", "an image of ", "a picture of ")) + text
 
@@ -657,7 +663,7 @@ def _vocab_lines():
                                    *COMPARATIVE_TEMPLATES, RELATION_SENTENCE, EMPTY, "a an and , . ;"))
     for table in (SIZE_WORDS, REL_WORDS, KNOWN_COLOURS, KNOWN_SHAPES, KNOWN_COUNTS, COMPARATIVES):
         yield from (strip(t) for v in table.values() for t in v)
-    yield " ".join(_region(r, c) for r in range(3) for c in range(3))
+    yield " ".join(region(r, c) for r in range(3) for c in range(3))
 
 
 def world_corpus(n=2000, seed=0):

@@ -177,7 +177,8 @@ def test_weighted_loss_is_the_weighted_sum_of_both_modalities():
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(vocab_size=vocab.size, image_offset=vocab.image_offset, n_image_tokens=4, block_size=32,
                         n_layer=1, n_head=2, n_kv_head=2, n_embd=16, mlp_hidden=32, n_tags=2))
-    samples = {"prompt": [[9, 10], [11]], "plan": [[12, 13, 14], [15]], "codes": [[1, 2, 3, 4], [5, 6, 7, 0]]}
+    samples = {"prompt": [[9, 10], [11]], "plan": [[12, 13, 14], [15]], "codes": [[1, 2, 3, 4], [5, 6, 7, 0]],
+               "format": "plan"}
     batch = posttrain.sample_batch(samples, [0, 1], vocab, "cpu")
     text, image = posttrain.per_sample_losses(gpt, batch)
     # reference: each sample alone, cross-entropy over its own targets of each modality
