@@ -173,9 +173,9 @@ class PromptSide:
         self.mask = prompt_positions(idx, kwargs.get("cache")).float()
 
     def _gate(self, layer, x):
-        """layer's LoRALinear gate: (..., n adapters) weights in the layer's order: a prompt side's weight at the
-        prompt's positions and 0 elsewhere, 1 for any other adapter (a generator side)."""
-        names = list(layer.lora_A)
+        """layer's LoRALinear gate: (..., n unmerged adapters) weights in the layer's order: a prompt side's weight
+        at the prompt's positions and 0 elsewhere, 1 for any other adapter (a generator side)."""
+        names = [n for n in layer.lora_A if n not in layer.merged]  # the columns LoRALinear.forward reads
         return torch.stack([self.mask * self.weights[n] if n in self.weights else torch.ones_like(self.mask)
                             for n in names], -1).to(x.dtype)  # (B, T, n)
 

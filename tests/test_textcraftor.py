@@ -10,7 +10,7 @@ import rewards
 import textcraftor as tc
 from data import BOI, BOS, NULL, PAD, THINK
 from generate import SampleConfig, generate
-from model import VQ, VQConfig, adapters_only_at, lora_layers
+from model import VQ, VQConfig, adapters_only_at, add_lora, lora_layers
 from test_generate import N_IMG, PROMPTS, VOCAB, grammar_model
 
 VQ_CFG = VQConfig(image_size=12, patch=4, codebook_size=VOCAB.codebook_size, code_dim=4, hidden=8)  # 3 x 3 codes
@@ -190,6 +190,31 @@ def test_training_moves_the_prompt_side_only_when_k_rows_carry_gradients(k):
         assert not changed, "the frozen weights stay as they were"
         assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in gpt.state_dict().items()
                    if n.endswith("lora_B.a") and n in added)
+
+
+def test_prompt_side_gate_skips_merged_adapters():
+    """LoRALinear reads its gate's columns over the unmerged adapters only: with a generator-side adapter merged,
+    the prompt side still acts at the prompt alone (outputs as before the merge)."""
+    gpt = grammar_model()
+    gpt = type(gpt)(gpt.cfg).double().eval()
+    gpt.load_state_dict(grammar_model().state_dict())
+    add_lora(gpt, "gen", tuple(OC.lora_targets.split(",")), OC.lora_r, OC.lora_alpha)  # first: column 0 of the gate
+    ps = tc.PromptSide(gpt, VOCAB)
+    ps.add("a", OC)
+    gpt.double()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, layer in lora_layers(gpt):
+            for name in ("gen", "a"):
+                layer.lora_B[name].normal_(std=0.3)
+    idx = torch.tensor([[BOS, 20, 21, THINK, 13, 12, BOI, 40, 41]])
+    with torch.no_grad():
+        before = gpt(idx)
+        for _, layer in lora_layers(gpt):  # merge "gen" alone (merge_lora folds in every adapter)
+            layer.base.weight += layer.delta("gen")
+            layer.merged.add("gen")
+        after = gpt(idx)
+    assert torch.allclose(before, after, atol=1e-10)
 
 
 def test_interpolation_ends_are_the_two_prompt_sides():
