@@ -245,14 +245,15 @@ def interval(per_prompt):
 
 def measure(model, vq, vocab, tokenizer, sample_cfg, examples, fns, vc, batch, seed, device):
     """One variant: every aspect's reward, their mean and the exact verifier on its dev samples (per prompt and
-    per category, with 95% intervals over prompts), then the four benchmarks. Returns (figures, dev samples)."""
+    per category, with 95% intervals over prompts), then the four benchmarks. Returns (figures, dev samples, each
+    with its own "verifier" score)."""
     t0 = time.time()
     s = posttrain.self_generate(model, vq, vocab, tokenizer, examples, vc.dev_samples, sample_cfg, seed, batch)
     dev_seconds = time.time() - t0
     prompts, ex = [examples[i].prompt for i in s["example"]], np.asarray(s["example"])
     scores = {a: rewards.score(fn, s["image"], prompts, device) for a, fn in fns.items()}
     scores["aspects"] = np.mean([scores[a] for a in fns], axis=0)
-    scores["verifier"] = posttrain.verifier_scores(s["image"], examples, s["example"])  # judges, after the fact
+    scores["verifier"] = s["verifier"] = posttrain.verifier_scores(s["image"], examples, s["example"])  # judges
     where = placement(world.parse_batch(np.stack(s["image"])), examples, s["example"])
     per = {k: [float(v[ex == i].mean()) for i in range(len(examples))] for k, v in scores.items()}
     cats = np.array([e.category for e in examples])
@@ -280,6 +281,14 @@ def placement(scenes, examples, example_index):
     share = lambda x: float(np.mean(x)) if len(x) else None
     return {"centre": share([c == (1, 1) for c in cells]), "corners": share([c in CORNERS for c in cells]),
             "asked_corner_kept": share(asked), "asked_corners": len(asked)}
+
+
+def shown(name, samples, examples, rows):
+    """The picture's cells of one variant: the first dev sample of each prompt in rows, as (caption, image, whether
+    that sample itself passes the verifier)."""
+    first = [samples["example"].index(i) for i in rows]
+    return [(f"{name}: {examples[i].prompt}", samples["image"][j], samples["verifier"][j] == 1.0)
+            for i, j in zip(rows, first)]
 
 
 def peak_mb():
@@ -381,9 +390,7 @@ def run(cfgs, run_dir, device, log, report):
         results[name], s = measure(model, vq, vocab, tokenizer, cfgs["sample"], examples, fns, vc, tc.eval_batch,
                                    tc.seed, device)
         done(f"measure_{name}", t0)
-        first = {i: s["example"].index(i) for i in grid_rows}
-        grid += [(f"{name}: {examples[i].prompt}", s["image"][first[i]],
-                  results[name]["dev"]["verifier"]["per_prompt"][i] == 1.0) for i in grid_rows]
+        grid += shown(name, s, examples, grid_rows)
         d = results[name]["dev"]
         print(f"[versat2i] {name}: " + ", ".join(f"{k} {d[k]['mean']:.3f}" for k in aspects + ["aspects", "verifier"])
               + f", geneval {results[name]['benchmarks']['geneval']['overall']:.3f}, {times[f'measure_{name}']:.0f}s")

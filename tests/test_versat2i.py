@@ -197,3 +197,12 @@ def test_placement_counts_centred_objects_and_the_corners_a_prompt_asks_for():
     kept, moved = Scene((obj(0, 0), obj(1, 1))), Scene((obj(1, 1), obj(0, 1)))
     p = versat2i.placement([kept, moved], [ask], [0, 0])
     assert p == {"centre": 0.5, "corners": 0.25, "asked_corner_kept": 0.5, "asked_corners": 2}
+
+
+def test_the_picture_marks_each_shown_sample_by_its_own_verifier():
+    """A prompt half of whose samples pass: its first sample shown is marked by that sample's verifier, not by
+    whether every sample of the prompt passed."""
+    from types import SimpleNamespace
+    exs = [SimpleNamespace(prompt="p0"), SimpleNamespace(prompt="p1")]
+    s = {"example": [0, 0, 1, 1], "image": ["i0", "i1", "i2", "i3"], "verifier": np.array([1.0, 0.5, 0.5, 1.0])}
+    assert versat2i.shown("base", s, exs, [0, 1]) == [("base: p0", "i0", True), ("base: p1", "i2", False)]
