@@ -47,6 +47,7 @@ import data
 import world
 from generate import RunError, decode_images, generate, load_adapter, load_run, sample_config, save_grid
 
+BENCHMARKS = ("geneval", "dpg", "wise", "oneig")  # score_benchmarks' keys, in its order
 GENEVAL_TASKS = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
 GRADED = ("dense",)  # scored by their share of facts (category_score); post-training keeps each prompt's best sample
 ONEIG_CATEGORIES = GENEVAL_TASKS + ("knowledge",)  # oneig's mix: every category with something left open

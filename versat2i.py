@@ -42,7 +42,6 @@ from model import add_lora, cosine_lr, load_lora, lora_layers, lora_state_dict, 
 
 ASPECTS = {"alignment": "vqascore", "aesthetic": "aesthetic", "quality": "quality",
            "geometry": "geometry"}  # aspect -> the reward head that scores it (rewards.py)
-BENCHMARKS = ("geneval", "dpg", "wise", "oneig")
 
 
 @dataclass
@@ -488,8 +487,8 @@ def summary(runs):
     r0, n = runs[0], len(runs)
     aspects, names = r0["aspects"], list(r0["variants"])
     singles = [a for a in aspects if a in names]
-    dev_keys, bench_keys = aspects + ["aspects", "verifier"], list(BENCHMARKS)
-    parts = [f"{b} {p}" for b in BENCHMARKS for p in ("seen", "tail") if p in r0["variants"]["base"]["benchmarks"][b]]
+    dev_keys, bench_keys = aspects + ["aspects", "verifier"], list(evaluate.BENCHMARKS)
+    parts = [f"{b} {p}" for b in bench_keys for p in ("seen", "tail") if p in r0["variants"]["base"]["benchmarks"][b]]
     c = r0["config"]
     spread = "mean [95% interval over prompts]" if n == 1 else f"mean +- sample std over {n} seeds"
     out = ["# VersaT2I: per-aspect LoRAs and a Mixture of LoRA", "",

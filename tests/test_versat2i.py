@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import evaluate
 import train
 import versat2i
 from conftest import MICRO
@@ -152,7 +153,7 @@ def test_versat2i_stage_writes_the_matrix_the_gates_and_the_grid(micro_run, tmp_
     assert list(res["variants"]) == variants
     for rec in res["variants"].values():
         assert set(rec["dev"]) == {*versat2i.ASPECTS, "aspects", "verifier"}
-        assert len(rec["dev"]["verifier"]["per_prompt"]) == 8 and set(rec["benchmarks"]) == set(versat2i.BENCHMARKS)
+        assert len(rec["dev"]["verifier"]["per_prompt"]) == 8 and set(rec["benchmarks"]) == set(evaluate.BENCHMARKS)
     assert all(res["selection"][a]["kept"] <= 4 for a in versat2i.ASPECTS), "at most one sample per prompt"
     gates = res["variants"]["mol"]["gates"]
     assert all(abs(sum(w) - 1) < 1e-4 for w in [*gates["categories"].values(), *gates["layers"].values()])
