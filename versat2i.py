@@ -64,7 +64,7 @@ class VersaT2IConfig:
 
 def config_rules(vc):
     """[versat2i] values that type-check but cannot work: (holds, message) pairs, checked before any work."""
-    names = [a.strip() for a in vc.aspects.split(",") if a.strip()]
+    names = aspect_names(vc)
     return [
         (bool(names) and set(names) <= set(ASPECTS) and len(set(names)) == len(names),
          f"versat2i.aspects={vc.aspects!r}: expected distinct names from {','.join(ASPECTS)} "
