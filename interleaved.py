@@ -74,8 +74,10 @@ def sample_all(gpt, vocab, prefixes, batch, max_images, seed, plain=False):
     return out
 
 
-CAPTION_OBJECT = re.compile(r"(small|little|large|big) (\w+) (circle|square|triangle) "
-                            r"(in the center|at the (top|middle|bottom) (left|center|right))")
+SIZE_OF = {w: size for size, words in world.SIZE_WORDS.items() for w in words}  # every size word -> its size
+_one_of = lambda words: "|".join(map(re.escape, words))
+CAPTION_OBJECT = re.compile(rf"({_one_of(SIZE_OF)}) (\w+) ({_one_of(world.SHAPES)}) "
+                            rf"(in the center|at the ({_one_of(world.ROWS)}) ({_one_of(world.COLS)}))")
 
 
 def parse_caption(text):
@@ -83,7 +85,7 @@ def parse_caption(text):
     objs = []
     for size, colour, shape, where, row, col in CAPTION_OBJECT.findall(text):
         r, c = (1, 1) if where == "in the center" else (world.ROWS.index(row), world.COLS.index(col))
-        objs.append(world.Obj(shape, colour, "small" if size in ("small", "little") else "large", r, c))
+        objs.append(world.Obj(shape, colour, SIZE_OF[size], r, c))
     return world.Scene(tuple(objs)) if len({(o.row, o.col) for o in objs}) == len(objs) else None
 
 
