@@ -31,7 +31,7 @@ import torch
 import world
 from data import BOI, BOS, EOI, EOS, PAD, decode_text
 from episodes import episode_codes, episode_data, episode_sequence, make_batch, sample_episodes
-from evaluate import bootstrap_ci
+from evaluate import SavedBytes, bootstrap_ci
 from generate import (SampleConfig, decode_images, generate_interleaved, load_run, read_json, save_grid,
                       write_json)
 from model import GPT, token_ce
@@ -176,15 +176,9 @@ def compare(runs, seed=0, n=1000):
 
 def step_cost(model, batch, rounds=5, steps=3):
     """One training step (forward, backward, AdamW) of model on an episode batch: (best seconds per step over
-    `rounds` rounds of `steps` steps, MB of tensors the forward saves for the backward: the activation memory,
-    counted exactly, whatever else the shared machine does)."""
+    `rounds` rounds of `steps` steps, MB autograd saves for the backward: evaluate.SavedBytes)."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    saved = []
-
-    def pack(t):
-        saved.append(t.numel() * t.element_size())
-        return t
 
     def step():
         ce = token_ce(model(batch.x, patch=batch.patch, tags=batch.tags, context=batch.context), batch.y)
@@ -192,7 +186,7 @@ def step_cost(model, batch, rounds=5, steps=3):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes() as saved:
         step()
     best = float("inf")
     for _ in range(rounds):
@@ -200,7 +194,7 @@ def step_cost(model, batch, rounds=5, steps=3):
         for _ in range(steps):
             step()
         best = min(best, (time.perf_counter() - t0) / steps)
-    return best, sum(saved) / 2**20
+    return best, saved.bytes / 2**20
 
 
 def bench(cfg, gpt, vq, vocab, tokenizer, n=8, seed=0):

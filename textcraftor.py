@@ -346,27 +346,6 @@ def differentiable_images(gpt, vq, vocab, prompts, sample_cfg, k, tau, seed, sid
     return vq.decode_soft(probs), keep, probs.argmax(-1), kl
 
 
-class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
-    """Bytes of the distinct storages autograd keeps for the backward pass while the block runs (.bytes): the
-    memory the differentiable path costs (a CPU build of torch reports no allocator peak)."""
-
-    def __init__(self):
-        self.storages = {}
-        super().__init__(self._pack, lambda t: t)
-
-    def __enter__(self):
-        super().__enter__()
-        return self
-
-    def _pack(self, t):
-        self.storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    @property
-    def bytes(self):
-        return sum(self.storages.values())
-
-
 def train(gpt, vq, vocab, tokenizer, side, name, spec, reward_fns, oc, sample_cfg, examples, seed, log, steps=None):
     """`steps` (default oc.steps) AdamW steps of a new prompt side `name` on -sum_j w_j R_j(image) of the
     differentiable path, prompts taken in turn from train-split examples; reward_fns: {name: checked reward}.
@@ -383,7 +362,7 @@ def train(gpt, vq, vocab, tokenizer, side, name, spec, reward_fns, oc, sample_cf
         pick = [(step * oc.batch + j) % len(ids) for j in range(oc.batch)]
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, oc.lr, oc.warmup, steps, oc.lr)
-        with SavedBytes() as saved:
+        with evaluate.SavedBytes() as saved:
             images, keep, _, kl = differentiable_images(gpt, vq, vocab, [ids[i] for i in pick], sample_cfg, oc.k,
                                                         oc.tau, seed * 100_003 + step, side)
             if images is None:  # no sample drew an image: nothing to score

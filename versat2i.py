@@ -22,7 +22,6 @@ import copy
 import dataclasses
 import math
 import os
-import resource
 import time
 from dataclasses import asdict, dataclass
 
@@ -290,10 +289,6 @@ def shown(name, samples, examples, rows):
             for i, j in zip(rows, first)]
 
 
-def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is in KB on Linux
-
-
 # -----------------------------------------------------------------------------
 # the stage
 
@@ -309,7 +304,7 @@ def run(cfgs, run_dir, device, log, report):
     t_start, times, peaks = time.time(), {}, {}
 
     def done(phase, t0):  # its seconds, and the process's peak memory so far
-        times[phase], peaks[phase] = round(time.time() - t0, 1), round(peak_mb())
+        times[phase], peaks[phase] = round(time.time() - t0, 1), round(evaluate.rss_mb("VmHWM"))
     pc = dataclasses.replace(cfgs["post"], steps=vc.steps, pretrain_weight=vc.pretrain_weight)
     out = os.path.join(run_dir, "versat2i")
     os.makedirs(out, exist_ok=True)
@@ -397,8 +392,8 @@ def run(cfgs, run_dir, device, log, report):
             results[name]["gates"] = gate_usage(model, s, examples, vocab, device, tc.eval_batch)
     save_grid([g[1] for g in grid], [g[0] for g in grid], os.path.join(out, "versat2i.png"), cols=len(grid_rows),
               marks=[g[2] for g in grid])
-    cost = {"seconds": round(time.time() - t_start, 1), "peak_rss_mb": round(peak_mb(), 1), "phases": times,
-            "peak_rss_mb_after": peaks,
+    cost = {"seconds": round(time.time() - t_start, 1), "peak_rss_mb": round(evaluate.rss_mb("VmHWM"), 1),
+            "phases": times, "peak_rss_mb_after": peaks,
             "threads": torch.get_num_threads(),
             "mol_vs_merged_sampling": results["mol"]["dev_seconds"] / results["average"]["dev_seconds"],
             "mol_vs_merged_benchmarks": results["mol"]["bench_seconds"] / results["average"]["bench_seconds"]}

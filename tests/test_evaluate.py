@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 import evaluate
 import world
@@ -243,3 +244,13 @@ def test_a_prompt_set_part_the_split_lacks_is_an_error_not_a_hang(monkeypatch):
     monkeypatch.setattr(world, "is_tail", lambda spec: False)  # a world whose dev split has no tail request
     with pytest.raises(RuntimeError, match="names a tail composition"):
         evaluate.part_example(np.random.default_rng(0), "colors", "dev", slot=1)
+
+
+def test_saved_bytes_counts_each_storage_once():
+    """A tensor autograd saves twice, and a view of it, cost the memory of one storage."""
+    x = torch.ones(256, requires_grad=True)
+    with evaluate.SavedBytes() as saved:
+        y = x.exp()  # saves its output
+        z = (x * x).sum() + (y[:128] * y[:128]).sum()  # x twice; two views of y's storage, twice each
+    assert saved.bytes == 2 * 256 * 4
+    z.backward()
