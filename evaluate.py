@@ -245,6 +245,13 @@ def score(groups):
     return float(np.mean([np.mean(g) for g in groups])), bootstrap_ci(groups)
 
 
+def paired_se(diff):
+    """Standard error of the mean of diff (sample std, ddof=1, over sqrt(n)): of a paired difference when diff holds
+    a - b on the same units (prompts, episodes, seeds), of a plain mean otherwise; nan below two values (no spread)."""
+    diff = np.asarray(diff, dtype=float)
+    return float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+
+
 # -----------------------------------------------------------------------------
 # Memory
 

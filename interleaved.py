@@ -31,7 +31,7 @@ import torch
 import world
 from data import BOI, BOS, EOI, EOS, PAD, decode_text
 from episodes import episode_codes, episode_data, episode_sequence, make_batch, sample_episodes
-from evaluate import SavedBytes, bootstrap_ci
+from evaluate import SavedBytes, bootstrap_ci, paired_se, score
 from generate import (SampleConfig, decode_images, generate_interleaved, load_run, read_json, save_grid,
                       write_json)
 from model import GPT, token_ce
@@ -117,7 +117,8 @@ def run_benchmark(gpt, vq, vocab, tokenizer, n_episodes=100, batch=50, seed=0):
 
 
 def mean_ci(values):
-    return [round(float(np.mean(values)), 4), bootstrap_ci([values])]
+    m, ci = score([values])
+    return [round(m, 4), ci]
 
 
 def summarise(records):
@@ -164,7 +165,7 @@ def compare(runs, seed=0, n=1000):
         for a, b in (("mmfs", "few"), ("full", "few"), ("full", "mmfs")):
             d = v[a] - v[b]
             lines.append(f"  {a} - {b}: {d.mean():+.3f} (standard error of the paired difference "
-                         f"{d.std(ddof=1) / np.sqrt(len(d)):.3f})")
+                         f"{paired_se(d):.3f})")
         idx = np.random.default_rng(seed).integers(0, len(few), (n, len(few)))
         gaps = full[idx].mean(1) - few[idx].mean(1)
         closed = (mm[idx].mean(1) - few[idx].mean(1)) / np.where(gaps == 0, np.nan, gaps)

@@ -23,7 +23,6 @@ tuned on different reward mixes; tune the generator on top and see whether the t
 import contextlib
 import dataclasses
 import functools
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -409,10 +408,10 @@ def measure(gpt, vq, vocab, tokenizer, sample_cfg, examples, reward_fns, n_sampl
 def summary(per, base=None):
     """Per-prompt means -> {name: [mean, standard error]} and, against base (the same prompts), the paired
     difference {name_gain: [mean, standard error]}."""
-    se = lambda x: float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
-    out = {n: [float(np.mean(v)), se(v)] for n, v in per.items()}
+    out = {n: [float(np.mean(v)), evaluate.paired_se(v)] for n, v in per.items()}
     if base is not None:
-        out.update({f"{n}_gain": [float(np.mean(v - base[n])), se(v - base[n])] for n, v in per.items()})
+        out.update({f"{n}_gain": [float(np.mean(v - base[n])), evaluate.paired_se(v - base[n])]
+                    for n, v in per.items()})
     return out
 
 
@@ -559,7 +558,7 @@ def _pm(xs, ses):
     """One seed: its mean and standard error; several: the mean over seeds and its standard error over seeds."""
     if len(xs) == 1:
         return f"{xs[0]:+.3f} +- {ses[0]:.3f}"
-    return f"{np.mean(xs):+.3f} +- {np.std(xs, ddof=1) / math.sqrt(len(xs)):.3f}"
+    return f"{np.mean(xs):+.3f} +- {evaluate.paired_se(xs):.3f}"
 
 
 def table(results):

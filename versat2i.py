@@ -444,7 +444,7 @@ def run_difference(run, a, b, key):
     va, vb = variant(run, a), variant(run, b)
     if key in va["dev"]:
         d = np.array(va["dev"][key]["per_prompt"]) - np.array(vb["dev"][key]["per_prompt"])
-        return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
+        return float(d.mean()), evaluate.paired_se(d)
     half = lambda v: (ci(v, key)[1] - ci(v, key)[0]) / 2 / 1.96
     return value(va, key) - value(vb, key), float(math.hypot(half(va), half(vb)))
 
@@ -458,7 +458,7 @@ def difference(runs, a, b, key):
         return per[0]
     d, own = np.array([x for x, _ in per]), np.array([s for _, s in per])
     floor = math.sqrt(np.mean(own ** 2) / len(runs))
-    return float(d.mean()), float(max(d.std(ddof=1) / math.sqrt(len(d)), floor))
+    return float(d.mean()), float(max(evaluate.paired_se(d), floor))
 
 
 def verdict(runs, claimed, rival, key):

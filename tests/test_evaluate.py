@@ -254,3 +254,9 @@ def test_saved_bytes_counts_each_storage_once():
         z = (x * x).sum() + (y[:128] * y[:128]).sum()  # x twice; two views of y's storage, twice each
     assert saved.bytes == 2 * 256 * 4
     z.backward()
+
+
+def test_paired_se_is_the_sample_standard_error():
+    d = np.array([0.1, -0.2, 0.4, 0.3])
+    assert evaluate.paired_se(d) == pytest.approx(np.std(d, ddof=1) / 2)
+    assert np.isnan(evaluate.paired_se([0.5])), "one value has no spread to measure"
