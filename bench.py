@@ -16,7 +16,6 @@ Performance figures of a trained run on this machine, all measured in the same r
 
 import argparse
 import json
-import resource
 import time
 from dataclasses import replace
 from types import SimpleNamespace
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 
 import data
 import world
+from evaluate import rss_mb
 from generate import RunError, generate, generate_reference, load_run, sample_config
 from model import GPT, use_bf16
 
@@ -83,14 +83,6 @@ def peak_memory(device, start_mb):
     """MB the phase needed above what the process held when it began (peak - start)."""
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else rss_mb("VmHWM")
     return {"peak_mb": round(peak, 1), "above_start_mb": round(peak - start_mb, 1)}
-
-
-def rss_mb(field):
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB (macOS bytes)
 
 
 # -----------------------------------------------------------------------------

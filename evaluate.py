@@ -38,15 +38,18 @@ seeing benchmark prompts, and recipe choices are read there.
 import argparse
 import json
 import os
+import resource
 import time
 from collections import defaultdict
 
 import numpy as np
+import torch
 
 import data
 import world
 from generate import RunError, decode_images, generate, load_adapter, load_run, sample_config, save_grid
 
+BENCHMARKS = ("geneval", "dpg", "wise", "oneig")  # score_benchmarks' keys, in its order
 GENEVAL_TASKS = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
 GRADED = ("dense",)  # scored by their share of facts (category_score); post-training keeps each prompt's best sample
 ONEIG_CATEGORIES = GENEVAL_TASKS + ("knowledge",)  # oneig's mix: every category with something left open
@@ -240,6 +243,49 @@ def bootstrap_ci(groups, seed=0, n=BOOTSTRAP):
 def score(groups):
     """(mean of group means, its interval)."""
     return float(np.mean([np.mean(g) for g in groups])), bootstrap_ci(groups)
+
+
+def paired_se(diff):
+    """Standard error of the mean of diff (sample std, ddof=1, over sqrt(n)): of a paired difference when diff holds
+    a - b on the same units (prompts, episodes, seeds), of a plain mean otherwise; nan below two values (no spread)."""
+    diff = np.asarray(diff, dtype=float)
+    return float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+
+
+# -----------------------------------------------------------------------------
+# Memory
+
+
+class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Bytes autograd keeps for the backward pass while the block runs (.bytes): each distinct storage once, at its
+    full size (views and a tensor saved twice share one), so the activation memory a step needs, counted exactly
+    whatever else the machine does (a CPU build of torch reports no allocator peak)."""
+
+    def __init__(self):
+        self.storages = {}
+        super().__init__(self._pack, lambda t: t)
+
+    def __enter__(self):
+        super().__enter__()
+        return self
+
+    def _pack(self, t):
+        self.storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    @property
+    def bytes(self):
+        return sum(self.storages.values())
+
+
+def rss_mb(field):
+    """MB of this process's resident memory: VmRSS (now) or VmHWM (the peak) from /proc/self/status; off Linux
+    the peak getrusage reports."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB (macOS bytes)
 
 
 # -----------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import torch
 import world
 from data import BOI, BOS, EOI, EOS, PAD, decode_text
 from episodes import episode_codes, episode_data, episode_sequence, make_batch, sample_episodes
-from evaluate import bootstrap_ci
+from evaluate import SavedBytes, bootstrap_ci, paired_se, score
 from generate import (SampleConfig, decode_images, generate_interleaved, load_run, read_json, save_grid,
                       write_json)
 from model import GPT, token_ce
@@ -74,8 +74,10 @@ def sample_all(gpt, vocab, prefixes, batch, max_images, seed, plain=False):
     return out
 
 
-CAPTION_OBJECT = re.compile(r"(small|little|large|big) (\w+) (circle|square|triangle) "
-                            r"(in the center|at the (top|middle|bottom) (left|center|right))")
+SIZE_OF = {w: size for size, words in world.SIZE_WORDS.items() for w in words}  # every size word -> its size
+_one_of = lambda words: "|".join(map(re.escape, words))
+CAPTION_OBJECT = re.compile(rf"({_one_of(SIZE_OF)}) (\w+) ({_one_of(world.SHAPES)}) "
+                            rf"(in the center|at the ({_one_of(world.ROWS)}) ({_one_of(world.COLS)}))")
 
 
 def parse_caption(text):
@@ -83,7 +85,7 @@ def parse_caption(text):
     objs = []
     for size, colour, shape, where, row, col in CAPTION_OBJECT.findall(text):
         r, c = (1, 1) if where == "in the center" else (world.ROWS.index(row), world.COLS.index(col))
-        objs.append(world.Obj(shape, colour, "small" if size in ("small", "little") else "large", r, c))
+        objs.append(world.Obj(shape, colour, SIZE_OF[size], r, c))
     return world.Scene(tuple(objs)) if len({(o.row, o.col) for o in objs}) == len(objs) else None
 
 
@@ -115,7 +117,8 @@ def run_benchmark(gpt, vq, vocab, tokenizer, n_episodes=100, batch=50, seed=0):
 
 
 def mean_ci(values):
-    return [round(float(np.mean(values)), 4), bootstrap_ci([values])]
+    m, ci = score([values])
+    return [round(m, 4), ci]
 
 
 def summarise(records):
@@ -162,7 +165,7 @@ def compare(runs, seed=0, n=1000):
         for a, b in (("mmfs", "few"), ("full", "few"), ("full", "mmfs")):
             d = v[a] - v[b]
             lines.append(f"  {a} - {b}: {d.mean():+.3f} (standard error of the paired difference "
-                         f"{d.std(ddof=1) / np.sqrt(len(d)):.3f})")
+                         f"{paired_se(d):.3f})")
         idx = np.random.default_rng(seed).integers(0, len(few), (n, len(few)))
         gaps = full[idx].mean(1) - few[idx].mean(1)
         closed = (mm[idx].mean(1) - few[idx].mean(1)) / np.where(gaps == 0, np.nan, gaps)
@@ -174,15 +177,9 @@ def compare(runs, seed=0, n=1000):
 
 def step_cost(model, batch, rounds=5, steps=3):
     """One training step (forward, backward, AdamW) of model on an episode batch: (best seconds per step over
-    `rounds` rounds of `steps` steps, MB of tensors the forward saves for the backward: the activation memory,
-    counted exactly, whatever else the shared machine does)."""
+    `rounds` rounds of `steps` steps, MB autograd saves for the backward: evaluate.SavedBytes)."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    saved = []
-
-    def pack(t):
-        saved.append(t.numel() * t.element_size())
-        return t
 
     def step():
         ce = token_ce(model(batch.x, patch=batch.patch, tags=batch.tags, context=batch.context), batch.y)
@@ -190,7 +187,7 @@ def step_cost(model, batch, rounds=5, steps=3):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes() as saved:
         step()
     best = float("inf")
     for _ in range(rounds):
@@ -198,7 +195,7 @@ def step_cost(model, batch, rounds=5, steps=3):
         for _ in range(steps):
             step()
         best = min(best, (time.perf_counter() - t0) / steps)
-    return best, sum(saved) / 2**20
+    return best, saved.bytes / 2**20
 
 
 def bench(cfg, gpt, vq, vocab, tokenizer, n=8, seed=0):

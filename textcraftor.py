@@ -3,7 +3,7 @@ TextCraftor (Li et al. 2024, arXiv 2403.18978) for a decoder-only model: tune on
 generator by backpropagating differentiable rewards, from prompts alone; interpolate between prompt sides
 tuned on different reward mixes; tune the generator on top and see whether the two add up.
 
-- The prompt side: LoRA adapters that act only at the prompt's positions (<bos> prompt <think>, what the
+- The prompt side: LoRA adapters that act only at the prompt's positions (<bos> prompt [<think>], what the
   sampler's first forward reads); every later position (plan, image) runs the frozen weights and sees the
   prompt only through its keys and values, as a U-Net sees a text encoder's output. (side = "embed": an
   offset on the prompt's word embeddings alone.) A KL term keeps the plan's distributions near the frozen ones.
@@ -23,7 +23,6 @@ tuned on different reward mixes; tune the generator on top and see whether the t
 import contextlib
 import dataclasses
 import functools
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -110,7 +109,9 @@ def config_rules(oc, grid=None):
 def prompt_positions(idx, cache=None):
     """(B, T) True at the prompt's positions: <bos>, the prompt and <think> (or, without a plan, all before
     <boi>) of a conditional row. A row holding <null> is the unconditional branch: it has no prompt. A cached
-    call after the first one reads only what follows the prompt."""
+    call after the first one reads only what follows the prompt. A GradCache carries the call's own positions."""
+    if getattr(cache, "prompt", None) is not None:  # without <think> the ids do not say where a plan begins
+        return cache.prompt
     if cache is not None and cache.length > 0:
         return torch.zeros_like(idx, dtype=torch.bool)
     think = idx == THINK
@@ -171,9 +172,9 @@ class PromptSide:
         self.mask = prompt_positions(idx, kwargs.get("cache")).float()
 
     def _gate(self, layer, x):
-        """layer's LoRALinear gate: (..., n adapters) weights in the layer's order: a prompt side's weight at the
-        prompt's positions and 0 elsewhere, 1 for any other adapter (a generator side)."""
-        names = list(layer.lora_A)
+        """layer's LoRALinear gate: (..., n unmerged adapters) weights in the layer's order: a prompt side's weight
+        at the prompt's positions and 0 elsewhere, 1 for any other adapter (a generator side)."""
+        names = [n for n in layer.lora_A if n not in layer.merged]  # the columns LoRALinear.forward reads
         return torch.stack([self.mask * self.weights[n] if n in self.weights else torch.ones_like(self.mask)
                             for n in names], -1).to(x.dtype)  # (B, T, n)
 
@@ -208,24 +209,27 @@ class _Layers(list):
 class GradCache:
     """A KV cache for calls that carry gradients: one tensor per layer, made anew (out of place) for each call,
     so that nothing autograd saved is written again (model.KVCache writes every layer into one tensor in place:
-    right without gradients, a version error with them). past: per layer (B, n_kv_head, L, hd)."""
+    right without gradients, a version error with them). past: per layer (B, n_kv_head, L, hd); prompt: (B, T)
+    the call's prompt positions, what the sampler's first call read (PromptSide reads them)."""
 
-    def __init__(self, past_k, past_v, T):
-        self.length = past_k[0].shape[2]
+    def __init__(self, past_k, past_v, T, prompt):
+        self.length, self.prompt = past_k[0].shape[2], prompt
         self.k = _Layers(F.pad(k, (0, 0, 0, T)) for k in past_k)  # (B, nkv, L + T, hd)
         self.v = _Layers(F.pad(v, (0, 0, 0, T)) for v in past_v)
 
 
-def _sequences(vocab, prompts, samples, guided, n_codes):
-    """Each kept sample as the sampler saw it: <bos> prompt <think> plan <boi> and n_codes code slots (ids
-    of code 0: only their patches and tags are read), its null row too when guided; left-padded.
-    Returns idx, patch, tags, pos, valid (R, L)."""
-    rows = [[BOS] + p + [THINK] + s["plan"] + [BOI] for p, s in zip(prompts, samples)]
+def _sequences(vocab, prompts, samples, guided, think, n_codes):
+    """Each kept sample as the sampler saw it: <bos> prompt [<think> when think], the tokens it wrote before <boi>
+    (its plan and any <think> of its own, which the sample's plan leaves out), <boi> and n_codes code slots (ids of
+    code 0: only their patches and tags are read), its null row too when guided; left-padded.
+    Returns idx, patch, tags, pos, valid, prompt (R, L); prompt: what the sampler's first call read (<bos>, the
+    prompt and <think>) in the conditional rows."""
+    rows = [[BOS] + p + [THINK] * think + s["tokens"][:s["tokens"].index(BOI) + 1] for p, s in zip(prompts, samples)]
     if guided:
         rows += [[BOS] + [NULL] * (len(r) - 2) + [BOI] for r in rows]
     rows = [r + [vocab.image_offset] * n_codes for r in rows]
     L = max(len(r) for r in rows)
-    out = torch.full((5, len(rows), L), 0, dtype=torch.long)
+    out = torch.full((6, len(rows), L), 0, dtype=torch.long)
     for i, r in enumerate(rows):
         n = len(r)
         out[0, i] = PAD
@@ -235,7 +239,9 @@ def _sequences(vocab, prompts, samples, guided, n_codes):
             out[2, i, L - n:] = torch.tensor(vocab.tagger.tags(r))
         out[3, i, L - n:] = torch.arange(n)
         out[4, i, L - n:] = 1
-    return out[0], out[1], out[2], out[3], out[4].bool()
+        if i < len(prompts):
+            out[5, i, L - n:L - n + 1 + len(prompts[i]) + think] = 1
+    return out[0], out[1], out[2], out[3], out[4].bool(), out[5].bool()
 
 
 def soft_token(logits, sample_cfg, tau, gen):
@@ -257,6 +263,13 @@ def soft_token(logits, sample_cfg, tau, gen):
     return hard, F.one_hot(hard, z.shape[-1]).to(z.dtype) + soft - soft.detach()
 
 
+def check_sample(sample_cfg):
+    """ValueError unless soft_token draws as generate does: it has guidance, temperature and top-k, no top-p."""
+    if sample_cfg.top_p < 1.0:
+        raise ValueError(f"sample.top_p={sample_cfg.top_p}: textcraftor's differentiable path draws without nucleus "
+                         "sampling, so it would rerun samples the sampler never drew; set sample.top_p = 1")
+
+
 def differentiable_images(gpt, vq, vocab, prompts, sample_cfg, k, tau, seed, side=None):
     """Prompts (lists of ids) -> (images (B, 3, H, W) whose last k code rows carry gradients to the prompt
     side, the indices of the prompts that got an image, the hard codes (B, N), and with side (the PromptSide) the
@@ -267,14 +280,15 @@ def differentiable_images(gpt, vq, vocab, prompts, sample_cfg, k, tau, seed, sid
     G, N, off = vq.cfg.grid, vq.cfg.n_codes, vocab.image_offset
     if not 0 <= k <= G:
         raise ValueError(f"k={k} rows: the image has {G} rows of codes; k must lie in [0, {G}] (textcraftor.k)")
+    check_sample(sample_cfg)
     with torch.no_grad():
         drawn = generate(gpt, vocab, prompts, sample_cfg, seed=seed)
     keep = [i for i, s in enumerate(drawn) if s["codes"] is not None and len(s["codes"]) == N]
     if not keep:
         return None, keep, None, None
     B, guided, m = len(keep), sample_cfg.cfg_scale != 1.0, (G - k) * G  # m: codes drawn without gradient
-    idx, patch, tags, pos, valid = (t.to(dev) for t in _sequences(vocab, [prompts[i] for i in keep],
-                                                                   [drawn[i] for i in keep], guided, N))
+    idx, patch, tags, pos, valid, prompt = (t.to(dev) for t in _sequences(
+        vocab, [prompts[i] for i in keep], [drawn[i] for i in keep], guided, sample_cfg.think, N))
     early = torch.tensor([drawn[i]["codes"][:m] for i in keep], dtype=torch.long, device=dev).view(B, m)
     P = idx.shape[1] - N - 1  # column of <boi>
     idx[:, P + 1:P + 1 + m] = off + early.repeat(1 + guided, 1)
@@ -284,7 +298,7 @@ def differentiable_images(gpt, vq, vocab, prompts, sample_cfg, k, tau, seed, sid
 
     def call(a, b, past, embeds=None):
         """Columns a..b through the GPT on top of past -> (logits (R, b - a, V), the new past)."""
-        cache = GradCache(*past, b - a)
+        cache = GradCache(*past, b - a, prompt[:, a:b])
         logits = gpt(idx[:, a:b], patch=patch[:, a:b], tags=tags[:, a:b] if vocab.tagger else None,
                      pos=pos[:, a:b], key_valid=valid[:, :b], cache=cache, embeds=embeds)
         return logits, [list(cache.k), list(cache.v)]
@@ -306,8 +320,8 @@ def differentiable_images(gpt, vq, vocab, prompts, sample_cfg, k, tau, seed, sid
     if side is not None:
         with torch.no_grad(), side.off():
             ref = call(0, P, fresh)[0]
-        plan = (~prompt_positions(idx[:B, :P]) | (idx[:B, :P] == THINK)).to(dtype)  # <think> and the plan predict
-        #                                                                              the plan's words and <boi>
+        # the prompt's last position (<think>, or its last word without it) and the plan predict the plan and <boi>
+        plan = (~prompt[:B, :P] | ~prompt[:B, 1:P + 1]).to(dtype)
         logp, logq = logits[:B].log_softmax(-1), ref[:B].log_softmax(-1)  # (B, P, V)
         kl = ((logp.exp() * (logp - logq)).sum(-1) * plan).sum() / plan.sum()
     if m:
@@ -331,27 +345,6 @@ def differentiable_images(gpt, vq, vocab, prompts, sample_cfg, k, tau, seed, sid
     return vq.decode_soft(probs), keep, probs.argmax(-1), kl
 
 
-class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
-    """Bytes of the distinct storages autograd keeps for the backward pass while the block runs (.bytes): the
-    memory the differentiable path costs (a CPU build of torch reports no allocator peak)."""
-
-    def __init__(self):
-        self.storages = {}
-        super().__init__(self._pack, lambda t: t)
-
-    def __enter__(self):
-        super().__enter__()
-        return self
-
-    def _pack(self, t):
-        self.storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    @property
-    def bytes(self):
-        return sum(self.storages.values())
-
-
 def train(gpt, vq, vocab, tokenizer, side, name, spec, reward_fns, oc, sample_cfg, examples, seed, log, steps=None):
     """`steps` (default oc.steps) AdamW steps of a new prompt side `name` on -sum_j w_j R_j(image) of the
     differentiable path, prompts taken in turn from train-split examples; reward_fns: {name: checked reward}.
@@ -368,7 +361,7 @@ def train(gpt, vq, vocab, tokenizer, side, name, spec, reward_fns, oc, sample_cf
         pick = [(step * oc.batch + j) % len(ids) for j in range(oc.batch)]
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, oc.lr, oc.warmup, steps, oc.lr)
-        with SavedBytes() as saved:
+        with evaluate.SavedBytes() as saved:
             images, keep, _, kl = differentiable_images(gpt, vq, vocab, [ids[i] for i in pick], sample_cfg, oc.k,
                                                         oc.tau, seed * 100_003 + step, side)
             if images is None:  # no sample drew an image: nothing to score
@@ -415,10 +408,10 @@ def measure(gpt, vq, vocab, tokenizer, sample_cfg, examples, reward_fns, n_sampl
 def summary(per, base=None):
     """Per-prompt means -> {name: [mean, standard error]} and, against base (the same prompts), the paired
     difference {name_gain: [mean, standard error]}."""
-    se = lambda x: float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
-    out = {n: [float(np.mean(v)), se(v)] for n, v in per.items()}
+    out = {n: [float(np.mean(v)), evaluate.paired_se(v)] for n, v in per.items()}
     if base is not None:
-        out.update({f"{n}_gain": [float(np.mean(v - base[n])), se(v - base[n])] for n, v in per.items()})
+        out.update({f"{n}_gain": [float(np.mean(v - base[n])), evaluate.paired_se(v - base[n])]
+                    for n, v in per.items()})
     return out
 
 
@@ -504,6 +497,7 @@ def run(cfgs, run_dir, device, log, report):
     tc, oc, scfg = cfgs["train"], cfgs["textcraftor"], cfgs["sample"]
     if tc.data_dir:
         return {"skipped": "textcraftor (it needs the shapes world's prompts, rewards and verifier)"}
+    check_sample(scfg)  # before any work
     load = lambda: load_run(run_dir, device)[1:]
     tokenizer, vocab, vq, gpt = load()
     out = os.path.join(run_dir, "textcraftor")
@@ -564,7 +558,7 @@ def _pm(xs, ses):
     """One seed: its mean and standard error; several: the mean over seeds and its standard error over seeds."""
     if len(xs) == 1:
         return f"{xs[0]:+.3f} +- {ses[0]:.3f}"
-    return f"{np.mean(xs):+.3f} +- {np.std(xs, ddof=1) / math.sqrt(len(xs)):.3f}"
+    return f"{np.mean(xs):+.3f} +- {evaluate.paired_se(xs):.3f}"
 
 
 def table(results):

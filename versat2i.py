@@ -22,7 +22,6 @@ import copy
 import dataclasses
 import math
 import os
-import resource
 import time
 from dataclasses import asdict, dataclass
 
@@ -42,7 +41,6 @@ from model import add_lora, cosine_lr, load_lora, lora_layers, lora_state_dict, 
 
 ASPECTS = {"alignment": "vqascore", "aesthetic": "aesthetic", "quality": "quality",
            "geometry": "geometry"}  # aspect -> the reward head that scores it (rewards.py)
-BENCHMARKS = ("geneval", "dpg", "wise", "oneig")
 
 
 @dataclass
@@ -65,7 +63,7 @@ class VersaT2IConfig:
 
 def config_rules(vc):
     """[versat2i] values that type-check but cannot work: (holds, message) pairs, checked before any work."""
-    names = [a.strip() for a in vc.aspects.split(",") if a.strip()]
+    names = aspect_names(vc)
     return [
         (bool(names) and set(names) <= set(ASPECTS) and len(set(names)) == len(names),
          f"versat2i.aspects={vc.aspects!r}: expected distinct names from {','.join(ASPECTS)} "
@@ -245,14 +243,15 @@ def interval(per_prompt):
 
 def measure(model, vq, vocab, tokenizer, sample_cfg, examples, fns, vc, batch, seed, device):
     """One variant: every aspect's reward, their mean and the exact verifier on its dev samples (per prompt and
-    per category, with 95% intervals over prompts), then the four benchmarks. Returns (figures, dev samples)."""
+    per category, with 95% intervals over prompts), then the four benchmarks. Returns (figures, dev samples, each
+    with its own "verifier" score)."""
     t0 = time.time()
     s = posttrain.self_generate(model, vq, vocab, tokenizer, examples, vc.dev_samples, sample_cfg, seed, batch)
     dev_seconds = time.time() - t0
     prompts, ex = [examples[i].prompt for i in s["example"]], np.asarray(s["example"])
     scores = {a: rewards.score(fn, s["image"], prompts, device) for a, fn in fns.items()}
     scores["aspects"] = np.mean([scores[a] for a in fns], axis=0)
-    scores["verifier"] = posttrain.verifier_scores(s["image"], examples, s["example"])  # judges, after the fact
+    scores["verifier"] = s["verifier"] = posttrain.verifier_scores(s["image"], examples, s["example"])  # judges
     where = placement(world.parse_batch(np.stack(s["image"])), examples, s["example"])
     per = {k: [float(v[ex == i].mean()) for i in range(len(examples))] for k, v in scores.items()}
     cats = np.array([e.category for e in examples])
@@ -282,8 +281,12 @@ def placement(scenes, examples, example_index):
             "asked_corner_kept": share(asked), "asked_corners": len(asked)}
 
 
-def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is in KB on Linux
+def shown(name, samples, examples, rows):
+    """The picture's cells of one variant: the first dev sample of each prompt in rows, as (caption, image, whether
+    that sample itself passes the verifier)."""
+    first = [samples["example"].index(i) for i in rows]
+    return [(f"{name}: {examples[i].prompt}", samples["image"][j], samples["verifier"][j] == 1.0)
+            for i, j in zip(rows, first)]
 
 
 # -----------------------------------------------------------------------------
@@ -301,7 +304,7 @@ def run(cfgs, run_dir, device, log, report):
     t_start, times, peaks = time.time(), {}, {}
 
     def done(phase, t0):  # its seconds, and the process's peak memory so far
-        times[phase], peaks[phase] = round(time.time() - t0, 1), round(peak_mb())
+        times[phase], peaks[phase] = round(time.time() - t0, 1), round(evaluate.rss_mb("VmHWM"))
     pc = dataclasses.replace(cfgs["post"], steps=vc.steps, pretrain_weight=vc.pretrain_weight)
     out = os.path.join(run_dir, "versat2i")
     os.makedirs(out, exist_ok=True)
@@ -381,9 +384,7 @@ def run(cfgs, run_dir, device, log, report):
         results[name], s = measure(model, vq, vocab, tokenizer, cfgs["sample"], examples, fns, vc, tc.eval_batch,
                                    tc.seed, device)
         done(f"measure_{name}", t0)
-        first = {i: s["example"].index(i) for i in grid_rows}
-        grid += [(f"{name}: {examples[i].prompt}", s["image"][first[i]],
-                  results[name]["dev"]["verifier"]["per_prompt"][i] == 1.0) for i in grid_rows]
+        grid += shown(name, s, examples, grid_rows)
         d = results[name]["dev"]
         print(f"[versat2i] {name}: " + ", ".join(f"{k} {d[k]['mean']:.3f}" for k in aspects + ["aspects", "verifier"])
               + f", geneval {results[name]['benchmarks']['geneval']['overall']:.3f}, {times[f'measure_{name}']:.0f}s")
@@ -391,8 +392,8 @@ def run(cfgs, run_dir, device, log, report):
             results[name]["gates"] = gate_usage(model, s, examples, vocab, device, tc.eval_batch)
     save_grid([g[1] for g in grid], [g[0] for g in grid], os.path.join(out, "versat2i.png"), cols=len(grid_rows),
               marks=[g[2] for g in grid])
-    cost = {"seconds": round(time.time() - t_start, 1), "peak_rss_mb": round(peak_mb(), 1), "phases": times,
-            "peak_rss_mb_after": peaks,
+    cost = {"seconds": round(time.time() - t_start, 1), "peak_rss_mb": round(evaluate.rss_mb("VmHWM"), 1),
+            "phases": times, "peak_rss_mb_after": peaks,
             "threads": torch.get_num_threads(),
             "mol_vs_merged_sampling": results["mol"]["dev_seconds"] / results["average"]["dev_seconds"],
             "mol_vs_merged_benchmarks": results["mol"]["bench_seconds"] / results["average"]["bench_seconds"]}
@@ -443,7 +444,7 @@ def run_difference(run, a, b, key):
     va, vb = variant(run, a), variant(run, b)
     if key in va["dev"]:
         d = np.array(va["dev"][key]["per_prompt"]) - np.array(vb["dev"][key]["per_prompt"])
-        return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
+        return float(d.mean()), evaluate.paired_se(d)
     half = lambda v: (ci(v, key)[1] - ci(v, key)[0]) / 2 / 1.96
     return value(va, key) - value(vb, key), float(math.hypot(half(va), half(vb)))
 
@@ -457,7 +458,7 @@ def difference(runs, a, b, key):
         return per[0]
     d, own = np.array([x for x, _ in per]), np.array([s for _, s in per])
     floor = math.sqrt(np.mean(own ** 2) / len(runs))
-    return float(d.mean()), float(max(d.std(ddof=1) / math.sqrt(len(d)), floor))
+    return float(d.mean()), float(max(evaluate.paired_se(d), floor))
 
 
 def verdict(runs, claimed, rival, key):
@@ -481,8 +482,8 @@ def summary(runs):
     r0, n = runs[0], len(runs)
     aspects, names = r0["aspects"], list(r0["variants"])
     singles = [a for a in aspects if a in names]
-    dev_keys, bench_keys = aspects + ["aspects", "verifier"], list(BENCHMARKS)
-    parts = [f"{b} {p}" for b in BENCHMARKS for p in ("seen", "tail") if p in r0["variants"]["base"]["benchmarks"][b]]
+    dev_keys, bench_keys = aspects + ["aspects", "verifier"], list(evaluate.BENCHMARKS)
+    parts = [f"{b} {p}" for b in bench_keys for p in ("seen", "tail") if p in r0["variants"]["base"]["benchmarks"][b]]
     c = r0["config"]
     spread = "mean [95% interval over prompts]" if n == 1 else f"mean +- sample std over {n} seeds"
     out = ["# VersaT2I: per-aspect LoRAs and a Mixture of LoRA", "",

@@ -10,7 +10,7 @@ import rewards
 import textcraftor as tc
 from data import BOI, BOS, NULL, PAD, THINK
 from generate import SampleConfig, generate
-from model import VQ, VQConfig, adapters_only_at, lora_layers
+from model import VQ, VQConfig, adapters_only_at, add_lora, lora_layers
 from test_generate import N_IMG, PROMPTS, VOCAB, grammar_model
 
 VQ_CFG = VQConfig(image_size=12, patch=4, codebook_size=VOCAB.codebook_size, code_dim=4, hidden=8)  # 3 x 3 codes
@@ -67,13 +67,17 @@ def test_gate_equals_adapters_only_at_the_prompt():
     assert torch.allclose(gated[1], frozen[1]), "the null row has no prompt: frozen weights there"
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_soft_path_greedy_draws_generate_s_tokens_and_image(k):
+@pytest.mark.parametrize("k,think", [(1, True), (3, True), (3, False)])
+def test_soft_path_greedy_draws_generate_s_tokens_and_image(k, think):
     """At temperature 0 the soft path (prompt and plan again, first rows without gradient, the last k rows soft,
-    with its own cache) draws the codes generate draws, and its soft image is the hard tokens' image."""
-    gpt, vq, _ = setup()
-    ref = generate(gpt, VOCAB, PROMPTS, GREEDY)
-    images, keep, codes, _ = tc.differentiable_images(gpt, vq, VOCAB, PROMPTS, GREEDY, k, 1.0, 0)
+    with its own cache) draws the codes generate draws, and its soft image is the hard tokens' image; without
+    <think> too (the model still writes plans then: the prompt side must not act on them)."""
+    gpt, vq, ps = setup()
+    greedy = dataclasses.replace(GREEDY, think=think)
+    ref = generate(gpt, VOCAB, PROMPTS, greedy)
+    assert think or all(s["tokens"][0] == THINK for s in ref), "without <think> the model writes its own"
+    images, keep, codes, kl = tc.differentiable_images(gpt, vq, VOCAB, PROMPTS, greedy, k, 1.0, 0, ps)
+    assert torch.isfinite(kl) and kl.item() > 0
     assert keep == [i for i, s in enumerate(ref) if s["codes"] is not None] and len(keep) >= 3
     assert codes.tolist() == [ref[i]["codes"] for i in keep]
     assert torch.allclose(images, vq.decode(codes), atol=1e-12)
@@ -86,8 +90,8 @@ def reference_images(gpt, vq, prompts, sample_cfg, tau, seed):
     drawn = generate(gpt, VOCAB, prompts, sample_cfg, seed=seed)
     keep = [i for i, s in enumerate(drawn) if s["codes"] is not None]
     guided = sample_cfg.cfg_scale != 1.0
-    idx, patch, tags, pos, valid = tc._sequences(VOCAB, [prompts[i] for i in keep], [drawn[i] for i in keep], guided,
-                                                 N_IMG)
+    idx, patch, tags, pos, valid, _ = tc._sequences(VOCAB, [prompts[i] for i in keep], [drawn[i] for i in keep],
+                                                    guided, sample_cfg.think, N_IMG)
     P, off = idx.shape[1] - N_IMG - 1, VOCAB.image_offset
     x = gpt.embed_tokens(idx[:, :P + 1])  # (R, P + 1, C) the prompt, plan and <boi>
     gen, ys = torch.Generator().manual_seed(seed), []
@@ -127,10 +131,10 @@ def test_soft_codes_at_low_temperature_decode_the_hard_image():
     assert not torch.allclose(vq.decode_soft(z.softmax(-1)), vq.decode(z.argmax(-1)), atol=1e-3)
 
 
-@pytest.mark.parametrize("side", ["lora", "embed"])
-def test_gradients_reach_only_the_prompt_side(side):
+@pytest.mark.parametrize("side,think", [("lora", True), ("embed", True), ("embed", False)])
+def test_gradients_reach_only_the_prompt_side(side, think):
     gpt, vq, ps = setup(side=side)
-    sample = dataclasses.replace(GREEDY, temperature=1.0, top_k=0)
+    sample = dataclasses.replace(GREEDY, temperature=1.0, top_k=0, think=think)
     images, _, _, _ = tc.differentiable_images(gpt, vq, VOCAB, PROMPTS, sample, 1, 1.0, 0)
     images.square().mean().backward()
     prompt_side = {id(p) for p in ps.offsets.values()} | {id(p) for n, p in gpt.named_parameters() if ".lora_" in n}
@@ -142,8 +146,8 @@ def test_gradients_reach_only_the_prompt_side(side):
         for n, layer in lora_layers(gpt):
             dead = n.startswith(last) and not n.endswith("v_proj")
             assert (layer.lora_B["a"].grad.abs().sum() == 0) == dead, n
-    if side == "embed":  # only the rows of words at the prompt's positions
-        words = {w for p in PROMPTS for w in p} | {BOS, THINK}
+    if side == "embed":  # only the rows of words at the prompt's positions: not the <think> the model writes itself
+        words = {w for p in PROMPTS for w in p} | {BOS} | ({THINK} if think else set())
         assert set(ps.offsets["a"].grad.abs().sum(1).nonzero().flatten().tolist()) <= words
 
 
@@ -188,6 +192,31 @@ def test_training_moves_the_prompt_side_only_when_k_rows_carry_gradients(k):
                    if n.endswith("lora_B.a") and n in added)
 
 
+def test_prompt_side_gate_skips_merged_adapters():
+    """LoRALinear reads its gate's columns over the unmerged adapters only: with a generator-side adapter merged,
+    the prompt side still acts at the prompt alone (outputs as before the merge)."""
+    gpt = grammar_model()
+    gpt = type(gpt)(gpt.cfg).double().eval()
+    gpt.load_state_dict(grammar_model().state_dict())
+    add_lora(gpt, "gen", tuple(OC.lora_targets.split(",")), OC.lora_r, OC.lora_alpha)  # first: column 0 of the gate
+    ps = tc.PromptSide(gpt, VOCAB)
+    ps.add("a", OC)
+    gpt.double()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, layer in lora_layers(gpt):
+            for name in ("gen", "a"):
+                layer.lora_B[name].normal_(std=0.3)
+    idx = torch.tensor([[BOS, 20, 21, THINK, 13, 12, BOI, 40, 41]])
+    with torch.no_grad():
+        before = gpt(idx)
+        for _, layer in lora_layers(gpt):  # merge "gen" alone (merge_lora folds in every adapter)
+            layer.base.weight += layer.delta("gen")
+            layer.merged.add("gen")
+        after = gpt(idx)
+    assert torch.allclose(before, after, atol=1e-10)
+
+
 def test_interpolation_ends_are_the_two_prompt_sides():
     """Weight space (the adapters' weights) and output space (LogitBlend) at 0 and 1 sample what a model with
     prompt side a alone, or b alone, samples."""
@@ -215,6 +244,8 @@ def test_bad_input_is_refused_with_a_message():
     gpt, vq, ps = setup(names=())
     with pytest.raises(ValueError, match="k must lie in"):
         tc.differentiable_images(gpt, vq, VOCAB, PROMPTS, GREEDY, 4, 1.0, 0)
+    with pytest.raises(ValueError, match="sample.top_p=0.9"):
+        tc.differentiable_images(gpt, vq, VOCAB, PROMPTS, dataclasses.replace(GREEDY, top_p=0.9), 1, 1.0, 0)
     with pytest.raises(rewards.RewardError, match="at step 0.*returned NaN"):
         tc.train(gpt, vq, VOCAB, Tok(), ps, "a", "aesthetic + clip", checked_rewards(float("nan")),
                  dataclasses.replace(OC, k=1), GREEDY, [Ex(p) for p in PROMPTS], 0, lambda **kv: None)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import evaluate
 import train
 import versat2i
 from conftest import MICRO
@@ -152,7 +153,7 @@ def test_versat2i_stage_writes_the_matrix_the_gates_and_the_grid(micro_run, tmp_
     assert list(res["variants"]) == variants
     for rec in res["variants"].values():
         assert set(rec["dev"]) == {*versat2i.ASPECTS, "aspects", "verifier"}
-        assert len(rec["dev"]["verifier"]["per_prompt"]) == 8 and set(rec["benchmarks"]) == set(versat2i.BENCHMARKS)
+        assert len(rec["dev"]["verifier"]["per_prompt"]) == 8 and set(rec["benchmarks"]) == set(evaluate.BENCHMARKS)
     assert all(res["selection"][a]["kept"] <= 4 for a in versat2i.ASPECTS), "at most one sample per prompt"
     gates = res["variants"]["mol"]["gates"]
     assert all(abs(sum(w) - 1) < 1e-4 for w in [*gates["categories"].values(), *gates["layers"].values()])
@@ -197,3 +198,12 @@ def test_placement_counts_centred_objects_and_the_corners_a_prompt_asks_for():
     kept, moved = Scene((obj(0, 0), obj(1, 1))), Scene((obj(1, 1), obj(0, 1)))
     p = versat2i.placement([kept, moved], [ask], [0, 0])
     assert p == {"centre": 0.5, "corners": 0.25, "asked_corner_kept": 0.5, "asked_corners": 2}
+
+
+def test_the_picture_marks_each_shown_sample_by_its_own_verifier():
+    """A prompt half of whose samples pass: its first sample shown is marked by that sample's verifier, not by
+    whether every sample of the prompt passed."""
+    from types import SimpleNamespace
+    exs = [SimpleNamespace(prompt="p0"), SimpleNamespace(prompt="p1")]
+    s = {"example": [0, 0, 1, 1], "image": ["i0", "i1", "i2", "i3"], "verifier": np.array([1.0, 0.5, 0.5, 1.0])}
+    assert versat2i.shown("base", s, exs, [0, 1]) == [("base: p0", "i0", True), ("base: p1", "i2", False)]
