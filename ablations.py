@@ -118,7 +118,6 @@ def run(cfgs, run_dir, device, log, report):
 ABLATION_TABLES = {"modality weighting": ["both", "text_only", "image_only", "uniform"],
                    "data strategy": ["broad", "aligned", "both"], "reward": ["both", "oracle", "uniform"],
                    "pretraining term": ["both", "no_pretrain"]}
-BENCHMARKS = ("geneval", "dpg", "wise", "oneig")
 
 
 def merge(parts):
@@ -136,7 +135,7 @@ def figures(res, metric):
     """One measurement (the base's or a run's) -> {figure: value}: the focus category on dev, then each
     benchmark's overall score and, where its dict has them, its `seen` and `tail` parts."""
     out = {"focus": res["focus"][metric]}
-    for b in BENCHMARKS:
+    for b in evaluate.BENCHMARKS:
         d = res["benchmarks"][b]
         out[b] = d["overall"]
         out.update({f"{b} {part}": d[part]["score"] for part in ("seen", "tail") if part in d})

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 import data
+import evaluate
 import heads
 import posttrain
 import rewards
@@ -291,7 +292,7 @@ def paired(before, after, caption):
     caption = np.asarray(caption)
     per = np.array([d[caption == c].mean() for c in np.unique(caption)])
     return {"before": float(np.mean(before)), "after": float(np.mean(after)), "change": float(d.mean()),
-            "change_se": float(per.std() / np.sqrt(len(per)))}
+            "change_se": evaluate.paired_se(per)}
 
 
 def scene_spec(scene):

@@ -18,7 +18,6 @@ This file knows tensors, not the shapes world: it imports nothing of the project
 Quick check that it builds:  python model.py
 """
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -501,7 +500,6 @@ class LoRALinear(nn.Module):
         self.dropout = nn.ModuleDict()  # name -> dropout on that adapter's input only
         self.merged = set()  # adapters folded into base.weight: skipped in forward
         self.gate = None  # optional module x (..., in) -> (..., n) weights over the unmerged adapters, in order
-        self.where = None  # optional (B, T, 1) mask: the adapters act only where it is 1 (set by adapters_only_at)
 
     def add(self, name, r, alpha, dropout=0.0):
         if name in self.lora_A:
@@ -528,7 +526,7 @@ class LoRALinear(nn.Module):
             d = self.scaling[name] * (h @ self.lora_B[name].t())  # (..., out)
             if g is not None:
                 d = d * g[..., i:i + 1]
-            y = y + (d if self.where is None else d * self.where)
+            y = y + d
         return y
 
     @torch.no_grad()
@@ -567,20 +565,6 @@ def add_lora(model, name, targets, r=8, alpha=16.0, dropout=0.0):
     for pname, p in model.named_parameters():
         p.requires_grad_(".lora_" in pname and pname.endswith("." + name))
     return [p for pname, p in model.named_parameters() if p.requires_grad]
-
-
-@contextlib.contextmanager
-def adapters_only_at(model, mask):
-    """Inside the block, every adapter's update applies only at the positions where mask (B, T) is true:
-    e.g. a prompt-side adapter that leaves the image positions to the frozen weights."""
-    layers = [layer for _, layer in lora_layers(model)]
-    for layer in layers:
-        layer.where = mask.unsqueeze(-1).to(layer.base.weight.dtype)  # (B, T, 1)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.where = None
 
 
 def merge_lora(model):

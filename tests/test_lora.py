@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model import (GPT, GPTConfig, LoRALinear, adapters_only_at, add_lora, load_lora, lora_layers, lora_state_dict, merge_lora,
+from model import (GPT, GPTConfig, LoRALinear, add_lora, load_lora, lora_layers, lora_state_dict, merge_lora,
                    unmerge_lora)
 
 CFG = GPTConfig(vocab_size=64, image_offset=32, n_image_tokens=16, block_size=32, n_layer=2, n_head=2, n_kv_head=1,
@@ -96,22 +96,3 @@ def test_two_adapters_add_up_and_each_reloads_alone():
         add_lora(model, "a", TARGETS)
     with pytest.raises(ValueError, match="no Linear layer"):
         add_lora(model, "d", ("qkv",))
-
-
-def test_adapters_only_at_a_prefix_leave_the_rest_to_the_frozen_weights():
-    model, x = model_and_input()
-    base = model(x)
-    add_lora(model, "a", TARGETS, r=4, alpha=8)
-    randomise(model, "a")
-    adapted = model(x)
-    prefix = torch.zeros(x.shape, dtype=torch.bool)
-    prefix[:, :5] = True
-    with adapters_only_at(model, prefix):
-        mixed = model(x)
-    with adapters_only_at(model, torch.zeros_like(prefix)):
-        assert torch.allclose(model(x), base, atol=1e-6), "a mask of zeros is the frozen model"
-    # causal: a position inside the prefix sees only adapted positions; one after it differs from both models
-    assert torch.allclose(mixed[:, :5], adapted[:, :5], atol=1e-6)
-    assert not torch.allclose(mixed[:, 5:], adapted[:, 5:], atol=1e-4)
-    assert not torch.allclose(mixed[:, 5:], base[:, 5:], atol=1e-4)
-    assert all(layer.where is None for _, layer in lora_layers(model)), "the mask is cleared on leaving"

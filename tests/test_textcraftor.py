@@ -10,7 +10,7 @@ import rewards
 import textcraftor as tc
 from data import BOI, BOS, NULL, PAD, THINK
 from generate import SampleConfig, generate
-from model import VQ, VQConfig, adapters_only_at, add_lora, lora_layers
+from model import VQ, LoRALinear, VQConfig, add_lora, lora_layers
 from test_generate import N_IMG, PROMPTS, VOCAB, grammar_model
 
 VQ_CFG = VQConfig(image_size=12, patch=4, codebook_size=VOCAB.codebook_size, code_dim=4, hidden=8)  # 3 x 3 codes
@@ -49,19 +49,28 @@ def test_prompt_positions():
     assert not tc.prompt_positions(idx, Cached()).any(), "a cached call after the prompt reads no prompt position"
 
 
-def test_gate_equals_adapters_only_at_the_prompt():
-    """The prompt side's gate gives what model.adapters_only_at gives with the prompt's positions as the mask,
-    and the adapter does change the outputs."""
+def masked_lora_forward(mask):
+    """The obvious reference for the gate: every adapter's update times mask (B, T), written out layer by layer."""
+    def forward(self, x):
+        y = self.base(x)
+        for name in self.lora_A:
+            y = y + mask.unsqueeze(-1) * self.scaling[name] * (x @ self.lora_A[name].t() @ self.lora_B[name].t())
+        return y
+    return forward
+
+
+def test_gate_equals_a_mask_on_the_prompt(monkeypatch):
+    """The prompt side's gate gives what masking every adapter's update to the prompt's positions gives, and the
+    adapter does change the outputs."""
     gpt, _, ps = setup()
     idx = torch.tensor([[BOS, 20, 21, THINK, 13, 12, BOI, 40, 41], [BOS, NULL, NULL, NULL, NULL, NULL, BOI, 40, 41]])
     with torch.no_grad():
         gated = gpt(idx)
         ps.set(a=0.0)
         frozen = gpt(idx)
-        for _, layer in lora_layers(gpt):
-            layer.gate = None
-        with adapters_only_at(gpt, tc.prompt_positions(idx)):
-            masked = gpt(idx)
+        ps.set(a=1.0)
+        monkeypatch.setattr(LoRALinear, "forward", masked_lora_forward(tc.prompt_positions(idx).double()))
+        masked = gpt(idx)
     assert torch.allclose(gated, masked, atol=1e-12)
     assert not torch.allclose(gated[0], frozen[0]), "the adapter must act on the conditional row"
     assert torch.allclose(gated[1], frozen[1]), "the null row has no prompt: frozen weights there"
