@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import data
 import world
-from evaluate import rss_mb
+from stats import rss_mb
 from generate import RunError, generate, generate_reference, load_run, sample_config
 from model import GPT, use_bf16
 

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 import data
-import evaluate
 import heads
 import posttrain
 import rewards
+import stats
 import vqascore
 import world
 from generate import RunError, load_run, save_atomic, save_grid, write_json
@@ -292,7 +292,7 @@ def paired(before, after, caption):
     caption = np.asarray(caption)
     per = np.array([d[caption == c].mean() for c in np.unique(caption)])
     return {"before": float(np.mean(before)), "after": float(np.mean(after)), "change": float(d.mean()),
-            "change_se": evaluate.paired_se(per)}
+            "change_se": stats.paired_se(per)}
 
 
 def scene_spec(scene):

@@ -31,7 +31,7 @@ import torch
 import world
 from data import BOI, BOS, EOI, EOS, PAD, decode_text
 from episodes import episode_codes, episode_data, episode_sequence, make_batch, sample_episodes
-from evaluate import SavedBytes, bootstrap_ci, paired_se, score
+from stats import SavedBytes, bootstrap_ci, paired_se, score
 from generate import (SampleConfig, decode_images, generate_interleaved, load_run, read_json, save_grid,
                       write_json)
 from model import GPT, token_ce
@@ -177,7 +177,7 @@ def compare(runs, seed=0, n=1000):
 
 def step_cost(model, batch, rounds=5, steps=3):
     """One training step (forward, backward, AdamW) of model on an episode batch: (best seconds per step over
-    `rounds` rounds of `steps` steps, MB autograd saves for the backward: evaluate.SavedBytes)."""
+    `rounds` rounds of `steps` steps, MB autograd saves for the backward: stats.SavedBytes)."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 

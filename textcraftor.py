@@ -37,6 +37,7 @@ import data
 import evaluate
 import posttrain
 import rewards
+import stats
 import targeting
 from data import BOI, BOS, NULL, PAD, THINK
 from generate import decode_images, generate, guide, load_run, read_json, save_atomic, save_grid, write_json
@@ -361,7 +362,7 @@ def train(gpt, vq, vocab, tokenizer, side, name, spec, reward_fns, oc, sample_cf
         pick = [(step * oc.batch + j) % len(ids) for j in range(oc.batch)]
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, oc.lr, oc.warmup, steps, oc.lr)
-        with evaluate.SavedBytes() as saved:
+        with stats.SavedBytes() as saved:
             images, keep, _, kl = differentiable_images(gpt, vq, vocab, [ids[i] for i in pick], sample_cfg, oc.k,
                                                         oc.tau, seed * 100_003 + step, side)
             if images is None:  # no sample drew an image: nothing to score
@@ -408,9 +409,9 @@ def measure(gpt, vq, vocab, tokenizer, sample_cfg, examples, reward_fns, n_sampl
 def summary(per, base=None):
     """Per-prompt means -> {name: [mean, standard error]} and, against base (the same prompts), the paired
     difference {name_gain: [mean, standard error]}."""
-    out = {n: [float(np.mean(v)), evaluate.paired_se(v)] for n, v in per.items()}
+    out = {n: [float(np.mean(v)), stats.paired_se(v)] for n, v in per.items()}
     if base is not None:
-        out.update({f"{n}_gain": [float(np.mean(v - base[n])), evaluate.paired_se(v - base[n])]
+        out.update({f"{n}_gain": [float(np.mean(v - base[n])), stats.paired_se(v - base[n])]
                     for n, v in per.items()})
     return out
 
@@ -558,7 +559,7 @@ def _pm(xs, ses):
     """One seed: its mean and standard error; several: the mean over seeds and its standard error over seeds."""
     if len(xs) == 1:
         return f"{xs[0]:+.3f} +- {ses[0]:.3f}"
-    return f"{np.mean(xs):+.3f} +- {evaluate.paired_se(xs):.3f}"
+    return f"{np.mean(xs):+.3f} +- {stats.paired_se(xs):.3f}"
 
 
 def table(results):

@@ -34,6 +34,7 @@ import data
 import evaluate
 import posttrain
 import rewards
+import stats
 import targeting
 import world
 from generate import RunError, load_run, read_json, read_tensors, save_atomic, save_grid, write_json
@@ -237,7 +238,7 @@ def with_adapters(base, loras, pc, scale=1.0):
 
 
 def interval(per_prompt):
-    m, ci = evaluate.score([np.asarray(per_prompt)])
+    m, ci = stats.score([np.asarray(per_prompt)])
     return {"mean": m, "ci": ci}
 
 
@@ -304,7 +305,7 @@ def run(cfgs, run_dir, device, log, report):
     t_start, times, peaks = time.time(), {}, {}
 
     def done(phase, t0):  # its seconds, and the process's peak memory so far
-        times[phase], peaks[phase] = round(time.time() - t0, 1), round(evaluate.rss_mb("VmHWM"))
+        times[phase], peaks[phase] = round(time.time() - t0, 1), round(stats.rss_mb("VmHWM"))
     pc = dataclasses.replace(cfgs["post"], steps=vc.steps, pretrain_weight=vc.pretrain_weight)
     out = os.path.join(run_dir, "versat2i")
     os.makedirs(out, exist_ok=True)
@@ -392,7 +393,7 @@ def run(cfgs, run_dir, device, log, report):
             results[name]["gates"] = gate_usage(model, s, examples, vocab, device, tc.eval_batch)
     save_grid([g[1] for g in grid], [g[0] for g in grid], os.path.join(out, "versat2i.png"), cols=len(grid_rows),
               marks=[g[2] for g in grid])
-    cost = {"seconds": round(time.time() - t_start, 1), "peak_rss_mb": round(evaluate.rss_mb("VmHWM"), 1),
+    cost = {"seconds": round(time.time() - t_start, 1), "peak_rss_mb": round(stats.rss_mb("VmHWM"), 1),
             "phases": times, "peak_rss_mb_after": peaks,
             "threads": torch.get_num_threads(),
             "mol_vs_merged_sampling": results["mol"]["dev_seconds"] / results["average"]["dev_seconds"],
@@ -444,7 +445,7 @@ def run_difference(run, a, b, key):
     va, vb = variant(run, a), variant(run, b)
     if key in va["dev"]:
         d = np.array(va["dev"][key]["per_prompt"]) - np.array(vb["dev"][key]["per_prompt"])
-        return float(d.mean()), evaluate.paired_se(d)
+        return float(d.mean()), stats.paired_se(d)
     half = lambda v: (ci(v, key)[1] - ci(v, key)[0]) / 2 / 1.96
     return value(va, key) - value(vb, key), float(math.hypot(half(va), half(vb)))
 
@@ -458,7 +459,7 @@ def difference(runs, a, b, key):
         return per[0]
     d, own = np.array([x for x, _ in per]), np.array([s for _, s in per])
     floor = math.sqrt(np.mean(own ** 2) / len(runs))
-    return float(d.mean()), float(max(evaluate.paired_se(d), floor))
+    return float(d.mean()), float(max(stats.paired_se(d), floor))
 
 
 def verdict(runs, claimed, rival, key):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import evaluate
+import stats
 import world
 from world import Obj, Req, Scene, Spec
 
@@ -127,15 +128,15 @@ def test_render_agreement_falls_on_unclean_images():
 
 
 def test_bootstrap_interval():
-    assert evaluate.bootstrap_ci([np.full(20, 0.5)]) == [0.5, 0.5]
+    assert stats.bootstrap_ci([np.full(20, 0.5)]) == [0.5, 0.5]
     rng = np.random.default_rng(0)
     small, large = rng.random(20) < 0.5, rng.random(400) < 0.5
-    lo, hi = evaluate.bootstrap_ci([small])
+    lo, hi = stats.bootstrap_ci([small])
     assert lo < small.mean() < hi
-    lo2, hi2 = evaluate.bootstrap_ci([large])
+    lo2, hi2 = stats.bootstrap_ci([large])
     assert hi2 - lo2 < hi - lo, "more prompts must give a narrower interval"
     # a stratified mean of two groups sits between their own means
-    lo3, hi3 = evaluate.bootstrap_ci([np.zeros(10), np.ones(10)])
+    lo3, hi3 = stats.bootstrap_ci([np.zeros(10), np.ones(10)])
     assert lo3 == hi3 == 0.5
 
 
@@ -249,7 +250,7 @@ def test_a_prompt_set_part_the_split_lacks_is_an_error_not_a_hang(monkeypatch):
 def test_saved_bytes_counts_each_storage_once():
     """A tensor autograd saves twice, and a view of it, cost the memory of one storage."""
     x = torch.ones(256, requires_grad=True)
-    with evaluate.SavedBytes() as saved:
+    with stats.SavedBytes() as saved:
         y = x.exp()  # saves its output
         z = (x * x).sum() + (y[:128] * y[:128]).sum()  # x twice; two views of y's storage, twice each
     assert saved.bytes == 2 * 256 * 4
@@ -258,5 +259,5 @@ def test_saved_bytes_counts_each_storage_once():
 
 def test_paired_se_is_the_sample_standard_error():
     d = np.array([0.1, -0.2, 0.4, 0.3])
-    assert evaluate.paired_se(d) == pytest.approx(np.std(d, ddof=1) / 2)
-    assert np.isnan(evaluate.paired_se([0.5])), "one value has no spread to measure"
+    assert stats.paired_se(d) == pytest.approx(np.std(d, ddof=1) / 2)
+    assert np.isnan(stats.paired_se([0.5])), "one value has no spread to measure"
