@@ -84,7 +84,9 @@ class VQ(nn.Module):
         book = self._codebook()
         # both sides are unit vectors, so the nearest code by distance is the one of largest dot product
         codes = (flat @ book.t()).argmax(dim=1)  # (B*h*w,)
-        zq = book[codes]  # (B*h*w, D)
+        # a one-hot product, not book[codes]: the indexing's backward adds rows in a thread-dependent order,
+        # which made two runs of the same command train different codebooks
+        zq = F.one_hot(codes, book.shape[0]).to(book.dtype) @ book  # (B*h*w, D)
         if self.training:
             self.usage += torch.bincount(codes, minlength=self.cfg.codebook_size).float()
         losses = {

@@ -53,6 +53,27 @@ def test_vq_straight_through_gradient_reaches_encoder_and_codebook():
     assert vq.encoder[0].weight.grad.abs().sum() > 0 and vq.codebook.weight.grad is None
 
 
+def test_vq_codebook_gradient_is_the_same_on_every_run():
+    """Thousands of positions on a few codes (as the plain background gives) on 2 threads: the codebook's gradient
+    must not depend on the order the threads add it in, or two runs of one command train different VQs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        vq = VQ(VQConfig(codebook_size=256))
+        book = F.normalize(vq.codebook.weight.detach(), dim=-1)
+        z = book[torch.randint(0, 4, (64 * 64,))] + 0.01 * torch.randn(64 * 64, book.shape[1])  # (N, D) near 4 codes
+        z = z.T.reshape(1, -1, 64, 64)  # (1, D, h, w)
+        grads = set()
+        for _ in range(10):
+            vq.zero_grad()
+            _, _, losses = vq.quantize(z)
+            (1000 * losses["codebook"]).backward()
+            grads.add(vq.codebook.weight.grad.numpy().tobytes())
+        assert len(grads) == 1, f"{len(grads)} different codebook gradients from 10 identical steps"
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_vq_decode_reads_the_codes_it_encoded():
     vq = VQ(VQConfig(codebook_size=32, hidden=16)).eval()
     x = torch.rand(2, 3, 32, 32)
