@@ -496,8 +496,6 @@ def run(cfgs, run_dir, device, log, report):
     the frozen model (rewards and verifier) and on the benchmarks; the interpolation; prompt side vs generator
     side vs both. Writes RUN/textcraftor/textcraftor.{json,md}, interpolation.png, the prompt sides' tensors."""
     tc, oc, scfg = cfgs["train"], cfgs["textcraftor"], cfgs["sample"]
-    if tc.data_dir:
-        return {"skipped": "textcraftor (it needs the shapes world's prompts, rewards and verifier)"}
     check_sample(scfg)  # before any work
     load = lambda: load_run(run_dir, device)[1:]
     tokenizer, vocab, vq, gpt = load()

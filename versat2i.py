@@ -298,8 +298,6 @@ def run(cfgs, run_dir, device, log, report):
     """The whole comparison on one seed: selection, the aspect LoRAs, the union LoRA, the MoL gates, every variant
     measured; writes RUN/versat2i/ (versat2i.json/.md/.png, the adapters and gates as safetensors + JSON)."""
     tc, vc = cfgs["train"], cfgs["versat2i"]
-    if tc.data_dir:
-        raise RunError("versat2i needs the shapes world (its prompts, heads and verifier): not a folder run")
     aspects = aspect_names(vc)
     check_heads(run_dir, aspects)
     t_start, times, peaks = time.time(), {}, {}

@@ -2,12 +2,16 @@
 (greedy) and decodes the hard tokens' image, gradients reach only the prompt side (none at k = 0), the
 interpolation's ends are the two prompt sides, and bad input stops with a message."""
 import dataclasses
+import json
+import os
+import shutil
 
 import pytest
 import torch
 
 import rewards
 import textcraftor as tc
+import train
 from data import BOI, BOS, NULL, PAD, THINK
 from generate import SampleConfig, generate
 from model import VQ, LoRALinear, VQConfig, add_lora, lora_layers
@@ -15,6 +19,7 @@ from test_generate import N_IMG, PROMPTS, VOCAB, grammar_model
 
 VQ_CFG = VQConfig(image_size=12, patch=4, codebook_size=VOCAB.codebook_size, code_dim=4, hidden=8)  # 3 x 3 codes
 GREEDY = SampleConfig(temperature=0.0, text_temperature=0.0, cfg_scale=2.0, max_plan_tokens=8)
+MICRO = os.path.join(os.path.dirname(__file__), "..", "tiny_configs", "micro.toml")
 OC = tc.TextCraftorConfig(lora_r=2, lora_alpha=4.0, lora_targets="q_proj,v_proj,down_proj", batch=3, steps=2)
 
 
@@ -268,3 +273,22 @@ def test_plan_kl_is_zero_for_the_frozen_model_and_grows_with_the_prompt_side():
     gpt, vq, ps = setup()
     kl = tc.differentiable_images(gpt, vq, VOCAB, PROMPTS, sample, 1, 1.0, 0, ps)[3]
     assert kl.item() > 1e-3 and kl.requires_grad
+
+
+def test_textcraftor_stage_writes_its_arms_interpolation_and_table(micro_run, tmp_path):
+    """The stage on the micro run, every part at its smallest: the prompt sides, the interpolation, the generator
+    side and both, the table; the base run's own weights untouched."""
+    run = str(tmp_path / "run")
+    shutil.copytree(micro_run, run)
+    train.main([MICRO, f"--train.out_dir={run}", "--stages=textcraftor", "--textcraftor.steps=2",
+                "--textcraftor.batch=2", "--textcraftor.dev_prompts=1", "--textcraftor.samples=1",
+                "--textcraftor.bench_prompts=1", "--textcraftor.blend=2", "--textcraftor.post_prompts=4"])
+    out = os.path.join(run, "textcraftor")
+    res = json.load(open(os.path.join(out, "textcraftor.json")))
+    assert set(res["arms"]) == {"frozen", "a", "b", "generator", "both"}
+    assert {"aesthetic_gain", "vqascore_gain", "verifier_gain"} <= set(res["arms"]["a"]["dev"])
+    assert [p["alpha"] for p in res["interpolation"]] == [0.0, 0.0, 1.0, 1.0]
+    for f in ("prompt_a.safetensors", "prompt_b.safetensors", "interpolation.png", "textcraftor.md"):
+        assert os.path.exists(os.path.join(out, f)), f
+    assert open(os.path.join(run, "gpt.safetensors"), "rb").read() == open(os.path.join(micro_run, "gpt.safetensors"),
+                                                                          "rb").read()
