@@ -2,7 +2,7 @@
 Interleaved episodes of the shapes world: several steps, each an instruction and the image that results, then a
 question about one of the images answered in text. The first instruction describes a scene; each later one edits
 the scene before it: add an object, recolour one, remove one, move one. Scenes are world.Scene, drawn by
-world.render and read back by world.parse, so every image of an episode is checked exactly.
+world.render and read back by parser.parse, so every image of an episode is checked exactly.
 
 The token sequence of an episode (k = gpt.ctx_tokens resampler placeholders after each image, none when 0):
 

@@ -44,6 +44,7 @@ from collections import defaultdict
 import numpy as np
 
 import data
+import parser
 import world
 from stats import score
 from generate import RunError, decode_images, generate, load_adapter, load_run, sample_config, save_grid
@@ -175,8 +176,8 @@ def render_agreement(images, scenes):
     """Colour-matched foreground IoU between each image and a clean re-render of its parsed scene:
     1 when the image is exactly clean shapes, falling with blur, speckle, fragments and distortions."""
     size = images[0].shape[0]
-    got = world.palette_map(np.stack(images))
-    clean = world.palette_map(np.stack([world.render(s, size) for s in scenes]))
+    got = parser.palette_map(np.stack(images))
+    clean = parser.palette_map(np.stack([world.render(s, size) for s in scenes]))
     inter = ((got == clean) & (got >= 0)).sum((1, 2))
     union = ((got >= 0) | (clean >= 0)).sum((1, 2))
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
@@ -193,7 +194,7 @@ def sample_and_score(gpt, vq, vocab, tokenizer, examples, sample_cfg, n_samples,
                          sample_cfg, seed=seed + start)
         samples += chunk
         images += decode_images(vq, chunk)
-    scenes = world.parse_batch(np.stack(images))
+    scenes = parser.parse_batch(np.stack(images))
     quality = render_agreement(images, scenes)
     records = []
     for (ex, _), s, img, scene, q in zip(jobs, samples, images, scenes, quality):
@@ -425,7 +426,7 @@ def parser_agreement(images, recon):
     same objects (shape and colour of each, so also how many) as the original, which is what the
     benchmarks need the VQ to keep; and the fraction that parses to exactly the same scene (sizes and cells too)."""
     objects = lambda scene: sorted((o.shape, o.colour) for o in scene.objects)
-    pairs = list(zip(world.parse_batch(images), world.parse_batch(recon)))
+    pairs = list(zip(parser.parse_batch(images), parser.parse_batch(recon)))
     return float(np.mean([objects(a) == objects(b) for a, b in pairs])), float(np.mean([a == b for a, b in pairs]))
 
 

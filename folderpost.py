@@ -34,6 +34,7 @@ import torch
 
 import data
 import heads
+import parser
 import posttrain
 import rewards
 import stats
@@ -304,7 +305,7 @@ def scene_spec(scene):
 def judge(images, names, scenes):
     """After training, on the demo folder only: the exact verifier on drawings of captions (their file names):
     (share of the caption's clauses that hold, passes) per drawing."""
-    parsed = world.parse_batch(np.stack(images))
+    parsed = parser.parse_batch(np.stack(images))
     specs = [scene_spec(scenes[n]) for n in names]
     return (np.array([world.clause_share(p, s) for p, s in zip(parsed, specs)]),
             np.array([world.passes(p, s) for p, s in zip(parsed, specs)], float))

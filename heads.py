@@ -25,9 +25,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 import data
+import edits
+import parser
 import vqascore
 import world
 from data import PAD
@@ -35,144 +36,6 @@ from generate import RunError, load_weights, read_tensors, vq_round_trip
 from model import VQConfig, cosine_lr
 
 HEADS_FILE = "rewards.safetensors"  # every trained head, one file, architecture config in its metadata
-
-# -----------------------------------------------------------------------------
-# the world side: scene edits, image corruptions, the composition rating
-
-
-def perturb(scene, rng):
-    """A different scene: one edit (two, 30% of the time) of the kind a generator gets wrong: a colour, a
-    shape, a size, one object more or fewer, an object moved, two objects' cells or colours swapped."""
-    out = scene
-    for _ in range(1 + (rng.random() < 0.3)):
-        new = _edit(out, rng)
-        while new == out:  # swapping two equal colours, say, changes nothing
-            new = _edit(out, rng)
-        out = new
-    return out if out != scene else perturb(scene, rng)  # the second edit undid the first
-
-
-def _edit(scene, rng):
-    objs = list(scene.objects)
-    free = [c for c in range(9) if c not in {3 * o.row + o.col for o in objs}]
-    kinds = ["colour", "shape", "size"] if objs else []
-    kinds += ["move"] * bool(objs and free) + ["add"] * bool(free and len(objs) < world.MAX_OBJECTS)
-    kinds += ["remove", "swap_cells", "swap_colours"] * (len(objs) >= 2)
-    kind = kinds[rng.integers(len(kinds))] if kinds else "add"
-    i, j = (rng.permutation(len(objs))[:2].tolist() + [0, 0])[:2]
-    other = lambda seq, cur: [v for v in seq if v != cur][rng.integers(len(seq) - 1)]
-    if kind == "colour":
-        objs[i] = dataclasses.replace(objs[i], colour=other(tuple(world.COLOURS), objs[i].colour))
-    elif kind == "shape":
-        objs[i] = dataclasses.replace(objs[i], shape=other(world.SHAPES, objs[i].shape))
-    elif kind == "size":
-        objs[i] = dataclasses.replace(objs[i], size=other(world.SIZES, objs[i].size))
-    elif kind == "move":
-        cell = free[rng.integers(len(free))]
-        objs[i] = dataclasses.replace(objs[i], row=cell // 3, col=cell % 3)
-    elif kind == "add":  # a copy of an object (a count one too high) or a random one
-        cell = divmod(free[rng.integers(len(free))], 3)
-        base = objs[i] if objs and rng.random() < 0.6 else world.random_scene(rng, 1).objects[0]
-        objs.append(dataclasses.replace(base, row=cell[0], col=cell[1]))
-    elif kind == "remove":
-        objs.pop(i)
-    elif kind == "swap_cells":
-        objs[i], objs[j] = (dataclasses.replace(objs[i], row=objs[j].row, col=objs[j].col),
-                            dataclasses.replace(objs[j], row=objs[i].row, col=objs[i].col))
-    else:
-        objs[i], objs[j] = (dataclasses.replace(objs[i], colour=objs[j].colour),
-                            dataclasses.replace(objs[j], colour=objs[i].colour))
-    return world.Scene(tuple(objs))
-
-
-def render_malformed(scene, rng, image_size):
-    """uint8 (H, W, 3): the scene with one object drawn wrong: stretched or squashed, skewed (a corner or
-    the apex moved), cut in two by a background line, or merged with an overlapping copy of itself."""
-    img = Image.fromarray(world.render(scene, image_size))
-    draw = ImageDraw.Draw(img)
-    o = scene.objects[rng.integers(len(scene.objects))]
-    x0, y0, x1, y1 = world.object_box(o, image_size)
-    e, fill = x1 - x0 + 1, world.COLOURS[o.colour]
-    d = max(1, round(e * rng.uniform(0.35, 0.6)))  # every edit moves something by a third to a half of the object
-    kind = ("stretch", "skew", "cut", "merge")[rng.integers(4)]
-    if kind == "stretch":
-        draw.rectangle([x0, y0, x1, y1], fill=world.BACKGROUND)
-        box = [x0, y0, x1, y1]
-        k = int(rng.integers(4))  # grow or shrink, horizontally or vertically
-        box[k % 2] += (-d // 2 if k < 2 else d // 2)
-        box[2 + k % 2] += (d - d // 2 if k < 2 else -(d - d // 2))
-        world.draw_shape(draw, o.shape, box, fill)
-    elif kind == "skew":
-        draw.rectangle([x0, y0, x1, y1], fill=world.BACKGROUND)
-        pts = {"square": [(x0, y0), (x1, y0), (x1, y1), (x0, y1)],
-               "triangle": [(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)],
-               "circle": [(x0 + e / 2, y0), (x1, y0 + e / 2), (x0 + e / 2, y1), (x0, y0 + e / 2)]}[o.shape]
-        v = int(rng.integers(len(pts)))
-        pts[v] = (pts[v][0] + d * rng.choice([-1, 1]), pts[v][1] + d * rng.choice([-1, 1]))
-        draw.polygon(pts, fill=fill)
-    elif kind == "cut":
-        c = int(rng.integers(1, e - 1)) if e > 2 else 1
-        draw.line([x0 + c, y0 - 1, x0 + c, y1 + 1] if rng.random() < 0.5 else [x0 - 1, y0 + c, x1 + 1, y0 + c],
-                  fill=world.BACKGROUND)
-    else:
-        dx, dy = d * rng.choice([-1, 1]), d * rng.choice([-1, 0, 1])
-        world.draw_shape(draw, o.shape, [x0 + dx, y0 + dy, x1 + dx, y1 + dy], fill)
-    return np.asarray(img)
-
-
-CORRUPTIONS = ("noise", "blur", "blocking", "bleeding", "vq")
-
-
-def corrupt(x, kind, vq, g):
-    """Degrade images x (B, 3, H, W) in [0, 1], each at a random strength. Returns the same shape."""
-    B = len(x)
-    u = torch.rand(B, 1, 1, 1, generator=g)
-    if kind == "noise":
-        return (x + (0.05 + 0.2 * u) * torch.randn(x.shape, generator=g)).clamp(0, 1)
-    if kind == "blur":  # a 3x3 box blur, mixed with the original
-        soft = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-        return (0.4 + 0.6 * u) * soft + (0.6 - 0.6 * u) * x
-    if kind == "blocking":  # 2x2 or 4x4 blocks at a random offset, like a coarse codec
-        k = 2 if torch.rand(1, generator=g).item() < 0.5 else 4
-        s = int(torch.randint(0, k, (1,), generator=g))
-        y = F.pad(x, (s, k - s, s, k - s), mode="replicate")
-        y = F.interpolate(F.avg_pool2d(y, k), scale_factor=k, mode="nearest")
-        return y[:, :, s:s + x.shape[2], s:s + x.shape[3]]
-    if kind == "bleeding":  # one colour channel shifted by 1-2 pixels, the colours no longer aligned
-        c, s = int(torch.randint(0, 3, (1,), generator=g)), int(torch.randint(1, 3, (1,), generator=g))
-        y = x.clone()
-        y[:, c] = torch.roll(x[:, c], shifts=(s, s), dims=(1, 2))
-        return y
-    codes = vq.encode(x.to(vq.codebook.weight.device)).cpu()  # "vq": a VQ round trip with 5-30% of the codes wrong
-    wrong = torch.rand(codes.shape, generator=g) < 0.05 + 0.25 * u.view(B, 1)
-    codes = torch.where(wrong, torch.randint(0, vq.cfg.codebook_size, codes.shape, generator=g), codes)
-    with torch.no_grad():
-        return vq.decode(codes.to(vq.codebook.weight.device)).clamp(0, 1).cpu()
-
-
-WARM = ("red", "orange", "yellow")
-
-
-def composition(scene):
-    """This world's stand-in for a human aesthetic rating, in [0, 1]: the mean of
-        balance  1 - distance of the objects' area-weighted centroid from the centre cell (0 at a corner)
-        spacing  the fraction of object pairs that are not in touching cells (8-neighbourhood)
-        margins  the fraction of objects away from the corner cells
-        harmony  the fraction of objects in the majority colour family (warm: red, orange, yellow; cool)
-    An empty image scores 0."""
-    objs = scene.objects
-    if not objs:
-        return 0.0
-    w = np.array([world.SIZE_UNITS[o.size] ** 2 for o in objs])
-    cy, cx = ((np.array([o.row for o in objs]) * w).sum() / w.sum(),
-              (np.array([o.col for o in objs]) * w).sum() / w.sum())
-    balance = 1 - math.hypot(cy - 1, cx - 1) / math.sqrt(2)
-    pairs = [(a, b) for k, a in enumerate(objs) for b in objs[k + 1:]]
-    spacing = np.mean([max(abs(a.row - b.row), abs(a.col - b.col)) > 1 for a, b in pairs]) if pairs else 1.0
-    margins = np.mean([(o.row, o.col) not in ((0, 0), (0, 2), (2, 0), (2, 2)) for o in objs])
-    warm = np.mean([o.colour in WARM for o in objs])
-    return float(np.mean([balance, spacing, margins, max(warm, 1 - warm)]))
-
 
 # -----------------------------------------------------------------------------
 # the heads
@@ -193,7 +56,7 @@ class RewardsConfig:
     vqascore_dim: int = 64  # width of the vqascore model
     vqascore_layers: int = 2  # its text-to-image transformer layers
     vqascore_examples: int = 6000  # world examples it trains on, each as 1 + vqascore_edits images and 2 + edits pairs
-    vqascore_edits: int = 2  # hard negatives per example: the same prompt on an edited scene (perturb); in a
+    vqascore_edits: int = 2  # hard negatives per example: the same prompt on an edited scene (edits.perturb); in a
     #                          folder run, word-swapped captions per image
     vqascore_steps: int = 1500  # AdamW steps of rewards.batch pairs
     vqascore_lr: float = 2e-3  # peak, after a warm-up over a twentieth of the steps, cosine to a tenth
@@ -493,27 +356,27 @@ def verified_pairs(n, rng, vq, split, p_vq):
     rendered, shown through the VQ a p_vq share of the time, and labelled by the exact verifier on the image
     shown."""
     exs = [world.sample_example(rng, split=split) for _ in range(n)]
-    scenes = [e.scene if rng.random() < 0.4 else perturb(e.scene, rng) for e in exs]
+    scenes = [e.scene if rng.random() < 0.4 else edits.perturb(e.scene, rng) for e in exs]
     imgs = vq_round_trip_some(vq, np.stack([world.render(s, vq.cfg.image_size) for s in scenes]), rng.random(n) < p_vq)
-    labels = np.array([world.passes(s, e.spec) for s, e in zip(world.parse_batch(imgs), exs)])
+    labels = np.array([world.passes(s, e.spec) for s, e in zip(parser.parse_batch(imgs), exs)])
     return imgs, exs, labels, scenes
 
 
-def vqascore_pairs(n, rng, vq, split, p_vq, edits=2):
+def vqascore_pairs(n, rng, vq, split, p_vq, n_edits=2):
     """vqascore's training pairs from n examples of the whole world: each example's own scene with its prompt,
-    `edits` edited scenes (heads.perturb) with the same prompt, and the own scene with another example's
+    `n_edits` edited scenes (edits.perturb) with the same prompt, and the own scene with another example's
     prompt; every pair labelled by world.passes on the scene constructed. Images are shown through the VQ a
-    p_vq share of the time. Returns (images uint8 (n * (1 + edits), H, W, 3), prompts, labels, image index
-    per pair, prompt index (the example's) per pair), n * (2 + edits) pairs."""
+    p_vq share of the time. Returns (images uint8 (n * (1 + n_edits), H, W, 3), prompts, labels, image index
+    per pair, prompt index (the example's) per pair), n * (2 + n_edits) pairs."""
     exs = [world.sample_example(rng, split=split) for _ in range(n)]
-    scenes = [e.scene for e in exs] + [perturb(e.scene, rng) for _ in range(edits) for e in exs]
+    scenes = [e.scene for e in exs] + [edits.perturb(e.scene, rng) for _ in range(n_edits) for e in exs]
     imgs = np.stack([world.render(s, vq.cfg.image_size) for s in scenes])
     imgs = vq_round_trip_some(vq, imgs, rng.random(len(imgs)) < p_vq)
     other = (np.arange(n) + rng.integers(1, n, n)) % n  # another example's prompt
-    specs = [e.spec for e in exs] * (1 + edits) + [exs[j].spec for j in other]
+    specs = [e.spec for e in exs] * (1 + n_edits) + [exs[j].spec for j in other]
     which = np.r_[np.arange(len(scenes)), np.arange(n)]
     labels = np.array([world.passes(scenes[i], sp) for i, sp in zip(which, specs)], dtype=np.float32)
-    prompt = np.r_[np.tile(np.arange(n), 1 + edits), other]  # which example's prompt each pair asks
+    prompt = np.r_[np.tile(np.arange(n), 1 + n_edits), other]  # which example's prompt each pair asks
     return imgs, [exs[j].prompt for j in prompt], labels, which, prompt
 
 
@@ -522,14 +385,14 @@ def caption_pairs(n, rng, vq, split, p_vq):
     scenes = [world.sample_example(rng, split=split).scene for _ in range(n)]
     imgs = vq_round_trip_some(vq, np.stack([world.render(s, vq.cfg.image_size) for s in scenes]), rng.random(n) < p_vq)
     return (imgs, scenes, [world.caption_text(s, rng) for s in scenes],
-            [world.caption_text(perturb(s, rng), rng) for s in scenes])
+            [world.caption_text(edits.perturb(s, rng), rng) for s in scenes])
 
 
 def geometry_pairs(n, rng, vq, p_vq):
     """n clean renders of non-empty scenes, then n malformed renders of the same scenes; labels 1 then 0."""
     scenes = [world.random_scene(rng) for _ in range(n)]
     clean = np.stack([world.render(s, vq.cfg.image_size) for s in scenes])
-    bad = np.stack([render_malformed(s, rng, vq.cfg.image_size) for s in scenes])
+    bad = np.stack([edits.render_malformed(s, rng, vq.cfg.image_size) for s in scenes])
     imgs = vq_round_trip_some(vq, np.concatenate([clean, bad]), rng.random(2 * n) < p_vq)
     return imgs, np.r_[np.ones(n), np.zeros(n)]
 
@@ -538,10 +401,10 @@ def quality_batch(clean_u8, vq, g, device):
     """Half clean, half degraded (each by one random corruption): (images, labels 1 = clean)."""
     x = data.to_float(clean_u8)
     half = len(x) // 2
-    kinds = torch.randint(0, len(CORRUPTIONS), (len(x) - half,), generator=g)
+    kinds = torch.randint(0, len(edits.CORRUPTIONS), (len(x) - half,), generator=g)
     bad = x[half:].clone()
     for k in kinds.unique().tolist():
-        bad[kinds == k] = corrupt(x[half:][kinds == k], CORRUPTIONS[k], vq, g)
+        bad[kinds == k] = edits.corrupt(x[half:][kinds == k], edits.CORRUPTIONS[k], vq, g)
     return torch.cat([x[:half], bad]).to(device), torch.cat([torch.ones(half), torch.zeros(len(x) - half)]).to(device)
 
 
@@ -616,7 +479,7 @@ def train_heads(cfg, tokenizer, vq, seed, device, log=lambda **kv: None):
     figures, t0 = {}, time.time()
 
     imgs, scenes, caps, negs = caption_pairs(n, rng, vq, "train", cfg.p_vq)
-    xc, cells = data.to_float(imgs), cell_targets(world.parse_batch(imgs))  # each cell as the exact parser reads it
+    xc, cells = data.to_float(imgs), cell_targets(parser.parse_batch(imgs))  # each cell as the exact parser reads it
     cap_ids, neg_ids = padded_text_ids(tokenizer, caps, cfg.max_text), padded_text_ids(tokenizer, negs, cfg.max_text)
 
     def clip_loss(step):
@@ -628,7 +491,7 @@ def train_heads(cfg, tokenizer, vq, seed, device, log=lambda **kv: None):
     with torch.no_grad():  # the aesthetic MLP reads the frozen clip embedding, as LAION's does
         heads.clip.eval()
         emb = torch.cat([heads.clip.embed_images(xc[k:k + 512].to(device)) for k in range(0, n, 512)])
-    target = torch.tensor([composition(s) for s in scenes], device=device)
+    target = torch.tensor([edits.composition(s) for s in scenes], device=device)
 
     def aesthetic_loss(step):
         i = pick(n)

@@ -28,6 +28,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+import parser
 import world
 from data import BOI, BOS, EOI, EOS, PAD, decode_text
 from episodes import episode_codes, episode_data, episode_sequence, make_batch, sample_episodes
@@ -101,7 +102,7 @@ def run_benchmark(gpt, vq, vocab, tokenizer, n_episodes=100, batch=50, seed=0):
         prefixes = [episode_sequence(ep, tokenizer, vocab, c, k, bs, upto=s)[0] for ep, c in zip(eps, codes)]
         drawn = [first_image(t, vocab.image_offset) for t in sample_all(gpt, vocab, prefixes, batch, 1, seed + 1000 * s)]
         images = decode_images(vq, [{"codes": d} for d in drawn])
-        scenes = [world.parse(img) if d else None for img, d in zip(images, drawn)]
+        scenes = [parser.parse(img) if d else None for img, d in zip(images, drawn)]
         records["steps"].append([score_step(ep, s, got) for ep, got in zip(eps, scenes)])
         pictures.append(images[:4])
     prefixes = [episode_sequence(ep, tokenizer, vocab, c, k, bs, upto=4)[0] for ep, c in zip(eps, codes)]
@@ -230,7 +231,7 @@ def save_picture(vq, eps, pictures, path):
     marks = [True] * len(images)
     for e, ep in enumerate(eps):
         for s, step in enumerate(ep.steps):
-            marks[e * 8 + 4 + s] = world.parse(pictures[s][e]) == step.scene
+            marks[e * 8 + 4 + s] = parser.parse(pictures[s][e]) == step.scene
     save_grid(images, captions, path, cols=4, marks=marks)
 
 

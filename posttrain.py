@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import data
 import evaluate
+import parser
 import rewards
 import targeting
 import world
@@ -132,7 +133,7 @@ def self_generate(gpt, vq, vocab, tokenizer, examples, k, sample_cfg: SampleConf
 def verifier_scores(images, examples, example_index):
     """The exact verifier on each sample: world.clause_share of the parsed image, 1.0 exactly when it passes;
     graded, so that a round on dense prompts still shows whether its samples got better."""
-    scenes = world.parse_batch(np.stack(images))
+    scenes = parser.parse_batch(np.stack(images))
     return np.array([world.clause_share(s, examples[i].spec) for s, i in zip(scenes, example_index)])
 
 

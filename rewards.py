@@ -28,14 +28,14 @@ The built-in rewards, and what each stands in for (heads are trained on rendered
                rewards, not a stand-in for a real reward model.
     clip       CLIPScore: a dual encoder trained contrastively with hard-negative captions; the reward is
                the cosine of the image and text embeddings, in [-1, 1].
-    aesthetic  the LAION aesthetic predictor: an MLP on the clip image embedding regressing `heads.composition`
+    aesthetic  the LAION aesthetic predictor: an MLP on the clip image embedding regressing `edits.composition`
                (below), this world's stand-in for a human rating. In [0, 1].
     quality    a low-level quality model (e.g. a no-reference IQA net): P(clean) against noise, blur,
                blocking, colour bleeding and VQ code errors. In [0, 1].
     geometry   a shape well-formedness model: P(well formed) against objects stretched, skewed, cut in
                two or merged with a copy of themselves. In [0, 1].
     verifier   the oracle: the share of the prompt's Spec clauses that the scene the exact parser
-               (world.parse) finds satisfies (world.clause_share): 1 exactly when the sample passes, graded
+               (parser.parse) finds satisfies (world.clause_share): 1 exactly when the sample passes, graded
                below, so that it ranks dense samples, which almost never pass. Needs the Specs:
                load_reward(..., specs={prompt: Spec}). Not differentiable.
     self       the unified GPT's own belief: the per-token geometric mean of p(prompt | image), the image
@@ -56,7 +56,9 @@ import numpy as np
 import torch
 
 import data
+import edits
 import heads
+import parser
 import world
 from generate import RunError, decode_images, generate, load_run, read_json, sample_config
 from model import token_ce
@@ -205,7 +207,7 @@ def verifier(run_dir, device, specs):
         if missing:
             raise KeyError(f"no Spec for prompt {missing[0]!r}: pass load_reward(..., specs={{prompt: spec}}), "
                            f"e.g. {{ex.prompt: ex.spec for ex in examples}}")
-        scenes = world.parse_batch(data.to_u8(images.detach()))
+        scenes = parser.parse_batch(data.to_u8(images.detach()))
         return torch.tensor([world.clause_share(s, specs[p]) for s, p in zip(scenes, prompts)], device=images.device)
     return reward
 
@@ -314,7 +316,7 @@ def calibrate(run_dir, device="cpu", n_examples=600, n_samples=256, seed=0):
         samples += generate(gpt, vocab, [data.encode_text(tok, e.prompt) for e in chunk], sample_cfg, seed=seed + i)
     s_imgs = np.stack(decode_images(vq, samples))
     s_prompts = [e.prompt for e in sample_exs]
-    s_scenes = world.parse_batch(s_imgs)
+    s_scenes = parser.parse_batch(s_imgs)
     s_pass = np.array([world.passes(s, e.spec) for s, e in zip(s_scenes, sample_exs)])
     group = np.arange(len(sample_exs)) // K
     tail = np.array([world.is_tail(e.spec) for e in sample_exs])
@@ -327,7 +329,7 @@ def calibrate(run_dir, device="cpu", n_examples=600, n_samples=256, seed=0):
     pos, neg = score(R["clip"], np.concatenate([cap_imgs, cap_imgs]), caps + negs, device).reshape(2, n)
     held["clip"]["caption_vs_hard_negative"] = float((pos > neg).mean())
     aest = score(R["aesthetic"], cap_imgs, caps, device)
-    held["aesthetic"] = {"corr_with_composition": _corr(aest, [heads.composition(s) for s in scenes])}
+    held["aesthetic"] = {"corr_with_composition": _corr(aest, [edits.composition(s) for s in scenes])}
     held["quality"] = {"auc_clean_vs_degraded": auc(score(R["quality"], q_imgs, [""] * len(q_imgs), device), q_labels)}
     held["geometry"] = {"auc_clean_vs_malformed": auc(score(R["geometry"], geo_imgs, [""] * len(geo_imgs), device),
                                                       geo_labels)}
@@ -340,7 +342,7 @@ def calibrate(run_dir, device="cpu", n_examples=600, n_samples=256, seed=0):
                             **{part: ranking(scores[m], s_pass[m], group[m], np.random.default_rng([seed, 6]))
                                for part, m in (("seen", ~tail), ("tail", tail))}}
         if name == "aesthetic":  # its own target, on the scene the parser reads from each sample
-            on_samples[name]["corr_with_composition"] = _corr(scores, [heads.composition(s) for s in s_scenes])
+            on_samples[name]["corr_with_composition"] = _corr(scores, [edits.composition(s) for s in s_scenes])
     return {"held_out": held, "samples": on_samples}
 
 

@@ -32,11 +32,11 @@ import torch.nn.functional as F
 
 import data
 import evaluate
+import parser
 import posttrain
 import rewards
 import stats
 import targeting
-import world
 from generate import RunError, load_run, read_json, read_tensors, save_atomic, save_grid, write_json
 from model import add_lora, cosine_lr, load_lora, lora_layers, lora_state_dict, merge_lora
 
@@ -253,7 +253,7 @@ def measure(model, vq, vocab, tokenizer, sample_cfg, examples, fns, vc, batch, s
     scores = {a: rewards.score(fn, s["image"], prompts, device) for a, fn in fns.items()}
     scores["aspects"] = np.mean([scores[a] for a in fns], axis=0)
     scores["verifier"] = s["verifier"] = posttrain.verifier_scores(s["image"], examples, s["example"])  # judges
-    where = placement(world.parse_batch(np.stack(s["image"])), examples, s["example"])
+    where = placement(parser.parse_batch(np.stack(s["image"])), examples, s["example"])
     per = {k: [float(v[ex == i].mean()) for i in range(len(examples))] for k, v in scores.items()}
     cats = np.array([e.category for e in examples])
     figs = {"dev": {k: {**interval(v), "per_prompt": v} for k, v in per.items()},

@@ -6,6 +6,7 @@ from PIL import Image, ImageFilter
 
 import data
 import evaluate
+import parser
 import world
 from world import Obj, Req, Scene, Spec
 
@@ -18,11 +19,11 @@ def scenes(n, seed=0):
 @pytest.mark.parametrize("size", [32, 64])
 def test_render_parse_round_trip_is_exact(size):
     batch = scenes(400)
-    assert world.parse_batch(np.stack([world.render(s, size) for s in batch])) == batch
+    assert parser.parse_batch(np.stack([world.render(s, size) for s in batch])) == batch
     # every shape, colour, size and cell at least once
     every = [Scene((Obj(sh, c, z, r, k),)) for sh in world.SHAPES for c in world.COLOURS for z in world.SIZES
              for r in range(3) for k in range(3)]
-    assert [world.parse(world.render(s, size)) for s in every] == every
+    assert [parser.parse(world.render(s, size)) for s in every] == every
 
 
 def test_parse_survives_blur_noise_and_colour_speckle():
@@ -31,23 +32,23 @@ def test_parse_survives_blur_noise_and_colour_speckle():
     for s in batch:
         img = Image.fromarray(world.render(s, 32)).filter(ImageFilter.GaussianBlur(0.6))
         x = np.asarray(img).astype(float) + rng.normal(0, 8, (32, 32, 3))
-        ok += world.parse(np.clip(x, 0, 255).astype(np.uint8)) == s
+        ok += parser.parse(np.clip(x, 0, 255).astype(np.uint8)) == s
     assert ok / len(batch) >= 0.95, f"blurred round trip {ok / len(batch):.3f} < 0.95"
     # a yellow circle speckled with orange pixels stays one yellow circle
     s = Scene((Obj("circle", "yellow", "large", 1, 1),))
     img = world.render(s, 32).copy()
     img[15, 14] = world.COLOURS["orange"]
-    assert world.parse(img) == s
+    assert parser.parse(img) == s
 
 
 def test_parse_ignores_specks_and_accepts_floats():
     img = world.render(Scene(()), 32).copy()
     img[3, 3] = world.COLOURS["red"]
-    assert world.parse(img) == Scene(())
+    assert parser.parse(img) == Scene(())
     s = scenes(1)[0]
-    assert world.parse(world.render(s, 32) / 255.0) == s
+    assert parser.parse(world.render(s, 32) / 255.0) == s
     with pytest.raises(ValueError, match="square images"):
-        world.parse_batch(np.zeros((2, 32, 16, 3)))
+        parser.parse_batch(np.zeros((2, 32, 16, 3)))
 
 
 def test_checker_fails_exactly_the_wrong_clause():
@@ -87,7 +88,7 @@ def test_every_generator_scene_satisfies_its_spec_and_plan():
             plan = world.plan_text(ex.scene, ex.spec)
             assert world.parse_plan(plan) == ex.scene
             # the renders of the example's scene pass too: the benchmark is exact on ground truth
-            assert world.passes(world.parse(world.render(ex.scene)), ex.spec)
+            assert world.passes(parser.parse(world.render(ex.scene)), ex.spec)
 
 
 def test_plan_follows_the_prompt_order_and_rejects_garbage():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import episodes
+import parser
 import world
 from data import BOI, BOS, EOI, EOS, PAD, THINK, Tagger, Vocab, train_tokenizer
 from episodes import Edit, EpisodeError
@@ -36,7 +37,7 @@ def test_episodes_render_parse_and_apply_exactly():
             kept = set(prev.scene.objects) - {step.edit.target}
             assert kept <= set(step.scene.objects), "objects the edit does not name persist unchanged"
         for step in ep.steps:
-            assert world.parse(world.render(step.scene)) == step.scene
+            assert parser.parse(world.render(step.scene)) == step.scene
             assert world.parse_plan(world.plan_text(step.scene)) == step.scene
         q = ep.question
         assert q.answer in {o.colour for o in ep.steps[q.image].scene.objects} | {o.shape for o in ep.steps[q.image].scene.objects}

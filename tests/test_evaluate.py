@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import evaluate
+import parser
 import stats
 import world
 from world import Obj, Req, Scene, Spec
@@ -22,7 +23,7 @@ def sets():
 def test_ground_truth_renders_pass_every_benchmark(sets):
     for name, exs in sets.items():
         images = [world.render(ex.scene) for ex in exs]
-        scenes = world.parse_batch(np.stack(images))
+        scenes = parser.parse_batch(np.stack(images))
         for ex, scene in zip(exs, scenes):
             assert world.passes(scene, ex.spec), (name, ex.prompt)
             if ex.category == "dense":
@@ -110,10 +111,10 @@ def test_position_margin_and_counting_exclusion_on_pixels():
     cases = {(0, 1): True, (0, 2): True, (1, 1): False, (2, 1): False}
     for (ca, cb), want in cases.items():
         scene = Scene((Obj("circle", "red", "large", 0, ca), Obj("square", "blue", "small", 2, cb)))
-        assert world.passes(world.parse(world.render(scene)), spec) == want, (ca, cb)
+        assert world.passes(parser.parse(world.render(scene)), spec) == want, (ca, cb)
     count = Spec((Req("triangle", "orange", count=2),), total=2)
     three = Scene(tuple(Obj("triangle", "orange", "small", r, 1) for r in range(3)))
-    assert world.check(world.parse(world.render(three)), count) == {"count:orange triangle": False, "total": False}
+    assert world.check(parser.parse(world.render(three)), count) == {"count:orange triangle": False, "total": False}
 
 
 def test_render_agreement_falls_on_unclean_images():
@@ -123,7 +124,7 @@ def test_render_agreement_falls_on_unclean_images():
     half = clean.copy()
     half[:, :7] = 255  # a circle cut in half is a fragment, not a clean shape
     imgs = [clean, noisy, half]
-    q = evaluate.render_agreement(imgs, world.parse_batch(np.stack(imgs)))
+    q = evaluate.render_agreement(imgs, parser.parse_batch(np.stack(imgs)))
     assert q[0] == 1.0 and q[1] < 0.9 and q[2] < 1.0, q
 
 

@@ -10,6 +10,7 @@ import torch
 
 import data
 import folderpost
+import parser
 import posttrain
 import pretrain
 import train
@@ -149,8 +150,9 @@ def test_the_folder_training_path_never_calls_the_verifier(folder_run, tmp_path,
 
     def verifier(*args, **kwargs):
         raise AssertionError("the verifier was called in the training path")
-    for name in ("parse", "parse_batch", "passes", "check", "clause_share"):
-        monkeypatch.setattr(world, name, verifier)
+    for module, name in ((parser, "parse"), (parser, "parse_batch"), (world, "passes"), (world, "check"),
+                         (world, "clause_share")):
+        monkeypatch.setattr(module, name, verifier)
     monkeypatch.setattr(posttrain, "verifier_scores", verifier)
     figures, _ = folderpost.train_reward(cfgs, copy, "cpu", f, tr, dev, lambda **kv: None)
     assert figures["swap_share"] == 0 and "too small for word-swap negatives" in capsys.readouterr().out

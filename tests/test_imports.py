@@ -7,7 +7,7 @@ import os
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 # a file may import only files of a lower level; config.py, mmfs.py and world.py know nothing of the project,
 # model.py only mmfs.py
-LEVELS = {"config": 0, "stats": 0, "mmfs": 0, "model": 0.5, "world": 0, "data": 1, "episodes": 1.5, "generate": 2, "vqascore": 3,
+LEVELS = {"config": 0, "stats": 0, "mmfs": 0, "model": 0.5, "world": 0, "parser": 0.5, "edits": 0.5, "data": 1, "episodes": 1.5, "generate": 2, "vqascore": 3,
           "evaluate": 3, "interleaved": 3.5, "heads": 4, "rewards": 5, "targeting": 5, "posttrain": 6, "ablations": 7,
           "overopt": 7, "folderpost": 7, "versat2i": 7, "textcraftor": 7, "pretrain": 7, "train": 8, "bench": 8}
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import ablations
 import data
 import evaluate
+import parser
 import posttrain
 import targeting
 import train
@@ -241,8 +242,9 @@ def test_post_train_never_calls_the_verifier(micro_run, tmp_path, monkeypatch):
 
     def verifier(*args, **kwargs):
         raise AssertionError("the verifier was called in the training path")
-    for name in ("parse", "parse_batch", "passes", "check", "clause_share"):
-        monkeypatch.setattr(world, name, verifier)
+    for module, name in ((parser, "parse"), (parser, "parse_batch"), (world, "passes"), (world, "check"),
+                         (world, "clause_share")):
+        monkeypatch.setattr(module, name, verifier)
     monkeypatch.setattr(posttrain, "verifier_scores", verifier)
     *_, rounds, drawn = posttrain.post_train(cfgs, run, "cpu", train.Metrics(None).log, cfgs["post"], seed=0,
                                              log_prefix="nv", check=True)

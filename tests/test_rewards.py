@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import edits
 import heads
 import rewards
 import train
@@ -100,9 +101,9 @@ def test_perturb_and_malformed_change_the_picture():
     rng = np.random.default_rng(1)
     for _ in range(200):
         scene = world.random_scene(rng)
-        assert heads.perturb(scene, rng) != scene
-        assert not np.array_equal(heads.render_malformed(scene, rng, 32), world.render(scene, 32))
-        assert 0.0 <= heads.composition(scene) <= 1.0
+        assert edits.perturb(scene, rng) != scene
+        assert not np.array_equal(edits.render_malformed(scene, rng, 32), world.render(scene, 32))
+        assert 0.0 <= edits.composition(scene) <= 1.0
 
 
 def test_tower_pools_the_real_tokens_only():
@@ -163,7 +164,7 @@ def test_structured_executor_on_exact_cells_and_programs_is_the_verifier():
     # logits), must agree with world.passes on true scenes and on their edits
     rng = np.random.default_rng(3)
     exs = [world.sample_example(rng) for _ in range(300)]
-    scenes = [e.scene if k % 2 else heads.perturb(e.scene, rng) for k, e in enumerate(exs)]
+    scenes = [e.scene if k % 2 else edits.perturb(e.scene, rng) for k, e in enumerate(exs)]
     slots, total, rel = heads.program_targets([e.spec for e in exs])
     sure = lambda t, n: 50.0 * torch.nn.functional.one_hot(t, n).float()
     slot_logits = torch.cat([sure(slots[..., k], n) for k, n in enumerate(heads.SLOT_ATTRS)], -1)

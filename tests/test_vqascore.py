@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import edits
 import heads
 import posttrain
 import rewards
@@ -48,7 +49,7 @@ def single_object_pairs(n, rng, vq):
     """vqascore's pairs for one-object prompts (so that a few seconds of training learn something): each
     example's scene, then an edit of it, both with the example's prompt, labelled by world.passes."""
     exs = [world.sample_example(rng, category="single_object") for _ in range(n)]
-    scenes = [e.scene for e in exs] + [heads.perturb(e.scene, rng) for e in exs]
+    scenes = [e.scene for e in exs] + [edits.perturb(e.scene, rng) for e in exs]
     imgs = np.stack([world.render(s, vq.cfg.image_size) for s in scenes])
     labels = np.array([world.passes(s, e.spec) for s, e in zip(scenes, exs * 2)], dtype=np.float32)
     return imgs, [e.prompt for e in exs] * 2, labels, np.arange(2 * n), np.tile(np.arange(n), 2)
